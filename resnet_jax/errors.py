@@ -1,0 +1,60 @@
+"""Errors a user can act on, and the one place where the command-line tools turn them into one line.
+
+Every error raised because of user input (a config value, a file, a shape, a name) derives from
+:class:`ResNetJaxError`, itself a :class:`ValueError`, and says what was wrong, what was expected and
+where. The command-line entry points (``train.py``, ``python -m resnet_jax.gradcheck``, ...) wrap their
+``main`` in :func:`run_cli`, which prints such an error as a single ``error: ...`` line on stderr and
+exits with status 2, instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, NoReturn
+
+
+class ResNetJaxError(ValueError):
+  """Bad input that the user can fix. The message names the problem, the expectation and the place."""
+
+
+class ConfigError(ResNetJaxError):
+  """A configuration key, type or value is wrong."""
+
+
+class DataError(ResNetJaxError):
+  """A dataset folder, file or label is missing, empty, corrupt or out of range."""
+
+
+class CheckpointError(ResNetJaxError):
+  """A checkpoint or weight file is missing, corrupt, or belongs to another model."""
+
+
+class ModelError(ResNetJaxError):
+  """A model name or architecture option is unknown or does not fit the input."""
+
+
+EXIT_USER_ERROR = 2
+
+
+def fail(message: str, code: int = EXIT_USER_ERROR) -> NoReturn:
+  """Print ``error: message`` as one line on stderr and exit with ``code``."""
+  one_line = " ".join(str(message).split())
+  print(f"error: {one_line}", file=sys.stderr, flush=True)
+  raise SystemExit(code)
+
+
+def run_cli(main: Callable[..., int | None], *args, **kwargs) -> NoReturn:
+  """Run a command-line ``main`` and exit; user errors become one stderr line and exit status 2.
+
+  ``ResNetJaxError`` (and therefore every error above), ``FileNotFoundError`` and ``KeyboardInterrupt``
+  are reported without a traceback. Anything else is a bug and keeps its traceback.
+  """
+  try:
+    code = main(*args, **kwargs)
+  except ResNetJaxError as e:
+    fail(str(e))
+  except FileNotFoundError as e:
+    fail(f"file not found: {e.filename or e}")
+  except KeyboardInterrupt:
+    fail("interrupted", code=130)
+  raise SystemExit(int(code or 0))
