@@ -10,5 +10,6 @@
 """
 
 from resnet_jax.errors import ResNetJaxError, ConfigError, DataError, CheckpointError, ModelError
+from resnet_jax.models import create_model, list_models
 
 __version__ = "0.1.0"

@@ -1,0 +1,264 @@
+"""ResNet models (NHWC, flax.linen) and the name registry: ``create_model(name, num_classes, **options)``.
+
+One ``ResNet`` module covers every depth: the depth is data (``stage_sizes``), the block is a class
+(``BasicBlock`` / ``Bottleneck``), and the layers are partials handed to the blocks.
+
+- ImageNet stem (``stem="imagenet"``): 7x7/2 conv (pad 3) -> BN -> ReLU -> 3x3/2 max-pool (pad 1, -inf),
+  then 4 stages of 64/128/256/512 filters (x4 out for bottlenecks), strides 1/2/2/2. torchvision layout and
+  parameter names, so :mod:`resnet_jax.convert` maps weights one to one.
+- CIFAR stem (``stem="cifar"``): 3x3/1 conv -> BN -> ReLU, no max-pool, 3 stages of 16/32/64 filters,
+  depth 6n+2 with n basic blocks per stage; option A shortcuts by default (the paper's counts).
+- Pre-activation (``block_order="v2"``): the stem has no BN/ReLU (the first block pre-activates), and a final
+  BN + ReLU follows the last stage.
+- Head: global average pool, then Dense. The Dense is initialised like torchvision's ``nn.Linear``
+  (weights and bias uniform in +-1/sqrt(fan_in)); convs use Kaiming normal with fan_out (torchvision's).
+  Logits are returned in float32 whatever the compute ``dtype``.
+
+Every residual block's input passes through ``self.perturb(f"block{i:02d}", x)`` (i = 0.. in forward order,
+collection ``"perturbations"``). ``model.init`` does not create that collection, so the variables are
+``{"params", "batch_stats"}`` only and independent of the batch size; get zero perturbations for a batch
+with :func:`zero_perturbations` and differentiate a loss with respect to them to read dL/d(block input).
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from resnet_jax.blocks import BasicBlock, Bottleneck, ModuleDef, check_block_options
+from resnet_jax.errors import ModelError
+
+Array = Any
+
+conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # kaiming_normal_(fan_out, relu)
+dense_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")  # U(+-1/sqrt(fan_in))
+
+
+def _uniform_bias_init(fan_in: int) -> Callable:
+  """torch.nn.Linear's bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  bound = 1.0 / float(fan_in) ** 0.5
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+class ResNet(nn.Module):
+  """A residual network; see the module docstring for the stems and :mod:`resnet_jax.blocks` for orderings.
+
+  Attributes:
+    stage_sizes: blocks per stage, e.g. (2, 2, 2, 2) for ResNet-18, (3, 3, 3) for CIFAR ResNet-20.
+    block_cls: ``BasicBlock`` or ``Bottleneck``.
+    num_classes: size of the final Dense layer.
+    num_filters: filters of the first stage (64 ImageNet, 16 CIFAR); doubles at each later stage.
+    stem: ``"imagenet"`` or ``"cifar"``.
+    block_order: ``"v1"``, ``"v2"`` (pre-activation) or ``"relu_before_add"``.
+    shortcut: ``"B"`` (1x1 projection where the shape changes) or ``"A"`` (zero-padded strided identity).
+    stride_in_1x1: bottleneck stride on the first 1x1 conv (original v1) instead of the 3x3 (v1.5).
+    groups, width_per_group: ResNeXt / Wide ResNet bottleneck width (torchvision's meaning).
+    zero_init_residual: start each block's last BN gamma at 0 so that every block is the identity (v2,
+      relu_before_add) or ReLU of its shortcut (v1) at init. ``None`` means True for residual nets and
+      False for plain twins (zeroing a plain net's branch would cut the signal).
+    residual: False gives the plain twin: same branch layers, no shortcut and no projection layers.
+    bn_momentum, bn_epsilon: flax convention (0.9 = torch momentum 0.1), eps 1e-5 as in torch.
+    dtype, param_dtype: compute and storage dtypes (``dtype=jnp.bfloat16`` with float32 params is mixed precision).
+  """
+
+  stage_sizes: Sequence[int]
+  block_cls: ModuleDef
+  num_classes: int = 1000
+  num_filters: int = 64
+  stem: str = "imagenet"
+  block_order: str = "v1"
+  shortcut: str = "B"
+  stride_in_1x1: bool = False
+  groups: int = 1
+  width_per_group: int = 64
+  zero_init_residual: bool | None = None
+  residual: bool = True
+  bn_momentum: float = 0.9
+  bn_epsilon: float = 1e-5
+  act: Callable[[Array], Array] = nn.relu
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    check_block_options(self.block_order, self.shortcut)
+    if self.stem not in ("imagenet", "cifar"):
+      raise ModelError(f"unknown stem {self.stem!r}: expected 'imagenet' or 'cifar'")
+    if self.block_cls is BasicBlock and (self.groups != 1 or self.width_per_group != 64):
+      raise ModelError("BasicBlock supports only groups=1 and width_per_group=64 (use a bottleneck model)")
+    if self.zero_init_residual and not self.residual:
+      raise ModelError("zero_init_residual=True with residual=False would make every block output zero: "
+                       "use zero_init_residual=False for plain networks")
+    super().__post_init__()
+
+  @property
+  def min_input_size(self) -> int:
+    """Smallest height/width accepted: the total downsampling factor (32 ImageNet, 4 CIFAR)."""
+    return (4 if self.stem == "imagenet" else 1) * 2 ** (len(self.stage_sizes) - 1)
+
+  def _check_input(self, x: Array) -> None:
+    if x.ndim != 4:
+      raise ModelError(f"expected NHWC images of rank 4, got shape {tuple(x.shape)}")
+    h, w = x.shape[1], x.shape[2]
+    m = self.min_input_size
+    if h < m or w < m:
+      raise ModelError(f"input of {h}x{w} pixels is too small for this network: it downsamples by {m}, "
+                       f"so images must be at least {m}x{m}")
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    self._check_input(x)
+    zero_init = self.residual if self.zero_init_residual is None else self.zero_init_residual
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                             kernel_init=conv_kernel_init)
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
+                             epsilon=self.bn_epsilon, dtype=self.dtype, param_dtype=self.param_dtype)
+    v2 = self.block_order == "v2"
+    x = jnp.asarray(x, self.dtype)
+    if self.stem == "imagenet":
+      x = conv(self.num_filters, (7, 7), (2, 2), padding=((3, 3), (3, 3)), name="conv1")(x)
+    else:
+      x = conv(self.num_filters, (3, 3), padding=((1, 1), (1, 1)), name="conv1")(x)
+    if not v2:
+      x = self.act(norm(name="bn1")(x))
+    if self.stem == "imagenet":
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # pads with -inf
+    extra = {}
+    if self.block_cls is Bottleneck:
+      extra = dict(groups=self.groups, width_per_group=self.width_per_group, stride_in_1x1=self.stride_in_1x1)
+    index = 0
+    for i, num_blocks in enumerate(self.stage_sizes):
+      filters = self.num_filters * 2 ** i
+      for j in range(num_blocks):
+        stride = 2 if i > 0 and j == 0 else 1
+        out_features = filters * (4 if self.block_cls is Bottleneck else 1)
+        if not self.is_initializing():
+          x = self.perturb(f"block{index:02d}", x)
+        x = self.block_cls(
+            filters, conv=conv, norm=norm, act=self.act, strides=stride, order=self.block_order,
+            shortcut=self.shortcut, projection=stride != 1 or x.shape[-1] != out_features,
+            residual=self.residual, zero_init_last=zero_init, name=f"layer{i + 1}_{j}", **extra)(x)
+        index += 1
+    if v2:
+      x = self.act(norm(name="bn_final")(x))
+    x = jnp.mean(x, axis=(1, 2))
+    x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
+                 kernel_init=dense_kernel_init, bias_init=_uniform_bias_init(x.shape[-1]), name="fc")(x)
+    return jnp.asarray(x, jnp.float32)
+
+
+def zero_perturbations(model: nn.Module, variables: dict, x: Array, **kwargs) -> dict:
+  """Zeros shaped like each block input for the batch ``x``: ``{"block00": ..., ...}``.
+
+  Use as ``model.apply({**variables, "perturbations": p}, x)`` and take ``jax.grad`` with respect to ``p``
+  to get dL/d(block input) for every block.
+  """
+  def run(v, x):
+    _, state = model.apply(v, x, mutable=["perturbations"], **kwargs)
+    return state["perturbations"]
+  shapes = jax.eval_shape(run, variables, x)
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Registry
+
+IMAGENET_STAGES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3),
+                   152: (3, 8, 36, 3), 200: (3, 24, 36, 3)}
+CIFAR_DEPTHS = (20, 32, 44, 56, 110)
+
+# Options of the conv models that users may set (the rest defines the architecture named).
+CONV_OPTIONS = ("dtype", "param_dtype", "zero_init_residual", "residual", "bn_momentum", "bn_epsilon",
+                "block_order", "shortcut", "stride_in_1x1", "groups", "width_per_group", "num_filters", "act")
+MLP_OPTIONS = ("depth", "dim", "hidden", "activation", "residual")
+
+_REGISTRY: dict[str, tuple[Callable[..., nn.Module], dict, tuple[str, ...], str]] = {}
+
+
+def _register(name: str, factory: Callable[..., nn.Module], defaults: dict, options: Sequence[str],
+              summary: str) -> None:
+  _REGISTRY[name] = (factory, dict(defaults), tuple(options), summary)
+
+
+def _imagenet(depth: int) -> dict:
+  block = BasicBlock if depth < 50 else Bottleneck
+  return dict(stage_sizes=IMAGENET_STAGES[depth], block_cls=block, stem="imagenet", num_filters=64)
+
+
+def _cifar(depth: int) -> dict:
+  n = (depth - 2) // 6
+  return dict(stage_sizes=(n, n, n), block_cls=BasicBlock, stem="cifar", num_filters=16, shortcut="A")
+
+
+for _d in IMAGENET_STAGES:
+  _kind = "basic" if _d < 50 else "bottleneck"
+  _register(f"resnet{_d}", ResNet, _imagenet(_d), CONV_OPTIONS,
+            f"ResNet-{_d} v1.5 ({_kind} blocks), torchvision layout")
+  if _d != 200:
+    _register(f"preact_resnet{_d}", ResNet, dict(_imagenet(_d), block_order="v2"), CONV_OPTIONS,
+              f"pre-activation ResNet-{_d} (v2, {_kind} blocks)")
+_register("wide_resnet50_2", ResNet, dict(_imagenet(50), width_per_group=128), CONV_OPTIONS,
+          "Wide ResNet-50-2: bottleneck twice as wide inside")
+_register("resnext50_32x4d", ResNet, dict(_imagenet(50), groups=32, width_per_group=4), CONV_OPTIONS,
+          "ResNeXt-50 32x4d: grouped 3x3 convs")
+for _d in CIFAR_DEPTHS:
+  _register(f"resnet{_d}", ResNet, _cifar(_d), CONV_OPTIONS,
+            f"CIFAR ResNet-{_d} (16/32/64 filters, option A shortcuts)")
+  _register(f"preact_resnet{_d}", ResNet, dict(_cifar(_d), block_order="v2"), CONV_OPTIONS,
+            f"CIFAR pre-activation ResNet-{_d} (option A shortcuts)")
+  _register(f"plain{_d}", ResNet, dict(_cifar(_d), residual=False), CONV_OPTIONS,
+            f"CIFAR plain-{_d}: ResNet-{_d} without shortcuts")
+
+
+def _residual_mlp(num_classes: int, depth: int = 8, dim: int = 64, hidden: int = 64,
+                  activation: str = "relu", residual: bool = True) -> nn.Module:
+  from resnet_jax.residual import ResidualMLP  # imported lazily: the conv models do not need it
+  return ResidualMLP(depth=depth, dim=dim, hidden=hidden, num_classes=num_classes, activation=activation,
+                     residual=residual)
+
+
+_register("residual_mlp", _residual_mlp, {}, MLP_OPTIONS,
+          "flatten -> Dense(dim) -> depth residual units -> Dense (defaults depth 8, dim 64, hidden 64)")
+
+
+def list_models() -> list[str]:
+  """All registered model names, sorted."""
+  return sorted(_REGISTRY)
+
+
+def describe_model(name: str) -> str:
+  """One line saying what ``name`` is."""
+  _lookup(name)
+  return _REGISTRY[name][3]
+
+
+def _lookup(name: str):
+  if name not in _REGISTRY:
+    close = difflib.get_close_matches(str(name), list(_REGISTRY), n=5, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; known models: {', '.join(list_models())}"
+    raise ModelError(f"unknown model {name!r}{hint}")
+  return _REGISTRY[name]
+
+
+def create_model(name: str, num_classes: int = 1000, **options) -> nn.Module:
+  """Build the registered model ``name`` with a ``num_classes``-way head.
+
+  Conv models accept the options ``dtype, param_dtype, zero_init_residual, residual, bn_momentum,
+  bn_epsilon, block_order, shortcut, stride_in_1x1, groups, width_per_group, num_filters, act`` (see
+  :class:`ResNet`); ``residual_mlp`` accepts ``depth, dim, hidden, activation, residual``.
+  Unknown names and options raise :class:`~resnet_jax.errors.ModelError`.
+  """
+  factory, defaults, allowed, _ = _lookup(name)
+  unknown = sorted(set(options) - set(allowed))
+  if unknown:
+    raise ModelError(f"unknown option(s) {', '.join(unknown)} for model {name!r}; accepted: {', '.join(allowed)}")
+  if not isinstance(num_classes, int) or num_classes < 1:
+    raise ModelError(f"num_classes must be a positive integer, got {num_classes!r}")
+  return factory(num_classes=num_classes, **{**defaults, **options})
