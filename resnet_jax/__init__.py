@@ -10,6 +10,7 @@
 """
 
 from resnet_jax.errors import ResNetJaxError, ConfigError, DataError, CheckpointError, ModelError
+from resnet_jax import residual
 from resnet_jax.models import create_model, list_models
 
 __version__ = "0.1.0"
