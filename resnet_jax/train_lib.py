@@ -1,0 +1,515 @@
+"""jit-compiled, data-parallel training of the library's models with optax, orbax and grain.
+
+:func:`train_and_evaluate` runs a whole training job from a config (see
+:func:`resnet_jax.config_check.base_config` for every key) and writes into ``workdir``:
+
+- ``config.json``: the config of the run;
+- ``metrics.jsonl``: one JSON record per log step (``"split": "train"``) and per evaluation
+  (``"split": "test"``);
+- ``checkpoints/<step>/``: orbax checkpoints (state, data iterator state, metadata), the last K kept;
+- ``summary.json``: config, model, parameters, steps, train_time_s, images_per_sec,
+  final_train_loss, test_accuracy, best_test_accuracy (and a few more);
+- ``curves.png``: loss and accuracy against step, train and test.
+
+Running again with the same ``workdir`` resumes from its newest checkpoint.
+
+The training step (:func:`make_train_step`) is one ``jax.jit`` function: forward pass in train mode
+(BatchNorm statistics of the global batch, updated in the step), softmax cross-entropy with optional
+label smoothing, gradients, the optax update (weight decay on kernels only: BatchNorm scales/offsets
+and biases, every parameter with fewer than 2 dimensions, are not decayed), with the state donated.
+Data parallelism uses ``jax.sharding``: a 1-D ``Mesh`` over all devices named ``"batch"``, the batch
+sharded along it and the state replicated, so XLA computes means (loss, BatchNorm statistics) over
+the global batch and all-reduces the gradients.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax.training import train_state
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from resnet_jax import data as data_lib
+from resnet_jax.checkpoint import Checkpointer
+from resnet_jax.config_check import validate_config
+from resnet_jax.errors import CheckpointError, ConfigError, ModelError, ResNetJaxError
+
+
+class TrainingDivergedError(ResNetJaxError):
+  """A non-finite loss or gradient stopped the run (``config.on_nonfinite = "stop"``)."""
+
+
+class TrainState(train_state.TrainState):
+  """flax's TrainState (step, params, opt_state) plus the BatchNorm statistics."""
+  batch_stats: Any = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Model, schedule, optimizer.
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int):
+  """``create_model(config.model.name, num_classes, **config.model.options)`` with the compute dtype."""
+  from resnet_jax import models
+
+  options = config.model.options.to_dict() if hasattr(config.model.options, "to_dict") else dict(
+      config.model.options)
+  if config.model.dtype == "bfloat16":
+    options["dtype"] = jnp.bfloat16
+    options.setdefault("param_dtype", jnp.float32)
+  return models.create_model(config.model.name, num_classes=num_classes, **options)
+
+
+def make_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int
+                  ) -> optax.Schedule:
+  """The learning-rate schedule: linear warmup from 0, then constant, step decay or cosine to 0.
+
+  ``config.schedule.warmup`` and ``boundaries`` are in ``config.schedule.unit`` (steps or epochs).
+  Step decay multiplies the rate by ``decay_factor`` at each boundary.
+  """
+  sch = config.schedule
+  unit = steps_per_epoch if sch.unit == "epochs" else 1
+  peak = float(config.optimizer.learning_rate)
+  warmup = min(int(round(sch.warmup * unit)), max(total_steps - 1, 0))
+  if sch.name == "cosine":
+    main = optax.cosine_decay_schedule(peak, decay_steps=max(total_steps - warmup, 1))
+  elif sch.name == "step":
+    scales: dict[int, float] = {}
+    for b in sch.boundaries:
+      at = max(int(round(b * unit)) - warmup, 1)
+      scales[at] = scales.get(at, 1.0) * float(sch.decay_factor)
+    main = optax.piecewise_constant_schedule(peak, scales)
+  else:
+    main = optax.constant_schedule(peak)
+  if warmup <= 0:
+    return main
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), main], [warmup])
+
+
+def decay_mask(params: Any) -> Any:
+  """True for the parameters that get weight decay: kernels (>= 2 dims); False for BN and biases."""
+  return jax.tree.map(lambda p: jnp.ndim(p) > 1, params)
+
+
+def make_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule
+                   ) -> optax.GradientTransformation:
+  """sgd / nesterov (L2 weight decay added to the gradient, torch style), adamw (decoupled), lars."""
+  opt = config.optimizer
+  wd = float(opt.weight_decay)
+  if opt.name in ("sgd", "nesterov"):
+    return optax.chain(
+        optax.add_decayed_weights(wd, mask=decay_mask),
+        optax.sgd(schedule, momentum=opt.momentum or None, nesterov=opt.name == "nesterov"))
+  if opt.name == "adamw":
+    return optax.adamw(schedule, b1=opt.momentum, b2=opt.b2, eps=opt.eps, weight_decay=wd,
+                       mask=decay_mask)
+  if opt.name == "lars":
+    return optax.lars(schedule, weight_decay=wd, weight_decay_mask=decay_mask,
+                      trust_coefficient=opt.lars_trust_coefficient, trust_ratio_mask=decay_mask,
+                      momentum=opt.momentum)
+  raise ConfigError(f"config.optimizer.name={opt.name!r}: expected sgd, nesterov, adamw or lars")
+
+
+def create_train_state(model: Any, tx: optax.GradientTransformation, image_shape: tuple[int, ...],
+                       key: jax.Array) -> TrainState:
+  """Initialise parameters and BatchNorm statistics on a dummy batch and wrap them with ``tx``."""
+  dummy = jnp.zeros((1, *image_shape), jnp.float32)
+  variables = jax.jit(lambda k: model.init(k, dummy, train=False))(key)
+  params = variables["params"]
+  batch_stats = variables.get("batch_stats", {})
+  return TrainState.create(apply_fn=model.apply, params=params, tx=tx, batch_stats=batch_stats)
+
+
+# ----------------------------------------------------------------------------------------------
+# Steps.
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int, label_smoothing: float = 0.0
+                  ) -> jax.Array:
+  """Per-example softmax cross-entropy in float32; targets ``(1 - s) onehot + s / num_classes``."""
+  targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+  if label_smoothing > 0:
+    targets = optax.smooth_labels(targets, label_smoothing)
+  return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+def _variables(params: Any, batch_stats: Any) -> dict:
+  return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
+
+
+def make_train_step(num_classes: int, label_smoothing: float = 0.0, skip_nonfinite: bool = True
+                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+  """The (un-jitted) training step ``(state, batch) -> (state, metrics)``.
+
+  metrics: ``loss`` (mean cross-entropy of the batch), ``accuracy``, ``finite`` (1 when the loss and
+  every gradient are finite). With ``skip_nonfinite`` a non-finite step leaves the state unchanged.
+  """
+  def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    def loss_fn(params):
+      logits, updates = state.apply_fn(_variables(params, state.batch_stats), batch["image"],
+                                       train=True, mutable=["batch_stats"])
+      loss = cross_entropy(logits, batch["label"], num_classes, label_smoothing).mean()
+      return loss, (logits, updates)
+
+    (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    new_state = state.apply_gradients(grads=grads,
+                                      batch_stats=updates.get("batch_stats", state.batch_stats))
+    finite = jnp.isfinite(loss) & jnp.all(jnp.asarray(
+        [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+    if skip_nonfinite:
+      new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+    return new_state, {"loss": loss, "accuracy": accuracy, "finite": finite}
+  return train_step
+
+
+def make_eval_step(num_classes: int) -> Callable[[TrainState, dict], dict]:
+  """The (un-jitted) evaluation step: sums of loss and correct predictions over ``batch["mask"]``."""
+  def eval_step(state: TrainState, batch: dict) -> dict:
+    logits = state.apply_fn(_variables(state.params, state.batch_stats), batch["image"], train=False)
+    mask = batch["mask"]
+    loss = cross_entropy(logits, batch["label"], num_classes)
+    correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+    return {"loss": jnp.sum(loss * mask), "correct": jnp.sum(correct * mask), "count": jnp.sum(mask)}
+  return eval_step
+
+
+# ----------------------------------------------------------------------------------------------
+# Devices.
+
+
+def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
+  """``jax.distributed.initialize`` when ``config.distributed.initialize`` (multi-host runs)."""
+  d = config.distributed
+  if not d.initialize:
+    return
+  kwargs = {}
+  if d.coordinator_address:
+    kwargs = dict(coordinator_address=d.coordinator_address, num_processes=d.num_processes,
+                  process_id=d.process_id)
+  jax.distributed.initialize(**kwargs)
+
+
+class DataParallel:
+  """A 1-D mesh over every device, axis ``"batch"``: batches sharded, the state replicated."""
+
+  def __init__(self, devices: list | None = None):
+    self.devices = list(devices if devices is not None else jax.devices())
+    self.mesh = Mesh(np.asarray(self.devices), ("batch",))
+    self.batch = NamedSharding(self.mesh, P("batch"))
+    self.replicated = NamedSharding(self.mesh, P())
+
+  def put_batch(self, batch: dict) -> dict:
+    """This process's slice of a global batch -> a global ``jax.Array`` sharded over ``"batch"``."""
+    return {k: jax.make_array_from_process_local_data(self.batch, np.asarray(v)) for k, v in batch.items()}
+
+  def replicate(self, tree: Any) -> Any:
+    return jax.device_put(tree, self.replicated)
+
+  def jit_train_step(self, step: Callable) -> Callable:
+    return jax.jit(step, in_shardings=(self.replicated, self.batch),
+                   out_shardings=(self.replicated, self.replicated), donate_argnums=(0,))
+
+  def jit_eval_step(self, step: Callable) -> Callable:
+    return jax.jit(step, in_shardings=(self.replicated, self.batch), out_shardings=self.replicated)
+
+
+def evaluate_state(eval_step: Callable, state: TrainState, ds: data_lib.Dataset, batch_size: int,
+                   dp: DataParallel, num_threads: int = 2) -> dict[str, float]:
+  """Loss and accuracy of ``state`` on the whole test set."""
+  totals = None
+  for batch in data_lib.eval_batches(ds, batch_size, jax.process_index(), jax.process_count(),
+                                     num_threads):
+    out = eval_step(state, dp.put_batch(batch))
+    totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+  totals = jax.device_get(totals)
+  count = max(float(totals["count"]), 1.0)
+  return {"loss": float(totals["loss"]) / count, "accuracy": float(totals["correct"]) / count,
+          "count": int(totals["count"])}
+
+
+def count_parameters(params: Any) -> int:
+  return int(sum(np.prod(np.shape(p)) for p in jax.tree.leaves(params)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs.
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """The records of ``WORKDIR/metrics.jsonl`` (a truncated last line is ignored)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  records = []
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        try:
+          records.append(json.loads(line))
+        except json.JSONDecodeError:
+          continue
+  return records
+
+
+def _rewrite_metrics(workdir: str, upto_step: int) -> list[dict]:
+  """Keep only the records up to ``upto_step`` (a resumed run recomputes the later ones)."""
+  records = [r for r in read_metrics(workdir) if r.get("step", 0) <= upto_step]
+  path = os.path.join(workdir, "metrics.jsonl")
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    for r in records:
+      f.write(json.dumps(r) + "\n")
+  os.replace(tmp, path)
+  return records
+
+
+def plot_curves(records: list[dict], path: str, title: str = "") -> None:
+  """Loss and accuracy against step, train and test, into ``path`` (matplotlib, Agg backend)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+  for split, style in (("train", "-"), ("test", "o-")):
+    rs = [r for r in records if r.get("split") == split]
+    if not rs:
+      continue
+    steps = [r["step"] for r in rs]
+    ax_loss.plot(steps, [r["loss"] for r in rs], style, label=split, markersize=3)
+    ax_acc.plot(steps, [r["accuracy"] for r in rs], style, label=split, markersize=3)
+  for ax, name in ((ax_loss, "loss"), (ax_acc, "accuracy")):
+    ax.set_xlabel("step")
+    ax.set_ylabel(name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+  ax_loss.set_yscale("log")
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  tmp = path + ".tmp.png"
+  fig.savefig(tmp, dpi=100)
+  plt.close(fig)
+  os.replace(tmp, path)
+
+
+def _write_json(path: str, obj: Any) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2)
+  os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# The job.
+
+
+class Setup:
+  """Everything a run needs, built from a validated config: model, data, steps, jitted functions."""
+
+  def __init__(self, config: ml_collections.ConfigDict, devices: list | None = None):
+    self.config = config
+    self.dp = DataParallel(devices)
+    validate_config(config, device_count=len(self.dp.devices))
+    self.data = data_lib.load_dataset(config.dataset)
+    self.model = build_model(config, self.data.num_classes)
+    min_size = getattr(self.model, "min_input_size", None)
+    if min_size and min(self.data.image_shape[:2]) < min_size:
+      raise ModelError(f"model {config.model.name} needs images of at least {min_size}x{min_size}, "
+                       f"the dataset gives {self.data.image_shape[0]}x{self.data.image_shape[1]}")
+    self.steps_per_epoch = self.data.num_train // config.batch_size
+    if self.steps_per_epoch < 1:
+      raise ConfigError(f"config.batch_size = {config.batch_size} exceeds the {self.data.num_train} "
+                        f"training examples of {config.dataset.name}")
+    self.total_steps = (int(config.num_train_steps) if config.num_train_steps > 0 else
+                        max(1, int(math.ceil(config.num_epochs * self.steps_per_epoch))))
+    self.eval_every = (config.eval_every_steps if config.eval_every_steps > 0 else self.steps_per_epoch)
+    self.checkpoint_every = (config.checkpoint_every_steps if config.checkpoint_every_steps > 0
+                             else self.eval_every)
+    self.schedule = make_schedule(config, self.steps_per_epoch, self.total_steps)
+    self.tx = make_optimizer(config, self.schedule)
+    self.train_step = self.dp.jit_train_step(make_train_step(
+        self.data.num_classes, float(config.label_smoothing), skip_nonfinite=True))
+    self.eval_step = self.dp.jit_eval_step(make_eval_step(self.data.num_classes))
+
+  def init_state(self) -> TrainState:
+    state = create_train_state(self.model, self.tx, self.data.image_shape,
+                               jax.random.PRNGKey(self.config.seed))
+    return self.dp.replicate(state)
+
+  def train_iterator(self):
+    c = self.config
+    return iter(data_lib.train_pipeline(
+        self.data, c.batch_size, c.seed, jax.process_index(), jax.process_count(),
+        num_threads=c.dataset.num_threads, num_workers=c.dataset.num_workers))
+
+  def evaluate(self, state: TrainState) -> dict[str, float]:
+    return evaluate_state(self.eval_step, state, self.data, self.config.eval_batch_size, self.dp,
+                          self.config.dataset.num_threads)
+
+
+def _check_same_run(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """A workdir that holds a run of another model or dataset is not resumed (nothing is overwritten)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
+  try:
+    with open(path) as f:
+      old = json.load(f)
+  except (OSError, json.JSONDecodeError):
+    return
+  for key in ("model", "dataset"):
+    new_name = config[key]["name"]
+    old_name = old.get(key, {}).get("name")
+    if old_name is not None and old_name != new_name:
+      raise CheckpointError(f"workdir {workdir} holds a run of {key} {old_name!r}, this config trains "
+                            f"{new_name!r}: use another --workdir")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       devices: list | None = None, log: Callable[[str], None] = print) -> dict:
+  """Train ``config`` writing into ``workdir`` (resuming from its newest checkpoint) and evaluate.
+
+  Args:
+    config: the training config (validated here before any work).
+    workdir: output folder (created).
+    devices: the devices of the data-parallel mesh (default: all).
+    log: where the one-line messages go (progress bars go to stderr).
+
+  Returns:
+    The summary (also written to ``WORKDIR/summary.json``).
+  """
+  from tqdm import tqdm
+
+  validate_config(config)
+  maybe_initialize_distributed(config)
+  setup = Setup(config, devices)
+  workdir = os.path.abspath(workdir)
+  _check_same_run(workdir, config)
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  if is_main:
+    _write_json(os.path.join(workdir, "config.json"), config.to_dict())
+
+  state = setup.init_state()
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
+  meta = {"best_test_accuracy": None, "train_time_s": 0.0, "train_images": 0, "step_time_s": 0.0}
+  data_state = None
+  if ckpt.latest_step() is not None:
+    state, data_state, saved_meta = ckpt.restore(state)
+    meta.update({k: v for k, v in saved_meta.items() if k in meta})
+    log(f"resuming {workdir} from step {int(state.step)}")
+  start_step = int(jax.device_get(state.step))
+  records = _rewrite_metrics(workdir, start_step) if is_main else []
+
+  train_iter = setup.train_iterator()
+  if data_state:
+    train_iter.set_state(data_state)
+  metrics_file = open(os.path.join(workdir, "metrics.jsonl"), "a") if is_main else None
+
+  def record(rec: dict) -> None:
+    records.append(rec)
+    if metrics_file is not None:
+      metrics_file.write(json.dumps(rec) + "\n")
+      metrics_file.flush()
+
+  def save(step: int) -> None:
+    ckpt.save(step, state, train_iter.get_state(), {**meta, "config": config.to_dict()})
+
+  batch = config.batch_size
+  bar = tqdm(total=setup.total_steps, initial=start_step, disable=not (config.progress_bar and is_main),
+             desc=f"{config.model.name} on {config.dataset.name}", unit="step", dynamic_ncols=True)
+  pending: list[tuple[int, dict]] = []
+  last_test: dict | None = None
+  t_run = time.perf_counter()
+  t_window, n_window = time.perf_counter(), 0
+  stopped_nonfinite = None
+  try:
+    for step in range(start_step + 1, setup.total_steps + 1):
+      t0 = time.perf_counter()
+      state, m = setup.train_step(state, setup.dp.put_batch(next(train_iter)))
+      pending.append((step, m))
+      n_window += 1
+      bar.update(1)
+      if step % config.log_every_steps == 0 or step % setup.eval_every == 0 or step == setup.total_steps:
+        fetched = jax.device_get([mm for _, mm in pending])
+        bad = [s for (s, _), mm in zip(pending, fetched) if not mm["finite"]]
+        now = time.perf_counter()
+        rate = n_window * batch / max(now - t_window, 1e-9)
+        loss = float(np.mean([mm["loss"] for mm in fetched if mm["finite"]] or [np.nan]))
+        acc = float(np.mean([mm["accuracy"] for mm in fetched if mm["finite"]] or [np.nan]))
+        if step > start_step + n_window:  # Not the first window: that one holds the compilation.
+          meta["step_time_s"] += now - t_window
+          meta["train_images"] += n_window * batch
+        record({"step": step, "split": "train", "loss": loss, "accuracy": acc,
+                "learning_rate": float(setup.schedule(step - 1)), "images_per_sec": rate,
+                "nonfinite_steps": len(bad)})
+        bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.3f}", img_s=f"{rate:.0f}")
+        pending, t_window, n_window = [], time.perf_counter(), 0
+        if bad and config.on_nonfinite == "stop":
+          stopped_nonfinite = bad[0]
+          break
+        if bad:
+          log(f"warning: non-finite loss or gradient at steps {bad[:5]}: those updates were skipped")
+      if step % setup.eval_every == 0 or step == setup.total_steps:
+        last_test = setup.evaluate(state)
+        best = meta["best_test_accuracy"]
+        meta["best_test_accuracy"] = max(best, last_test["accuracy"]) if best is not None else (
+            last_test["accuracy"])
+        record({"step": step, "split": "test", "loss": last_test["loss"],
+                "accuracy": last_test["accuracy"], "epoch": step / setup.steps_per_epoch})
+        bar.write(f"step {step}/{setup.total_steps} epoch {step / setup.steps_per_epoch:.1f}: "
+                  f"train loss {records[-2]['loss'] if len(records) > 1 else float('nan'):.4f}  "
+                  f"test loss {last_test['loss']:.4f}  test accuracy {last_test['accuracy']:.4f}")
+      meta["train_time_s"] += time.perf_counter() - t0
+      if step % setup.checkpoint_every == 0 or step == setup.total_steps:
+        save(step)
+      if n_window == 0:  # Evaluation and checkpoint time stay out of the images/s windows.
+        t_window = time.perf_counter()
+  finally:
+    bar.close()
+    if metrics_file is not None:
+      metrics_file.close()
+  if stopped_nonfinite is not None:
+    ckpt.close()
+    raise TrainingDivergedError(
+        f"non-finite loss or gradient at step {stopped_nonfinite}: training stopped; the last good "
+        f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory} (set config.on_nonfinite='skip' "
+        f"to skip such steps)")
+  end_step = int(jax.device_get(state.step))
+  if last_test is None:  # Nothing left to train (resumed a finished run): evaluate once.
+    last_test = setup.evaluate(state)
+    if meta["best_test_accuracy"] is None:
+      meta["best_test_accuracy"] = last_test["accuracy"]
+  ckpt.close()
+  train_records = [r for r in records if r.get("split") == "train"]
+  summary = {
+      "config": config.to_dict(),
+      "model": config.model.name,
+      "dataset": config.dataset.name,
+      "parameters": count_parameters(state.params),
+      "steps": end_step,
+      "epochs": end_step / setup.steps_per_epoch,
+      "global_batch": batch,
+      "devices": len(setup.dp.devices),
+      "platform": setup.dp.devices[0].platform,
+      "train_time_s": meta["train_time_s"],
+      "images_per_sec": meta["train_images"] / meta["step_time_s"] if meta["step_time_s"] > 0 else None,
+      "final_train_loss": train_records[-1]["loss"] if train_records else None,
+      "test_loss": last_test["loss"],
+      "test_accuracy": last_test["accuracy"],
+      "best_test_accuracy": meta["best_test_accuracy"],
+      "workdir": workdir,
+  }
+  if is_main:
+    _write_json(os.path.join(workdir, "summary.json"), summary)
+    plot_curves(records, os.path.join(workdir, "curves.png"),
+                f"{config.model.name} on {config.dataset.name}")
+  return summary
