@@ -1,0 +1,446 @@
+"""Training and inference throughput of a resnet_jax model, optionally side by side with PyTorch.
+
+    python benchmarks/bench.py --model resnet18 --batch 16 --size 224 --mode both --compare-torch --json out.json
+
+Measures, on synthetic data (random images and labels, generated once):
+
+- training images/s: one jit-compiled step = forward, backward, optax SGD with momentum, BatchNorm statistics
+  update; the state (params, batch_stats, optimizer state) is donated to the step;
+- inference images/s: forward pass in evaluation mode (running BN statistics);
+- compile time of the first step, split into trace+lower and XLA compile;
+- peak memory: host RSS (``resource.getrusage``) on CPU, the device's ``peak_bytes_in_use`` on GPU;
+- FLOPs per image from XLA's cost analysis of the compiled functions, the achieved FLOP/s and, on a
+  GPU with a known peak, the model FLOP utilisation (training FLOPs taken as 3 x forward FLOPs).
+
+Each figure is the median over ``--repeats`` timed repeats after ``--warmup`` untimed steps; a repeat runs as
+many steps as fill ``--min-repeat-seconds`` (at least one). ``--compare-torch`` measures the same architecture
+in PyTorch (torchvision, or ``benchmarks/torch_models.py`` for the CIFAR nets) in the same process, with the
+same batch, the same thread count as XLA, in ``channels_last`` and contiguous NCHW memory formats, and prints
+the ratio jax / torch.
+
+XLA's CPU options are read once, when jax starts: pass them with ``--xla-flags`` (added to ``XLA_FLAGS``)
+rather than after the fact. ``--cpu-conv eigen`` (the default) turns off the YNNPACK convolution fusion that
+jaxlib 0.10 uses by default on CPU, which runs ResNet convolutions markedly slower here (see
+``benchmarks/README.md``); ``--cpu-conv default`` leaves XLA's choice alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if os.path.dirname(_HERE) not in sys.path:  # run as a script from a checkout
+  sys.path.insert(0, os.path.dirname(_HERE))
+if _HERE not in sys.path:
+  sys.path.insert(0, _HERE)
+
+from resnet_jax.errors import ConfigError, ModelError, run_cli  # noqa: E402  (no jax import)
+
+# XLA flag that turns off the YNNPACK convolution fusion of jaxlib 0.10's CPU backend (Eigen convs instead).
+EIGEN_CONV_FLAG = "--xla_cpu_experimental_ynn_fusion_type="
+
+CIFAR_PREFIXES = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "preact_resnet20",
+                  "preact_resnet32", "preact_resnet44", "preact_resnet56", "preact_resnet110", "plain")
+
+# Forward multiply-accumulates at 224x224, 1000 classes (torchvision's weight metadata, GMACs).
+REFERENCE_GMACS_224 = {"resnet18": 1.814, "resnet34": 3.664, "resnet50": 4.089, "resnet101": 7.801,
+                       "resnet152": 11.514, "resnext50_32x4d": 4.23, "wide_resnet50_2": 11.398}
+
+# Dense peak FLOP/s per device kind substring (first match wins): bfloat16, float32 (TF32 tensor cores).
+PEAK_FLOPS = (
+    ("H100 PCIe", 756e12, 378e12),
+    ("H100", 989e12, 494e12),   # SXM
+    ("H200", 989e12, 494e12),
+    ("A100", 312e12, 156e12),
+    ("L4", 121e12, 60e12),
+)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--model", default="resnet18", help="registered model name (resnet_jax.list_models())")
+  p.add_argument("--batch", type=int, default=16, help="images per step")
+  p.add_argument("--size", type=int, default=None,
+                 help="image height = width (default 32 for CIFAR models, 224 otherwise)")
+  p.add_argument("--num-classes", type=int, default=None, help="default 10 for CIFAR models, 1000 otherwise")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                 help="compute dtype (parameters stay float32)")
+  p.add_argument("--mode", choices=("train", "infer", "both"), default="both")
+  p.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is reported")
+  p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
+  p.add_argument("--min-repeat-seconds", type=float, default=0.5,
+                 help="each repeat runs enough steps to last at least this long")
+  p.add_argument("--json", dest="json_out", default=None, help="write all results to this JSON file")
+  p.add_argument("--compare-torch", action="store_true", help="also measure PyTorch (needs torch, torchvision)")
+  p.add_argument("--torch-formats", default="channels_last,contiguous",
+                 help="comma-separated torch memory formats to measure")
+  p.add_argument("--cpu-conv", choices=("eigen", "default"), default="eigen",
+                 help=f"'eigen' adds {EIGEN_CONV_FLAG} to XLA_FLAGS (faster ResNet convs on CPU); "
+                      "'default' leaves XLA's choice")
+  p.add_argument("--xla-flags", default="", help="extra XLA_FLAGS, appended before jax starts")
+  p.add_argument("--threads", type=int, default=None,
+                 help="threads for torch (default: the CPUs this process may use, as XLA does)")
+  p.add_argument("--seed", type=int, default=0)
+  args = p.parse_args(argv)
+  for name in ("batch", "repeats"):
+    if getattr(args, name) < 1:
+      raise ConfigError(f"--{name} must be at least 1, got {getattr(args, name)}")
+  if args.warmup < 0:
+    raise ConfigError(f"--warmup must be >= 0, got {args.warmup}")
+  cifar = args.model.startswith(CIFAR_PREFIXES)
+  if args.size is None:
+    args.size = 32 if cifar else 224
+  if args.num_classes is None:
+    args.num_classes = 10 if cifar else 1000
+  if args.size < 1 or args.num_classes < 1:
+    raise ConfigError(f"--size and --num-classes must be positive, got {args.size} and {args.num_classes}")
+  return args
+
+
+def set_xla_flags(args: argparse.Namespace) -> str:
+  """Add the requested flags to XLA_FLAGS; must run before jax is imported."""
+  if "jax" in sys.modules and "jax._src.xla_bridge" in sys.modules:
+    from jax._src import xla_bridge
+    if xla_bridge.backends_are_initialized():
+      return os.environ.get("XLA_FLAGS", "")  # too late to change: report what is in effect
+  flags = os.environ.get("XLA_FLAGS", "").split()
+  extra = ([EIGEN_CONV_FLAG] if args.cpu_conv == "eigen" else []) + args.xla_flags.split()
+  for f in extra:
+    if f not in flags:
+      flags.append(f)
+  os.environ["XLA_FLAGS"] = " ".join(flags)
+  return os.environ["XLA_FLAGS"]
+
+
+def cpu_threads() -> int:
+  """CPUs this process may run on (XLA:CPU sizes its thread pool the same way)."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # not Linux
+    return os.cpu_count() or 1
+
+
+def cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def peak_rss_mb() -> float:
+  """Peak resident set size of this process so far, MiB (Linux reports KiB)."""
+  r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return r / 1024.0 if sys.platform != "darwin" else r / 2 ** 20
+
+
+def timed_repeats(run: Callable[[], Any], sync: Callable[[Any], Any], warmup: int, repeats: int,
+                  min_seconds: float) -> dict:
+  """Run ``warmup`` untimed steps, then ``repeats`` timed repeats of n steps; seconds per step (median)."""
+  t_last = None
+  for _ in range(max(warmup, 1)):
+    t0 = time.perf_counter()
+    sync(run())
+    t_last = time.perf_counter() - t0
+  n = max(1, min(1000, math.ceil(min_seconds / max(t_last, 1e-6))))
+  per_step = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    out = None
+    for _ in range(n):
+      out = run()
+    sync(out)
+    per_step.append((time.perf_counter() - t0) / n)
+  return {"seconds_per_step": statistics.median(per_step), "steps_per_repeat": n,
+          "all_seconds_per_step": per_step}
+
+
+# ------------------------------------------------------------------------------------------------ JAX
+
+def bench_jax(args: argparse.Namespace) -> dict:
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+
+  from resnet_jax import models
+
+  dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+  model = models.create_model(args.model, num_classes=args.num_classes, dtype=dtype)
+  rng = np.random.default_rng(args.seed)
+  x = jnp.asarray(rng.standard_normal((args.batch, args.size, args.size, 3), dtype=np.float32), dtype)
+  y = jnp.asarray(rng.integers(0, args.num_classes, args.batch), jnp.int32)
+  variables = jax.jit(lambda k: model.init(k, x, train=False))(jax.random.PRNGKey(args.seed))
+  variables = {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
+  n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(variables["params"]))
+  dev = jax.devices()[0]
+  out: dict = {"device": f"{dev.platform}:{dev.device_kind}", "params": n_params}
+
+  def sync(tree):
+    return jax.block_until_ready(tree)
+
+  def flops_of(compiled) -> float | None:
+    try:
+      ca = compiled.cost_analysis()
+      ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+      return float(ca["flops"]) if ca and "flops" in ca else None
+    except Exception:  # cost analysis is best effort
+      return None
+
+  def infer_fn(variables, x):
+    return model.apply(variables, x, train=False)
+
+  infer = jax.jit(infer_fn)
+  t0 = time.perf_counter()
+  infer_lowered = infer.lower(variables, x)
+  t1 = time.perf_counter()
+  infer_compiled = infer_lowered.compile()
+  t2 = time.perf_counter()
+  fwd_flops = flops_of(infer_compiled)
+  out["forward_flops_per_image"] = fwd_flops / args.batch if fwd_flops else None
+
+  if args.mode in ("infer", "both"):
+    r = timed_repeats(lambda: infer_compiled(variables, x), sync, args.warmup, args.repeats,
+                      args.min_repeat_seconds)
+    out["infer"] = {"images_per_s": args.batch / r["seconds_per_step"], "lower_s": t1 - t0,
+                    "compile_s": t2 - t1, **r, "peak_rss_mb": peak_rss_mb()}
+
+  if args.mode in ("train", "both"):
+    tx = optax.sgd(learning_rate=0.1, momentum=0.9)
+    has_bn = bool(variables.get("batch_stats"))
+
+    def loss_fn(params, batch_stats, x, y):
+      v = {"params": params, "batch_stats": batch_stats} if has_bn else {"params": params}
+      if has_bn:
+        logits, updates = model.apply(v, x, train=True, mutable=["batch_stats"])
+        new_stats = updates["batch_stats"]
+      else:
+        logits, new_stats = model.apply(v, x, train=True), batch_stats
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y).mean()
+      return loss, new_stats
+
+    def train_step(state, x, y):
+      params, batch_stats, opt_state = state
+      (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch_stats, x, y)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      params = optax.apply_updates(params, updates)
+      return (params, batch_stats, opt_state), loss
+
+    step = jax.jit(train_step, donate_argnums=(0,))
+    params = variables["params"]
+    state = (params, variables.get("batch_stats", {}), tx.init(params))
+    t0 = time.perf_counter()
+    lowered = step.lower(state, x, y)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    train_flops = flops_of(compiled)
+    holder = {"state": state}
+
+    def run():
+      holder["state"], loss = compiled(holder["state"], x, y)
+      return loss
+
+    t3 = time.perf_counter()
+    first_loss = float(sync(run()))
+    first_step_s = time.perf_counter() - t3
+    if not math.isfinite(first_loss):
+      raise ConfigError(f"training loss of {args.model} is {first_loss} on the first step")
+    r = timed_repeats(run, sync, args.warmup, args.repeats, args.min_repeat_seconds)
+    out["train"] = {"images_per_s": args.batch / r["seconds_per_step"], "lower_s": t1 - t0,
+                    "compile_s": t2 - t1, "first_step_s": t1 - t0 + t2 - t1 + first_step_s,
+                    "hlo_flops_per_image": train_flops / args.batch if train_flops else None,
+                    **r, "peak_rss_mb": peak_rss_mb()}
+
+  if dev.platform == "gpu":
+    try:
+      stats = dev.memory_stats() or {}
+      out["device_peak_mb"] = stats.get("peak_bytes_in_use", 0) / 2 ** 20
+    except Exception:
+      out["device_peak_mb"] = None
+  return out
+
+
+def utilisation(args: argparse.Namespace, res: dict) -> dict:
+  """Achieved FLOP/s of the training step (3 x forward FLOPs per image) and MFU where the peak is known."""
+  fwd = res.get("forward_flops_per_image")
+  ref = REFERENCE_GMACS_224.get(args.model)
+  ref_fwd = 2e9 * ref * (args.size / 224) ** 2 if ref and args.num_classes == 1000 else None
+  info: dict = {"forward_flops_per_image_hlo": fwd, "forward_flops_per_image_reference": ref_fwd}
+  fwd = fwd or ref_fwd
+  if not fwd or "train" not in res:
+    return info
+  achieved = 3 * fwd * res["train"]["images_per_s"]
+  info["train_flops_per_image"] = 3 * fwd
+  info["train_achieved_tflops"] = achieved / 1e12
+  kind = res["device"]
+  if kind.startswith("gpu:"):
+    for key, bf16, f32 in PEAK_FLOPS:
+      if key in kind:
+        peak = bf16 if args.dtype == "bfloat16" else f32
+        info["peak_tflops"] = peak / 1e12
+        info["mfu"] = achieved / peak
+        break
+  return info
+
+
+# ---------------------------------------------------------------------------------------------- torch
+
+def import_torch():
+  """torch and torchvision, or a ConfigError saying how to install them."""
+  try:
+    import torch
+    import torchvision  # noqa: F401
+  except ImportError as e:
+    raise ConfigError(f"--compare-torch needs torch and torchvision, which cannot be imported ({e}); "
+                      "install them with: pip install -e '.[torch]', or run without --compare-torch") from None
+  return torch
+
+
+def bench_torch(args: argparse.Namespace, threads: int) -> dict:
+  torch = import_torch()
+  import torch_models
+
+  if not torch_models.has_counterpart(args.model):
+    print(f"note: no PyTorch counterpart for {args.model!r} (known: torchvision ResNets and CIFAR "
+          "resnet/plain 20..110); torch not measured", file=sys.stderr)
+    return {}
+  torch.set_num_threads(threads)
+  torch.manual_seed(args.seed)
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  bf16 = args.dtype == "bfloat16"
+  results: dict = {"version": torch.__version__, "threads": torch.get_num_threads(), "device": device}
+
+  def sync(_):
+    if device == "cuda":
+      torch.cuda.synchronize()
+
+  for fmt in [f.strip() for f in args.torch_formats.split(",") if f.strip()]:
+    if fmt not in ("channels_last", "contiguous"):
+      raise ConfigError(f"unknown torch memory format {fmt!r}: expected channels_last or contiguous")
+    mf = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+    model = torch_models.create_torch_model(args.model, args.num_classes).to(device).to(memory_format=mf)
+    x = torch.randn(args.batch, 3, args.size, args.size, device=device).to(memory_format=mf)
+    y = torch.randint(0, args.num_classes, (args.batch,), device=device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16)
+    r: dict = {}
+    if args.mode in ("train", "both"):
+      model.train()
+
+      def train_step():
+        opt.zero_grad(set_to_none=True)
+        with autocast:
+          loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+      t = timed_repeats(train_step, sync, args.warmup, args.repeats, args.min_repeat_seconds)
+      r["train"] = {"images_per_s": args.batch / t["seconds_per_step"], **t}
+    if args.mode in ("infer", "both"):
+      model.eval()
+
+      def infer_step():
+        with torch.inference_mode(), autocast:
+          return model(x)
+
+      t = timed_repeats(infer_step, sync, args.warmup, args.repeats, args.min_repeat_seconds)
+      r["infer"] = {"images_per_s": args.batch / t["seconds_per_step"], **t}
+    results[fmt] = r
+  results["peak_rss_mb"] = peak_rss_mb()
+  return results
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+def table(args: argparse.Namespace, res: dict) -> str:
+  rows = [("", "train img/s", "infer img/s")]
+
+  def cell(d: dict, k: str) -> str:
+    return f"{d[k]['images_per_s']:.1f}" if k in d else "-"
+
+  rows.append((f"jax ({args.dtype})", cell(res["jax"], "train"), cell(res["jax"], "infer")))
+  torch_res = res.get("torch") or {}
+  for fmt in ("channels_last", "contiguous"):
+    if fmt in torch_res:
+      rows.append((f"torch {fmt}", cell(torch_res[fmt], "train"), cell(torch_res[fmt], "infer")))
+  for key, ratio in res.get("ratios", {}).items():
+    rows.append((f"ratio jax/torch {key}", f"{ratio.get('train', float('nan')):.2f}",
+                 f"{ratio.get('infer', float('nan')):.2f}"))
+  w0 = max(len(r[0]) for r in rows)
+  return "\n".join(f"{r[0]:<{w0}}  {r[1]:>12}  {r[2]:>12}" for r in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = parse_args(argv)
+  if args.compare_torch:
+    import_torch()  # fail fast, before the long JAX measurement
+  if args.cpu_conv == "eigen" and "--xla_cpu_experimental_ynn_fusion_type" in args.xla_flags:
+    raise ConfigError("--xla-flags sets xla_cpu_experimental_ynn_fusion_type: use --cpu-conv default with it")
+  xla_flags = set_xla_flags(args)
+
+  import jax
+  from resnet_jax import models
+
+  if args.model not in models.list_models():
+    models.create_model(args.model)  # raises ModelError naming close matches
+    raise ModelError(f"unknown model {args.model!r}")
+  threads = args.threads or cpu_threads()
+  res: dict = {
+      "machine": {"cpu": cpu_model(), "cpus_usable": cpu_threads(), "platform": platform.platform(),
+                  "python": platform.python_version(), "jax": jax.__version__,
+                  "xla_flags": xla_flags, "backend": jax.default_backend()},
+      "config": {k: v for k, v in vars(args).items() if k != "json_out"},
+  }
+  print(f"{args.model}: batch {args.batch}, {args.size}x{args.size}, {args.dtype}, {args.num_classes} classes, "
+        f"{jax.default_backend()} ({res['machine']['cpu']}, {res['machine']['cpus_usable']} CPUs), "
+        f"XLA_FLAGS={xla_flags!r}", flush=True)
+  res["jax"] = bench_jax(args)
+  res["utilisation"] = utilisation(args, res["jax"])
+  if args.compare_torch:
+    res["torch"] = bench_torch(args, threads)
+    res["ratios"] = {}
+    for fmt in ("channels_last", "contiguous"):
+      tr = res["torch"].get(fmt)
+      if tr:
+        res["ratios"][fmt] = {k: res["jax"][k]["images_per_s"] / tr[k]["images_per_s"]
+                              for k in ("train", "infer") if k in tr and k in res["jax"]}
+  print(table(args, res))
+  j = res["jax"]
+  if "train" in j:
+    t = j["train"]
+    print(f"jax training step: trace+lower {t['lower_s']:.2f} s, compile {t['compile_s']:.2f} s, "
+          f"first step {t['first_step_s']:.2f} s (incl. compile); peak host RSS {t['peak_rss_mb']:.0f} MiB")
+  if j.get("device_peak_mb") is not None:
+    print(f"peak device memory: {j['device_peak_mb']:.0f} MiB")
+  u = res["utilisation"]
+  if "train_achieved_tflops" in u:
+    line = (f"training: {u['train_flops_per_image'] / 1e9:.2f} GFLOP/image (3 x forward), "
+            f"{u['train_achieved_tflops'] * 1e3:.1f} GFLOP/s achieved")
+    if "mfu" in u:
+      line += f", MFU {100 * u['mfu']:.1f}% of {u['peak_tflops']:.0f} TFLOP/s"
+    print(line)
+  if args.json_out:
+    with open(args.json_out, "w") as f:
+      json.dump(res, f, indent=2, default=str)
+    print(f"wrote {args.json_out}")
+  return 0
+
+
+if __name__ == "__main__":
+  run_cli(main)

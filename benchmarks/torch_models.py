@@ -1,0 +1,71 @@
+"""PyTorch counterparts of the registered models, for ``bench.py --compare-torch``.
+
+ImageNet ResNets come from torchvision (same architecture: v1.5 bottlenecks, projection shortcuts).
+torchvision has no CIFAR ResNets, so the CIFAR ResNet-20..110 of He et al. (2015) and their plain twins are
+written here the way ``resnet_jax.models`` builds them: 3x3 stem with 16 filters, BN, ReLU, three stages of
+16/32/64 filters with ``n = (depth - 2) / 6`` basic blocks each, option A shortcuts (strided identity with
+zero channels appended), global average pool, linear head.
+
+torch is imported lazily: this module can be imported (and ``torch_counterpart`` asked) without torch.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+TORCHVISION_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2",
+                     "resnext50_32x4d")
+_CIFAR = re.compile(r"^(resnet|plain)(20|32|44|56|110)$")
+
+
+def has_counterpart(name: str) -> bool:
+  """Whether ``name`` has a PyTorch model with the same architecture here."""
+  return name in TORCHVISION_NAMES or _CIFAR.match(name) is not None
+
+
+def create_torch_model(name: str, num_classes: int) -> Any:
+  """The ``torch.nn.Module`` with the same architecture as ``resnet_jax.create_model(name, num_classes)``."""
+  if name in TORCHVISION_NAMES:
+    import torchvision
+    return getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
+  m = _CIFAR.match(name)
+  if m is None:
+    raise KeyError(name)
+  return _cifar_resnet(int(m.group(2)), num_classes, residual=m.group(1) == "resnet")
+
+
+def _cifar_resnet(depth: int, num_classes: int, residual: bool) -> Any:
+  import torch
+  from torch import nn
+  import torch.nn.functional as F
+
+  class Block(nn.Module):
+    """Basic block, v1 ordering: y = ReLU(BN(conv(ReLU(BN(conv(x))))) + S(x)), S option A."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+      super().__init__()
+      self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+      self.bn1 = nn.BatchNorm2d(cout)
+      self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+      self.bn2 = nn.BatchNorm2d(cout)
+      self.stride, self.extra = stride, cout - cin
+
+    def forward(self, x):
+      out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+      if residual:
+        s = x[:, :, ::self.stride, ::self.stride] if self.stride > 1 else x
+        if self.extra:
+          s = F.pad(s, (0, 0, 0, 0, 0, self.extra))
+        out = out + s
+      return F.relu(out)
+
+  n = (depth - 2) // 6
+  layers: list = [nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU()]
+  cin = 16
+  for i, cout in enumerate((16, 32, 64)):
+    for j in range(n):
+      layers.append(Block(cin, cout, 2 if i > 0 and j == 0 else 1))
+      cin = cout
+  layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes)]
+  return torch.nn.Sequential(*layers)
