@@ -9,7 +9,8 @@ from resnet_jax.config_check import base_config
 def get_config():
   c = base_config()
   c.dataset.name = "digits"
-  c.dataset.augment = "none"
+  c.dataset.augment = "pad_crop"  # random shifts of up to 1 pixel; no flips (digits are not symmetric)
+  c.dataset.crop_padding = 1
   c.model.name = "resnet20"
   c.batch_size = 64
   c.eval_batch_size = 360

@@ -209,23 +209,27 @@ def scan_image_folder(data_dir: str, split: str, classes: Sequence[str] | None =
 # Augmentation and decoding.
 
 
-def pad_crop_flip(images: np.ndarray, rng: np.random.Generator, padding: int, flip: bool) -> np.ndarray:
+def pad_crop_flip(images: np.ndarray, rng: np.random.Generator, padding: int, flip: bool,
+                  part: slice = slice(None)) -> np.ndarray:
   """Zero-pad ``padding`` pixels per side, crop a random window of the original size, maybe flip.
 
-  ``images`` is NHWC; each image gets its own offsets and flip.
+  ``images`` is NHWC; each image gets its own offsets and flip. The random draws are made for all of
+  ``images`` and then only ``images[part]`` is augmented and returned, so a slice of a batch is
+  augmented exactly as in the whole batch (one host's share of a global batch).
   """
   n, h, w, _ = images.shape
-  out = images
+  dy = rng.integers(0, 2 * padding + 1, size=n)[part]
+  dx = rng.integers(0, 2 * padding + 1, size=n)[part]
+  mirror = (rng.random(n) < 0.5)[part]
+  out = images[part]
+  m = out.shape[0]
   if padding > 0:
-    padded = np.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    dy = rng.integers(0, 2 * padding + 1, size=n)
-    dx = rng.integers(0, 2 * padding + 1, size=n)
-    rows = dy[:, None] + np.arange(h)[None, :]  # (n, h)
-    cols = dx[:, None] + np.arange(w)[None, :]  # (n, w)
-    out = padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    padded = np.pad(out, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    rows = dy[:, None] + np.arange(h)[None, :]  # (m, h)
+    cols = dx[:, None] + np.arange(w)[None, :]  # (m, w)
+    out = padded[np.arange(m)[:, None, None], rows[:, :, None], cols[:, None, :]]
   if flip:
-    mask = rng.random(n) < 0.5
-    out = np.where(mask[:, None, None, None], out[:, :, ::-1], out)
+    out = np.where(mirror[:, None, None, None], out[:, :, ::-1], out)
   return out
 
 
@@ -328,27 +332,36 @@ class Dataset:
       x = x / np.float32(255.0)
     return (x - self.mean) / self.std
 
-  def train_batch(self, indices: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Load, augment and normalise the training examples ``indices``."""
+  def train_batch(self, indices: np.ndarray, rng: np.random.Generator, part: slice = slice(None)
+                  ) -> dict[str, np.ndarray]:
+    """Load, augment and normalise the training examples ``indices[part]``.
+
+    The augmentation of an example depends on ``rng`` and its position in ``indices`` only, so each
+    host loading its ``part`` of a global batch gets what one host loading all of it would.
+    """
     indices = np.asarray(indices)
     if self.train_files is None:
-      x = self.train_x[indices]
       if self.augment in ("pad_crop", "pad_crop_flip"):
-        x = pad_crop_flip(x, rng, self.crop_padding, flip=self.augment == "pad_crop_flip")
+        x = pad_crop_flip(self.train_x[indices], rng, self.crop_padding,
+                          flip=self.augment == "pad_crop_flip", part=part)
+      else:
+        x = self.train_x[indices[part]]
     else:
       size = self.image_shape[0]
+      seeds = rng.integers(0, 2**63 - 1, size=len(indices))[part]
       images = []
-      for i in indices:
+      for i, seed in zip(indices[part], seeds):
         img = _open_rgb(self.train_files[int(i)])
         if self.augment == "random_resized_crop_flip":
-          arr = random_resized_crop(img, size, rng)
-          if rng.random() < 0.5:
+          r = np.random.default_rng(seed)
+          arr = random_resized_crop(img, size, r)
+          if r.random() < 0.5:
             arr = arr[:, ::-1]
         else:
           arr = center_crop(img, size)
         images.append(arr)
       x = np.stack(images)
-    return {"image": self._normalize(x), "label": self.train_y[indices]}
+    return {"image": self._normalize(x), "label": self.train_y[indices[part]]}
 
   def test_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
     """Load and normalise the test examples ``indices`` (image folders: centre crop)."""
@@ -464,7 +477,7 @@ def train_pipeline(ds: Dataset, global_batch: int, seed: int, process_index: int
   lo = process_index * local
 
   def load(indices: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    return ds.train_batch(np.asarray(indices)[lo:lo + local], rng)
+    return ds.train_batch(np.asarray(indices), rng, slice(lo, lo + local))
 
   pipeline = (grain.MapDataset.range(ds.num_train)
               .shuffle(seed=seed)

@@ -1,0 +1,40 @@
+"""CIFAR-10, ResNet-20: the recipe of He et al. (2015), section 4.2.
+
+Batch 128, SGD momentum 0.9, learning rate 0.1 divided by 10 at 32k and 48k iterations, weight decay
+1e-4, 64k iterations, 4-pixel zero padding + random 32x32 crop + horizontal flip, per-channel
+normalisation. The data is read from a local folder:
+
+  python train.py --config=configs/cifar10_resnet20.py --config.dataset.data_dir=/data/cifar10 \
+      --workdir=runs/cifar10_resnet20
+
+where /data/cifar10/cifar-10-batches-py/ is the unpacked python-pickle release. Other depths:
+--config.model.name=resnet32|resnet44|resnet56|resnet110 (the paper warms ResNet-110 up at 0.01 for
+400 iterations: --config.schedule.warmup=400).
+"""
+
+from resnet_jax.config_check import base_config
+
+
+def get_config():
+  c = base_config()
+  c.dataset.name = "cifar10"
+  c.dataset.data_dir = ""  # set on the command line
+  c.dataset.augment = "pad_crop_flip"
+  c.dataset.crop_padding = 4
+  c.model.name = "resnet20"
+  c.batch_size = 128
+  c.eval_batch_size = 500
+  c.num_train_steps = 64000
+  c.optimizer.name = "sgd"
+  c.optimizer.learning_rate = 0.1
+  c.optimizer.momentum = 0.9
+  c.optimizer.weight_decay = 1e-4
+  c.schedule.name = "step"
+  c.schedule.unit = "steps"
+  c.schedule.warmup = 0.0
+  c.schedule.boundaries = (32000.0, 48000.0)
+  c.schedule.decay_factor = 0.1
+  c.log_every_steps = 100
+  c.eval_every_steps = 2000
+  c.checkpoint_every_steps = 2000
+  return c
