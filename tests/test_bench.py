@@ -1,0 +1,106 @@
+"""Smoke tests of ``benchmarks/bench.py`` on a tiny CIFAR ResNet: it runs, prints its table, writes JSON,
+with and without ``--compare-torch``, and reports user errors as one line with exit status 2.
+
+No timing assertions: the machine running the tests is shared, so only the structure of the output is checked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "benchmarks", "bench.py")
+COMMON = ["--batch", "2", "--size", "8", "--repeats", "2", "--warmup", "1", "--min-repeat-seconds", "0"]
+TINY = ["--model", "resnet20", *COMMON]
+MLP = ["--model", "residual_mlp", *COMMON]   # compiles in a few seconds
+
+
+def run_bench(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, BENCH, *args], capture_output=True, text=True, timeout=300,
+                        env={**os.environ, **(env or {})})
+
+
+def test_bench_jax_only_writes_json(tmp_path):
+  out = tmp_path / "bench.json"
+  p = run_bench(*MLP, "--mode", "both", "--json", str(out))
+  assert p.returncode == 0, p.stderr
+  res = json.loads(out.read_text())
+  assert res["config"]["model"] == "residual_mlp" and res["config"]["batch"] == 2
+  assert "xla_cpu_experimental_ynn_fusion_type" in res["machine"]["xla_flags"]
+  jax_res = res["jax"]
+  assert jax_res["params"] > 0
+  for mode in ("train", "infer"):
+    assert jax_res[mode]["images_per_s"] > 0
+    assert len(jax_res[mode]["all_seconds_per_step"]) == 2
+    assert jax_res[mode]["compile_s"] > 0 and jax_res[mode]["peak_rss_mb"] > 0
+  assert jax_res["train"]["first_step_s"] >= jax_res["train"]["compile_s"]
+  assert jax_res["forward_flops_per_image"] > 0
+  assert res["utilisation"]["train_flops_per_image"] == pytest.approx(3 * jax_res["forward_flops_per_image"])
+  assert "torch" not in res
+  assert "jax (float32)" in p.stdout and "compile" in p.stdout
+
+
+@pytest.mark.slow
+def test_bench_compare_torch_reports_ratios(tmp_path):
+  """A BatchNorm model (its statistics are updated by the step), with PyTorch measured in the same run."""
+  out = tmp_path / "bench.json"
+  p = run_bench(*TINY, "--mode", "train", "--compare-torch", "--cpu-conv", "default", "--json", str(out))
+  assert p.returncode == 0, p.stderr
+  res = json.loads(out.read_text())
+  assert "ynn" not in res["machine"]["xla_flags"]
+  assert "infer" not in res["jax"] and res["jax"]["train"]["images_per_s"] > 0
+  assert res["jax"]["train"]["cpu_seconds_per_step"] > 0
+  for fmt in ("channels_last", "contiguous"):
+    torch_ips = res["torch"][fmt]["train"]["images_per_s"]
+    assert torch_ips > 0
+    assert res["ratios"][fmt]["train"] == pytest.approx(res["jax"]["train"]["images_per_s"] / torch_ips)
+  assert "ratio jax/torch channels_last" in p.stdout
+
+
+def test_torch_counterparts_match_parameter_counts():
+  """The PyTorch models compared against have the same number of parameters as the JAX ones."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  try:
+    import torch_models
+  finally:
+    sys.path.pop(0)
+  from resnet_jax import create_model
+  for name, classes, size in (("resnet20", 10, 8), ("plain20", 10, 8), ("resnet18", 7, 32)):
+    assert torch_models.has_counterpart(name)
+    model = create_model(name, num_classes=classes)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3))))
+    n_jax = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes["params"]))
+    n_torch = sum(p.numel() for p in torch_models.create_torch_model(name, classes).parameters())
+    assert n_jax == n_torch, name
+  assert not torch_models.has_counterpart("residual_mlp")
+
+
+def test_bench_unknown_model_is_one_line_error():
+  p = run_bench("--model", "resnet21", "--mode", "infer")
+  assert p.returncode == 2
+  lines = p.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: unknown model 'resnet21'")
+  assert "resnet20" in lines[0]
+
+
+def test_bench_compare_torch_without_torch_is_one_line_error(tmp_path):
+  # A module directory that shadows torch with one that fails to import, as on a machine without torch.
+  (tmp_path / "torch").mkdir()
+  (tmp_path / "torch" / "__init__.py").write_text("raise ImportError('No module named torch')\n")
+  p = run_bench(*MLP, "--compare-torch", env={"PYTHONPATH": str(tmp_path)})
+  assert p.returncode == 2
+  lines = p.stderr.strip().splitlines()
+  assert len(lines) == 1 and "--compare-torch needs torch" in lines[0] and "pip install" in lines[0]
+
+
+def test_bench_bad_value_is_one_line_error():
+  p = run_bench(*MLP, "--batch", "0")
+  assert p.returncode == 2 and p.stderr.strip().startswith("error: --batch must be at least 1")
