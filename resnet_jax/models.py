@@ -12,7 +12,7 @@ One ``ResNet`` module covers every depth: the depth is data (``stage_sizes``), t
   BN + ReLU follows the last stage.
 - Head: global average pool, then Dense. The Dense is initialised like torchvision's ``nn.Linear``
   (weights and bias uniform in +-1/sqrt(fan_in)); convs use Kaiming normal with fan_out (torchvision's).
-  Logits are returned in float32 whatever the compute ``dtype``.
+  Logits are returned in float32 for half-precision compute dtypes (float64 stays float64).
 
 Every residual block's input passes through ``self.perturb(f"block{i:02d}", x)`` (i = 0.. in forward order,
 collection ``"perturbations"``). ``model.init`` does not create that collection, so the variables are
@@ -151,7 +151,7 @@ class ResNet(nn.Module):
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
                  kernel_init=dense_kernel_init, bias_init=_uniform_bias_init(x.shape[-1]), name="fc")(x)
-    return jnp.asarray(x, jnp.float32)
+    return jnp.asarray(x, jnp.promote_types(self.dtype, jnp.float32))
 
 
 def zero_perturbations(model: nn.Module, variables: dict, x: Array, **kwargs) -> dict:
