@@ -47,6 +47,7 @@ from resnet_jax.errors import ConfigError, ModelError, run_cli  # noqa: E402  (n
 
 # XLA flag that turns off the YNNPACK convolution fusion of jaxlib 0.10's CPU backend (Eigen convs instead).
 EIGEN_CONV_FLAG = "--xla_cpu_experimental_ynn_fusion_type="
+EIGEN_CONV_JAXLIB = "0.10."  # jaxlib versions where that flag exists and was measured
 
 CIFAR_PREFIXES = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "preact_resnet20",
                   "preact_resnet32", "preact_resnet44", "preact_resnet56", "preact_resnet110", "plain")
@@ -114,7 +115,14 @@ def set_xla_flags(args: argparse.Namespace) -> str:
     if xla_bridge.backends_are_initialized():
       return os.environ.get("XLA_FLAGS", "")  # too late to change: report what is in effect
   flags = os.environ.get("XLA_FLAGS", "").split()
-  extra = ([EIGEN_CONV_FLAG] if args.cpu_conv == "eigen" else []) + args.xla_flags.split()
+  extra = args.xla_flags.split()
+  if args.cpu_conv == "eigen":
+    import jaxlib.version  # does not start a backend
+    if jaxlib.version.__version__.startswith(EIGEN_CONV_JAXLIB):
+      extra.insert(0, EIGEN_CONV_FLAG)
+    else:  # XLA aborts on flags it does not know: add it only where it was checked
+      print(f"note: --cpu-conv eigen was checked with jaxlib {EIGEN_CONV_JAXLIB}x only; jaxlib "
+            f"{jaxlib.version.__version__} keeps its default convolutions", file=sys.stderr)
   for f in extra:
     if f not in flags:
       flags.append(f)

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# GPU check in one command (under 5 minutes on one H100):
+#   1. prints the Python version and the GPU, installs Python packages only from a folder of wheels
+#      (default .whl/, see benchmarks/fetch_gpu_wheels.sh; nothing is fetched from a network);
+#   2. ResNet-50, 224x224, bfloat16, batch 256, synthetic data: training images/s and model FLOP utilisation
+#      (goal: at least 3,500 images/s), JSON in $OUT_DIR;
+#   3. the parity and gradient tests on the GPU with JAX_DEFAULT_MATMUL_PRECISION=highest (no TF32).
+#
+# Usage:  benchmarks/gpu_check.sh [WHEEL_DIR]
+# Environment: PYTHON (default python3), OUT_DIR (default $OUT, else /tmp/gpu_check), COMPARE_TORCH=1 to
+# also time PyTorch (torchvision ResNet-50, bf16 autocast) in the same run, BATCH (default 256),
+# XLA_EXTRA (extra XLA_FLAGS for the benchmark), SIZE (default 224), ALLOW_CPU=1 (dry run of this script on
+# a machine without a GPU, e.g. ALLOW_CPU=1 BATCH=2 SIZE=64; the goal is then not met, by construction).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+WHEELS="${1:-.whl}"
+PY="${PYTHON:-python3}"
+OUT_DIR="${OUT_DIR:-${OUT:-/tmp/gpu_check}}"
+BATCH="${BATCH:-256}"
+SIZE="${SIZE:-224}"
+mkdir -p "$OUT_DIR"
+export PYTHONUNBUFFERED=1
+status=0
+
+echo "== python: $($PY -c 'import sys; print(sys.version.split()[0], sys.executable)')"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "(no nvidia-smi)"
+
+# 1. Packages: everything in the wheel folder goes to /tmp/site (first on the path, so carried versions win
+# over preinstalled ones); the repository itself is used in place.
+if compgen -G "$WHEELS/*.whl" >/dev/null; then
+  echo "== installing $(ls "$WHEELS"/*.whl | wc -l) wheels from $WHEELS (no index)"
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    "$WHEELS"/*.whl || { echo "FAIL: wheel install"; exit 1; }
+  export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+else
+  echo "== no wheels in $WHEELS: using the installed packages"
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+$PY - <<'EOF' || { echo "FAIL: jax does not see a GPU"; exit 1; }
+import jax, jaxlib, flax, optax
+print(f"== jax {jax.__version__}, jaxlib {jaxlib.__version__}, flax {flax.__version__}, optax {optax.__version__}")
+print("== devices:", jax.devices())
+import os
+assert jax.default_backend() == "gpu" or os.environ.get("ALLOW_CPU") == "1", jax.default_backend()
+EOF
+
+# 2. Throughput (the CPU convolution flag does not apply: --cpu-conv default).
+TORCH_ARG=()
+[ "${COMPARE_TORCH:-0}" = "1" ] && TORCH_ARG=(--compare-torch --torch-formats channels_last)
+echo "== resnet50, bf16, batch $BATCH, ${SIZE}x${SIZE}, training"
+timeout 240 $PY benchmarks/bench.py --model resnet50 --dtype bfloat16 --batch "$BATCH" --size "$SIZE" \
+  --mode train --repeats 5 --warmup 3 --min-repeat-seconds 1 --cpu-conv default \
+  --xla-flags "${XLA_EXTRA:-}" "${TORCH_ARG[@]}" --json "$OUT_DIR/gpu_resnet50_bf16.json" \
+  || { echo "FAIL: benchmark"; status=1; }
+if [ -f "$OUT_DIR/gpu_resnet50_bf16.json" ]; then
+  $PY - "$OUT_DIR/gpu_resnet50_bf16.json" <<'EOF' || status=1
+import json, sys
+r = json.load(open(sys.argv[1]))
+ips = r["jax"]["train"]["images_per_s"]
+u = r["utilisation"]
+mfu = u.get("mfu")
+print(f"== {r['jax']['device']}: {ips:.0f} images/s training, "
+      f"MFU {100 * mfu:.1f}%" if mfu is not None else f"== {ips:.0f} images/s (peak of this GPU unknown)")
+print("== goal 3,500 images/s:", "MET" if ips >= 3500 else "NOT MET")
+sys.exit(0 if ips >= 3500 else 1)
+EOF
+fi
+
+# 3. Parity and gradient tests on the GPU at full float32 precision.
+TESTS=()
+for f in tests/test_residual.py tests/test_models.py tests/test_convert*.py tests/test_parity*.py \
+         tests/test_grad*.py; do
+  [ -f "$f" ] && TESTS+=("$f")
+done
+echo "== tests on the GPU (JAX_DEFAULT_MATMUL_PRECISION=highest): ${TESTS[*]}"
+JAX_DEFAULT_MATMUL_PRECISION=highest timeout 150 $PY -m pytest -x -q -p no:cacheprovider "${TESTS[@]}" \
+  2>&1 | tee "$OUT_DIR/gpu_tests.log" | tail -25
+[ "${PIPESTATUS[0]}" = "0" ] || { echo "FAIL: tests"; status=1; }
+
+echo "== gpu_check: $([ $status = 0 ] && echo PASS || echo FAIL)"
+exit $status
