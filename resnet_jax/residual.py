@@ -68,9 +68,9 @@ def _sigmoid_prime(z1: Array, a1: Array) -> Array:
 
 
 def _tanh_prime(z1: Array, a1: Array) -> Array:
-  """tanh'(z1) = 1 - a1^2."""
+  """tanh'(z1) = 1 - a1^2, computed as (1 - a1)(1 + a1): no cancellation where tanh saturates (|a1| ~ 1)."""
   del z1
-  return 1 - a1 * a1
+  return (1 - a1) * (1 + a1)
 
 
 def _relu_prime(z1: Array, a1: Array) -> Array:
