@@ -23,5 +23,6 @@ def get_config():
   c.schedule.unit = "epochs"
   c.schedule.warmup = 1.0
   c.log_every_steps = 10
+  c.checkpoint_every_steps = 110  # every 5 epochs of 22 steps, and at the end
   c.keep_checkpoints = 2
   return c

@@ -123,7 +123,9 @@ def create_train_state(model: Any, tx: optax.GradientTransformation, image_shape
                        key: jax.Array) -> TrainState:
   """Initialise parameters and BatchNorm statistics on a dummy batch and wrap them with ``tx``."""
   dummy = jnp.zeros((1, *image_shape), jnp.float32)
-  variables = jax.jit(lambda k: model.init(k, dummy, train=False))(key)
+  # Eager on purpose: each op is compiled once per process and shared by every later init of the
+  # same shapes, where a jit of a fresh closure would recompile the whole initialiser each time.
+  variables = model.init(key, dummy, train=False)
   params = variables["params"]
   batch_stats = variables.get("batch_stats", {})
   return TrainState.create(apply_fn=model.apply, params=params, tx=tx, batch_stats=batch_stats)
@@ -165,8 +167,9 @@ def make_train_step(num_classes: int, label_smoothing: float = 0.0, skip_nonfini
                                       batch_stats=updates.get("batch_stats", state.batch_stats))
     finite = jnp.isfinite(loss) & jnp.all(jnp.asarray(
         [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-    if skip_nonfinite:
+    if skip_nonfinite:  # Keep the old parameters and optimizer state; the step count still advances.
       new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+      new_state = new_state.replace(step=state.step + 1)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
     return new_state, {"loss": loss, "accuracy": accuracy, "finite": finite}
   return train_step
@@ -344,6 +347,13 @@ class Setup:
                                jax.random.PRNGKey(self.config.seed))
     return self.dp.replicate(state)
 
+  def abstract_state(self) -> TrainState:
+    """Shapes, dtypes and shardings of the train state, without computing it (a restore target)."""
+    shapes = jax.eval_shape(lambda k: create_train_state(self.model, self.tx, self.data.image_shape, k),
+                            jax.random.PRNGKey(0))
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.dp.replicated),
+                        shapes)
+
   def train_iterator(self):
     c = self.config
     return iter(data_lib.train_pipeline(
@@ -374,7 +384,8 @@ def _check_same_run(workdir: str, config: ml_collections.ConfigDict) -> None:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       devices: list | None = None, log: Callable[[str], None] = print) -> dict:
+                       devices: list | None = None, log: Callable[[str], None] = print,
+                       stop_at_step: int | None = None, setup: Setup | None = None) -> dict | None:
   """Train ``config`` writing into ``workdir`` (resuming from its newest checkpoint) and evaluate.
 
   Args:
@@ -382,15 +393,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     workdir: output folder (created).
     devices: the devices of the data-parallel mesh (default: all).
     log: where the one-line messages go (progress bars go to stderr).
+    stop_at_step: end this process after that step (checkpointed), as an interruption would; a
+      later call with the same ``workdir`` resumes.
+    setup: a :class:`Setup` of this same config to reuse (its compiled steps), e.g. across resumes.
 
   Returns:
-    The summary (also written to ``WORKDIR/summary.json``).
+    The summary (also written to ``WORKDIR/summary.json``), or ``None`` when stopped early.
   """
   from tqdm import tqdm
 
   validate_config(config)
-  maybe_initialize_distributed(config)
-  setup = Setup(config, devices)
+  if setup is None:
+    maybe_initialize_distributed(config)
+    setup = Setup(config, devices)
+  elif setup.config.to_dict() != config.to_dict():
+    raise ConfigError("train_and_evaluate: the given setup was built for another config")
   workdir = os.path.abspath(workdir)
   _check_same_run(workdir, config)
   os.makedirs(workdir, exist_ok=True)
@@ -398,12 +415,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if is_main:
     _write_json(os.path.join(workdir, "config.json"), config.to_dict())
 
-  state = setup.init_state()
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
   meta = {"best_test_accuracy": None, "train_time_s": 0.0, "train_images": 0, "step_time_s": 0.0}
   data_state = None
-  if ckpt.latest_step() is not None:
-    state, data_state, saved_meta = ckpt.restore(state)
+  if ckpt.latest_step() is None:
+    state = setup.init_state()
+  else:
+    state, data_state, saved_meta = ckpt.restore(setup.abstract_state())
     meta.update({k: v for k, v in saved_meta.items() if k in meta})
     log(f"resuming {workdir} from step {int(state.step)}")
   start_step = int(jax.device_get(state.step))
@@ -438,7 +456,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       pending.append((step, m))
       n_window += 1
       bar.update(1)
-      if step % config.log_every_steps == 0 or step % setup.eval_every == 0 or step == setup.total_steps:
+      # Log at every evaluation and checkpoint too, so that a resumed run logs the same windows.
+      if (step % config.log_every_steps == 0 or step % setup.eval_every == 0
+          or step % setup.checkpoint_every == 0 or step in (setup.total_steps, stop_at_step)):
         fetched = jax.device_get([mm for _, mm in pending])
         bad = [s for (s, _), mm in zip(pending, fetched) if not mm["finite"]]
         now = time.perf_counter()
@@ -469,8 +489,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                   f"train loss {records[-2]['loss'] if len(records) > 1 else float('nan'):.4f}  "
                   f"test loss {last_test['loss']:.4f}  test accuracy {last_test['accuracy']:.4f}")
       meta["train_time_s"] += time.perf_counter() - t0
-      if step % setup.checkpoint_every == 0 or step == setup.total_steps:
+      if step % setup.checkpoint_every == 0 or step == setup.total_steps or step == stop_at_step:
         save(step)
+      if step == stop_at_step:
+        break
       if n_window == 0:  # Evaluation and checkpoint time stay out of the images/s windows.
         t_window = time.perf_counter()
   finally:
@@ -484,6 +506,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory} (set config.on_nonfinite='skip' "
         f"to skip such steps)")
   end_step = int(jax.device_get(state.step))
+  if end_step < setup.total_steps and stop_at_step is not None:
+    ckpt.close()
+    return None
   if last_test is None:  # Nothing left to train (resumed a finished run): evaluate once.
     last_test = setup.evaluate(state)
     if meta["best_test_accuracy"] is None:

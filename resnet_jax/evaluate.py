@@ -1,0 +1,90 @@
+"""Re-evaluate a training run's checkpoint on its test set.
+
+  python -m resnet_jax.evaluate --workdir=runs/digits [--step=N]
+
+Reads ``WORKDIR/config.json`` (written by ``train.py``), rebuilds the model and the data, restores the
+newest (or the given) checkpoint from ``WORKDIR/checkpoints`` and prints the test loss and accuracy as
+one JSON line. Errors (no such workdir, no checkpoint, unreadable checkpoint) are one ``error:`` line
+and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import ml_collections
+
+from resnet_jax.errors import CheckpointError, ConfigError, run_cli
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run in ``workdir`` was trained with (``WORKDIR/config.json``)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise CheckpointError(f"{path} not found: --workdir must be the output folder of a train.py run")
+  try:
+    with open(path) as f:
+      raw = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise CheckpointError(f"cannot read {path}: {e}") from None
+  from resnet_jax.config_check import base_config
+  config = base_config()
+  try:
+    config.update_from_flattened_dict(_flatten(raw))
+  except (KeyError, AttributeError, TypeError) as e:
+    raise ConfigError(f"{path} does not match this version's config keys: {e}") from None
+  return config
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict) and k != "options":
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = ml_collections.ConfigDict(v) if isinstance(v, dict) else (
+          tuple(v) if isinstance(v, list) else v)
+  return out
+
+
+def evaluate_workdir(workdir: str, step: int | None = None) -> dict:
+  """Test loss and accuracy of the checkpoint of ``step`` (default: newest) of the run in ``workdir``."""
+  import jax
+  from resnet_jax import train_lib
+  from resnet_jax.checkpoint import Checkpointer
+
+  config = load_run_config(workdir)
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(ckpt_dir):
+    raise CheckpointError(f"no checkpoints folder in {workdir}")
+  setup = train_lib.Setup(config)
+  ckpt = Checkpointer(ckpt_dir, keep=config.keep_checkpoints)
+  try:
+    state, _, _ = ckpt.restore(setup.abstract_state(), step)
+  finally:
+    ckpt.close()
+  result = setup.evaluate(state)
+  return {"workdir": os.path.abspath(workdir), "step": int(jax.device_get(state.step)),
+          "model": config.model.name, "dataset": config.dataset.name,
+          "test_loss": result["loss"], "test_accuracy": result["accuracy"], "examples": result["count"]}
+
+
+def main(argv: list[str]) -> int:
+  parser = argparse.ArgumentParser(prog="python -m resnet_jax.evaluate", description=__doc__.split("\n")[0])
+  parser.add_argument("--workdir", required=True, help="output folder of a train.py run")
+  parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+  try:
+    args = parser.parse_args(argv)
+  except SystemExit as e:
+    if e.code:
+      raise ConfigError("usage: python -m resnet_jax.evaluate --workdir=DIR [--step=N]") from None
+    raise
+  print(json.dumps(evaluate_workdir(args.workdir, args.step)))
+  return 0
+
+
+if __name__ == "__main__":
+  run_cli(main, sys.argv[1:])
