@@ -62,10 +62,10 @@ def autodiff_stack(params, x, y, res, activation):
   return g_params, g_x, g_inputs
 
 
-# (batch, dim, hidden): edge sizes (all ones, batch 1, hidden 1, dim 1) and ordinary ones. Hypothesis picks
+# (batch, dim, hidden): the edge sizes (all ones; hidden 1 under a wider dim) and an ordinary one. Hypothesis picks
 # among these few shapes because every new shape costs one XLA compile per primitive (seconds on 2
 # cores); values, seeds, scales, depths and activations vary freely.
-SHAPES = [(1, 1, 1), (2, 3, 4), (5, 4, 2), (1, 2, 1), (3, 1, 3)]
+SHAPES = [(1, 1, 1), (2, 3, 4), (4, 2, 1)]
 
 
 @st.composite
@@ -187,9 +187,9 @@ def test_input_grad_parts(case, activation):
 
 def test_shortcut_part_is_y_hat_minus_y_for_one_example():
   with jax.enable_x64(True):
-    p = residual.init_params(jax.random.PRNGKey(3), 4, 5, jnp.float64)
-    x = jnp.arange(4.0)[None, :] / 4
-    y = jnp.ones((1, 4))
+    p = residual.init_params(jax.random.PRNGKey(3), 1, 1, jnp.float64)
+    x = jnp.array([[0.5]])
+    y = jnp.array([[-1.0]])
     _, shortcut = residual.input_grad_parts(p, x, y, "tanh")
     np.testing.assert_array_equal(shortcut, residual.forward(p, x, "tanh") - y)
 
@@ -339,9 +339,9 @@ def test_residual_unit_module_matches_functions(res):
 def test_residual_mlp_is_embed_stack_head():
   model = residual.ResidualMLP(depth=3, dim=5, hidden=7, num_classes=4, activation="relu")
   images = jax.random.uniform(jax.random.PRNGKey(1), (2, 8, 8, 1))
-  variables = model.init(jax.random.PRNGKey(0), images, train=False)
+  variables = jax.jit(lambda k, x: model.init(k, x, train=False))(jax.random.PRNGKey(0), images)
   params = variables["params"]
-  logits = model.apply({"params": params}, images, train=True)
+  logits = jax.jit(lambda p, x: model.apply({"params": p}, x, train=True))(params, images)
   chex.assert_shape(logits, (2, 4))
   flat = images.reshape(2, -1)
   h = flat @ params["embed"]["kernel"] + params["embed"]["bias"]
@@ -356,14 +356,14 @@ def test_residual_mlp_hand_derived_grad_equals_autodiff(res):
   labels = jnp.array([0, 2, 1])
   kw = dict(depth=4, dim=5, hidden=6, num_classes=3, activation="sigmoid", residual=res)
   auto, hand = residual.ResidualMLP(**kw), residual.ResidualMLP(**kw, hand_derived_grad=True)
-  variables = auto.init(jax.random.PRNGKey(0), images)
+  variables = jax.jit(auto.init)(jax.random.PRNGKey(0), images)
 
   def loss(model, variables):
     logits = model.apply(variables, images)
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
-  g_auto = jax.grad(lambda v: loss(auto, v))(variables)
-  g_hand = jax.grad(lambda v: loss(hand, v))(variables)
+  g_auto = jax.jit(jax.grad(lambda v: loss(auto, v)))(variables)
+  g_hand = jax.jit(jax.grad(lambda v: loss(hand, v)))(variables)
   chex.assert_trees_all_close(g_hand, g_auto, rtol=1e-5, atol=1e-7)
   # The unit-input gradients (perturbations) equal the hand-derived stack backward pass started from
   # dL/dx_L = dL/dlogits head_kernel^T: with y = x_L - batch * dL/dx_L, stack_loss has that dL/dx_L.
@@ -374,7 +374,7 @@ def test_residual_mlp_hand_derived_grad_equals_autodiff(res):
   logits = x_L @ p["head"]["kernel"] + p["head"]["bias"]
   g_logits = jax.grad(lambda z: optax.softmax_cross_entropy_with_integer_labels(z, labels).mean())(logits)
   y = x_L - 3 * (g_logits @ p["head"]["kernel"].T)
-  manual = residual.manual_stack_grads(units, x0, y, res, "sigmoid")
+  manual = jax.jit(residual.manual_stack_grads, static_argnums=(3, 4))(units, x0, y, res, "sigmoid")
   for l in range(4):
     chex.assert_trees_all_close(manual["inputs"][l], g_auto["perturbations"][f"block{l:02d}"],
                                 rtol=1e-4, atol=1e-7)
