@@ -139,7 +139,8 @@ SCHEMA: dict[str, Any] = {
         "data_dir": _type(str, "a string (a folder path)"),
         "image_size": _pos_int,
         "num_classes": _pos_int_or_auto,
-        "test_fraction": _num(0.0, 1.0, lo_open=True),
+        "test_fraction": lambda v: _num(0.0, 1.0, lo_open=True)(v) or (
+            "< 1" if v >= 1.0 else None),
         "augment": _choice(AUGMENTATIONS),
         "crop_padding": _num(0, integer=True),
         "mean": _floats,
