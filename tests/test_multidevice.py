@@ -1,0 +1,68 @@
+"""Data parallelism over 4 CPU devices (a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=4).
+
+The same config trained on 1 device and on 4 devices, same global batch, must give the same loss
+trajectory and final parameters to float tolerance: BatchNorm statistics and gradients are over the
+global batch, not per device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CHILD = textwrap.dedent("""
+    import json, os, sys
+    import jax
+    import numpy as np
+    sys.path.insert(0, os.path.join({root!r}, "tests"))
+    from test_train import tiny_config
+    from resnet_jax import train_lib
+    from resnet_jax.checkpoint import Checkpointer
+
+    assert jax.device_count() == 4, jax.devices()
+    config = tiny_config("resnet20", num_train_steps=6, log_every_steps=1, eval_every_steps=3,
+                         checkpoint_every_steps=6)
+    out = {{}}
+    for n in (1, 4):
+      workdir = os.path.join({tmp!r}, f"dev{{n}}")
+      setup = train_lib.Setup(config, devices=jax.devices()[:n])
+      batch = setup.dp.put_batch(next(setup.train_iterator()))
+      shards = len(batch["image"].addressable_shards)
+      summary = train_lib.train_and_evaluate(config, workdir, log=lambda *_: None, setup=setup)
+      state, _, _ = Checkpointer(os.path.join(workdir, "checkpoints")).restore(setup.abstract_state())
+      out[n] = {{
+          "shards": shards,
+          "devices": summary["devices"],
+          "train_loss": [r["loss"] for r in train_lib.read_metrics(workdir) if r["split"] == "train"],
+          "test": [r["accuracy"] for r in train_lib.read_metrics(workdir) if r["split"] == "test"],
+          "params": [np.asarray(p).ravel().tolist() for p in jax.tree.leaves(state.params)],
+          "batch_stats": [np.asarray(p).ravel().tolist() for p in jax.tree.leaves(state.batch_stats)],
+      }}
+    print("RESULT " + json.dumps(out))
+""")
+
+
+@pytest.mark.slow
+def test_four_devices_match_one_device(tmp_path):
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, "-c", CHILD.format(root=ROOT, tmp=str(tmp_path))],
+                        capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
+  out = json.loads(line[len("RESULT "):])
+  one, four = out["1"], out["4"]
+  assert (one["shards"], four["shards"]) == (1, 4)
+  assert (one["devices"], four["devices"]) == (1, 4)
+  assert len(one["train_loss"]) == 6
+  np.testing.assert_allclose(four["train_loss"], one["train_loss"], rtol=2e-5, atol=1e-6)
+  assert four["test"] == one["test"]
+  for a, b in zip(four["params"] + four["batch_stats"], one["params"] + one["batch_stats"]):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5)
