@@ -560,9 +560,14 @@ def format_tables(results: dict[str, Any]) -> str:
       p, q = by[(depth, "plain")], by[(depth, "residual")]
       lines.append(f"{depth:>5} {100 * p['train_error']:>11.1f} {100 * p['test_error']:>10.1f} "
                    f"{100 * q['train_error']:>11.1f} {100 * q['test_error']:>10.1f} "
-                   f"{p['log10_embed_grad_at_init']:>30.2f} {q['log10_embed_grad_at_init']:>6.2f}")
+                   f"{_fmt_log(p['log10_embed_grad_at_init']):>30} {_fmt_log(q['log10_embed_grad_at_init']):>6}")
     lines.append("")
   return "\n".join(lines)
+
+
+def _fmt_log(log10_value: float) -> str:
+  """A log10 value with two decimals; ``0`` (a gradient that underflowed to exactly zero) as ``-inf``."""
+  return f"{log10_value:.2f}" if math.isfinite(log10_value) else str(log10_value)
 
 
 def _fmt_ratio(log10_value: float) -> str:
@@ -619,7 +624,8 @@ def plot_degradation(results: dict[str, Any], path: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   cfg = results["config"]
-  fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+  axes[1].sharey(axes[0])
   for ax, key in zip(axes, ("train_error", "test_error")):
     for net, style in (("plain", "o--"), ("residual", "s-")):
       rs = sorted((r for r in results["train"] if r["net"] == net), key=lambda r: r["depth"])
@@ -630,6 +636,20 @@ def plot_degradation(results: dict[str, Any], path: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
   axes[0].set_ylabel("error (%)")
+  ax = axes[2]
+  for net, style in (("plain", "o--"), ("residual", "s-")):
+    rs = sorted((r for r in results["train"] if r["net"] == net), key=lambda r: r["depth"])
+    v = [r["log10_embed_grad_at_init"] for r in rs]
+    ax.plot([r["depth"] for r in rs], [x if math.isfinite(x) else np.nan for x in v], style, label=net)
+    for r, x in zip(rs, v):
+      if not math.isfinite(x):
+        ax.annotate("0 (underflow)", (r["depth"], ax.get_ylim()[0]), fontsize=8, ha="center")
+  ax.set_xscale("log", base=2)
+  ax.set_xlabel("depth (residual units)")
+  ax.set_ylabel("log10 ||dL/d embed||")
+  ax.set_title("gradient at the input layer, first batch, before training")
+  ax.grid(alpha=0.3)
+  ax.legend()
   fig.suptitle(f"Digits, {cfg['train_steps']} SGD steps each ({cfg['train_activation']}, "
                f"width {cfg['train_width']}, lr {cfg['train_lr']})")
   fig.tight_layout()
@@ -669,18 +689,27 @@ def run(cfg: GradflowConfig, log=None) -> dict[str, Any]:
   results["seconds"] = time.perf_counter() - t_start
   os.makedirs(cfg.out, exist_ok=True)
   with open(os.path.join(cfg.out, "results.json"), "w") as f:
-    json.dump(results, f, indent=1, default=_json_default)
+    json.dump(_json_safe(results), f, indent=1, allow_nan=False)
   plot_grad_norms(results, os.path.join(cfg.out, "grad_norms.png"))
   if results["train"]:
     plot_degradation(results, os.path.join(cfg.out, "degradation.png"))
   return results
 
 
-def _json_default(value):
-  """JSON for numpy scalars; infinities are written as strings by json itself (allow_nan)."""
+def _json_safe(value):
+  """A copy of ``value`` that strict JSON accepts: numpy scalars as numbers, non-finite floats as ``null``.
+
+  A ``null`` log10 norm means the gradient was exactly zero (underflowed) or not finite.
+  """
+  if isinstance(value, dict):
+    return {k: _json_safe(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_json_safe(v) for v in value]
   if isinstance(value, (np.floating, np.integer)):
-    return value.item()
-  raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+    value = value.item()
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
