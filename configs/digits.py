@@ -14,7 +14,7 @@ def get_config():
   c.model.name = "resnet20"
   c.batch_size = 64
   c.eval_batch_size = 360
-  c.num_epochs = 15.0
+  c.num_epochs = 20.0
   c.optimizer.name = "sgd"
   c.optimizer.learning_rate = 0.1
   c.optimizer.momentum = 0.9
