@@ -354,11 +354,19 @@ def measure_mlp(depth: int, width: int, hidden: int, activation: str, batch: int
                 check: bool = True) -> list[dict[str, Any]]:
   """Gradient flow through a plain stack of ``depth`` units and its residual twin (same weights).
 
-  Runs in float64 (the caller enables x64). Data: ``x, y ~ N(0, 1)`` of shape ``(batch, width)``.
+  Runs in float64 (x64 is enabled inside). Data: ``x, y ~ N(0, 1)`` of shape ``(batch, width)``.
   Returns two records (plain, residual) with the measured log10 gradient norms per unit, the measured
   per-unit factor ``(||dL/dx_0|| / ||dL/dy_hat||)^(1/L)``, the predicted factors, the spectral norm of
   the Jacobian product for one example, and the agreement of the hand-derived gradients with jax.grad.
   """
+  import jax
+  with jax.enable_x64(True):
+    return _measure_mlp(depth, width, hidden, activation, batch, seed, check)
+
+
+def _measure_mlp(depth: int, width: int, hidden: int, activation: str, batch: int, seed: int,
+                 check: bool) -> list[dict[str, Any]]:
+  """:func:`measure_mlp` under x64."""
   import jax
   import jax.numpy as jnp
   from resnet_jax import residual as res
@@ -671,10 +679,9 @@ def run(cfg: GradflowConfig, log=None) -> dict[str, Any]:
       "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "jax": jax.__version__,
                   "backend": jax.default_backend()},
       "mlp": [], "conv": [], "train": []}
-  with jax.enable_x64(True):
-    for depth in cfg.depths:
-      log(f"gradflow: MLP stacks, depth {depth}")
-      results["mlp"] += measure_mlp(depth, cfg.width, cfg.hidden, cfg.activation, cfg.batch, cfg.seed)
+  for depth in cfg.depths:
+    log(f"gradflow: MLP stacks, depth {depth}")
+    results["mlp"] += measure_mlp(depth, cfg.width, cfg.hidden, cfg.activation, cfg.batch, cfg.seed)
   if not cfg.skip_conv:
     for depth in cfg.conv_depths:
       log(f"gradflow: conv nets plain{depth} / resnet{depth}")
