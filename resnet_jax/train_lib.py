@@ -425,6 +425,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     meta.update({k: v for k, v in saved_meta.items() if k in meta})
     log(f"resuming {workdir} from step {int(state.step)}")
   start_step = int(jax.device_get(state.step))
+  if is_main and start_step == 0:
+    log(f"training {config.model.name} on {config.dataset.name} ({setup.data.num_train} images, "
+        f"{setup.total_steps} steps of {config.batch_size} on {len(setup.dp.devices)} "
+        f"{setup.dp.devices[0].platform} device(s)), writing to {workdir}")
   records = _rewrite_metrics(workdir, start_step) if is_main else []
 
   train_iter = setup.train_iterator()

@@ -189,3 +189,22 @@ def test_cli_unknown_model_lists_close_names(tmp_path):
   proc, workdir = run_train(["--config.model.name=resnet21"], tmp_path)
   assert_one_line_error(proc, "resnet21", "resnet20")
   assert not workdir.exists()
+
+
+def test_cli_trains_prints_outputs_and_evaluates(tmp_path):
+  args = [f"--config={ROOT}/configs/residual_mlp.py", "--config.num_train_steps=3",
+          "--config.model.options.depth=1", "--config.dataset.max_train_examples=32",
+          "--config.batch_size=8", "--config.progress_bar=False", "--config.eval_every_steps=3"]
+  proc, workdir = run_train(args, tmp_path)
+  assert proc.returncode == 0, proc.stderr
+  assert f"outputs in {workdir}" in proc.stdout
+  for name in ("summary.json", "metrics.jsonl", "curves.png", "config.json"):
+    assert (workdir / name).exists()
+  proc = subprocess.run([sys.executable, "-m", "resnet_jax.evaluate", f"--workdir={workdir}"],
+                        capture_output=True, text=True, cwd=ROOT, timeout=300)
+  assert proc.returncode == 0, proc.stderr
+  with open(workdir / "summary.json") as f:
+    import json
+    summary = json.load(f)
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert result["step"] == 3 and result["test_accuracy"] == summary["test_accuracy"]
