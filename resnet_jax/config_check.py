@@ -14,10 +14,9 @@ from typing import Any, Callable
 
 import ml_collections
 
+from resnet_jax.data import AUGMENTATIONS, DATASETS
 from resnet_jax.errors import ConfigError
 
-DATASETS = ("digits", "cifar10", "cifar100", "image_folder")
-AUGMENTATIONS = ("none", "pad_crop", "pad_crop_flip", "random_resized_crop_flip")
 OPTIMIZERS = ("sgd", "nesterov", "adamw", "lars")
 SCHEDULES = ("constant", "step", "cosine")
 UNITS = ("steps", "epochs")

@@ -40,7 +40,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 

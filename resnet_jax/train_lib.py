@@ -450,7 +450,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
              desc=f"{config.model.name} on {config.dataset.name}", unit="step", dynamic_ncols=True)
   pending: list[tuple[int, dict]] = []
   last_test: dict | None = None
-  t_run = time.perf_counter()
   t_window, n_window = time.perf_counter(), 0
   stopped_nonfinite = None
   try:
@@ -505,10 +504,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       metrics_file.close()
   if stopped_nonfinite is not None:
     ckpt.close()
+    last = ckpt.latest_step()
+    kept = (f"the last good checkpoint is step {last} in {ckpt.directory}" if last is not None
+            else "no checkpoint was written yet")
     raise TrainingDivergedError(
-        f"non-finite loss or gradient at step {stopped_nonfinite}: training stopped; the last good "
-        f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory} (set config.on_nonfinite='skip' "
-        f"to skip such steps)")
+        f"non-finite loss or gradient at step {stopped_nonfinite}: training stopped; {kept} "
+        f"(set config.on_nonfinite='skip' to skip such steps)")
   end_step = int(jax.device_get(state.step))
   if end_step < setup.total_steps and stop_at_step is not None:
     ckpt.close()
