@@ -199,8 +199,9 @@ def _cifar(depth: int) -> dict:
 
 for _d in IMAGENET_STAGES:
   _kind = "basic" if _d < 50 else "bottleneck"
-  _register(f"resnet{_d}", ResNet, _imagenet(_d), CONV_OPTIONS,
-            f"ResNet-{_d} v1.5 ({_kind} blocks), torchvision layout")
+  _what = "basic blocks" if _d < 50 else "bottleneck v1.5, stride on the 3x3"
+  _where = "torchvision's" if _d != 200 else "torchvision layout (not in torchvision)"
+  _register(f"resnet{_d}", ResNet, _imagenet(_d), CONV_OPTIONS, f"ResNet-{_d} ({_what}), {_where}")
   if _d != 200:
     _register(f"preact_resnet{_d}", ResNet, dict(_imagenet(_d), block_order="v2"), CONV_OPTIONS,
               f"pre-activation ResNet-{_d} (v2, {_kind} blocks)")
