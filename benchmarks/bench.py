@@ -383,21 +383,26 @@ def bench_torch(args: argparse.Namespace, threads: int) -> dict:
 # ----------------------------------------------------------------------------------------------- main
 
 def table(args: argparse.Namespace, res: dict) -> str:
-  rows = [("", "train img/s", "infer img/s")]
+  """Images/s (wall clock) and CPU seconds per training step, jax and torch, with the ratios."""
+  rows = [("", "train img/s", "infer img/s", "train CPU s/step")]
 
   def cell(d: dict, k: str) -> str:
     return f"{d[k]['images_per_s']:.1f}" if k in d else "-"
 
-  rows.append((f"jax ({args.dtype})", cell(res["jax"], "train"), cell(res["jax"], "infer")))
+  def cpu(d: dict) -> str:
+    return f"{d['train']['cpu_seconds_per_step']:.3f}" if "train" in d else "-"
+
+  rows.append((f"jax ({args.dtype})", cell(res["jax"], "train"), cell(res["jax"], "infer"), cpu(res["jax"])))
   torch_res = res.get("torch") or {}
   for fmt in ("channels_last", "contiguous"):
     if fmt in torch_res:
-      rows.append((f"torch {fmt}", cell(torch_res[fmt], "train"), cell(torch_res[fmt], "infer")))
+      t = torch_res[fmt]
+      rows.append((f"torch {fmt}", cell(t, "train"), cell(t, "infer"), cpu(t)))
   for key, ratio in res.get("ratios", {}).items():
-    rows.append((f"ratio jax/torch {key}", f"{ratio.get('train', float('nan')):.2f}",
-                 f"{ratio.get('infer', float('nan')):.2f}"))
+    rows.append((f"ratio jax/torch {key}", f"{ratio['train']:.2f}" if "train" in ratio else "-",
+                 f"{ratio['infer']:.2f}" if "infer" in ratio else "-", ""))
   w0 = max(len(r[0]) for r in rows)
-  return "\n".join(f"{r[0]:<{w0}}  {r[1]:>12}  {r[2]:>12}" for r in rows)
+  return "\n".join(f"{r[0]:<{w0}}  {r[1]:>12}  {r[2]:>12}  {r[3]:>16}" for r in rows)
 
 
 def main(argv: list[str] | None = None) -> int:
