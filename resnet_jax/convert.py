@@ -204,7 +204,8 @@ def to_torchvision(variables: Mapping[str, Any], name: str) -> dict[str, np.ndar
              (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if keys]
     raise CheckpointError(f"variables do not fit {name!r}: {'; '.join(parts)}")
   for (collection, path), (key, _) in expected.items():
-    out[key] = np.ascontiguousarray(_to_torch_layout(np.asarray(flat[collection][path]), path[-1]))
+    # a writable, contiguous copy (torch.from_numpy warns on the read-only views of jax arrays)
+    out[key] = np.array(_to_torch_layout(np.asarray(flat[collection][path]), path[-1]), order="C", copy=True)
     if collection == "batch_stats" and path[-1] == "mean":
       out[key.rsplit(".", 1)[0] + ".num_batches_tracked"] = np.array(0, dtype=np.int64)
   return out
