@@ -48,7 +48,7 @@ EOF
 TORCH_ARG=()
 [ "${COMPARE_TORCH:-0}" = "1" ] && TORCH_ARG=(--compare-torch --torch-formats channels_last)
 echo "== resnet50, bf16, batch $BATCH, ${SIZE}x${SIZE}, training"
-timeout 240 $PY benchmarks/bench.py --model resnet50 --dtype bfloat16 --batch "$BATCH" --size "$SIZE" \
+timeout 170 $PY benchmarks/bench.py --model resnet50 --dtype bfloat16 --batch "$BATCH" --size "$SIZE" \
   --mode train --repeats 5 --warmup 3 --min-repeat-seconds 1 --cpu-conv default \
   --xla-flags "${XLA_EXTRA:-}" "${TORCH_ARG[@]}" --json "$OUT_DIR/gpu_resnet50_bf16.json" \
   || { echo "FAIL: benchmark"; status=1; }
@@ -68,12 +68,12 @@ fi
 
 # 3. Parity and gradient tests on the GPU at full float32 precision.
 TESTS=()
-for f in tests/test_residual.py tests/test_models.py tests/test_convert*.py tests/test_parity*.py \
-         tests/test_grad*.py; do
+for f in tests/test_residual.py tests/test_blocks*.py tests/test_models.py tests/test_convert*.py \
+         tests/test_parity*.py tests/test_gradcheck*.py; do
   [ -f "$f" ] && TESTS+=("$f")
 done
 echo "== tests on the GPU (JAX_DEFAULT_MATMUL_PRECISION=highest): ${TESTS[*]}"
-JAX_DEFAULT_MATMUL_PRECISION=highest timeout 150 $PY -m pytest -x -q -p no:cacheprovider "${TESTS[@]}" \
+JAX_DEFAULT_MATMUL_PRECISION=highest timeout 120 $PY -m pytest -x -q -p no:cacheprovider "${TESTS[@]}" \
   2>&1 | tee "$OUT_DIR/gpu_tests.log" | tail -25
 [ "${PIPESTATUS[0]}" = "0" ] || { echo "FAIL: tests"; status=1; }
 
