@@ -487,6 +487,9 @@ def train_pipeline(ds: Dataset, global_batch: int, seed: int, process_index: int
   iter_ds = pipeline.to_iter_dataset(grain.ReadOptions(num_threads=max(1, num_threads),
                                                        prefetch_buffer_size=max(2, 2 * num_threads)))
   if num_workers > 0:
+    from absl import flags
+    if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags (their defaults here).
+      flags.FLAGS.mark_as_parsed()
     iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   return iter_ds
 

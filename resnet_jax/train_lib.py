@@ -500,6 +500,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         t_window = time.perf_counter()
   finally:
     bar.close()
+    if hasattr(train_iter, "close"):  # Stops grain's threads and worker processes.
+      train_iter.close()
     if metrics_file is not None:
       metrics_file.close()
   if stopped_nonfinite is not None:

@@ -3,6 +3,7 @@ grain pipelines (determinism, checkpointable state, per-process slices) and the 
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 
@@ -280,6 +281,18 @@ def test_train_pipeline_state_resumes_exactly(digits_ds):
   it2.set_state(state)
   for u, v in zip(rest, _take(it2, 4)):
     np.testing.assert_array_equal(u["image"], v["image"])
+
+
+def test_train_pipeline_with_worker_processes_gives_the_same_batches(digits_ds):
+  workers = iter(data.train_pipeline(digits_ds, 8, seed=2, num_workers=2))
+  try:
+    got = _take(workers, 4)
+    state = workers.get_state()
+  finally:
+    workers.close()
+  for u, v in zip(got, _take(iter(data.train_pipeline(digits_ds, 8, seed=2)), 4)):
+    np.testing.assert_array_equal(u["image"], v["image"])
+  assert json.loads(json.dumps(state)) == state  # Saved as JSON in checkpoints.
 
 
 def test_train_pipeline_process_slices_make_the_global_batch(digits_ds):

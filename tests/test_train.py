@@ -136,6 +136,7 @@ def test_cross_entropy_with_label_smoothing(smoothing, seed):
   np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_parameters():
   c = tiny_config("resnet20", **{"model.dtype": "bfloat16"})
   model = train_lib.build_model(c, 10)
