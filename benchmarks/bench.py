@@ -13,7 +13,9 @@ Measures, on synthetic data (random images and labels, generated once):
   GPU with a known peak, the model FLOP utilisation (training FLOPs taken as 3 x forward FLOPs).
 
 Each figure is the median over ``--repeats`` timed repeats after ``--warmup`` untimed steps; a repeat runs as
-many steps as fill ``--min-repeat-seconds`` (at least one). ``--compare-torch`` measures the same architecture
+many steps as fill ``--min-repeat-seconds`` (at least one). The repeats of all measured steps (jax and torch,
+training and inference) are interleaved, round by round, so that each sees the same load on a shared machine.
+``--compare-torch`` measures the same architecture
 in PyTorch (torchvision, or ``benchmarks/torch_models.py`` for the CIFAR nets) in the same process, with the
 same batch, the same thread count as XLA, in ``channels_last`` and contiguous NCHW memory formats, and prints
 the ratio jax / torch.
@@ -155,35 +157,52 @@ def peak_rss_mb() -> float:
   return r / 1024.0 if sys.platform != "darwin" else r / 2 ** 20
 
 
-def timed_repeats(run: Callable[[], Any], sync: Callable[[Any], Any], warmup: int, repeats: int,
-                  min_seconds: float) -> dict:
-  """Run ``warmup`` untimed steps, then ``repeats`` timed repeats of n steps; seconds per step (median).
+class Schedule:
+  """Timed repeats of several steps (jax and torch, training and inference), interleaved.
 
-  Also reports the process CPU seconds per step (all threads): on a machine shared with other work the wall
-  time depends on the load, while the CPU time stays close to the work done (it includes spin-waiting).
+  ``add`` runs a step's warm-up at once (``warmup`` untimed calls, at least one) and fixes how many calls n
+  make one repeat (enough to last ``min_seconds``). ``run`` then times ``repeats`` rounds; each round times one
+  repeat of every step in turn, so that all of them see the same machine load, which matters on a shared
+  machine. Each step's ``dest`` dict receives the median seconds per call and images/s, the per-repeat
+  seconds, and the median process CPU seconds per call (all threads: on a loaded machine it depends less on
+  the load than the wall time does; it includes spin-waiting).
   """
-  t_last = None
-  for _ in range(max(warmup, 1)):
-    t0 = time.perf_counter()
-    sync(run())
-    t_last = time.perf_counter() - t0
-  n = max(1, min(1000, math.ceil(min_seconds / max(t_last, 1e-6))))
-  per_step, cpu_per_step = [], []
-  for _ in range(repeats):
-    t0, c0 = time.perf_counter(), time.process_time()
-    out = None
-    for _ in range(n):
-      out = run()
-    sync(out)
-    per_step.append((time.perf_counter() - t0) / n)
-    cpu_per_step.append((time.process_time() - c0) / n)
-  return {"seconds_per_step": statistics.median(per_step), "steps_per_repeat": n,
-          "all_seconds_per_step": per_step, "cpu_seconds_per_step": statistics.median(cpu_per_step)}
+
+  def __init__(self, batch: int, warmup: int, min_seconds: float):
+    self.batch, self.warmup, self.min_seconds = batch, warmup, min_seconds
+    self.items: list[tuple[Callable[[], Any], Callable[[Any], Any], int, dict]] = []
+
+  def add(self, run: Callable[[], Any], sync: Callable[[Any], Any], dest: dict) -> None:
+    t_last = 0.0
+    for _ in range(max(self.warmup, 1)):
+      t0 = time.perf_counter()
+      sync(run())
+      t_last = time.perf_counter() - t0
+    n = max(1, min(1000, math.ceil(self.min_seconds / max(t_last, 1e-6))))
+    self.items.append((run, sync, n, dest))
+
+  def run(self, repeats: int) -> None:
+    walls: list[list[float]] = [[] for _ in self.items]
+    cpus: list[list[float]] = [[] for _ in self.items]
+    for _ in range(repeats):
+      for i, (run, sync, n, _) in enumerate(self.items):
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = None
+        for _ in range(n):
+          out = run()
+        sync(out)
+        walls[i].append((time.perf_counter() - t0) / n)
+        cpus[i].append((time.process_time() - c0) / n)
+    for (_, _, n, dest), w, c in zip(self.items, walls, cpus):
+      sec = statistics.median(w)
+      dest.update(images_per_s=self.batch / sec, seconds_per_step=sec, steps_per_repeat=n,
+                  all_seconds_per_step=w, cpu_seconds_per_step=statistics.median(c))
 
 
 # ------------------------------------------------------------------------------------------------ JAX
 
-def bench_jax(args: argparse.Namespace) -> dict:
+def bench_jax(args: argparse.Namespace, schedule: Schedule) -> dict:
+  """Compile and warm up the jax steps, adding them to ``schedule``; the returned dict is filled by it."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -227,10 +246,9 @@ def bench_jax(args: argparse.Namespace) -> dict:
   out["forward_flops_per_image"] = fwd_flops / args.batch if fwd_flops else None
 
   if args.mode in ("infer", "both"):
-    r = timed_repeats(lambda: infer_compiled(variables, x), sync, args.warmup, args.repeats,
-                      args.min_repeat_seconds)
-    out["infer"] = {"images_per_s": args.batch / r["seconds_per_step"], "lower_s": t1 - t0,
-                    "compile_s": t2 - t1, **r, "peak_rss_mb": peak_rss_mb()}
+    out["infer"] = {"lower_s": t1 - t0, "compile_s": t2 - t1}
+    schedule.add(lambda: infer_compiled(variables, x), sync, out["infer"])
+    out["infer"]["peak_rss_mb"] = peak_rss_mb()
 
   if args.mode in ("train", "both"):
     tx = optax.sgd(learning_rate=0.1, momentum=0.9)
@@ -255,7 +273,8 @@ def bench_jax(args: argparse.Namespace) -> dict:
 
     step = jax.jit(train_step, donate_argnums=(0,))
     params = variables["params"]
-    state = (params, variables.get("batch_stats", {}), tx.init(params))
+    # Own copies: the step donates its state, while the inference step keeps using ``variables``.
+    state = jax.tree.map(lambda a: jnp.array(a, copy=True), (params, variables.get("batch_stats", {}), tx.init(params)))
     t0 = time.perf_counter()
     lowered = step.lower(state, x, y)
     t1 = time.perf_counter()
@@ -273,11 +292,10 @@ def bench_jax(args: argparse.Namespace) -> dict:
     first_step_s = time.perf_counter() - t3
     if not math.isfinite(first_loss):
       raise ConfigError(f"training loss of {args.model} is {first_loss} on the first step")
-    r = timed_repeats(run, sync, args.warmup, args.repeats, args.min_repeat_seconds)
-    out["train"] = {"images_per_s": args.batch / r["seconds_per_step"], "lower_s": t1 - t0,
-                    "compile_s": t2 - t1, "first_step_s": t1 - t0 + t2 - t1 + first_step_s,
-                    "hlo_flops_per_image": train_flops / args.batch if train_flops else None,
-                    **r, "peak_rss_mb": peak_rss_mb()}
+    out["train"] = {"lower_s": t1 - t0, "compile_s": t2 - t1, "first_step_s": t1 - t0 + t2 - t1 + first_step_s,
+                    "hlo_flops_per_image": train_flops / args.batch if train_flops else None}
+    schedule.add(run, sync, out["train"])
+    out["train"]["peak_rss_mb"] = peak_rss_mb()
 
   if dev.platform == "gpu":
     try:
@@ -324,7 +342,8 @@ def import_torch():
   return torch
 
 
-def bench_torch(args: argparse.Namespace, threads: int) -> dict:
+def bench_torch(args: argparse.Namespace, threads: int, schedule: Schedule) -> dict:
+  """Build and warm up the torch steps, adding them to ``schedule``; the returned dict is filled by it."""
   torch = import_torch()
   import torch_models
 
@@ -351,30 +370,28 @@ def bench_torch(args: argparse.Namespace, threads: int) -> dict:
     y = torch.randint(0, args.num_classes, (args.batch,), device=device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     loss_fn = torch.nn.CrossEntropyLoss()
-    autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16)
     r: dict = {}
     if args.mode in ("train", "both"):
-      model.train()
-
-      def train_step():
+      def train_step(model=model, opt=opt, x=x, y=y):
+        model.train()
         opt.zero_grad(set_to_none=True)
-        with autocast:
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
           loss = loss_fn(model(x), y)
         loss.backward()
         opt.step()
         return loss
 
-      t = timed_repeats(train_step, sync, args.warmup, args.repeats, args.min_repeat_seconds)
-      r["train"] = {"images_per_s": args.batch / t["seconds_per_step"], **t}
+      r["train"] = {}
+      schedule.add(train_step, sync, r["train"])
     if args.mode in ("infer", "both"):
-      model.eval()
-
-      def infer_step():
-        with torch.inference_mode(), autocast:
+      def infer_step(model=model, x=x):
+        model.eval()
+        with torch.inference_mode(), \
+             torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
           return model(x)
 
-      t = timed_repeats(infer_step, sync, args.warmup, args.repeats, args.min_repeat_seconds)
-      r["infer"] = {"images_per_s": args.batch / t["seconds_per_step"], **t}
+      r["infer"] = {}
+      schedule.add(infer_step, sync, r["infer"])
     results[fmt] = r
   results["peak_rss_mb"] = peak_rss_mb()
   return results
@@ -429,10 +446,13 @@ def main(argv: list[str] | None = None) -> int:
   print(f"{args.model}: batch {args.batch}, {args.size}x{args.size}, {args.dtype}, {args.num_classes} classes, "
         f"{jax.default_backend()} ({res['machine']['cpu']}, {res['machine']['cpus_usable']} CPUs), "
         f"XLA_FLAGS={xla_flags!r}", flush=True)
-  res["jax"] = bench_jax(args)
+  schedule = Schedule(args.batch, args.warmup, args.min_repeat_seconds)
+  res["jax"] = bench_jax(args, schedule)
+  if args.compare_torch:
+    res["torch"] = bench_torch(args, threads, schedule)
+  schedule.run(args.repeats)
   res["utilisation"] = utilisation(args, res["jax"])
   if args.compare_torch:
-    res["torch"] = bench_torch(args, threads)
     res["ratios"] = {}
     for fmt in ("channels_last", "contiguous"):
       tr = res["torch"].get(fmt)
