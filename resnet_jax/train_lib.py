@@ -418,12 +418,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
   meta = {"best_test_accuracy": None, "train_time_s": 0.0, "train_images": 0, "step_time_s": 0.0}
   data_state = None
-  if ckpt.latest_step() is None:
+  restore_step = config.restore_step if config.restore_step >= 0 else None
+  if ckpt.latest_step() is None and restore_step is None:
     state = setup.init_state()
   else:
-    state, data_state, saved_meta = ckpt.restore(setup.abstract_state())
+    state, data_state, saved_meta = ckpt.restore(setup.abstract_state(), restore_step)
     meta.update({k: v for k, v in saved_meta.items() if k in meta})
     log(f"resuming {workdir} from step {int(state.step)}")
+    if restore_step is not None and is_main:  # Later checkpoints are kept aside, not overwritten.
+      moved = ckpt.set_aside_after(restore_step, os.path.join(workdir, "checkpoints_superseded"))
+      if moved:
+        log(f"checkpoints of steps {moved} moved to {os.path.join(workdir, 'checkpoints_superseded')}")
   start_step = int(jax.device_get(state.step))
   if is_main and start_step == 0:
     log(f"training {config.model.name} on {config.dataset.name} ({setup.data.num_train} images, "
@@ -457,6 +462,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       t0 = time.perf_counter()
       state, m = setup.train_step(state, setup.dp.put_batch(next(train_iter)))
       pending.append((step, m))
+      if len(pending) >= 2:  # At most one step in flight, so that the progress bar tells the truth.
+        jax.block_until_ready(pending[-2][1]["loss"])
       n_window += 1
       bar.update(1)
       # Log at every evaluation and checkpoint too, so that a resumed run logs the same windows.
