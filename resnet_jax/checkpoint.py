@@ -11,11 +11,18 @@ Layout: ``WORKDIR/checkpoints/<step>/{state,data,meta}``:
 orbax writes each checkpoint into a temporary folder and renames it when complete, so a run killed
 during a write leaves the previous checkpoints intact and the partial one is ignored; the manager
 keeps the last ``keep`` complete checkpoints.
+
+A checkpoint that cannot be read (a damaged or truncated file) raises :class:`CheckpointError` naming
+the file and the earlier checkpoints; ``config.restore_step`` resumes from one of them, and
+:meth:`Checkpointer.set_aside_after` moves the later ones out of the way (nothing is deleted).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shutil
 from typing import Any
 
 import jax
@@ -69,6 +76,9 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise CheckpointError(f"no complete checkpoint in {self.directory}")
+    if step not in self.all_steps():
+      raise CheckpointError(f"no complete checkpoint of step {step} in {self.directory}; complete "
+                            f"checkpoints: steps {self.all_steps()}")
     path = os.path.join(self.directory, str(step))
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
     try:
@@ -77,11 +87,58 @@ class Checkpointer:
           data=ocp.args.JsonRestore(),
           meta=ocp.args.JsonRestore()))
     except Exception as e:  # orbax raises many types (ValueError, KeyError, OSError, ...).
-      others = [s for s in self.all_steps() if s != step]
-      hint = f"; earlier checkpoints: steps {others}" if others else ""
-      raise CheckpointError(f"cannot restore checkpoint {path}: {type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''}{hint}") from e
+      earlier = [s for s in self.all_steps() if s < step]
+      hint = (f"; to resume from the previous complete checkpoint, run again with "
+              f"--config.restore_step={earlier[-1]} (earlier checkpoints: steps {earlier}; nothing "
+              f"was deleted)" if earlier else "; there is no earlier checkpoint (nothing was deleted)")
+      detail = " ".join(str(e).split())[:200]
+      raise CheckpointError(f"cannot restore checkpoint {path}: damaged file {_damaged_file(path, e)}: "
+                            f"{type(e).__name__}: {detail}{hint}") from e
     return restored["state"], dict(restored["data"] or {}), dict(restored["meta"] or {})
+
+  def set_aside_after(self, step: int, folder: str) -> list[int]:
+    """Move the checkpoints later than ``step`` into ``folder/<step>`` (kept, not deleted).
+
+    A run resumed from an earlier checkpoint (``config.restore_step``) writes its own checkpoints of
+    those steps; the old ones stay in ``folder`` for inspection. Returns the steps moved.
+    """
+    later = [s for s in self.all_steps() if s > step]
+    for s in later:
+      target = os.path.join(folder, str(s))
+      n = 1
+      while os.path.exists(target):  # Never write over an earlier set-aside copy.
+        target, n = os.path.join(folder, f"{s}.{n}"), n + 1
+      os.makedirs(folder, exist_ok=True)
+      shutil.move(os.path.join(self.directory, str(s)), target)
+    if later:
+      self._manager.reload()
+    return later
 
   def close(self) -> None:
     self._manager.close()
+
+
+def _damaged_file(step_dir: str, error: BaseException) -> str:
+  """The file of ``step_dir`` that ``error`` points at: a path in the message, else a bad JSON file."""
+  text = str(error)
+  for cause in (error.__cause__, error.__context__):
+    if cause is not None:
+      text += " " + str(cause)
+  named = re.findall(r'local file "([^"]+)"', text)
+  files = [p for p in named if os.path.isfile(p)]
+  if files:
+    return files[-1]
+  for root, _, files in sorted(os.walk(step_dir)):
+    for name in sorted(files):
+      if name in ("_METADATA", "metadata", "_CHECKPOINT_METADATA", "_sharding"):
+        path = os.path.join(root, name)
+        try:
+          with open(path) as f:
+            json.load(f)
+        except (OSError, ValueError):
+          return path
+  folders = [p for p in named if os.path.isdir(p)]
+  arrays = re.findall(r'Error reading "([^"/]+)', text)
+  if folders:
+    return f"in {folders[-1]}" + (f" (array {arrays[-1]})" if arrays else "")
+  return f"(one of the files in {step_dir})"

@@ -43,6 +43,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.num_workers = 0          # grain worker processes (0: none)
   c.dataset.max_train_examples = -1  # >0: train on a fixed subset (quick runs, tests)
   c.dataset.max_test_examples = -1
+  c.dataset.on_corrupt_image = "stop"  # image_folder, an unreadable file: stop | skip (each file is
+                                       # checked once at load time, the bad ones left out and counted)
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "resnet20"          # any name of resnet_jax.list_models()
@@ -77,6 +79,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.progress_bar = True
   c.on_nonfinite = "stop"            # a non-finite loss: stop | skip (the step is not applied)
+  c.restore_step = -1                # resume from: -1 = the newest checkpoint; N = checkpoint N (later
+                                     # ones are moved to WORKDIR/checkpoints_superseded/)
 
   c.distributed = ml_collections.ConfigDict()
   c.distributed.initialize = False   # call jax.distributed.initialize (multi-host)
@@ -148,6 +152,7 @@ SCHEMA: dict[str, Any] = {
         "num_workers": _num(0, integer=True),
         "max_train_examples": _pos_int_or_auto,
         "max_test_examples": _pos_int_or_auto,
+        "on_corrupt_image": _choice(("stop", "skip")),
     },
     "model": {
         "name": _type(str, "a model name (see resnet_jax.list_models())"),
@@ -181,6 +186,7 @@ SCHEMA: dict[str, Any] = {
     "keep_checkpoints": _pos_int,
     "progress_bar": _type(bool, "True or False"),
     "on_nonfinite": _choice(NONFINITE),
+    "restore_step": _num(-1, integer=True),
     "distributed": {
         "initialize": _type(bool, "True or False"),
         "coordinator_address": _type(str, "a string host:port"),

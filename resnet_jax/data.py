@@ -239,7 +239,21 @@ def _open_rgb(path: str):
     with Image.open(path) as im:
       return im.convert("RGB")
   except (OSError, ValueError, SyntaxError) as e:
-    raise DataError(f"cannot decode image {path}: {e}") from None
+    raise DataError(f"cannot decode image {path}: {e} (set config.dataset.on_corrupt_image='skip' to "
+                    f"leave unreadable files out)") from None
+
+
+def unreadable_images(paths: Sequence[str]) -> list[str]:
+  """The files of ``paths`` that Pillow cannot identify or whose data fails its integrity check."""
+  from PIL import Image
+  bad = []
+  for path in paths:
+    try:
+      with Image.open(path) as im:
+        im.verify()
+    except Exception:  # Pillow raises many types on bad data (OSError, SyntaxError, struct.error, ...).
+      bad.append(path)
+  return bad
 
 
 def random_resized_crop(img, size: int, rng: np.random.Generator, scale=(0.08, 1.0),
@@ -317,6 +331,7 @@ class Dataset:
   augment: str = "none"
   crop_padding: int = 4
   classes: list[str] | None = None
+  skipped_files: list[str] = dataclasses.field(default_factory=list)
 
   @property
   def num_train(self) -> int:
@@ -404,10 +419,18 @@ def load_dataset(cfg: Any) -> Dataset:
   elif name == "image_folder":
     train_files, y_train, classes = scan_image_folder(cfg.data_dir, "train")
     test_files, y_test, _ = scan_image_folder(cfg.data_dir, "test", classes)
+    skipped: list[str] = []
+    if cfg.get("on_corrupt_image", "stop") == "skip":  # Check every file once; leave the bad ones out.
+      bad = set(unreadable_images(train_files + test_files))
+      skipped = [p for p in train_files + test_files if p in bad]
+      keep_train = [i for i, p in enumerate(train_files) if p not in bad]
+      keep_test = [i for i, p in enumerate(test_files) if p not in bad]
+      train_files, y_train = [train_files[i] for i in keep_train], y_train[keep_train]
+      test_files, y_test = [test_files[i] for i in keep_test], y_test[keep_test]
     size = int(cfg.image_size)
     ds = Dataset(name, len(classes), (size, size, 3), np.asarray(IMAGENET_MEAN, np.float32),
                  np.asarray(IMAGENET_STD, np.float32), y_train, y_test,
-                 train_files=train_files, test_files=test_files, classes=classes)
+                 train_files=train_files, test_files=test_files, classes=classes, skipped_files=skipped)
   else:
     raise DataError(f"unknown dataset {name!r}: expected one of {', '.join(DATASETS)}")
   channels = ds.image_shape[-1]
