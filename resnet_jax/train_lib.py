@@ -410,10 +410,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     raise ConfigError("train_and_evaluate: the given setup was built for another config")
   workdir = os.path.abspath(workdir)
   _check_same_run(workdir, config)
+  if setup.data.skipped_files:
+    log(f"warning: {len(setup.data.skipped_files)} unreadable image(s) left out "
+        f"(config.dataset.on_corrupt_image='skip'): {', '.join(setup.data.skipped_files[:5])}")
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
-  if is_main:
-    _write_json(os.path.join(workdir, "config.json"), config.to_dict())
 
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
   meta = {"best_test_accuracy": None, "train_time_s": 0.0, "train_images": 0, "step_time_s": 0.0}
@@ -429,6 +430,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       moved = ckpt.set_aside_after(restore_step, os.path.join(workdir, "checkpoints_superseded"))
       if moved:
         log(f"checkpoints of steps {moved} moved to {os.path.join(workdir, 'checkpoints_superseded')}")
+  if is_main:  # Only once the checkpoint is restored: a failed resume leaves the workdir as it was.
+    _write_json(os.path.join(workdir, "config.json"), config.to_dict())
   start_step = int(jax.device_get(state.step))
   if is_main and start_step == 0:
     log(f"training {config.model.name} on {config.dataset.name} ({setup.data.num_train} images, "
@@ -444,7 +447,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   def record(rec: dict) -> None:
     records.append(rec)
     if metrics_file is not None:
-      metrics_file.write(json.dumps(rec) + "\n")
+      strict = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in rec.items()}
+      metrics_file.write(json.dumps(strict, allow_nan=False) + "\n")  # NaN is not JSON: null.
       metrics_file.flush()
 
   def save(step: int) -> None:
@@ -546,6 +550,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       "test_accuracy": last_test["accuracy"],
       "best_test_accuracy": meta["best_test_accuracy"],
       "workdir": workdir,
+      "skipped_images": len(setup.data.skipped_files),
+      "skipped_image_files": setup.data.skipped_files[:100],
   }
   if is_main:
     _write_json(os.path.join(workdir, "summary.json"), summary)
