@@ -19,6 +19,11 @@ from resnet_jax.errors import ModelError
 INIT_KEY = jax.random.key(0, impl="rbg")
 
 
+def normal(seed: int, shape, dtype=np.float32, scale: float = 1.0) -> jax.Array:
+  """Test data from numpy's generator (jax.random would compile a kernel for every new shape)."""
+  return jnp.asarray(scale * np.random.default_rng(seed).standard_normal(shape), dtype)
+
+
 @pytest.fixture(autouse=True)
 def float64():
   with jax.enable_x64(True):
@@ -33,18 +38,16 @@ def make_block(block_cls, order, in_features, filters, stride=1, shortcut="B", r
   out = filters * (4 if block_cls is Bottleneck else 1)
   block = block_cls(filters, conv=conv, norm=norm, strides=stride, order=order, shortcut=shortcut,
                     projection=stride != 1 or in_features != out, residual=residual)
-  x = jax.random.normal(jax.random.key(1), (2, 7, 7, in_features), jnp.float64)
+  x = normal(1, (2, 7, 7, in_features), jnp.float64)
   variables = block.init(INIT_KEY, x)
-  keys = iter(jax.random.split(jax.random.key(2), 100))
+  rng = np.random.default_rng(2)
 
   def randomise(path, leaf):
     name = path[-1].key
-    if name == "scale":
-      return jax.random.uniform(next(keys), leaf.shape, leaf.dtype, 0.5, 1.5)
+    if name in ("scale", "var"):
+      return jnp.asarray(rng.uniform(0.5, 1.5, leaf.shape), leaf.dtype)
     if name in ("bias", "mean"):
-      return 0.2 * jax.random.normal(next(keys), leaf.shape, leaf.dtype)
-    if name == "var":
-      return jax.random.uniform(next(keys), leaf.shape, leaf.dtype, 0.5, 1.5)
+      return jnp.asarray(0.2 * rng.standard_normal(leaf.shape), leaf.dtype)
     return leaf
   return block, jax.tree_util.tree_map_with_path(randomise, variables), x
 
@@ -59,12 +62,11 @@ CONFIGS = [  # (block, in_features, filters, stride, shortcut)
     (Bottleneck, 8, 2, 1, "B"),        # identity shortcut
     (BasicBlock, 4, 8, 2, "B"),        # projection
     (BasicBlock, 4, 8, 2, "A"),        # option A
-    (Bottleneck, 4, 2, 2, "B"),        # projection
 ]
 
 
 @pytest.mark.parametrize("order", ["v1", "v2", "relu_before_add"])
-@pytest.mark.parametrize("config,train", [(c, True) for c in CONFIGS] + [(CONFIGS[0], False), (CONFIGS[1], False)],
+@pytest.mark.parametrize("config,train", [(c, True) for c in CONFIGS] + [(CONFIGS[1], False)],
                          ids=lambda c: f"{c[0].__name__}-{c[1]}to{c[2]}-s{c[3]}-{c[4]}" if isinstance(c, tuple)
                          else ("train" if c else "eval"))
 def test_input_gradient_is_shortcut_part_plus_branch_part(config, order, train):
@@ -75,7 +77,7 @@ def test_input_gradient_is_shortcut_part_plus_branch_part(config, order, train):
   s, vjp_shortcut = jax.vjp(lambda x: _apply(block, variables, x, "shortcut_path"), x)
   # the block is its branch plus its shortcut (ReLU on the sum for v1)
   chex.assert_trees_all_close(y, jax.nn.relu(f + s) if order == "v1" else f + s, atol=1e-12)
-  g = jax.random.normal(jax.random.key(3), y.shape, jnp.float64)
+  g = normal(3, y.shape, jnp.float64)
   (dx,) = vjp_block(g)
   g_sum = g * (f + s > 0) if order == "v1" else g  # the only thing between the sum and the output
   expected = vjp_shortcut(g_sum)[0] + vjp_branch(g_sum)[0]
@@ -97,11 +99,11 @@ def test_plain_twin_is_the_branch(order):
 def test_zero_init_last_bn_makes_the_block_its_shortcut():
   conv = functools.partial(nn.Conv, use_bias=False)
   norm = functools.partial(nn.BatchNorm, use_running_average=False)
-  x = jax.random.normal(jax.random.key(0), (2, 6, 6, 8))
+  x = normal(0, (2, 6, 6, 8))
   for order in ("v2", "relu_before_add"):
     for block in (BasicBlock(8, conv=conv, norm=norm, order=order, zero_init_last=True),
                   Bottleneck(2, conv=conv, norm=norm, order=order, zero_init_last=True)):
-      y, _ = block.init_with_output(jax.random.key(1), x, mutable=True)
+      y, _ = block.init_with_output(INIT_KEY, x, mutable=True)
       chex.assert_trees_all_close(y, x, atol=0)
 
 
@@ -118,4 +120,4 @@ def test_option_a_shortcut():
 def test_unknown_order_is_a_model_error():
   block = BasicBlock(4, conv=nn.Conv, norm=nn.BatchNorm, order="post")
   with pytest.raises(ModelError, match="block order 'post'"):
-    block.init(jax.random.key(0), jnp.zeros((1, 4, 4, 4)))
+    block.init(INIT_KEY, jnp.zeros((1, 4, 4, 4)))

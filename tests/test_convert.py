@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -62,6 +64,18 @@ def assert_logits_close(ours, theirs, tol=1e-4):
   np.testing.assert_allclose(ours, theirs, rtol=0, atol=tol * scale)
 
 
+@functools.lru_cache(maxsize=None)
+def compiled_forward(name: str):
+  """One compiled function per architecture: (eval logits, (train logits, batch_stats updates))."""
+  model = create_model(name, num_classes=NUM_CLASSES)
+
+  @jax.jit
+  def forward(v, x):
+    with jax.default_matmul_precision("highest"):
+      return model.apply(v, x, train=False), model.apply(v, x, train=True, mutable=["batch_stats"])
+  return forward
+
+
 def check_parity(name: str) -> None:
   tm = random_torchvision(name)
   x = images()
@@ -69,13 +83,7 @@ def check_parity(name: str) -> None:
   with torch.no_grad():
     ref_eval = tm(torch.from_numpy(x)).numpy()
   variables = from_torchvision(tm.state_dict(), name)
-  model = create_model(name, num_classes=NUM_CLASSES)
-
-  @jax.jit
-  def forward(v, x):
-    return model.apply(v, x, train=False), model.apply(v, x, train=True, mutable=["batch_stats"])
-  with jax.default_matmul_precision("highest"):
-    logits, (train_logits, updates) = forward(variables, jnp.asarray(x.transpose(0, 2, 3, 1)))
+  logits, (train_logits, updates) = compiled_forward(name)(variables, jnp.asarray(x.transpose(0, 2, 3, 1)))
   assert_logits_close(logits, ref_eval)
   tm.train()
   with torch.no_grad():
@@ -102,7 +110,7 @@ def test_torchvision_parity_eval_and_train(name):
 def test_export_loads_into_torchvision_strictly():
   """Our own initialisation, exported, gives the same logits in torchvision (eval mode)."""
   model = create_model("resnet18", num_classes=NUM_CLASSES, zero_init_residual=False)
-  x = images(1)
+  x = images(1)  # same shape as in the parity test: the compiled forward is reused
   xj = jnp.asarray(x.transpose(0, 2, 3, 1))
   variables = jax.jit(lambda k, x: model.init(k, x))(INIT_KEY, xj)
   variables = {"params": variables["params"],
@@ -113,8 +121,7 @@ def test_export_loads_into_torchvision_strictly():
   tm.eval()
   with torch.no_grad():
     ref = tm(torch.from_numpy(x)).numpy()
-  with jax.default_matmul_precision("highest"):
-    ours = jax.jit(model.apply)(variables, xj)
+  ours, _ = compiled_forward("resnet18")(variables, xj)
   assert_logits_close(ours, ref)
 
 
