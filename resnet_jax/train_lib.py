@@ -303,10 +303,21 @@ def plot_curves(records: list[dict], path: str, title: str = "") -> None:
   os.replace(tmp, path)
 
 
+def _strict_json(obj: Any) -> Any:
+  """``obj`` with every non-finite float replaced by ``None`` (NaN and Infinity are not JSON)."""
+  if isinstance(obj, float) and not math.isfinite(obj):
+    return None
+  if isinstance(obj, dict):
+    return {k: _strict_json(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [_strict_json(v) for v in obj]
+  return obj
+
+
 def _write_json(path: str, obj: Any) -> None:
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
+    json.dump(_strict_json(obj), f, indent=2, allow_nan=False)
   os.replace(tmp, path)
 
 
@@ -447,8 +458,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   def record(rec: dict) -> None:
     records.append(rec)
     if metrics_file is not None:
-      strict = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in rec.items()}
-      metrics_file.write(json.dumps(strict, allow_nan=False) + "\n")  # NaN is not JSON: null.
+      metrics_file.write(json.dumps(_strict_json(rec), allow_nan=False) + "\n")  # NaN is not JSON: null.
       metrics_file.flush()
 
   def save(step: int) -> None:

@@ -250,6 +250,22 @@ def test_nonfinite_step_stops_with_its_step_and_keeps_the_last_good_checkpoint(t
   assert records[-1]["nonfinite_steps"] >= 1
 
 
+def test_nonfinite_steps_are_skipped_by_config_and_every_output_stays_strict_json(tmp_path):
+  from test_train import tiny_config
+  config = tiny_config(on_nonfinite="skip", **{
+      "schedule.name": "step", "schedule.warmup": 0.0, "schedule.boundaries": (4.0,),
+      "schedule.decay_factor": 1e33, "checkpoint_every_steps": 2})
+  messages = []
+  summary = train_lib.train_and_evaluate(config, str(tmp_path), log=messages.append)
+  assert summary["steps"] == 8
+  warning = next(m for m in messages if "non-finite" in m)
+  assert re.search(r"at steps \[\d", warning) and "skipped" in warning
+  records = strict_json_lines(tmp_path / "metrics.jsonl")
+  assert sum(r.get("nonfinite_steps", 0) for r in records) >= 1
+  with open(tmp_path / "summary.json") as f:
+    json.loads(f.read(), parse_constant=lambda name: pytest.fail(f"summary.json holds {name}"))
+
+
 # ----------------------------------------------------------------------------------------------
 # Bad input through the command line: exit 2, one line, nothing written over.
 
