@@ -160,6 +160,44 @@ def test_kill_9_at_a_random_step_then_resume_is_bitwise_identical(tmp_path):
   assert comparable_metrics(again) == comparable_metrics(full)
 
 
+KILL_DURING_SAVE = """
+import os, runpy, signal, sys
+from orbax.checkpoint._src.path import atomicity
+
+original = atomicity.AtomicRenameTemporaryPath.finalize
+
+async def finalize(self):  # Everything of the step is written; only the commit (a rename) is left.
+  if self._final_path.name == os.environ["KILL_AT"] and self._final_path.parent.name == "checkpoints":
+    os.kill(os.getpid(), signal.SIGKILL)
+  return await original(self)
+
+atomicity.AtomicRenameTemporaryPath.finalize = finalize
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_kill_during_a_checkpoint_write_then_resume_from_the_newest_complete(finished_run, finished_setup,
+                                                                            tmp_path):
+  workdir = tmp_path / "run"
+  proc = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, TRAIN, f"--workdir={workdir}",
+                         *tiny_args(8)], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                        env={**os.environ, "KILL_AT": "6"})
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+  ckpts = workdir / "checkpoints"
+  assert glob.glob(str(ckpts / f"6{ORBAX_TMP}*")), os.listdir(ckpts)  # The write was cut short.
+  assert Checkpointer(str(ckpts)).all_steps() == [2, 4]
+  proc = train_cli(workdir, *tiny_args(8))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "from step 4" in proc.stdout, proc.stdout
+  a, data_a, _ = restore_latest(finished_run, finished_setup)
+  b, data_b, _ = restore_latest(workdir, finished_setup)
+  assert data_a == data_b
+  assert_states_equal(a, b)
+  assert comparable_metrics(workdir) == comparable_metrics(finished_run)
+
+
 def test_partial_checkpoint_write_is_ignored_and_resume_uses_the_newest_complete(finished_run,
                                                                                  finished_setup, tmp_path):
   workdir = tmp_path / "run"
