@@ -16,6 +16,7 @@ DEFAULT_CONFIG = os.path.join(HERE, "configs", "digits.py")
 
 def parse_args(argv: list[str]):
   """``(config, workdir)`` from the command line; any flag or config problem is a ConfigError."""
+  import ml_collections
   from absl import flags
   from ml_collections import config_flags
   from resnet_jax.errors import ConfigError
@@ -33,6 +34,9 @@ def parse_args(argv: list[str]):
                                        flag_values=fv)
     fv(argv)
     config = config_flag.value
+    if not isinstance(config, ml_collections.ConfigDict):  # config_flags' placeholder for a bad file
+      raise ConfigError(f"cannot load the config file given to --config ({fv['config'].serialize()}): "
+                        f"expected a Python file with get_config() returning a ConfigDict")
   except ConfigError:
     raise
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError, SyntaxError, ImportError) as e:
