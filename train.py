@@ -41,6 +41,12 @@ def parse_args(argv: list[str]):
     raise
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError, SyntaxError, ImportError) as e:
     message = " ".join(str(e).replace('\\n', " ").split()).strip("'\"")
+    message = message.replace("\\'", "'")
+    key = message.split(" ")[0].strip("'")
+    if isinstance(e, (KeyError, AttributeError)) and any(  # A --config.KEY the config does not have.
+        a.startswith("--config.") and key in a.split("=", 1)[0] for a in argv):
+      raise ConfigError(f"bad command line: unknown config key {message} (every key with its default: "
+                        f"resnet_jax.config_check.base_config())") from None
     raise ConfigError(f"bad command line: {message}") from None
   workdir = workdir_flag.value or os.path.join(
       "runs", os.path.splitext(os.path.basename(config_path.split(":", 1)[0]))[0])
