@@ -327,7 +327,7 @@ def test_wrong_type_and_unknown_key(tmp_path):
   proc = train_cli(tmp_path / "out", *tiny_args(2), "--config.dataset.max_train_examples=many")
   assert_one_line_error(proc, "max_train_examples", "many")
   proc = train_cli(tmp_path / "out", *tiny_args(2), "--config.on_nan=skip")
-  assert_one_line_error(proc, "on_nan")
+  assert_one_line_error(proc, "unknown config key on_nan")
   assert not (tmp_path / "out").exists()
 
 
