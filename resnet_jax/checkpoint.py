@@ -87,6 +87,11 @@ class Checkpointer:
           data=ocp.args.JsonRestore(),
           meta=ocp.args.JsonRestore()))
     except Exception as e:  # orbax raises many types (ValueError, KeyError, OSError, ...).
+      text = " ".join(" ".join(str(x) for x in (e, e.__cause__, e.__context__) if x is not None).split())
+      if re.search(r"stored shape|tree structures do not match|dtype mismatch", text):
+        raise CheckpointError(f"checkpoint {path} holds a train state of another shape than this config's "
+                              f"model and optimizer ({text[:200]}): it belongs to a run of another "
+                              f"configuration; use another --workdir (nothing was changed)") from e
       earlier = [s for s in self.all_steps() if s < step]
       hint = (f"; to resume from the previous complete checkpoint, run again with "
               f"--config.restore_step={earlier[-1]} (earlier checkpoints: steps {earlier}; nothing "

@@ -317,6 +317,16 @@ def test_workdir_of_another_model_is_refused_untouched(finished_run, tmp_path):
   assert snapshot(workdir) == before
 
 
+def test_workdir_of_the_same_model_with_other_options_is_refused_untouched(finished_run, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(finished_run, workdir)
+  before = snapshot(workdir)
+  proc = train_cli(workdir, *tiny_args(8), "--config.model.options.dim=32")
+  assert_one_line_error(proc, str(workdir / "checkpoints" / "8"), "another configuration",
+                        "another --workdir")
+  assert snapshot(workdir) == before
+
+
 def test_unknown_model_lists_close_names(tmp_path):
   proc = train_cli(tmp_path / "out", *tiny_args(2), "--config.model.name=residual_mpl")
   assert_one_line_error(proc, "residual_mpl", "residual_mlp")
