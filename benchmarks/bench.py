@@ -21,9 +21,10 @@ same batch, the same thread count as XLA, in ``channels_last`` and contiguous NC
 the ratio jax / torch.
 
 XLA's CPU options are read once, when jax starts: pass them with ``--xla-flags`` (added to ``XLA_FLAGS``)
-rather than after the fact. ``--cpu-conv eigen`` (the default) turns off the YNNPACK convolution fusion that
-jaxlib 0.10 uses by default on CPU, which runs ResNet convolutions markedly slower here (see
-``benchmarks/README.md``); ``--cpu-conv default`` leaves XLA's choice alone.
+rather than after the fact. ``--cpu-conv eigen`` turns off the YNNPACK convolution fusion that jaxlib 0.10
+uses by default on CPU, giving Eigen's convolutions back: faster for CIFAR ResNets (16-64 channels at
+32x32), slower for ResNet-18 at 224x224 (see ``benchmarks/README.md``); ``--cpu-conv default`` (the default)
+leaves XLA's choice alone.
 """
 
 from __future__ import annotations
@@ -87,9 +88,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--compare-torch", action="store_true", help="also measure PyTorch (needs torch, torchvision)")
   p.add_argument("--torch-formats", default="channels_last,contiguous",
                  help="comma-separated torch memory formats to measure")
-  p.add_argument("--cpu-conv", choices=("eigen", "default"), default="eigen",
-                 help=f"'eigen' adds {EIGEN_CONV_FLAG} to XLA_FLAGS (faster ResNet convs on CPU); "
-                      "'default' leaves XLA's choice")
+  p.add_argument("--cpu-conv", choices=("eigen", "default"), default="default",
+                 help=f"'eigen' adds {EIGEN_CONV_FLAG} to XLA_FLAGS (Eigen convolutions instead of YNNPACK: "
+                      "faster for CIFAR-sized nets, slower at 224x224 here); 'default' leaves XLA's choice")
   p.add_argument("--xla-flags", default="", help="extra XLA_FLAGS, appended before jax starts")
   p.add_argument("--threads", type=int, default=None,
                  help="threads for torch (default: the CPUs this process may use, as XLA does)")

@@ -27,7 +27,7 @@ def run_bench(*args: str, env: dict | None = None) -> subprocess.CompletedProces
 
 def test_bench_jax_only_writes_json(tmp_path):
   out = tmp_path / "bench.json"
-  p = run_bench(*MLP, "--mode", "both", "--json", str(out))
+  p = run_bench(*MLP, "--mode", "both", "--cpu-conv", "eigen", "--json", str(out))
   assert p.returncode == 0, p.stderr
   res = json.loads(out.read_text())
   assert res["config"]["model"] == "residual_mlp" and res["config"]["batch"] == 2
@@ -49,7 +49,7 @@ def test_bench_jax_only_writes_json(tmp_path):
 def test_bench_compare_torch_reports_ratios(tmp_path):
   """A BatchNorm model (its statistics are updated by the step), with PyTorch measured in the same run."""
   out = tmp_path / "bench.json"
-  p = run_bench(*TINY, "--mode", "train", "--compare-torch", "--cpu-conv", "default", "--json", str(out))
+  p = run_bench(*TINY, "--mode", "train", "--compare-torch", "--json", str(out))
   assert p.returncode == 0, p.stderr
   res = json.loads(out.read_text())
   assert "ynn" not in res["machine"]["xla_flags"]
