@@ -102,13 +102,18 @@ def _layout(name: str, num_classes: int) -> tuple[tuple[str, str, tuple[str, ...
 
 
 def _as_numpy(value: Any) -> np.ndarray:
-  """A torch tensor (without importing torch) or an array-like as a numpy array."""
+  """A torch tensor (without importing torch) or an array-like as a numpy array of its own.
+
+  Always a copy: ``tensor.numpy()`` shares the tensor's memory, and jax may keep using a numpy buffer
+  without copying on CPU, so a later in-place update of the torch model (a training-mode forward moves
+  the BN running statistics) would otherwise change the converted variables.
+  """
   if hasattr(value, "detach"):
     value = value.detach().cpu()
     if str(getattr(value, "dtype", "")) == "torch.bfloat16":
       value = value.float()
-    return value.numpy()
-  return np.asarray(value)
+    return np.array(value.numpy(), copy=True)
+  return np.array(value, copy=True)
 
 
 def _strip_prefix(state_dict: Mapping[str, Any]) -> dict[str, Any]:
