@@ -81,12 +81,21 @@ class Checkpointer:
                             f"checkpoints: steps {self.all_steps()}")
     path = os.path.join(self.directory, str(step))
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
+    mismatch = _shape_mismatch(os.path.join(path, "state"), abstract)
+    if mismatch:  # Checked from the metadata, before any array is read.
+      raise CheckpointError(f"checkpoint {path} holds a train state of another shape than this config's "
+                            f"model and optimizer ({mismatch}): it belongs to a run of another "
+                            f"configuration; use another --workdir (nothing was changed)")
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract),
           data=ocp.args.JsonRestore(),
           meta=ocp.args.JsonRestore()))
     except Exception as e:  # orbax raises many types (ValueError, KeyError, OSError, ...).
+      try:  # Let orbax's background threads finish before the error ends the process.
+        self._manager.close()
+      except Exception:  # noqa: BLE001 -- the restore error is the one to report.
+        pass
       text = " ".join(" ".join(str(x) for x in (e, e.__cause__, e.__context__) if x is not None).split())
       if re.search(r"stored shape|tree structures do not match|dtype mismatch", text):
         raise CheckpointError(f"checkpoint {path} holds a train state of another shape than this config's "
@@ -121,6 +130,44 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def _path_name(path: tuple) -> str:
+  """orbax's dotted name of a pytree path, e.g. ``opt_state.1.0.trace.embed.bias``."""
+  parts = []
+  for k in path:
+    for attr in ("key", "idx", "name"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return ".".join(parts)
+
+
+def _shape_mismatch(state_dir: str, abstract: Any) -> str | None:
+  """How the arrays saved in ``state_dir`` differ from ``abstract`` (names, shapes), or ``None``.
+
+  ``None`` too when the metadata cannot be read: the restore itself then reports the damage.
+  """
+  import orbax.checkpoint as ocp
+  from etils import epath
+  try:
+    metadata = ocp.StandardCheckpointHandler().metadata(epath.Path(state_dir))
+    saved = {_path_name(p): tuple(m.shape) for p, m in jax.tree_util.tree_leaves_with_path(
+        metadata, is_leaf=lambda x: hasattr(x, "shape"))}
+  except Exception:  # noqa: BLE001 -- unreadable metadata is reported by the restore.
+    return None
+  wanted = {_path_name(p): tuple(a.shape) for p, a in jax.tree_util.tree_leaves_with_path(abstract)}
+  problems = [f"{n} saved {saved[n]}, expected {wanted[n]}" for n in sorted(set(saved) & set(wanted))
+              if saved[n] != wanted[n]]
+  problems += [f"{n} not in the checkpoint" for n in sorted(set(wanted) - set(saved))]
+  problems += [f"{n} not in this model" for n in sorted(set(saved) - set(wanted))]
+  if not problems:
+    return None
+  problems.sort(key=lambda text: not text.startswith("params"))  # Parameters first (stable sort).
+  more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
+  return "; ".join(problems[:3]) + more
 
 
 def _damaged_file(step_dir: str, error: BaseException) -> str:
