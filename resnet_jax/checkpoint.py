@@ -81,34 +81,41 @@ class Checkpointer:
                             f"checkpoints: steps {self.all_steps()}")
     path = os.path.join(self.directory, str(step))
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
-    mismatch = _shape_mismatch(os.path.join(path, "state"), abstract)
-    if mismatch:  # Checked from the metadata, before any array is read.
-      raise CheckpointError(f"checkpoint {path} holds a train state of another shape than this config's "
-                            f"model and optimizer ({mismatch}): it belongs to a run of another "
-                            f"configuration; use another --workdir (nothing was changed)")
-    try:
-      restored = self._manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract),
-          data=ocp.args.JsonRestore(),
-          meta=ocp.args.JsonRestore()))
-    except Exception as e:  # orbax raises many types (ValueError, KeyError, OSError, ...).
-      try:  # Let orbax's background threads finish before the error ends the process.
-        self._manager.close()
-      except Exception:  # noqa: BLE001 -- the restore error is the one to report.
-        pass
-      text = " ".join(" ".join(str(x) for x in (e, e.__cause__, e.__context__) if x is not None).split())
-      if re.search(r"stored shape|tree structures do not match|dtype mismatch", text):
-        raise CheckpointError(f"checkpoint {path} holds a train state of another shape than this config's "
-                              f"model and optimizer ({text[:200]}): it belongs to a run of another "
-                              f"configuration; use another --workdir (nothing was changed)") from e
-      earlier = [s for s in self.all_steps() if s < step]
-      hint = (f"; to resume from the previous complete checkpoint, run again with "
-              f"--config.restore_step={earlier[-1]} (earlier checkpoints: steps {earlier}; nothing "
-              f"was deleted)" if earlier else "; there is no earlier checkpoint (nothing was deleted)")
-      detail = " ".join(str(e).split())[:200]
-      raise CheckpointError(f"cannot restore checkpoint {path}: damaged file {_damaged_file(path, e)}: "
-                            f"{type(e).__name__}: {detail}{hint}") from e
+    error = None
+    with _held_stderr() as held:
+      mismatch = _shape_mismatch(os.path.join(path, "state"), abstract)
+      if mismatch:  # Checked from the metadata, before any array is read.
+        held.drop()
+        raise CheckpointError(f"checkpoint {path} holds a train state of another shape than this "
+                              f"config's model and optimizer ({mismatch}): it belongs to a run of "
+                              f"another configuration; use another --workdir (nothing was changed)")
+      try:
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract),
+            data=ocp.args.JsonRestore(),
+            meta=ocp.args.JsonRestore()))
+      except Exception as e:  # orbax raises many types (ValueError, KeyError, OSError, ...).
+        error = self._restore_error(path, step, e)
+        _settle_after_failed_read(self._manager, e)
+        held.drop()
+    if error is not None:
+      raise error
     return restored["state"], dict(restored["data"] or {}), dict(restored["meta"] or {})
+
+  def _restore_error(self, path: str, step: int, e: BaseException) -> CheckpointError:
+    """The CheckpointError for a failed restore of ``path``: another configuration, or a damaged file."""
+    text = " ".join(" ".join(str(x) for x in (e, e.__cause__, e.__context__) if x is not None).split())
+    if re.search(r"stored shape|tree structures do not match|dtype mismatch", text):
+      return CheckpointError(f"checkpoint {path} holds a train state of another shape than this config's "
+                             f"model and optimizer ({text[:200]}): it belongs to a run of another "
+                             f"configuration; use another --workdir (nothing was changed)")
+    earlier = [s for s in self.all_steps() if s < step]
+    hint = (f"; to resume from the previous complete checkpoint, run again with "
+            f"--config.restore_step={earlier[-1]} (earlier checkpoints: steps {earlier}; nothing "
+            f"was deleted)" if earlier else "; there is no earlier checkpoint (nothing was deleted)")
+    detail = " ".join(str(e).split())[:200]
+    return CheckpointError(f"cannot restore checkpoint {path}: damaged file {_damaged_file(path, e)}: "
+                           f"{type(e).__name__}: {detail}{hint}")
 
   def set_aside_after(self, step: int, folder: str) -> list[int]:
     """Move the checkpoints later than ``step`` into ``folder/<step>`` (kept, not deleted).
@@ -130,6 +137,60 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+
+class _held_stderr:
+  """Hold what is written to file descriptor 2 inside the block; write it out at the end unless dropped.
+
+  When one array of a checkpoint cannot be read, orbax closes its event loop while tensorstore is
+  still finishing the other reads, and their callbacks print "Event loop is closed" tracebacks
+  straight to stderr. Those are noise next to the one error message that follows: a failed restore
+  drops them; a successful one writes out whatever was held (warnings are not lost).
+  """
+
+  def __enter__(self) -> "_held_stderr":
+    import sys
+    import tempfile
+    sys.stderr.flush()
+    self._file = tempfile.TemporaryFile()
+    self._saved = os.dup(2)
+    os.dup2(self._file.fileno(), 2)
+    self._keep = True
+    return self
+
+  def drop(self) -> None:
+    self._keep = False
+
+  def __exit__(self, *exc) -> None:
+    import sys
+    sys.stderr.flush()
+    os.dup2(self._saved, 2)
+    os.close(self._saved)
+    if self._keep:
+      self._file.seek(0)
+      text = self._file.read().decode(errors="replace")
+      if text:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+    self._file.close()
+
+
+def _settle_after_failed_read(manager: Any, error: BaseException, seconds: float = 0.5) -> None:
+  """Close ``manager``, free ``error``'s frames and give the reads still in flight a moment to end.
+
+  See :class:`_held_stderr`: this runs while stderr is held.
+  """
+  import gc
+  import time
+  try:
+    manager.close()
+  except Exception:  # noqa: BLE001 -- the restore error is the one to report.
+    pass
+  for x in (error, error.__cause__, error.__context__):
+    if x is not None:
+      x.__traceback__ = None
+  gc.collect()
+  time.sleep(seconds)
 
 
 def _path_name(path: tuple) -> str:

@@ -260,6 +260,9 @@ def test_damaged_array_data_names_the_checkpoint_and_the_array(finished_run, fin
     restore_latest(workdir, finished_setup)
   message = str(info.value)
   assert str(workdir / "checkpoints" / "8") in message and "--config.restore_step=6" in message
+  # From the command line: one line (no tracebacks of the reads that were still in flight).
+  assert_one_line_error(train_cli(workdir, *tiny_args(8)), str(workdir / "checkpoints" / "8"),
+                        "--config.restore_step=6")
   assert snapshot(workdir) == before
 
 
