@@ -1,4 +1,4 @@
-"""CIFAR-10, ResNet-18 (the registry's torchvision-layout ResNet-18) with a cosine schedule.
+"""CIFAR-10, ResNet-18 with the CIFAR stem (3x3/1 conv, no max-pool; 11,173,962 parameters) and a cosine schedule.
 
 Batch 128, SGD momentum 0.9 (Nesterov), learning rate 0.1 with 1 warmup epoch and cosine decay over
 200 epochs, weight decay 5e-4, pad-4 random crop + flip. Data from a local folder holding
@@ -16,6 +16,7 @@ def get_config():
   c.dataset.augment = "pad_crop_flip"
   c.dataset.crop_padding = 4
   c.model.name = "resnet18"
+  c.model.options.stem = "cifar"  # 32x32 images: keep the resolution of the first stage
   c.batch_size = 128
   c.eval_batch_size = 500
   c.num_epochs = 200.0

@@ -176,7 +176,8 @@ CIFAR_DEPTHS = (20, 32, 44, 56, 110)
 
 # Options of the conv models that users may set (the rest defines the architecture named).
 CONV_OPTIONS = ("dtype", "param_dtype", "zero_init_residual", "residual", "bn_momentum", "bn_epsilon",
-                "block_order", "shortcut", "stride_in_1x1", "groups", "width_per_group", "num_filters", "act")
+                "block_order", "shortcut", "stride_in_1x1", "groups", "width_per_group", "num_filters", "act",
+                "stem")
 MLP_OPTIONS = ("depth", "dim", "hidden", "activation", "residual")
 
 _REGISTRY: dict[str, tuple[Callable[..., nn.Module], dict, tuple[str, ...], str]] = {}
@@ -252,8 +253,9 @@ def create_model(name: str, num_classes: int = 1000, **options) -> nn.Module:
   """Build the registered model ``name`` with a ``num_classes``-way head.
 
   Conv models accept the options ``dtype, param_dtype, zero_init_residual, residual, bn_momentum,
-  bn_epsilon, block_order, shortcut, stride_in_1x1, groups, width_per_group, num_filters, act`` (see
-  :class:`ResNet`); ``residual_mlp`` accepts ``depth, dim, hidden, activation, residual``.
+  bn_epsilon, block_order, shortcut, stride_in_1x1, groups, width_per_group, num_filters, act, stem`` (see
+  :class:`ResNet`; ``stem="cifar"`` on an ImageNet model gives the usual CIFAR ResNet-18: 3x3/1 stem conv,
+  no max-pool); ``residual_mlp`` accepts ``depth, dim, hidden, activation, residual``.
   Unknown names and options raise :class:`~resnet_jax.errors.ModelError`.
   """
   factory, defaults, allowed, _ = _lookup(name)

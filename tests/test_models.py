@@ -147,6 +147,17 @@ def test_option_variants_count_as_described(name, options):
   assert count_params(create_model(name, num_classes=5, **options)) == expected
 
 
+def test_cifar_stem_on_resnet18():
+  """The usual CIFAR ResNet-18: 3x3/1 stem, no max-pool, 11,173,962 parameters for 10 classes."""
+  model = create_model("resnet18", num_classes=10, stem="cifar")
+  stem_difference = (7 * 7 - 3 * 3) * 3 * 64 + 1000 * 512 + 1000 - (10 * 512 + 10)
+  assert count_params(model) == 11_173_962 == TORCHVISION_PARAMS["resnet18"] - stem_difference
+  assert model.min_input_size == 8  # three stride-2 stages, no stem downsampling
+  logits = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), _shapes(model, 8),
+                          jax.ShapeDtypeStruct((2, 8, 8, 3), jnp.float32))
+  assert logits.shape == (2, 10)
+
+
 def test_plain_twin_has_the_residual_nets_layers():
   for d in (20, 56):
     plain = jax.tree.map(lambda s: s.shape, _shapes(create_model(f"plain{d}", 10)))
