@@ -240,7 +240,7 @@ def test_damaged_checkpoint_is_named_and_an_earlier_one_can_be_chosen(finished_r
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "from step 6" in proc.stdout and "checkpoints_superseded" in proc.stdout, proc.stdout
   kept = workdir / "checkpoints_superseded" / "8" / "state" / "_METADATA"
-  assert (kept.stat().st_size, ) == (before[os.path.relpath(damaged, workdir)][0], )  # Kept as it was.
+  assert kept.stat().st_size == before[os.path.relpath(damaged, workdir)][0]  # Kept as it was.
   a, _, _ = restore_latest(finished_run, finished_setup)
   b, _, _ = restore_latest(workdir, finished_setup)
   assert_states_equal(a, b)  # Steps 7 and 8 trained again give the same state.
