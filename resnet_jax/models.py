@@ -244,6 +244,10 @@ def describe_model(name: str) -> str:
 def _lookup(name: str):
   if name not in _REGISTRY:
     close = difflib.get_close_matches(str(name), list(_REGISTRY), n=5, cutoff=0.5)
+    # Names sharing a word with the request ("resnet_mlp" -> "residual_mlp"), which the character
+    # similarity above can rank below five ResNets.
+    words = {w for w in str(name).lower().split("_") if len(w) >= 3 and not w.startswith("resnet")}
+    close += [n for n in list_models() if n not in close and words & set(n.split("_"))][:3]
     hint = f"; did you mean {', '.join(close)}?" if close else f"; known models: {', '.join(list_models())}"
     raise ModelError(f"unknown model {name!r}{hint}")
   return _REGISTRY[name]

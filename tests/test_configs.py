@@ -157,7 +157,7 @@ def assert_one_line_error(proc, *needles):
 
 @pytest.mark.parametrize("args,needles", [
     (["--config.optimizer.lrr=0.1"], ["lrr"]),
-    (["--config.batch_size=abc"], ["batch_size", "abc"]),
+    (["--config.batch_size=abc"], ["batch_size", "'abc'"]),
     (["--config.batch_size=0"], ["batch_size", "0"]),
     (["--config.batch_size=-8"], ["batch_size"]),
     (["--config=configs/nope.py"], ["configs/nope.py", "not found"]),

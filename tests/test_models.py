@@ -326,6 +326,8 @@ def test_unknown_name_suggests_close_names():
     create_model("resnet05")
   with pytest.raises(ModelError, match="unknown model"):
     create_model("alexnet")
+  with pytest.raises(ModelError, match="residual_mlp"):  # a shared word, not only similar characters
+    create_model("resnet_mlp")
 
 
 @pytest.mark.parametrize("options,match", [
