@@ -41,8 +41,8 @@ def parse_args(argv: list[str]):
     raise
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError, SyntaxError, ImportError) as e:
     message = " ".join(str(e).replace('\\n', " ").split())
-    if len(message) > 1 and message[0] == message[-1] and message[0] in "'\"":
-      message = message[1:-1]  # str(KeyError) quotes the whole message
+    while len(message) > 1 and message[0] == message[-1] and message[0] in "'\"":
+      message = message[1:-1]  # str(KeyError) quotes the whole message, sometimes twice
     message = message.replace("\\'", "'")
     key = message.split(" ")[0].strip("'")
     if isinstance(e, (KeyError, AttributeError)) and any(  # A --config.KEY the config does not have.
