@@ -8,6 +8,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+from hypothesis import currently_in_test_context
 import optax
 import pytest
 from hypothesis import assume, given, strategies as st
@@ -136,7 +137,11 @@ def check_stack(depth, dim, hidden, batch, activation, res, seed, scale=1.0):
   kx, ky = jax.random.split(jax.random.PRNGKey(seed + 1))
   x = jax.random.normal(kx, (batch, dim), jnp.float64)
   y = jax.random.normal(ky, (batch, dim), jnp.float64)
-  assume(tanh_well_conditioned(params, x, res, activation))
+  well_conditioned = tanh_well_conditioned(params, x, res, activation)
+  if currently_in_test_context():
+    assume(well_conditioned)
+  else:  # a fixed case must be one where jax.grad's tanh derivative is itself accurate
+    assert well_conditioned
   manual = residual.manual_stack_grads(params, x, y, res, activation)
   g_params, g_x, g_inputs = autodiff_stack(params, x, y, res, activation)
   assert len(manual["params"]) == len(manual["inputs"]) == depth
@@ -164,8 +169,9 @@ def test_depth_50_stacks(activation, res):
     manual = check_stack(50, 3, 4, 2, activation, res, seed=7)
   if activation == "sigmoid":
     # the plain sigmoid stack's first-unit gradient has vanished; the residual one has not
-    first = float(jnp.max(jnp.abs(manual["inputs"][0])))
-    last = float(jnp.max(jnp.abs(manual["inputs"][-1])))
+    first = float(np.max(np.abs(np.asarray(manual["inputs"][0]))))  # float64, outside the x64 context
+    last = float(np.max(np.abs(np.asarray(manual["inputs"][-1]))))
+    assert first > 0 and last > 0
     assert (first < 1e-10 * last) if not res else (first > 0.1 * last)
 
 
