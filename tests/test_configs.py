@@ -146,13 +146,15 @@ def run_train(args, tmp_path, env=None):
   return proc, workdir
 
 
-def assert_one_line_error(proc, *needles):
-  assert proc.returncode == 2, proc.stderr
-  assert "Traceback" not in proc.stderr
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+  """Exit status 2, exactly one ``error: ...`` line on stderr, no traceback; returns the line."""
+  assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
   lines = [line for line in proc.stderr.splitlines() if line.strip()]
-  assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+  assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
   for needle in needles:
-    assert needle in lines[0], lines[0]
+    assert needle in lines[0], (needle, lines[0])
+  return lines[0]
 
 
 @pytest.mark.parametrize("args,needles", [

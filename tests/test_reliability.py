@@ -29,6 +29,7 @@ from resnet_jax.errors import CheckpointError
 from resnet_jax.evaluate import load_run_config
 
 sys.path.insert(0, os.path.dirname(__file__))
+from test_configs import assert_one_line_error  # noqa: E402
 from test_data import write_cifar, write_image_folder  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,17 +52,6 @@ def tiny_args(steps: int, checkpoint_every: int = 2, keep: int = 3) -> list[str]
 def train_cli(workdir, *args: str, cwd=None, timeout: int = 300) -> subprocess.CompletedProcess:
   return subprocess.run([sys.executable, TRAIN, f"--workdir={workdir}", *args], capture_output=True,
                         text=True, cwd=str(cwd or ROOT), timeout=timeout)
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
-  """Exit status 2, exactly one ``error: ...`` line on stderr, no traceback; returns the line."""
-  assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
-  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-  lines = [line for line in proc.stderr.splitlines() if line.strip()]
-  assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
-  for needle in needles:
-    assert needle in lines[0], (needle, lines[0])
-  return lines[0]
 
 
 def snapshot(folder) -> dict[str, tuple[int, str]]:
