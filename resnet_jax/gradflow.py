@@ -614,7 +614,7 @@ def plot_grad_norms(results: dict[str, Any], path: str) -> None:
       v = np.array(r["log10_block_input_grad"])
       ax.plot(np.arange(len(v)), v, ls="-" if r["net"] == "residual" else "--", marker=".",
               label=r["model"])
-    ax.set_title(f"CIFAR conv nets (BN, train mode): ||dL/d block input||")
+    ax.set_title("CIFAR conv nets (BN, train mode): ||dL/d block input||")
     ax.set_xlabel("block (0 = first)")
     ax.set_ylabel("log10 gradient norm")
     ax.grid(alpha=0.3)
