@@ -104,3 +104,41 @@ def test_bench_compare_torch_without_torch_is_one_line_error(tmp_path):
 def test_bench_bad_value_is_one_line_error():
   p = run_bench(*MLP, "--batch", "0")
   assert p.returncode == 2 and p.stderr.strip().startswith("error: --batch must be at least 1")
+
+
+def _import_bench():
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  try:
+    import bench
+  finally:
+    sys.path.pop(0)
+  return bench
+
+
+def test_matmul_flops_counts_convolutions_and_dense_layers_by_hand():
+  import jax
+  import jax.numpy as jnp
+  bench = _import_bench()
+
+  def f(x, k, w):  # 3x3 conv, stride 2, 3 -> 5 channels on 2x9x9; a dense layer 5 -> 4 under a nested jit
+    y = jax.lax.conv_general_dilated(x, k, (2, 2), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jax.jit(lambda a: a.mean(axis=(1, 2)) @ w)(y)
+
+  args = (jnp.ones((2, 9, 9, 3)), jnp.ones((3, 3, 3, 5)), jnp.ones((5, 4)))
+  conv = 2 * (2 * 5 * 5 * 5) * (3 * 3 * 3)      # 2 x output elements x MACs per output
+  dense = 2 * (2 * 4) * 5
+  assert bench.matmul_flops(jax.make_jaxpr(f)(*args)) == conv + dense
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_matmul_flops_of_imagenet_models_equal_the_published_counts(name):
+  """Forward multiply-adds at 224x224 equal torchvision's published GFLOPS (which count MACs)."""
+  import jax
+  import jax.numpy as jnp
+  from resnet_jax import create_model
+  bench = _import_bench()
+  model = create_model(name)
+  x = jnp.zeros((1, 224, 224, 3))
+  variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, train=False))
+  flops = bench.matmul_flops(jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, x))
+  assert flops / 2e9 == pytest.approx(bench.REFERENCE_GMACS_224[name], rel=1e-3)

@@ -181,8 +181,9 @@ def test_cli_missing_data_folder_names_place_and_layout(tmp_path):
 
 
 def test_cli_batch_not_divisible_by_device_count(tmp_path):
+  # Four CPU devices, also on a machine with a GPU (where jax would otherwise pick the one GPU).
   proc, workdir = run_train(["--config.batch_size=6"], tmp_path,
-                            env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+                            env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"})
   assert_one_line_error(proc, "batch_size = 6", "4 devices")
   assert not workdir.exists()
 
