@@ -89,6 +89,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--compare-torch", action="store_true", help="also measure PyTorch (needs torch, torchvision)")
   p.add_argument("--torch-formats", default="channels_last,contiguous",
                  help="comma-separated torch memory formats to measure")
+  p.add_argument("--conv-backend", choices=("xla", "onednn"), default="xla",
+                 help="the models' convolutions: XLA's (flax nn.Conv) or oneDNN's called from the compiled "
+                      "step (CPU only; pip install onednn-cpu-gomp)")
   p.add_argument("--cpu-conv", choices=("eigen", "default"), default="default",
                  help=f"'eigen' adds {EIGEN_CONV_FLAG} to XLA_FLAGS (Eigen convolutions instead of YNNPACK: "
                       "faster for CIFAR-sized nets, slower at 224x224 here); 'default' leaves XLA's choice")
@@ -242,6 +245,8 @@ def bench_jax(args: argparse.Namespace, schedule: Schedule) -> dict:
 
   dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
   options = {"dtype": dtype} if args.dtype != "float32" else {}  # float32 is every model's default
+  if args.conv_backend != "xla":
+    options["conv_backend"] = args.conv_backend
   model = models.create_model(args.model, num_classes=args.num_classes, **options)
   rng = np.random.default_rng(args.seed)
   x = jnp.asarray(rng.standard_normal((args.batch, args.size, args.size, 3), dtype=np.float32), dtype)
@@ -442,7 +447,8 @@ def table(args: argparse.Namespace, res: dict) -> str:
   def cpu(d: dict) -> str:
     return f"{d['train']['cpu_seconds_per_step']:.3f}" if "train" in d else "-"
 
-  rows.append((f"jax ({args.dtype})", cell(res["jax"], "train"), cell(res["jax"], "infer"), cpu(res["jax"])))
+  backend = "" if args.conv_backend == "xla" else f", {args.conv_backend} convolutions"
+  rows.append((f"jax ({args.dtype}{backend})", cell(res["jax"], "train"), cell(res["jax"], "infer"), cpu(res["jax"])))
   torch_res = res.get("torch") or {}
   for fmt in ("channels_last", "contiguous"):
     if fmt in torch_res:

@@ -16,6 +16,7 @@ import ml_collections
 
 from resnet_jax.data import AUGMENTATIONS, DATASETS
 from resnet_jax.errors import ConfigError
+from resnet_jax.models import CONV_BACKENDS
 
 OPTIMIZERS = ("sgd", "nesterov", "adamw", "lars")
 SCHEDULES = ("constant", "step", "cosine")
@@ -49,6 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.name = "resnet20"          # any name of resnet_jax.list_models()
   c.model.dtype = "float32"          # compute dtype: float32 | bfloat16 (parameters stay float32)
+  c.model.conv_backend = "xla"       # conv models: xla | onednn (CPU, x86-64; pip install -e ".[onednn]")
   c.model.options = ml_collections.ConfigDict()  # extra keyword options of create_model
 
   c.batch_size = 128                 # global batch, over all devices and hosts
@@ -157,6 +159,7 @@ SCHEMA: dict[str, Any] = {
     "model": {
         "name": _type(str, "a model name (see resnet_jax.list_models())"),
         "dtype": _choice(DTYPES),
+        "conv_backend": _choice(CONV_BACKENDS),
         "options": None,  # Free-form: checked by create_model (ModelError).
     },
     "batch_size": _pos_int,

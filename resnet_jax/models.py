@@ -48,6 +48,18 @@ def _uniform_bias_init(fan_in: int) -> Callable:
   return init
 
 
+CONV_BACKENDS = ("xla", "onednn")
+
+
+def _conv_class(backend: str) -> type[nn.Conv]:
+  """The convolution layer of a backend: ``nn.Conv`` or oneDNN's drop-in (imported only when asked for)."""
+  if backend == "onednn":
+    from resnet_jax import onednn_conv
+    onednn_conv.library()  # a ModelError saying how to install oneDNN, before any tracing
+    return onednn_conv.Conv
+  return nn.Conv
+
+
 class ResNet(nn.Module):
   """A residual network; see the module docstring for the stems and :mod:`resnet_jax.blocks` for orderings.
 
@@ -67,6 +79,10 @@ class ResNet(nn.Module):
     residual: False gives the plain twin: same branch layers, no shortcut and no projection layers.
     bn_momentum, bn_epsilon: flax convention (0.9 = torch momentum 0.1), eps 1e-5 as in torch.
     dtype, param_dtype: compute and storage dtypes (``dtype=jnp.bfloat16`` with float32 params is mixed precision).
+    conv_backend: ``"xla"`` (``flax.linen.Conv``: XLA's convolutions, any platform) or ``"onednn"``
+      (:class:`resnet_jax.onednn_conv.Conv`: oneDNN's forward, backward-data and backward-weights kernels
+      called from the compiled program; CPU only, needs ``pip install onednn-cpu-gomp``; same parameters, so
+      checkpoints and converted weights work with either).
   """
 
   stage_sizes: Sequence[int]
@@ -86,9 +102,12 @@ class ResNet(nn.Module):
   act: Callable[[Array], Array] = nn.relu
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  conv_backend: str = "xla"
 
   def __post_init__(self):
     check_block_options(self.block_order, self.shortcut)
+    if self.conv_backend not in CONV_BACKENDS:
+      raise ModelError(f"unknown conv_backend {self.conv_backend!r}: expected one of {', '.join(CONV_BACKENDS)}")
     if self.stem not in ("imagenet", "cifar"):
       raise ModelError(f"unknown stem {self.stem!r}: expected 'imagenet' or 'cifar'")
     if self.block_cls is BasicBlock and (self.groups != 1 or self.width_per_group != 64):
@@ -116,7 +135,7 @@ class ResNet(nn.Module):
   def __call__(self, x: Array, train: bool = False) -> Array:
     self._check_input(x)
     zero_init = self.residual if self.zero_init_residual is None else self.zero_init_residual
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+    conv = functools.partial(_conv_class(self.conv_backend), use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
                              kernel_init=conv_kernel_init)
     norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
                              epsilon=self.bn_epsilon, dtype=self.dtype, param_dtype=self.param_dtype)
@@ -177,7 +196,7 @@ CIFAR_DEPTHS = (20, 32, 44, 56, 110)
 # Options of the conv models that users may set (the rest defines the architecture named).
 CONV_OPTIONS = ("dtype", "param_dtype", "zero_init_residual", "residual", "bn_momentum", "bn_epsilon",
                 "block_order", "shortcut", "stride_in_1x1", "groups", "width_per_group", "num_filters", "act",
-                "stem")
+                "stem", "conv_backend")
 MLP_OPTIONS = ("depth", "dim", "hidden", "activation", "residual")
 
 _REGISTRY: dict[str, tuple[Callable[..., nn.Module], dict, tuple[str, ...], str]] = {}
@@ -257,7 +276,8 @@ def create_model(name: str, num_classes: int = 1000, **options) -> nn.Module:
   """Build the registered model ``name`` with a ``num_classes``-way head.
 
   Conv models accept the options ``dtype, param_dtype, zero_init_residual, residual, bn_momentum,
-  bn_epsilon, block_order, shortcut, stride_in_1x1, groups, width_per_group, num_filters, act, stem`` (see
+  bn_epsilon, block_order, shortcut, stride_in_1x1, groups, width_per_group, num_filters, act, stem,
+  conv_backend`` (see
   :class:`ResNet`; ``stem="cifar"`` on an ImageNet model gives the usual CIFAR ResNet-18: 3x3/1 stem conv,
   no max-pool); ``residual_mlp`` accepts ``depth, dim, hidden, activation, residual``.
   Unknown names and options raise :class:`~resnet_jax.errors.ModelError`.

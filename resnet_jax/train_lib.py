@@ -58,7 +58,8 @@ class TrainState(train_state.TrainState):
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int):
-  """``create_model(config.model.name, num_classes, **config.model.options)`` with the compute dtype."""
+  """``create_model(config.model.name, num_classes, **config.model.options)`` with the compute dtype and
+  the convolution backend."""
   from resnet_jax import models
 
   options = config.model.options.to_dict() if hasattr(config.model.options, "to_dict") else dict(
@@ -66,6 +67,8 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int):
   if config.model.dtype == "bfloat16":
     options["dtype"] = jnp.bfloat16
     options.setdefault("param_dtype", jnp.float32)
+  if config.model.get("conv_backend", "xla") != "xla":
+    options["conv_backend"] = config.model.conv_backend
   return models.create_model(config.model.name, num_classes=num_classes, **options)
 
 

@@ -164,6 +164,7 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> s
     (["--config.batch_size=-8"], ["batch_size"]),
     (["--config=configs/nope.py"], ["configs/nope.py", "not found"]),
     (["--bogus=1"], ["bogus"]),
+    (["--config.model.conv_backend=mkl"], ["conv_backend", "xla, onednn"]),
 ])
 def test_cli_bad_config_is_one_line_and_exit_2(args, needles, tmp_path):
   args = [a.replace("configs/", os.path.join(ROOT, "configs") + "/") for a in args]

@@ -333,7 +333,7 @@ def test_unknown_name_suggests_close_names():
 @pytest.mark.parametrize("options,match", [
     (dict(depth=3), "unknown option.*depth"), (dict(block_order="v3"), "block order"),
     (dict(shortcut="C"), "shortcut"), (dict(residual=False, zero_init_residual=True), "zero_init_residual"),
-    (dict(groups=32), "BasicBlock"),
+    (dict(groups=32), "BasicBlock"), (dict(conv_backend="mkl"), "conv_backend.*xla, onednn"),
 ])
 def test_bad_options(options, match):
   with pytest.raises(ModelError, match=match):
@@ -361,3 +361,33 @@ def test_input_must_be_nhwc():
 def test_resnet_module_is_public():
   model = create_model("resnet34")
   assert isinstance(model, ResNet) and model.stage_sizes == (3, 4, 6, 3)
+
+
+@pytest.mark.parametrize("name,options,size", [
+    ("resnet20", {}, 8),                                   # basic blocks, CIFAR stem, option A shortcuts
+    # Bottlenecks, 7x7/2 stem, max-pool, projections; at 64x64 the last stage's BatchNorm still sees 2x2
+    # pixels per image (at 32x32, one pixel of two images makes the float32 gradients ill-conditioned).
+    pytest.param("resnet50", {"num_filters": 8}, 64, marks=pytest.mark.slow),
+    ("resnext50_32x4d", {"num_filters": 16, "width_per_group": 16, "groups": 4}, 64),  # grouped 3x3 convs
+])
+def test_onednn_conv_backend_equals_xla(name, options, size):
+  """conv_backend="onednn" has the same parameters and computes the same training step as XLA's convolutions."""
+  xla = create_model(name, num_classes=10, **options)
+  onednn = create_model(name, num_classes=10, conv_backend="onednn", **options)
+  x, y = normal(3, (2, size, size, 3)), jnp.array([1, 4])
+  variables = xla.init(INIT_KEY, x)
+  chex.assert_trees_all_equal_shapes_and_dtypes(variables, onednn.init(INIT_KEY, x))
+
+  def loss_and_grads(model):
+    def loss_fn(params):
+      logits, _ = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), logits
+    return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(variables["params"])
+
+  (loss_x, logits_x), grads_x = loss_and_grads(xla)
+  (loss_o, logits_o), grads_o = loss_and_grads(onednn)
+  chex.assert_trees_all_close(logits_o, logits_x, rtol=1e-4, atol=1e-4)
+  chex.assert_trees_all_close(loss_o, loss_x, rtol=1e-5)
+  scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads_x))
+  chex.assert_trees_all_close(grads_o, grads_x, atol=2e-4 * scale)
+  chex.assert_trees_all_close(onednn.apply(variables, x), xla.apply(variables, x), rtol=1e-4, atol=1e-4)

@@ -152,6 +152,25 @@ def test_bfloat16_compute_keeps_float32_parameters():
   assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
 
 
+def test_onednn_conv_backend_trains_like_xla():
+  """config.model.conv_backend="onednn": the same jitted training step, the same trajectory within float32."""
+  losses = {}
+  for backend in ("xla", "onednn"):
+    c = tiny_config("resnet20", **{"model.conv_backend": backend})
+    model = train_lib.build_model(c, 10)
+    assert model.conv_backend == backend
+    tx = train_lib.make_optimizer(c, optax.constant_schedule(0.05))
+    state = train_lib.create_train_state(model, tx, (8, 8, 1), jax.random.PRNGKey(0))
+    step = jax.jit(train_lib.make_train_step(10))
+    batch = {"image": jax.random.normal(jax.random.PRNGKey(1), (8, 8, 8, 1)), "label": jnp.arange(8) % 10}
+    losses[backend] = []
+    for _ in range(3):
+      state, m = step(state, batch)
+      losses[backend].append(float(m["loss"]))
+  assert losses["onednn"][-1] < losses["onednn"][0]
+  np.testing.assert_allclose(losses["onednn"], losses["xla"], rtol=1e-4)
+
+
 # ----------------------------------------------------------------------------------------------
 # Whole runs.
 

@@ -1,0 +1,643 @@
+"""2-D convolutions computed by oneDNN on the CPU, callable from jitted JAX code (opt-in fast path).
+
+XLA:CPU (jaxlib 0.10.2) computes convolutions with Eigen or YNNPACK, which on AVX-512 CPUs run well behind
+oneDNN, the library PyTorch uses, above all for the weight gradient. This module calls oneDNN's C API
+through ``ctypes`` (no compiled extension) inside a ``jax.custom_vjp``::
+
+  y  = conv(x, w)            oneDNN convolution forward
+  dx = conv_transpose(dy, w) oneDNN convolution backward-data
+  dW = corr(x, dy)           oneDNN convolution backward-weights
+
+with the semantics of ``lax.conv_general_dilated(x, w, strides, padding,
+dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)``: NHWC activations, HWIO kernels
+(flax's layout), explicit (possibly asymmetric) padding ``((top, bottom), (left, right))``, any strides, no
+dilation, float32 or bfloat16.
+
+Two ways into oneDNN from a compiled XLA program (``transport``):
+
+- ``"custom_call"`` (default): an XLA custom call (the pre-FFI CPU calling convention,
+  ``void f(void* out, const void** in, const char* opaque, size_t opaque_len, void* status)``) whose target is
+  a ``ctypes`` callback. oneDNN reads XLA's input buffers and writes its output buffer in place: no copies.
+- ``"pure_callback"``: ``jax.pure_callback``, which copies every input into a new array and the result back
+  into XLA's buffer (about 1 ms per 8 MB on a 2-core Xeon: as long as a small convolution itself).
+
+Activations stay NHWC in memory (oneDNN's ``nhwc`` layout), so no transposes are needed; the kernel is
+handed over in HWIO and reordered by oneDNN into the blocked layout its kernels prefer (``format_tag any``),
+one small copy of the weights per call.
+
+Requirements: an x86-64 CPU and the oneDNN shared library ``libdnnl.so.3`` (``pip install
+onednn-cpu-gomp==2023.2.0``, which puts it in ``<sys.prefix>/lib``; it links against the system's
+``libgomp.so.1``, GCC's OpenMP runtime). oneDNN's threads are OpenMP threads: ``OMP_NUM_THREADS`` (default:
+the CPUs the process may run on) sets their number, independently of XLA's own thread pool. The arrays are
+computed on the host, so use this with the CPU backend (``JAX_PLATFORMS=cpu``). ``$RESNET_JAX_ONEDNN_LIBRARY``,
+when set, names the library file to load instead.
+
+Public API: :func:`available`, :func:`conv2d`, :func:`conv_general_dilated` (``lax``'s signature, what
+``flax.linen.Conv`` calls) and :class:`Conv`, a drop-in for ``flax.linen.Conv`` with the same parameter
+(``kernel``, HWIO) and initialisation.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import functools
+import os
+import platform
+import sys
+import threading
+import traceback
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from resnet_jax.errors import ModelError
+
+Array = Any
+
+INSTALL_HINT = ("install oneDNN with `pip install onednn-cpu-gomp==2023.2.0` (x86-64 Linux), or use "
+                "conv='xla' (flax's nn.Conv)")
+LIBRARY_NAME = "libdnnl.so.3"
+LIBRARY_ENV = "RESNET_JAX_ONEDNN_LIBRARY"  # path of the library file, when it is not where pip puts it
+TRANSPORTS = ("custom_call", "pure_callback")
+CUSTOM_CALL_TARGET = "resnet_jax_onednn_conv2d"
+
+# Constants of the oneDNN 3.x C API (include/oneapi/dnnl/dnnl_types.h, stable across 3.x).
+_SUCCESS = 0
+_F32, _BF16 = 3, 2
+_FORMAT_ANY = 1
+_ENGINE_CPU = 1
+_STREAM_DEFAULT = 1
+_FORWARD_TRAINING = 64
+_CONVOLUTION_DIRECT = 1
+_SCRATCHPAD_USER = 1
+_QUERY_IMPL_INFO_STR = 8
+_QUERY_WEIGHTS_MD, _QUERY_DIFF_WEIGHTS_MD, _QUERY_SCRATCHPAD_MD = 131, 132, 136
+_ARG_SRC, _ARG_DST, _ARG_WEIGHTS, _ARG_SCRATCHPAD = 1, 17, 33, 80
+_ARG_DIFF_SRC, _ARG_DIFF_DST, _ARG_DIFF_WEIGHTS = 129, 145, 161
+_ARG_FROM, _ARG_TO = 1, 17
+_MAX_NDIMS = 12
+
+_DIMS = ctypes.c_int64 * _MAX_NDIMS
+_DTYPES = {np.dtype(np.float32): _F32, np.dtype(jnp.bfloat16): _BF16}
+_DTYPE_NAMES = {d.name: d for d in _DTYPES}
+# XLA's CPU custom-call signature with an opaque string (API_VERSION_STATUS_RETURNING_UNIFIED = 3).
+_TARGET_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_char_p,
+                              ctypes.c_size_t, ctypes.c_void_p)
+
+
+class _ExecArg(ctypes.Structure):
+  _fields_ = [("arg", ctypes.c_int), ("memory", ctypes.c_void_p)]
+
+
+def _dims(values: Sequence[int]) -> Any:
+  return _DIMS(*[int(v) for v in values])
+
+
+def _library_paths() -> list[str]:
+  """Where ``libdnnl.so.3`` may be: ``$RESNET_JAX_ONEDNN_LIBRARY`` alone when set, otherwise the loader's
+  search path, then the pip wheel's ``<prefix>/lib``."""
+  if os.environ.get(LIBRARY_ENV):
+    return [os.environ[LIBRARY_ENV]]
+  paths = [LIBRARY_NAME]
+  for prefix in dict.fromkeys((sys.prefix, sys.base_prefix, sys.exec_prefix)):
+    paths.append(os.path.join(prefix, "lib", LIBRARY_NAME))
+  return paths
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvSpec:
+  """Everything that fixes one convolution: shapes (NHWC input, HWIO kernel), strides, padding, groups, dtype."""
+
+  x_shape: tuple[int, int, int, int]
+  kernel_shape: tuple[int, int, int, int]
+  strides: tuple[int, int]
+  padding: tuple[tuple[int, int], tuple[int, int]]
+  groups: int
+  dtype: str
+
+  @property
+  def out_shape(self) -> tuple[int, int, int, int]:
+    n, h, w, _ = self.x_shape
+    kh, kw, _, o = self.kernel_shape
+    (pt, pb), (pl, pr) = self.padding
+    sh, sw = self.strides
+    return (n, (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1, o)
+
+  @property
+  def flops(self) -> int:
+    """2 x multiply-adds of the forward pass (each backward pass costs the same)."""
+    n, oh, ow, o = self.out_shape
+    kh, kw, i, _ = self.kernel_shape
+    return 2 * n * oh * ow * o * kh * kw * i
+
+  def encode(self) -> str:
+    """Self-contained text form (the custom call's opaque string): ``"float32 2,9,9,4 3,3,4,6 1,1 1,1,1,1 1"``."""
+    pad = (*self.padding[0], *self.padding[1])
+    return " ".join([self.dtype] + [",".join(map(str, v)) for v in (self.x_shape, self.kernel_shape, self.strides, pad)]
+                    + [str(self.groups)])
+
+  @classmethod
+  def decode(cls, text: str) -> ConvSpec:
+    """Inverse of :meth:`encode`."""
+    dtype, x, k, s, pad, g = text.split()
+    x, k, s, pad = (tuple(int(v) for v in part.split(",")) for part in (x, k, s, pad))
+    return cls(x, k, s, (pad[:2], pad[2:]), int(g), dtype)  # type: ignore[arg-type]
+
+
+class _Library:
+  """The loaded oneDNN library: C signatures, one CPU engine, a stream per thread, the primitives built."""
+
+  def __init__(self, cdll: ctypes.CDLL):
+    self.cdll = cdll
+    vp, ci = ctypes.c_void_p, ctypes.c_int
+    pvp = ctypes.POINTER(ctypes.c_void_p)
+    status = [
+        ("dnnl_engine_create", [pvp, ci, ctypes.c_size_t]),
+        ("dnnl_stream_create", [pvp, vp, ctypes.c_uint]),
+        ("dnnl_stream_wait", [vp]),
+        ("dnnl_memory_desc_create_with_strides", [pvp, ci, _DIMS, ci, _DIMS]),
+        ("dnnl_memory_desc_create_with_tag", [pvp, ci, _DIMS, ci, ci]),
+        ("dnnl_memory_desc_destroy", [vp]),
+        ("dnnl_primitive_attr_create", [pvp]),
+        ("dnnl_primitive_attr_set_scratchpad_mode", [vp, ci]),
+        ("dnnl_convolution_forward_primitive_desc_create",
+         [pvp, vp, ci, ci, vp, vp, vp, vp, _DIMS, _DIMS, _DIMS, _DIMS, vp]),
+        ("dnnl_convolution_backward_data_primitive_desc_create",
+         [pvp, vp, ci, vp, vp, vp, _DIMS, _DIMS, _DIMS, _DIMS, vp, vp]),
+        ("dnnl_convolution_backward_weights_primitive_desc_create",
+         [pvp, vp, ci, vp, vp, vp, vp, _DIMS, _DIMS, _DIMS, _DIMS, vp, vp]),
+        ("dnnl_reorder_primitive_desc_create", [pvp, vp, vp, vp, vp, vp]),
+        ("dnnl_primitive_desc_query", [vp, ci, ci, vp]),
+        ("dnnl_primitive_create", [pvp, vp]),
+        ("dnnl_primitive_execute", [vp, vp, ci, ctypes.POINTER(_ExecArg)]),
+        ("dnnl_memory_create", [pvp, vp, vp, vp]),
+        ("dnnl_memory_destroy", [vp]),
+    ]
+    for name, argtypes in status:
+      fn = getattr(cdll, name)
+      fn.argtypes, fn.restype = argtypes, ci
+    cdll.dnnl_primitive_desc_query_md.argtypes = [vp, ci, ci]
+    cdll.dnnl_primitive_desc_query_md.restype = vp
+    cdll.dnnl_memory_desc_equal.argtypes = [vp, vp]
+    cdll.dnnl_memory_desc_equal.restype = ci
+    cdll.dnnl_memory_desc_get_size.argtypes = [vp]
+    cdll.dnnl_memory_desc_get_size.restype = ctypes.c_size_t
+    self.engine = ctypes.c_void_p()
+    self.check(cdll.dnnl_engine_create(ctypes.byref(self.engine), _ENGINE_CPU, 0), "creating the CPU engine")
+    self._local = threading.local()
+    self._lock = threading.Lock()
+    self._primitives: dict[ConvSpec, ConvPrimitives] = {}
+    self._by_opaque: dict[bytes, tuple[str, ConvPrimitives]] = {}
+    self._target: Any = None
+
+  def check(self, status: int, what: str) -> None:
+    if status != _SUCCESS:
+      raise ModelError(f"oneDNN failed ({what}): status {status}")
+
+  def stream(self) -> ctypes.c_void_p:
+    """This thread's stream (cheap on the CPU; one per thread keeps concurrent executions apart)."""
+    s = getattr(self._local, "stream", None)
+    if s is None:
+      s = ctypes.c_void_p()
+      self.check(self.cdll.dnnl_stream_create(ctypes.byref(s), self.engine, _STREAM_DEFAULT), "creating a stream")
+      self._local.stream = s
+    return s
+
+  def primitives(self, spec: ConvSpec) -> ConvPrimitives:
+    """The primitives for ``spec``, built once per process and kept."""
+    with self._lock:
+      p = self._primitives.get(spec)
+      if p is None:
+        p = self._primitives[spec] = ConvPrimitives(self, spec)
+      return p
+
+  def custom_call_target(self) -> str:
+    """Register (once) the XLA custom-call target that runs the primitives; returns its name."""
+    with self._lock:
+      if self._target is None:
+        target = _TARGET_FN(self._run_custom_call)
+        # A private prototype of PyCapsule_New (leaves ctypes.pythonapi's shared one alone).
+        new_capsule = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p)(
+            ("PyCapsule_New", ctypes.pythonapi))
+        capsule = new_capsule(ctypes.cast(target, ctypes.c_void_p).value, b"xla._CUSTOM_CALL_TARGET", None)
+        jax.ffi.register_ffi_target(CUSTOM_CALL_TARGET, capsule, platform="cpu", api_version=0)
+        self._target = target  # the callback must outlive every compiled program that calls it
+    return CUSTOM_CALL_TARGET
+
+  def _run_custom_call(self, out: int, ins: Any, opaque: bytes, opaque_len: int, status: int) -> None:
+    """XLA calls this with raw buffer pointers; ``opaque`` is ``b"<op> <ConvSpec.encode()>"``.
+
+    The spec travels in full (not as a number valid in this process only), so a compiled program is
+    self-contained, e.g. when it comes from jax's persistent compilation cache.
+    """
+    del status
+    key = opaque[:opaque_len]
+    entry = self._by_opaque.get(key)
+    if entry is None:
+      op, text = key.decode().split(" ", 1)
+      entry = self._by_opaque[key] = (op, self.primitives(ConvSpec.decode(text)))
+    op, p = entry
+    try:
+      if op == "forward":
+        p.forward_ptr(ins[0], ins[1], out)
+      elif op == "backward_data":
+        p.backward_data_ptr(ins[0], ins[1], out)
+      else:
+        p.backward_weights_ptr(ins[0], ins[1], out)
+    except BaseException:  # noqa: BLE001  (no exception can cross XLA: print it, and poison the result)
+      traceback.print_exc()
+      shape = {"forward": p.spec.out_shape, "backward_data": p.spec.x_shape}.get(op, p.spec.kernel_shape)
+      bf16 = p.spec.dtype == "bfloat16"
+      result = np.ctypeslib.as_array(ctypes.cast(out, ctypes.POINTER(ctypes.c_uint16 if bf16 else ctypes.c_float)),
+                                     shape)
+      result[...] = 0x7FC0 if bf16 else np.nan  # NaN
+
+
+@functools.lru_cache(maxsize=None)
+def _load() -> _Library:
+  if platform.machine().lower() not in ("x86_64", "amd64"):
+    raise ModelError(f"the oneDNN convolutions need an x86-64 CPU, this is {platform.machine()!r}: "
+                     "use conv='xla' (flax's nn.Conv)")
+  problems = []
+  for path in _library_paths():
+    try:
+      cdll = ctypes.CDLL(path)
+    except OSError as e:
+      if os.path.exists(path):  # there but unloadable, e.g. libgomp.so.1 missing: apt-get install libgomp1
+        problems.append(str(e))
+      continue
+    try:
+      return _Library(cdll)
+    except AttributeError as e:  # a symbol of the 3.x C API is missing
+      raise ModelError(f"{path} is not oneDNN 3.x ({e}): {INSTALL_HINT}") from None
+  if problems:
+    raise ModelError(f"oneDNN library found but not loadable ({'; '.join(problems)}); the usual cause is a "
+                     "missing GCC OpenMP runtime libgomp.so.1 (Debian/Ubuntu: apt-get install libgomp1), or use "
+                     "conv='xla'")
+  raise ModelError(f"oneDNN library {LIBRARY_NAME} not found (tried {', '.join(_library_paths())}): "
+                   f"{INSTALL_HINT}")
+
+
+def library() -> _Library:
+  """The loaded oneDNN library; raises :class:`ModelError` saying how to install it when it is missing."""
+  return _load()
+
+
+def available() -> bool:
+  """True when this is an x86-64 CPU and ``libdnnl.so.3`` loads."""
+  try:
+    _load()
+  except ModelError:
+    return False
+  return True
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Primitives
+
+
+def _nhwc_md(lib: _Library, shape: Sequence[int], dt: int) -> ctypes.c_void_p:
+  """Memory descriptor of an NHWC array; oneDNN's logical order is (N, C, H, W)."""
+  n, h, w, c = shape
+  md = ctypes.c_void_p()
+  lib.check(lib.cdll.dnnl_memory_desc_create_with_strides(
+      ctypes.byref(md), 4, _dims((n, c, h, w)), dt, _dims((h * w * c, 1, w * c, c))), "NHWC descriptor")
+  return md
+
+
+def _hwio_md(lib: _Library, shape: Sequence[int], groups: int, dt: int) -> ctypes.c_void_p:
+  """Memory descriptor of an HWIO kernel; oneDNN's logical order is (O, I, H, W) or (G, O/G, I/G, H, W)."""
+  kh, kw, i, o = shape
+  md = ctypes.c_void_p()
+  if groups == 1:
+    dims, strides = (o, i, kh, kw), (1, o, kw * i * o, i * o)
+  else:
+    og = o // groups  # output channel g * og + k of the HWIO kernel
+    dims, strides = (groups, og, i, kh, kw), (og, 1, o, kw * i * o, i * o)
+  lib.check(lib.cdll.dnnl_memory_desc_create_with_strides(
+      ctypes.byref(md), len(dims), _dims(dims), dt, _dims(strides)), "HWIO descriptor")
+  return md
+
+
+class _Primitive:
+  """One oneDNN primitive with its user-managed scratchpad size and implementation name."""
+
+  def __init__(self, lib: _Library, pd: ctypes.c_void_p, what: str):
+    self.lib = lib
+    self.pd = pd
+    self.handle = ctypes.c_void_p()
+    lib.check(lib.cdll.dnnl_primitive_create(ctypes.byref(self.handle), pd), f"creating the {what} primitive")
+    self.scratch_md = lib.cdll.dnnl_primitive_desc_query_md(pd, _QUERY_SCRATCHPAD_MD, 0)
+    self.scratch_bytes = int(lib.cdll.dnnl_memory_desc_get_size(self.scratch_md)) if self.scratch_md else 0
+    name = ctypes.c_char_p()
+    lib.cdll.dnnl_primitive_desc_query(pd, _QUERY_IMPL_INFO_STR, 0, ctypes.byref(name))
+    self.impl = (name.value or b"?").decode()
+
+  def md(self, query: int) -> ctypes.c_void_p:
+    return self.lib.cdll.dnnl_primitive_desc_query_md(self.pd, query, 0)
+
+  def execute(self, args: Sequence[tuple[int, Any, int]]) -> None:
+    """Run on this thread's stream; ``args`` are (argument id, memory descriptor, data pointer)."""
+    lib, cdll = self.lib, self.lib.cdll
+    scratch = None
+    if self.scratch_bytes:
+      scratch = np.empty(self.scratch_bytes, np.uint8)
+      args = list(args) + [(_ARG_SCRATCHPAD, self.scratch_md, scratch.ctypes.data)]
+    mems = []
+    try:
+      for _, md, ptr in args:
+        m = ctypes.c_void_p()
+        lib.check(cdll.dnnl_memory_create(ctypes.byref(m), md, lib.engine, ctypes.c_void_p(ptr)), "memory")
+        mems.append(m)
+      exec_args = (_ExecArg * len(args))(*[_ExecArg(a[0], m) for a, m in zip(args, mems)])
+      stream = lib.stream()
+      lib.check(cdll.dnnl_primitive_execute(self.handle, stream, len(args), exec_args), "execute")
+      lib.check(cdll.dnnl_stream_wait(stream), "stream wait")
+    finally:
+      for m in mems:
+        cdll.dnnl_memory_destroy(m)
+    del scratch
+
+
+class ConvPrimitives:
+  """oneDNN forward, backward-data and backward-weights primitives for one :class:`ConvSpec`.
+
+  The activations are NHWC; each primitive picks its own kernel layout (``format_tag any``) and the HWIO
+  kernel is reordered into it (forward, backward-data) or out of it (backward-weights) when it differs.
+  The ``*_ptr`` methods take raw addresses of C-contiguous buffers; the others take and return numpy arrays.
+  """
+
+  def __init__(self, lib: _Library, spec: ConvSpec):
+    self.lib, self.spec = lib, spec
+    dt = _DTYPES[_DTYPE_NAMES[spec.dtype]]
+    kh, kw, i, o = spec.kernel_shape
+    g = spec.groups
+    self.x_md = _nhwc_md(lib, spec.x_shape, dt)
+    self.y_md = _nhwc_md(lib, spec.out_shape, dt)
+    self.w_md = _hwio_md(lib, spec.kernel_shape, g, dt)
+    w_dims = (o, i, kh, kw) if g == 1 else (g, o // g, i, kh, kw)
+    strides, dilates = _dims(spec.strides), _dims((0, 0))
+    (pt, pb), (pl, pr) = spec.padding
+    pad_l, pad_r = _dims((pt, pl)), _dims((pb, pr))
+    self._attr = ctypes.c_void_p()
+    lib.check(lib.cdll.dnnl_primitive_attr_create(ctypes.byref(self._attr)), "attributes")
+    lib.check(lib.cdll.dnnl_primitive_attr_set_scratchpad_mode(self._attr, _SCRATCHPAD_USER), "scratchpad mode")
+    what = (f"convolution of {spec.x_shape} by {spec.kernel_shape} ({spec.dtype}, strides {spec.strides}, "
+            f"padding {spec.padding}, groups {g})")
+
+    def create(fn: Callable, *args: Any) -> ctypes.c_void_p:
+      pd = ctypes.c_void_p()
+      status = fn(ctypes.byref(pd), lib.engine, *args)
+      if status != _SUCCESS:
+        raise ModelError(f"oneDNN does not implement the {what} (status {status}): use conv='xla'")
+      return pd
+
+    w_any = ctypes.c_void_p()
+    lib.check(lib.cdll.dnnl_memory_desc_create_with_tag(ctypes.byref(w_any), len(w_dims), _dims(w_dims), dt,
+                                                        _FORMAT_ANY), "weights descriptor")
+    conv = (strides, dilates, pad_l, pad_r)
+    fwd_pd = create(lib.cdll.dnnl_convolution_forward_primitive_desc_create, _FORWARD_TRAINING,
+                    _CONVOLUTION_DIRECT, self.x_md, w_any, None, self.y_md, *conv, self._attr)
+    bwd_data_pd = create(lib.cdll.dnnl_convolution_backward_data_primitive_desc_create, _CONVOLUTION_DIRECT,
+                         self.x_md, w_any, self.y_md, *conv, fwd_pd, self._attr)
+    bwd_weights_pd = create(lib.cdll.dnnl_convolution_backward_weights_primitive_desc_create,
+                            _CONVOLUTION_DIRECT, self.x_md, w_any, None, self.y_md, *conv, fwd_pd, self._attr)
+    lib.cdll.dnnl_memory_desc_destroy(w_any)
+    self.forward_p = _Primitive(lib, fwd_pd, "forward")
+    self.backward_data_p = _Primitive(lib, bwd_data_pd, "backward-data")
+    self.backward_weights_p = _Primitive(lib, bwd_weights_pd, "backward-weights")
+    self._fwd_w = self._layout(self.forward_p.md(_QUERY_WEIGHTS_MD), into=True)
+    self._bwd_data_w = self._layout(self.backward_data_p.md(_QUERY_WEIGHTS_MD), into=True)
+    self._bwd_weights_w = self._layout(self.backward_weights_p.md(_QUERY_DIFF_WEIGHTS_MD), into=False)
+
+  def _layout(self, md: Any, into: bool) -> tuple[Any, _Primitive | None, int]:
+    """(descriptor, reorder HWIO -> md (``into``) or md -> HWIO, or None when md is HWIO, bytes of md)."""
+    lib = self.lib
+    if lib.cdll.dnnl_memory_desc_equal(md, self.w_md):
+      return md, None, 0
+    src, dst = (self.w_md, md) if into else (md, self.w_md)
+    pd = ctypes.c_void_p()
+    lib.check(lib.cdll.dnnl_reorder_primitive_desc_create(ctypes.byref(pd), src, lib.engine, dst, lib.engine,
+                                                          self._attr), "weights reorder")
+    return md, _Primitive(lib, pd, "reorder"), int(lib.cdll.dnnl_memory_desc_get_size(md))
+
+  @property
+  def implementations(self) -> dict[str, str]:
+    """oneDNN's implementation names, e.g. ``{"forward": "brgconv:avx512_core", ...}``."""
+    return {"forward": self.forward_p.impl, "backward_data": self.backward_data_p.impl,
+            "backward_weights": self.backward_weights_p.impl}
+
+  def _run_with_weights(self, p: _Primitive, layout: tuple, w_ptr: int, args: list) -> None:
+    md, reorder, nbytes = layout
+    buf = None
+    if reorder is not None:
+      buf = np.empty(nbytes, np.uint8)
+      reorder.execute([(_ARG_FROM, self.w_md, w_ptr), (_ARG_TO, md, buf.ctypes.data)])
+      w_ptr = buf.ctypes.data
+    p.execute(args + [(_ARG_WEIGHTS, md, w_ptr)])
+    del buf
+
+  def forward_ptr(self, x: int, w: int, y: int) -> None:
+    """y = conv(x, w) on raw buffers (NHWC x and y, HWIO w)."""
+    self._run_with_weights(self.forward_p, self._fwd_w, w, [(_ARG_SRC, self.x_md, x), (_ARG_DST, self.y_md, y)])
+
+  def backward_data_ptr(self, dy: int, w: int, dx: int) -> None:
+    """dx = conv_transpose(dy, w): the gradient with respect to the input, on raw buffers."""
+    self._run_with_weights(self.backward_data_p, self._bwd_data_w, w,
+                           [(_ARG_DIFF_DST, self.y_md, dy), (_ARG_DIFF_SRC, self.x_md, dx)])
+
+  def backward_weights_ptr(self, x: int, dy: int, dw: int) -> None:
+    """dW = corr(x, dy): the gradient with respect to the HWIO kernel, on raw buffers."""
+    md, reorder, nbytes = self._bwd_weights_w
+    buf = None if reorder is None else np.empty(nbytes, np.uint8)
+    self.backward_weights_p.execute([(_ARG_SRC, self.x_md, x), (_ARG_DIFF_DST, self.y_md, dy),
+                                     (_ARG_DIFF_WEIGHTS, md, dw if buf is None else buf.ctypes.data)])
+    if buf is not None:
+      reorder.execute([(_ARG_FROM, md, buf.ctypes.data), (_ARG_TO, self.w_md, dw)])
+
+  def _host(self, a: Any) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(a), dtype=_DTYPE_NAMES[self.spec.dtype])
+
+  def forward(self, x: Any, w: Any) -> np.ndarray:
+    """y = conv(x, w) for host arrays."""
+    x, w = self._host(x), self._host(w)
+    y = np.empty(self.spec.out_shape, x.dtype)
+    self.forward_ptr(x.ctypes.data, w.ctypes.data, y.ctypes.data)
+    return y
+
+  def backward_data(self, dy: Any, w: Any) -> np.ndarray:
+    """dx for host arrays."""
+    dy, w = self._host(dy), self._host(w)
+    dx = np.empty(self.spec.x_shape, dy.dtype)
+    self.backward_data_ptr(dy.ctypes.data, w.ctypes.data, dx.ctypes.data)
+    return dx
+
+  def backward_weights(self, x: Any, dy: Any) -> np.ndarray:
+    """dW for host arrays."""
+    x, dy = self._host(x), self._host(dy)
+    dw = np.empty(self.spec.kernel_shape, x.dtype)
+    self.backward_weights_ptr(x.ctypes.data, dy.ctypes.data, dw.ctypes.data)
+    return dw
+
+
+def primitives(spec: ConvSpec) -> ConvPrimitives:
+  """The oneDNN primitives for ``spec`` (built once per process); :class:`ModelError` when unsupported."""
+  return library().primitives(spec)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# JAX functions
+
+
+def _pair(value: int | Sequence[int], what: str) -> tuple[int, int]:
+  if isinstance(value, (int, np.integer)):
+    return int(value), int(value)
+  value = tuple(int(v) for v in value)
+  if len(value) != 2:
+    raise ModelError(f"{what} must be an int or a pair (height, width), got {value!r}")
+  return value  # type: ignore[return-value]
+
+
+def make_spec(x_shape: Sequence[int], kernel_shape: Sequence[int], dtype: Any, strides: int | Sequence[int],
+              padding: Sequence[Sequence[int]], feature_group_count: int = 1) -> ConvSpec:
+  """Check the arguments of :func:`conv2d` and describe the convolution; :class:`ModelError` if unsupported."""
+  x_shape, kernel_shape = tuple(int(d) for d in x_shape), tuple(int(d) for d in kernel_shape)
+  if len(x_shape) != 4 or len(kernel_shape) != 4:
+    raise ModelError(f"the oneDNN convolution takes an NHWC input and an HWIO kernel (rank 4), got shapes "
+                     f"{x_shape} and {kernel_shape}")
+  dtype = np.dtype(dtype)
+  if dtype not in _DTYPES:
+    raise ModelError(f"the oneDNN convolution supports float32 and bfloat16, got {dtype.name}: use "
+                     "dtype=float32 or conv='xla'")
+  strides = _pair(strides, "strides")
+  try:
+    padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+  except (TypeError, ValueError):
+    raise ModelError(f"padding must be explicit ((top, bottom), (left, right)), got {padding!r}") from None
+  if len(padding) != 2 or min(padding[0] + padding[1]) < 0:
+    raise ModelError(f"padding must be two non-negative (low, high) pairs, got {padding!r}")
+  if min(strides) < 1:
+    raise ModelError(f"strides must be positive, got {strides}")
+  g = int(feature_group_count)
+  kh, kw, i, o = kernel_shape
+  if g < 1 or x_shape[3] != i * g or o % g:
+    raise ModelError(f"input channels {x_shape[3]} must equal kernel input channels {i} x feature_group_count {g}, "
+                     f"and kernel output channels {o} must be divisible by {g}")
+  spec = ConvSpec(x_shape, kernel_shape, strides, padding, g, dtype.name)  # type: ignore[arg-type]
+  if min(spec.out_shape) < 1:
+    raise ModelError(f"a {kh}x{kw} kernel with padding {padding} does not fit the {x_shape[1]}x{x_shape[2]} input")
+  return spec
+
+
+def _call(spec: ConvSpec, transport: str, op: str, shape: Sequence[int], a: Array, b: Array) -> Array:
+  """Run primitive ``op`` ("forward", "backward_data", "backward_weights") of ``spec`` on (a, b)."""
+  p = primitives(spec)
+  result = jax.ShapeDtypeStruct(tuple(shape), a.dtype)
+  if transport == "custom_call":
+    call = jax.ffi.ffi_call(library().custom_call_target(), result, vmap_method="sequential",
+                            custom_call_api_version=3, legacy_backend_config=f"{op} {spec.encode()}")
+    return call(a, b)
+  return jax.pure_callback(getattr(p, op), result, a, b, vmap_method="sequential")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _conv(spec: ConvSpec, transport: str, x: Array, kernel: Array) -> Array:
+  return _call(spec, transport, "forward", spec.out_shape, x, kernel)
+
+
+def _conv_fwd(spec: ConvSpec, transport: str, x: Array, kernel: Array) -> tuple[Array, tuple[Array, Array]]:
+  return _conv(spec, transport, x, kernel), (x, kernel)
+
+
+def _conv_bwd(spec: ConvSpec, transport: str, residuals: tuple[Array, Array], dy: Array) -> tuple[Array, Array]:
+  x, kernel = residuals
+  dx = _call(spec, transport, "backward_data", spec.x_shape, dy, kernel)
+  dw = _call(spec, transport, "backward_weights", spec.kernel_shape, x, dy)
+  return dx, dw
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def conv2d(x: Array, kernel: Array, strides: int | Sequence[int] = (1, 1),
+           padding: Sequence[Sequence[int]] = ((0, 0), (0, 0)), feature_group_count: int = 1,
+           transport: str = "custom_call") -> Array:
+  """2-D convolution by oneDNN, differentiable (custom VJP), usable under ``jit``, ``grad`` and ``vmap``.
+
+  Equals ``lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+  feature_group_count=feature_group_count)``, i.e. with G = groups and I = C / G::
+
+    y[n, p, q, o] = sum_{i, j, c < I} x_pad[n, p*sh + i, q*sw + j, (o // (O/G))*I + c] * kernel[i, j, c, o]
+
+  dx and dW come from oneDNN's backward-data and backward-weights primitives.
+
+  Args:
+    x: NHWC input, float32 or bfloat16.
+    kernel: HWIO kernel (KH, KW, C / groups, O) of the same dtype.
+    strides: (sh, sw) or one int.
+    padding: ((top, bottom), (left, right)), non-negative, asymmetric allowed.
+    feature_group_count: groups; C and O must be divisible by it.
+    transport: ``"custom_call"`` (zero-copy XLA custom call) or ``"pure_callback"`` (see the module docstring).
+
+  Raises:
+    ModelError: oneDNN is not installed, or the dtype, shapes, padding or transport are not supported.
+  """
+  if transport not in TRANSPORTS:
+    raise ModelError(f"unknown transport {transport!r}: expected one of {', '.join(TRANSPORTS)}")
+  if transport == "custom_call" and jax.default_backend() != "cpu":
+    raise ModelError(f"the oneDNN custom call runs on the CPU backend only, the default backend is "
+                     f"{jax.default_backend()!r}: set JAX_PLATFORMS=cpu, or use conv='xla'")
+  x, kernel = jnp.asarray(x), jnp.asarray(kernel)
+  if x.dtype != kernel.dtype:
+    raise ModelError(f"input and kernel must have the same dtype, got {x.dtype} and {kernel.dtype}")
+  spec = make_spec(x.shape, kernel.shape, x.dtype, strides, padding, feature_group_count)
+  primitives(spec)  # built (or refused) now, at trace time, never inside the compiled program
+  return _conv(spec, transport, x, kernel)
+
+
+_NHWC_DIMENSION_NUMBERS = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1),
+                                                   out_spec=(0, 3, 1, 2))
+
+
+def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], padding: Any,
+                         lhs_dilation: Sequence[int] | None = None, rhs_dilation: Sequence[int] | None = None,
+                         dimension_numbers: Any = None, feature_group_count: int = 1, batch_group_count: int = 1,
+                         precision: Any = None, preferred_element_type: Any = None) -> Array:
+  """``lax.conv_general_dilated``'s signature, computed by :func:`conv2d` (what ``flax.linen.Conv`` calls).
+
+  Only the NHWC/HWIO/NHWC case without dilation, batch groups or a preferred element type is supported;
+  ``padding`` may be explicit pairs, ``"SAME"`` or ``"VALID"``. ``precision`` is ignored (oneDNN computes in
+  the input dtype with float32 accumulation). Anything else raises :class:`ModelError`.
+  """
+  del precision
+  if jnp.ndim(lhs) != 4 or jnp.ndim(rhs) != 4:
+    raise ModelError(f"the oneDNN convolution is 2-D: expected rank-4 NHWC input and HWIO kernel, got shapes "
+                     f"{jnp.shape(lhs)} and {jnp.shape(rhs)}")
+  dn = lax.conv_dimension_numbers(jnp.shape(lhs), jnp.shape(rhs), dimension_numbers)
+  if dn != _NHWC_DIMENSION_NUMBERS:
+    raise ModelError(f"the oneDNN convolution supports NHWC inputs with HWIO kernels only, got {dimension_numbers!r}")
+  for name, dilation in (("lhs_dilation", lhs_dilation), ("rhs_dilation", rhs_dilation)):
+    if dilation is not None and any(int(d) != 1 for d in dilation):
+      raise ModelError(f"the oneDNN convolution does not support {name}={tuple(dilation)}: use conv='xla'")
+  if batch_group_count != 1 or preferred_element_type is not None:
+    raise ModelError("the oneDNN convolution supports neither batch_group_count nor preferred_element_type")
+  if isinstance(padding, str):
+    padding = lax.padtype_to_pads(jnp.shape(lhs)[1:3], jnp.shape(rhs)[:2], tuple(window_strides), padding)
+  return conv2d(lhs, rhs, window_strides, padding, feature_group_count)
+
+
+class Conv(nn.Conv):
+  """``flax.linen.Conv`` computed by oneDNN: same attributes, parameter ``kernel`` (HWIO), initialisation.
+
+  A drop-in for ``functools.partial(nn.Conv, use_bias=False, dtype=..., param_dtype=..., kernel_init=...)``
+  as used by :class:`resnet_jax.models.ResNet`, so checkpoints and :mod:`resnet_jax.convert` work unchanged.
+  Supports 2-D NHWC inputs, float32/bfloat16 compute dtypes, strides, explicit or SAME/VALID padding and
+  feature groups; dilations raise :class:`ModelError`.
+  """
+
+  conv_general_dilated: Callable[..., Array] | None = conv_general_dilated
