@@ -142,3 +142,41 @@ def test_matmul_flops_of_imagenet_models_equal_the_published_counts(name):
   variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, train=False))
   flops = bench.matmul_flops(jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, x))
   assert flops / 2e9 == pytest.approx(bench.REFERENCE_GMACS_224[name], rel=1e-3)
+
+
+def test_conv_ops_times_every_backend_and_writes_json(tmp_path):
+  out = tmp_path / "ops.json"
+  p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "conv_ops.py"), "--shapes", "2,6,4",
+                      "--repeats", "1", "--min-seconds", "0", "--json", str(out)],
+                     capture_output=True, text=True, timeout=300)
+  assert p.returncode == 0, p.stderr
+  res = json.loads(out.read_text())
+  assert res["backends"] == ["xla", "onednn", "torch"]
+  gflops = res["gflops"]["2,6,4"]
+  assert set(gflops) == {f"{b}.{p}" for b in ("xla", "onednn", "torch") for p in ("fwd", "dx", "dW")}
+  assert all(v > 0 for v in gflops.values())
+  assert "| 2, 6, 4 |" in p.stdout
+
+
+@pytest.mark.parametrize("args,needle", [(["--shapes", "1,2"], "B,H,C"), (["--backends", "mkl"], "mkl")])
+def test_conv_ops_bad_arguments_are_one_line(args, needle):
+  p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "conv_ops.py"), *args],
+                     capture_output=True, text=True, timeout=120)
+  assert p.returncode == 2 and "Traceback" not in p.stderr
+  assert p.stderr.startswith("error: ") and needle in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_bench_onednn_backend_counts_the_same_flops(tmp_path):
+  """--conv-backend onednn runs, labels its row, and counts the model's FLOPs (its convolutions are custom calls)."""
+  import jax
+  import jax.numpy as jnp
+  from resnet_jax import create_model
+  out = tmp_path / "bench.json"
+  p = run_bench(*TINY, "--mode", "train", "--conv-backend", "onednn", "--json", str(out))
+  assert p.returncode == 0, p.stderr
+  res = json.loads(out.read_text())
+  assert res["jax"]["train"]["images_per_s"] > 0 and "onednn convolutions" in p.stdout
+  model, x = create_model("resnet20", num_classes=10), jnp.zeros((1, 8, 8, 3))
+  variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x))
+  expected = _import_bench().matmul_flops(jax.make_jaxpr(lambda v, x: model.apply(v, x))(variables, x))
+  assert res["jax"]["forward_flops_per_image"] == pytest.approx(expected)
