@@ -59,6 +59,9 @@ def main(argv: list[str]) -> int:
   config, workdir = parse_args(argv)
   from resnet_jax.config_check import validate_config
   validate_config(config)
+  if config.get("host_memory", "default") == "keep":  # before jax starts its backend (resnet_jax.host_memory)
+    from resnet_jax.host_memory import keep_host_memory
+    keep_host_memory()
   from resnet_jax import train_lib
   summary = train_lib.train_and_evaluate(config, workdir)
   print(f"{summary['model']} on {summary['dataset']}: test accuracy {summary['test_accuracy']:.4f} "

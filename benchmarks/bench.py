@@ -92,6 +92,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--conv-backend", choices=("xla", "onednn"), default="xla",
                  help="the models' convolutions: XLA's (flax nn.Conv) or oneDNN's called from the compiled "
                       "step (CPU only; pip install onednn-cpu-gomp)")
+  p.add_argument("--host-memory", choices=("keep", "default"), default="default",
+                 help="keep: glibc keeps and reuses freed host memory (resnet_jax.host_memory), applied before "
+                      "jax starts; it holds for torch in the same process too")
   p.add_argument("--cpu-conv", choices=("eigen", "default"), default="default",
                  help=f"'eigen' adds {EIGEN_CONV_FLAG} to XLA_FLAGS (Eigen convolutions instead of YNNPACK: "
                       "faster for CIFAR-sized nets, slower at 224x224 here); 'default' leaves XLA's choice")
@@ -472,6 +475,9 @@ def main(argv: list[str] | None = None) -> int:
   if args.cpu_conv == "eigen" and "--xla_cpu_experimental_ynn_fusion_type" in args.xla_flags:
     raise ConfigError("--xla-flags sets xla_cpu_experimental_ynn_fusion_type: use --cpu-conv default with it")
   xla_flags = set_xla_flags(args)
+  if args.host_memory == "keep":
+    from resnet_jax.host_memory import keep_host_memory
+    keep_host_memory()
 
   import jax
   from resnet_jax import models

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 
 from resnet_jax.blocks import BasicBlock, Bottleneck, ModuleDef, check_block_options
 from resnet_jax.errors import ModelError
+from resnet_jax.pooling import max_pool
 
 Array = Any
 
@@ -148,7 +149,7 @@ class ResNet(nn.Module):
     if not v2:
       x = self.act(norm(name="bn1")(x))
     if self.stem == "imagenet":
-      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # pads with -inf
+      x = max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))  # pads with -inf; fast gradient on the CPU
     extra = {}
     if self.block_cls is Bottleneck:
       extra = dict(groups=self.groups, width_per_group=self.width_per_group, stride_in_1x1=self.stride_in_1x1)

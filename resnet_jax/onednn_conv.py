@@ -60,7 +60,7 @@ from resnet_jax.errors import ModelError
 Array = Any
 
 INSTALL_HINT = ("install oneDNN with `pip install onednn-cpu-gomp==2023.2.0` (x86-64 Linux), or use "
-                "conv='xla' (flax's nn.Conv)")
+                "conv_backend='xla' (flax's nn.Conv)")
 LIBRARY_NAME = "libdnnl.so.3"
 LIBRARY_ENV = "RESNET_JAX_ONEDNN_LIBRARY"  # path of the library file, when it is not where pip puts it
 TRANSPORTS = ("custom_call", "pure_callback")
@@ -208,6 +208,20 @@ class _Library:
       self._local.stream = s
     return s
 
+  def buffer(self, purpose: str, nbytes: int) -> np.ndarray:
+    """This thread's reusable byte buffer for ``purpose`` ("scratchpad" or "weights"), grown as needed.
+
+    Reused from call to call, so its pages are touched once, not faulted in afresh by every convolution.
+    A thread runs one primitive at a time, and the two purposes never share memory.
+    """
+    buffers = getattr(self._local, "buffers", None)
+    if buffers is None:
+      buffers = self._local.buffers = {}
+    buf = buffers.get(purpose)
+    if buf is None or buf.nbytes < nbytes:
+      buf = buffers[purpose] = np.empty(max(nbytes, 64), np.uint8)
+    return buf
+
   def primitives(self, spec: ConvSpec) -> ConvPrimitives:
     """The primitives for ``spec``, built once per process and kept."""
     with self._lock:
@@ -262,7 +276,7 @@ class _Library:
 def _load() -> _Library:
   if platform.machine().lower() not in ("x86_64", "amd64"):
     raise ModelError(f"the oneDNN convolutions need an x86-64 CPU, this is {platform.machine()!r}: "
-                     "use conv='xla' (flax's nn.Conv)")
+                     "use conv_backend='xla' (flax's nn.Conv)")
   problems = []
   for path in _library_paths():
     try:
@@ -278,7 +292,7 @@ def _load() -> _Library:
   if problems:
     raise ModelError(f"oneDNN library found but not loadable ({'; '.join(problems)}); the usual cause is a "
                      "missing GCC OpenMP runtime libgomp.so.1 (Debian/Ubuntu: apt-get install libgomp1), or use "
-                     "conv='xla'")
+                     "conv_backend='xla'")
   raise ModelError(f"oneDNN library {LIBRARY_NAME} not found (tried {', '.join(_library_paths())}): "
                    f"{INSTALL_HINT}")
 
@@ -344,9 +358,8 @@ class _Primitive:
   def execute(self, args: Sequence[tuple[int, Any, int]]) -> None:
     """Run on this thread's stream; ``args`` are (argument id, memory descriptor, data pointer)."""
     lib, cdll = self.lib, self.lib.cdll
-    scratch = None
     if self.scratch_bytes:
-      scratch = np.empty(self.scratch_bytes, np.uint8)
+      scratch = lib.buffer("scratchpad", self.scratch_bytes)
       args = list(args) + [(_ARG_SCRATCHPAD, self.scratch_md, scratch.ctypes.data)]
     mems = []
     try:
@@ -361,7 +374,6 @@ class _Primitive:
     finally:
       for m in mems:
         cdll.dnnl_memory_destroy(m)
-    del scratch
 
 
 class ConvPrimitives:
@@ -394,7 +406,7 @@ class ConvPrimitives:
       pd = ctypes.c_void_p()
       status = fn(ctypes.byref(pd), lib.engine, *args)
       if status != _SUCCESS:
-        raise ModelError(f"oneDNN does not implement the {what} (status {status}): use conv='xla'")
+        raise ModelError(f"oneDNN does not implement the {what} (status {status}): use conv_backend='xla'")
       return pd
 
     w_any = ctypes.c_void_p()
@@ -434,13 +446,11 @@ class ConvPrimitives:
 
   def _run_with_weights(self, p: _Primitive, layout: tuple, w_ptr: int, args: list) -> None:
     md, reorder, nbytes = layout
-    buf = None
     if reorder is not None:
-      buf = np.empty(nbytes, np.uint8)
+      buf = self.lib.buffer("weights", nbytes)
       reorder.execute([(_ARG_FROM, self.w_md, w_ptr), (_ARG_TO, md, buf.ctypes.data)])
       w_ptr = buf.ctypes.data
     p.execute(args + [(_ARG_WEIGHTS, md, w_ptr)])
-    del buf
 
   def forward_ptr(self, x: int, w: int, y: int) -> None:
     """y = conv(x, w) on raw buffers (NHWC x and y, HWIO w)."""
@@ -454,7 +464,7 @@ class ConvPrimitives:
   def backward_weights_ptr(self, x: int, dy: int, dw: int) -> None:
     """dW = corr(x, dy): the gradient with respect to the HWIO kernel, on raw buffers."""
     md, reorder, nbytes = self._bwd_weights_w
-    buf = None if reorder is None else np.empty(nbytes, np.uint8)
+    buf = None if reorder is None else self.lib.buffer("weights", nbytes)
     self.backward_weights_p.execute([(_ARG_SRC, self.x_md, x), (_ARG_DIFF_DST, self.y_md, dy),
                                      (_ARG_DIFF_WEIGHTS, md, dw if buf is None else buf.ctypes.data)])
     if buf is not None:
@@ -513,7 +523,7 @@ def make_spec(x_shape: Sequence[int], kernel_shape: Sequence[int], dtype: Any, s
   dtype = np.dtype(dtype)
   if dtype not in _DTYPES:
     raise ModelError(f"the oneDNN convolution supports float32 and bfloat16, got {dtype.name}: use "
-                     "dtype=float32 or conv='xla'")
+                     "dtype=float32 or conv_backend='xla'")
   strides = _pair(strides, "strides")
   try:
     padding = tuple((int(lo), int(hi)) for lo, hi in padding)
@@ -591,7 +601,7 @@ def conv2d(x: Array, kernel: Array, strides: int | Sequence[int] = (1, 1),
     raise ModelError(f"unknown transport {transport!r}: expected one of {', '.join(TRANSPORTS)}")
   if transport == "custom_call" and jax.default_backend() != "cpu":
     raise ModelError(f"the oneDNN custom call runs on the CPU backend only, the default backend is "
-                     f"{jax.default_backend()!r}: set JAX_PLATFORMS=cpu, or use conv='xla'")
+                     f"{jax.default_backend()!r}: set JAX_PLATFORMS=cpu, or use conv_backend='xla'")
   x, kernel = jnp.asarray(x), jnp.asarray(kernel)
   if x.dtype != kernel.dtype:
     raise ModelError(f"input and kernel must have the same dtype, got {x.dtype} and {kernel.dtype}")
@@ -623,7 +633,7 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
     raise ModelError(f"the oneDNN convolution supports NHWC inputs with HWIO kernels only, got {dimension_numbers!r}")
   for name, dilation in (("lhs_dilation", lhs_dilation), ("rhs_dilation", rhs_dilation)):
     if dilation is not None and any(int(d) != 1 for d in dilation):
-      raise ModelError(f"the oneDNN convolution does not support {name}={tuple(dilation)}: use conv='xla'")
+      raise ModelError(f"the oneDNN convolution does not support {name}={tuple(dilation)}: use conv_backend='xla'")
   if batch_group_count != 1 or preferred_element_type is not None:
     raise ModelError("the oneDNN convolution supports neither batch_group_count nor preferred_element_type")
   if isinstance(padding, str):

@@ -165,6 +165,7 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> s
     (["--config=configs/nope.py"], ["configs/nope.py", "not found"]),
     (["--bogus=1"], ["bogus"]),
     (["--config.model.conv_backend=mkl"], ["conv_backend", "xla, onednn"]),
+    (["--config.host_memory=reuse"], ["host_memory", "keep, default"]),
 ])
 def test_cli_bad_config_is_one_line_and_exit_2(args, needles, tmp_path):
   args = [a.replace("configs/", os.path.join(ROOT, "configs") + "/") for a in args]
@@ -198,7 +199,8 @@ def test_cli_unknown_model_lists_close_names(tmp_path):
 def test_cli_trains_prints_outputs_and_evaluates(tmp_path):
   args = [f"--config={ROOT}/configs/residual_mlp.py", "--config.num_train_steps=3",
           "--config.model.options.depth=1", "--config.dataset.max_train_examples=32",
-          "--config.batch_size=8", "--config.progress_bar=False", "--config.eval_every_steps=3"]
+          "--config.batch_size=8", "--config.progress_bar=False", "--config.eval_every_steps=3",
+          "--config.host_memory=keep"]
   proc, workdir = run_train(args, tmp_path)
   assert proc.returncode == 0, proc.stderr
   assert f"outputs in {workdir}" in proc.stdout

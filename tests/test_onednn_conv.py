@@ -235,7 +235,7 @@ def test_missing_library_says_how_to_install():
              PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
   assert out.returncode == 0, out.stderr
-  assert "pip install onednn-cpu-gomp==2023.2.0" in out.stdout and "conv='xla'" in out.stdout, out.stdout
+  assert "pip install onednn-cpu-gomp==2023.2.0" in out.stdout and "conv_backend='xla'" in out.stdout, out.stdout
 
 
 def test_concurrent_calls_from_two_threads():

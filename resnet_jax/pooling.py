@@ -1,0 +1,75 @@
+"""Max pooling whose gradient is fast on the CPU: the ImageNet stem's 3x3/2 max-pool.
+
+The forward pass is ``flax.linen.max_pool`` (XLA's ``reduce_window``). Its gradient, as XLA differentiates
+it, is a ``select_and_scatter``, which XLA's CPU back end runs slowly: about 190 ms per ResNet-18 training
+step at batch 16, 224x224, on 2 cores, a quarter of the step. :func:`max_pool` gives the same gradient from
+the window's taps instead (three times faster there, ``benchmarks/README.md``)::
+
+  y = max over taps (i, j) of xp[:, i + s*p, j + s*q, :]          xp: x padded with -inf
+  dx = sum over taps of  pad_to_x( g * [tap (i, j) is the first tap, in row-major order, equal to y] )
+
+"First" reproduces ``select_and_scatter``'s choice among equal values, so the gradient is the one XLA
+computes (up to the order in which overlapping windows' contributions are added). Other back ends keep
+XLA's own gradient.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = Any
+
+
+def max_pool(x: Array, window: Sequence[int], strides: Sequence[int],
+             padding: Sequence[tuple[int, int]]) -> Array:
+  """``nn.max_pool(x, window, strides, padding)`` on NHWC ``x`` with explicit padding (padded with -inf).
+
+  On the CPU the gradient comes from the window's taps (module docstring); elsewhere from XLA.
+  """
+  window, strides = tuple(int(v) for v in window), tuple(int(v) for v in strides)
+  padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+  if jax.default_backend() != "cpu":
+    return nn.max_pool(x, window, strides=strides, padding=padding)
+  return _max_pool_taps(x, window, strides, padding)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _max_pool_taps(x: Array, window: tuple[int, int], strides: tuple[int, int],
+                   padding: tuple[tuple[int, int], tuple[int, int]]) -> Array:
+  return nn.max_pool(x, window, strides=strides, padding=padding)
+
+
+def _fwd(x, window, strides, padding):
+  y = _max_pool_taps(x, window, strides, padding)
+  return y, (x, y)
+
+
+def _bwd(window, strides, padding, residuals, g):
+  x, y = residuals
+  (pt, pb), (pl, pr) = padding
+  (kh, kw), (sh, sw) = window, strides
+  xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)), constant_values=-jnp.inf)
+  n, hp, wp, c = xp.shape
+  oh, ow = y.shape[1:3]
+  zero = jnp.zeros((), g.dtype)
+  taken = jnp.zeros(y.shape, bool)
+  dxp = jnp.zeros(xp.shape, g.dtype)
+  for i in range(kh):
+    for j in range(kw):
+      last_h, last_w = i + (oh - 1) * sh, j + (ow - 1) * sw
+      tap = lax.slice(xp, (0, i, j, 0), (n, last_h + 1, last_w + 1, c), (1, sh, sw, 1))
+      first = (tap == y) & ~taken  # this tap holds the window's maximum, and no earlier tap did
+      taken = taken | first
+      # Back to the padded input's grid: tap (p, q) sits at (i + sh*p, j + sw*q).
+      dxp = dxp + lax.pad(jnp.where(first, g, zero), zero,
+                          ((0, 0, 0), (i, hp - 1 - last_h, sh - 1), (j, wp - 1 - last_w, sw - 1), (0, 0, 0)))
+  return (dxp[:, pt:hp - pb, pl:wp - pr, :],)
+
+
+_max_pool_taps.defvjp(_fwd, _bwd)

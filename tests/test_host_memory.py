@@ -1,0 +1,68 @@
+"""``resnet_jax.host_memory``: with glibc keeping freed memory, XLA's per-call buffers stop faulting in fresh pages.
+
+Page faults are counted (``getrusage``), not timed, in a subprocess each, since the setting is process-wide
+and must precede jax's backend.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from resnet_jax.errors import ConfigError
+from resnet_jax.host_memory import keep_host_memory
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SCRIPT = """
+import resource, sys
+if sys.argv[1] == "keep":
+  from resnet_jax.host_memory import keep_host_memory
+  assert keep_host_memory()
+import jax, jax.numpy as jnp, optax
+from resnet_jax import create_model
+model = create_model("resnet20", num_classes=10)     # a CIFAR ResNet-20 training step, batch 64
+x, y = jnp.ones((64, 32, 32, 3)), jnp.arange(64) % 10
+variables = model.init(jax.random.PRNGKey(0), x)
+
+@jax.jit
+def step(params, stats):
+  def loss_fn(params):
+    logits, new = model.apply({"params": params, "batch_stats": stats}, x, train=True, mutable=["batch_stats"])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), new["batch_stats"]
+  (_, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  return jax.tree.map(lambda p, g: p - 0.1 * g, params, grads), stats
+
+state = (variables["params"], variables["batch_stats"])
+for _ in range(3):
+  state = jax.block_until_ready(step(*state))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+  state = jax.block_until_ready(step(*state))
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
+"""
+
+
+def faults_per_call(mode: str) -> float:
+  proc = subprocess.run([sys.executable, "-c", SCRIPT, mode], capture_output=True, text=True, timeout=120,
+                        cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  return float(proc.stdout.split()[-1])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings: Linux only")
+def test_kept_host_memory_stops_page_faults_on_every_call():
+  default, keep = faults_per_call("default"), faults_per_call("keep")
+  assert default > 10_000, default  # XLA's buffers are mapped and unmapped at every step: fresh pages
+  assert keep < 0.25 * default, (keep, default)  # the freed buffers are reused
+
+
+def test_too_late_once_the_backend_has_started():
+  jax.devices()
+  with pytest.raises(ConfigError, match="before jax starts its backend"):
+    keep_host_memory()
