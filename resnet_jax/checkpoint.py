@@ -20,6 +20,7 @@ the file and the earlier checkpoints; ``config.restore_step`` resumes from one o
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -95,6 +96,8 @@ class Checkpointer:
             data=ocp.args.JsonRestore(),
             meta=ocp.args.JsonRestore()))
       except Exception as e:  # orbax raises many types (ValueError, KeyError, OSError, ...).
+        # The other arrays' reads fail too; their futures would log tracebacks via asyncio when collected.
+        logging.getLogger("asyncio").disabled = True
         error = self._restore_error(path, step, e)
         _settle_after_failed_read(self._manager, e)
         held.drop()

@@ -9,6 +9,7 @@ exits with status 2, instead of a traceback.
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Callable, NoReturn
 
@@ -39,6 +40,9 @@ EXIT_USER_ERROR = 2
 def fail(message: str, code: int = EXIT_USER_ERROR) -> NoReturn:
   """Print ``error: message`` as one line on stderr and exit with ``code``."""
   one_line = " ".join(str(message).split())
+  # Concurrent reads that failed alongside the reported one (orbax, tensorstore) would otherwise be logged
+  # by asyncio, with tracebacks, when their futures are collected at exit.
+  logging.getLogger("asyncio").disabled = True
   print(f"error: {one_line}", file=sys.stderr, flush=True)
   raise SystemExit(code)
 
