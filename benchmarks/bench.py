@@ -23,7 +23,7 @@ the ratio jax / torch.
 
 XLA's CPU options are read once, when jax starts: pass them with ``--xla-flags`` (added to ``XLA_FLAGS``)
 rather than after the fact. ``--cpu-conv eigen`` turns off the YNNPACK convolution fusion that jaxlib 0.10
-uses by default on CPU, giving Eigen's convolutions back: faster for CIFAR ResNets (16-64 channels at
+to 0.12 use by default on CPU, giving Eigen's convolutions back: faster for CIFAR ResNets (16-64 channels at
 32x32), slower for ResNet-18 at 224x224 (see ``benchmarks/README.md``); ``--cpu-conv default`` (the default)
 leaves XLA's choice alone.
 """
@@ -51,7 +51,7 @@ from resnet_jax.errors import ConfigError, ModelError, run_cli  # noqa: E402  (n
 
 # XLA flag that turns off the YNNPACK convolution fusion of jaxlib 0.10's CPU backend (Eigen convs instead).
 EIGEN_CONV_FLAG = "--xla_cpu_experimental_ynn_fusion_type="
-EIGEN_CONV_JAXLIB = "0.10."  # jaxlib versions where that flag exists and was measured
+EIGEN_CONV_JAXLIB = ("0.10.", "0.11.", "0.12.")  # jaxlib versions where that flag exists
 
 CIFAR_PREFIXES = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "preact_resnet20",
                   "preact_resnet32", "preact_resnet44", "preact_resnet56", "preact_resnet110", "plain")
@@ -89,9 +89,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--compare-torch", action="store_true", help="also measure PyTorch (needs torch, torchvision)")
   p.add_argument("--torch-formats", default="channels_last,contiguous",
                  help="comma-separated torch memory formats to measure")
-  p.add_argument("--conv-backend", choices=("xla", "onednn"), default="xla",
-                 help="the models' convolutions: XLA's (flax nn.Conv) or oneDNN's called from the compiled "
-                      "step (CPU only; pip install onednn-cpu-gomp)")
+  p.add_argument("--conv-backend", choices=("auto", "xla", "onednn"), default="auto",
+                 help="the models' convolutions: auto (the models' default: oneDNN's where it runs, else XLA's), "
+                      "XLA's (flax nn.Conv) or oneDNN's called from the compiled step (x86-64 CPU only)")
   p.add_argument("--host-memory", choices=("keep", "default"), default="default",
                  help="keep: glibc keeps and reuses freed host memory (resnet_jax.host_memory), applied before "
                       "jax starts; it holds for torch in the same process too")
@@ -131,8 +131,8 @@ def set_xla_flags(args: argparse.Namespace) -> str:
     if jaxlib.version.__version__.startswith(EIGEN_CONV_JAXLIB):
       extra.insert(0, EIGEN_CONV_FLAG)
     else:  # XLA aborts on flags it does not know: add it only where it was checked
-      print(f"note: --cpu-conv eigen was checked with jaxlib {EIGEN_CONV_JAXLIB}x only; jaxlib "
-            f"{jaxlib.version.__version__} keeps its default convolutions", file=sys.stderr)
+      print(f"note: --cpu-conv eigen was checked with jaxlib {', '.join(v + 'x' for v in EIGEN_CONV_JAXLIB)} "
+            f"only; jaxlib {jaxlib.version.__version__} keeps its default convolutions", file=sys.stderr)
   for f in extra:
     if f not in flags:
       flags.append(f)
@@ -214,8 +214,11 @@ def matmul_flops(closed_jaxpr) -> float:
 
   This is the count that model FLOP utilisation is conventionally based on. It is read off the program
   itself, so it is the same on every platform (XLA's cost analysis of a compiled GPU program does not see
-  inside the cuDNN convolution calls). Elementwise work (BatchNorm, ReLU) is not counted.
+  inside the cuDNN convolution calls); oneDNN's convolutions are counted from the spec their FFI calls
+  carry. Elementwise work (BatchNorm, ReLU) is not counted.
   """
+  from resnet_jax import onednn_conv
+
   total = 0.0
   jaxpr = getattr(closed_jaxpr, "jaxpr", closed_jaxpr)
   for eqn in jaxpr.eqns:
@@ -229,6 +232,9 @@ def matmul_flops(closed_jaxpr) -> float:
       (contract_lhs, _), _ = eqn.params["dimension_numbers"]
       lhs = eqn.invars[0].aval.shape
       total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in contract_lhs)
+    elif name == "ffi_call" and eqn.params["target_name"] == onednn_conv.CUSTOM_CALL_TARGET:
+      config = dict(eqn.params["attributes"])["config"]
+      total += onednn_conv.ConvSpec.decode(config.split(" ", 1)[1]).flops
     for param in eqn.params.values():  # pjit, custom_jvp/vjp, remat, scan, cond: count their bodies
       subs = param if isinstance(param, (list, tuple)) else [param]
       for sub in subs:
@@ -248,7 +254,7 @@ def bench_jax(args: argparse.Namespace, schedule: Schedule) -> dict:
 
   dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
   options = {"dtype": dtype} if args.dtype != "float32" else {}  # float32 is every model's default
-  if args.conv_backend != "xla":
+  if "conv_backend" in models.model_options(args.model):
     options["conv_backend"] = args.conv_backend
   model = models.create_model(args.model, num_classes=args.num_classes, **options)
   rng = np.random.default_rng(args.seed)
@@ -280,10 +286,7 @@ def bench_jax(args: argparse.Namespace, schedule: Schedule) -> dict:
   t1 = time.perf_counter()
   infer_compiled = infer_lowered.compile()
   t2 = time.perf_counter()
-  # Counted on the XLA-convolution twin: oneDNN's convolutions are custom calls that a jaxpr does not see into.
-  twin = model if args.conv_backend == "xla" else models.create_model(
-      args.model, num_classes=args.num_classes, **{k: v for k, v in options.items() if k != "conv_backend"})
-  forward_jaxpr = jax.make_jaxpr(lambda v, x: twin.apply(v, x, train=False))(variables, x)
+  forward_jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, x)
   out["forward_flops_per_image"] = matmul_flops(forward_jaxpr) / args.batch
   fwd_hlo = hlo_flops(infer_compiled)
   out["forward_hlo_flops_per_image"] = fwd_hlo / args.batch if fwd_hlo else None
@@ -454,7 +457,9 @@ def table(args: argparse.Namespace, res: dict) -> str:
   def cpu(d: dict) -> str:
     return f"{d['train']['cpu_seconds_per_step']:.3f}" if "train" in d else "-"
 
-  backend = "" if args.conv_backend == "xla" else f", {args.conv_backend} convolutions"
+  from resnet_jax import models
+  has_convs = "conv_backend" in models.model_options(args.model)
+  backend = f", {args.conv_backend} convolutions" if has_convs and args.conv_backend != "xla" else ""
   rows.append((f"jax ({args.dtype}{backend})", cell(res["jax"], "train"), cell(res["jax"], "infer"), cpu(res["jax"])))
   torch_res = res.get("torch") or {}
   for fmt in ("channels_last", "contiguous"):

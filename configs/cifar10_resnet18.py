@@ -29,6 +29,6 @@ def get_config():
   c.schedule.warmup = 1.0
   c.log_every_steps = 100
   # glibc keeps and reuses the host memory XLA frees after each step: faster CPU steps at this size
-  # (resnet_jax.host_memory). For CPU training also add --config.model.conv_backend=onednn.
+  # (resnet_jax.host_memory).
   c.host_memory = "keep"
   return c

@@ -38,6 +38,6 @@ def get_config():
   c.eval_every_steps = 2000
   c.checkpoint_every_steps = 2000
   # glibc keeps and reuses the host memory XLA frees after each step: faster CPU steps at this size
-  # (resnet_jax.host_memory). For CPU training also add --config.model.conv_backend=onednn.
+  # (resnet_jax.host_memory).
   c.host_memory = "keep"
   return c

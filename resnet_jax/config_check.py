@@ -50,7 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.name = "resnet20"          # any name of resnet_jax.list_models()
   c.model.dtype = "float32"          # compute dtype: float32 | bfloat16 (parameters stay float32)
-  c.model.conv_backend = "xla"       # conv models: xla | onednn (CPU, x86-64; pip install -e ".[onednn]")
+  c.model.conv_backend = "auto"      # conv models: auto (oneDNN where it runs, else XLA) | xla | onednn
   c.model.options = ml_collections.ConfigDict()  # extra keyword options of create_model
 
   c.batch_size = 128                 # global batch, over all devices and hosts

@@ -49,16 +49,18 @@ def _uniform_bias_init(fan_in: int) -> Callable:
   return init
 
 
-CONV_BACKENDS = ("xla", "onednn")
+CONV_BACKENDS = ("auto", "xla", "onednn")
 
 
 def _conv_class(backend: str) -> type[nn.Conv]:
-  """The convolution layer of a backend: ``nn.Conv`` or oneDNN's drop-in (imported only when asked for)."""
-  if backend == "onednn":
-    from resnet_jax import onednn_conv
-    onednn_conv.library()  # a ModelError saying how to install oneDNN, before any tracing
-    return onednn_conv.Conv
-  return nn.Conv
+  """The convolution layer of a backend: ``nn.Conv``, oneDNN's drop-in, or the per-convolution choice."""
+  if backend == "xla":
+    return nn.Conv
+  from resnet_jax import onednn_conv
+  if backend == "auto":
+    return onednn_conv.AutoConv
+  onednn_conv.library()  # a ModelError saying how to install oneDNN, before any tracing
+  return onednn_conv.Conv
 
 
 class ResNet(nn.Module):
@@ -80,10 +82,13 @@ class ResNet(nn.Module):
     residual: False gives the plain twin: same branch layers, no shortcut and no projection layers.
     bn_momentum, bn_epsilon: flax convention (0.9 = torch momentum 0.1), eps 1e-5 as in torch.
     dtype, param_dtype: compute and storage dtypes (``dtype=jnp.bfloat16`` with float32 params is mixed precision).
-    conv_backend: ``"xla"`` (``flax.linen.Conv``: XLA's convolutions, any platform) or ``"onednn"``
-      (:class:`resnet_jax.onednn_conv.Conv`: oneDNN's forward, backward-data and backward-weights kernels
-      called from the compiled program; CPU only, needs ``pip install onednn-cpu-gomp``; same parameters, so
-      checkpoints and converted weights work with either).
+    conv_backend: ``"auto"`` (default: oneDNN for each convolution it supports when the default backend is
+      an x86-64 CPU, XLA's convolutions elsewhere and for the rest, with a one-line note when a fallback
+      has a reason worth knowing), ``"xla"`` (``flax.linen.Conv``: XLA's convolutions, any platform) or
+      ``"onednn"`` (:class:`resnet_jax.onednn_conv.Conv`: oneDNN's forward, backward-data and
+      backward-weights kernels called from the compiled program; CPU only; an error where oneDNN cannot
+      compute a convolution). All three have the same parameters, so checkpoints and converted weights work
+      with any of them.
   """
 
   stage_sizes: Sequence[int]
@@ -103,7 +108,7 @@ class ResNet(nn.Module):
   act: Callable[[Array], Array] = nn.relu
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  conv_backend: str = "xla"
+  conv_backend: str = "auto"
 
   def __post_init__(self):
     check_block_options(self.block_order, self.shortcut)
@@ -253,6 +258,11 @@ _register("residual_mlp", _residual_mlp, {}, MLP_OPTIONS,
 def list_models() -> list[str]:
   """All registered model names, sorted."""
   return sorted(_REGISTRY)
+
+
+def model_options(name: str) -> tuple[str, ...]:
+  """The options :func:`create_model` accepts for ``name``."""
+  return _lookup(name)[2]
 
 
 def describe_model(name: str) -> str:

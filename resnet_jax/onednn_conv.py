@@ -85,9 +85,103 @@ _MAX_NDIMS = 12
 _DIMS = ctypes.c_int64 * _MAX_NDIMS
 _DTYPES = {np.dtype(np.float32): _F32, np.dtype(jnp.bfloat16): _BF16}
 _DTYPE_NAMES = {d.name: d for d in _DTYPES}
-# XLA's CPU custom-call signature with an opaque string (API_VERSION_STATUS_RETURNING_UNIFIED = 3).
-_TARGET_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_char_p,
-                              ctypes.c_size_t, ctypes.c_void_p)
+# XLA's typed FFI (xla/ffi/api/c_api.h, the layout shared by jaxlib 0.10 to 0.12): the handler receives an
+# XLA_FFI_CallFrame* and returns NULL or an XLA_FFI_Error*. Only the fields read here are declared in full.
+class _FfiInternalExtension(ctypes.Structure):
+  _fields_ = [("struct_size", ctypes.c_size_t), ("type", ctypes.c_int), ("next", ctypes.c_void_p)]
+
+
+class _FfiApiVersion(ctypes.Structure):
+  _fields_ = [("struct_size", ctypes.c_size_t), ("extension_start", ctypes.c_void_p),
+              ("major_version", ctypes.c_int), ("minor_version", ctypes.c_int)]
+
+
+class _FfiMetadata(ctypes.Structure):
+  _fields_ = [("struct_size", ctypes.c_size_t), ("api_version", _FfiApiVersion), ("traits", ctypes.c_uint32)]
+
+
+class _FfiMetadataExtension(ctypes.Structure):
+  _fields_ = [("extension_base", _FfiInternalExtension), ("metadata", ctypes.POINTER(_FfiMetadata))]
+
+
+class _FfiErrorCreateArgs(ctypes.Structure):
+  _fields_ = [("struct_size", ctypes.c_size_t), ("extension_start", ctypes.c_void_p),
+              ("message", ctypes.c_char_p), ("errc", ctypes.c_int)]
+
+
+_FFI_ERROR_CREATE = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.POINTER(_FfiErrorCreateArgs))
+
+
+class _FfiApi(ctypes.Structure):
+  _fields_ = [("struct_size", ctypes.c_size_t), ("extension_start", ctypes.c_void_p),
+              ("api_version", _FfiApiVersion), ("internal_api", ctypes.c_void_p),
+              ("error_create", _FFI_ERROR_CREATE)]
+
+
+class _FfiBuffer(ctypes.Structure):
+  _fields_ = [("struct_size", ctypes.c_size_t), ("extension_start", ctypes.c_void_p), ("dtype", ctypes.c_int),
+              ("data", ctypes.c_void_p), ("rank", ctypes.c_int64), ("dims", ctypes.POINTER(ctypes.c_int64))]
+
+
+class _FfiByteSpan(ctypes.Structure):
+  _fields_ = [("ptr", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+class _FfiList(ctypes.Structure):  # XLA_FFI_Args and XLA_FFI_Rets
+  _fields_ = [("struct_size", ctypes.c_size_t), ("extension_start", ctypes.c_void_p), ("size", ctypes.c_int64),
+              ("types", ctypes.POINTER(ctypes.c_int)), ("ptrs", ctypes.POINTER(ctypes.c_void_p))]
+
+
+class _FfiAttrs(ctypes.Structure):
+  _fields_ = [("struct_size", ctypes.c_size_t), ("extension_start", ctypes.c_void_p), ("size", ctypes.c_int64),
+              ("types", ctypes.POINTER(ctypes.c_int)), ("names", ctypes.POINTER(ctypes.POINTER(_FfiByteSpan))),
+              ("attrs", ctypes.POINTER(ctypes.c_void_p))]
+
+
+class _FfiCallFrame(ctypes.Structure):
+  _fields_ = [("struct_size", ctypes.c_size_t), ("extension_start", ctypes.POINTER(_FfiInternalExtension)),
+              ("api", ctypes.POINTER(_FfiApi)), ("ctx", ctypes.c_void_p), ("stage", ctypes.c_int),
+              ("args", _FfiList), ("rets", _FfiList), ("attrs", _FfiAttrs), ("future", ctypes.c_void_p)]
+
+
+_FFI_HANDLER = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.POINTER(_FfiCallFrame))
+_FFI_BUFFER_P = ctypes.POINTER(_FfiBuffer)
+_FFI_EXTENSION_METADATA = 1
+_FFI_ATTR_STRING = 4
+_FFI_ERROR_INTERNAL = 13
+_FFI_OPS = {"forward": "forward_ptr", "backward_data": "backward_data_ptr", "backward_weights": "backward_weights_ptr"}
+
+
+def _ffi_metadata(frame: _FfiCallFrame) -> None:
+  """Answer XLA's metadata query (made when the handler is registered): the FFI version and no traits.
+
+  The version reported is the runtime's own, read from the call frame: this handler uses only fields that
+  every version since 0.1 lays out alike.
+  """
+  metadata = ctypes.cast(frame.extension_start, ctypes.POINTER(_FfiMetadataExtension)).contents.metadata.contents
+  version = frame.api.contents.api_version if frame.api else None
+  metadata.api_version = _FfiApiVersion(ctypes.sizeof(_FfiApiVersion), None,
+                                        version.major_version if version else 0,
+                                        version.minor_version if version else 1)
+  metadata.traits = 0
+  return None
+
+
+def _ffi_string_attr(frame: _FfiCallFrame, name: bytes) -> bytes:
+  """The value of the string attribute ``name`` of an FFI call."""
+  attrs = frame.attrs
+  for i in range(attrs.size):
+    span = attrs.names[i].contents
+    if ctypes.string_at(span.ptr, span.len) == name and attrs.types[i] == _FFI_ATTR_STRING:
+      value = ctypes.cast(attrs.attrs[i], ctypes.POINTER(_FfiByteSpan)).contents
+      return ctypes.string_at(value.ptr, value.len)
+  raise KeyError(f"the FFI call has no string attribute {name.decode()!r}")
+
+
+def _ffi_error(frame: _FfiCallFrame, message: str) -> int:
+  """An ``XLA_FFI_Error*`` (code INTERNAL) carrying ``message``; XLA raises it in the calling Python code."""
+  args = _FfiErrorCreateArgs(ctypes.sizeof(_FfiErrorCreateArgs), None, message.encode(), _FFI_ERROR_INTERNAL)
+  return frame.api.contents.error_create(ctypes.byref(args))
 
 
 class _ExecArg(ctypes.Structure):
@@ -231,45 +325,37 @@ class _Library:
       return p
 
   def custom_call_target(self) -> str:
-    """Register (once) the XLA custom-call target that runs the primitives; returns its name."""
+    """Register (once) the XLA FFI handler that runs the primitives; returns its target name."""
     with self._lock:
       if self._target is None:
-        target = _TARGET_FN(self._run_custom_call)
-        # A private prototype of PyCapsule_New (leaves ctypes.pythonapi's shared one alone).
-        new_capsule = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p)(
-            ("PyCapsule_New", ctypes.pythonapi))
-        capsule = new_capsule(ctypes.cast(target, ctypes.c_void_p).value, b"xla._CUSTOM_CALL_TARGET", None)
-        jax.ffi.register_ffi_target(CUSTOM_CALL_TARGET, capsule, platform="cpu", api_version=0)
-        self._target = target  # the callback must outlive every compiled program that calls it
+        handler = _FFI_HANDLER(self._run_ffi_call)
+        jax.ffi.register_ffi_target(CUSTOM_CALL_TARGET, jax.ffi.pycapsule(handler), platform="cpu")
+        self._target = handler  # the callback must outlive every compiled program that calls it
     return CUSTOM_CALL_TARGET
 
-  def _run_custom_call(self, out: int, ins: Any, opaque: bytes, opaque_len: int, status: int) -> None:
-    """XLA calls this with raw buffer pointers; ``opaque`` is ``b"<op> <ConvSpec.encode()>"``.
+  def _run_ffi_call(self, frame_ptr: Any) -> int | None:
+    """XLA's typed FFI calls this with an ``XLA_FFI_CallFrame*``; returns NULL or an ``XLA_FFI_Error*``.
 
-    The spec travels in full (not as a number valid in this process only), so a compiled program is
-    self-contained, e.g. when it comes from jax's persistent compilation cache.
+    The call frame carries two buffers in, one buffer out and the string attribute ``config``,
+    ``"<op> <ConvSpec.encode()>"``. The spec travels in full (not as a number valid in this process only), so
+    a compiled program is self-contained, e.g. when it comes from jax's persistent compilation cache.
     """
-    del status
-    key = opaque[:opaque_len]
-    entry = self._by_opaque.get(key)
-    if entry is None:
-      op, text = key.decode().split(" ", 1)
-      entry = self._by_opaque[key] = (op, self.primitives(ConvSpec.decode(text)))
-    op, p = entry
+    frame = frame_ptr.contents
+    if frame.extension_start and frame.extension_start.contents.type == _FFI_EXTENSION_METADATA:
+      return _ffi_metadata(frame)
     try:
-      if op == "forward":
-        p.forward_ptr(ins[0], ins[1], out)
-      elif op == "backward_data":
-        p.backward_data_ptr(ins[0], ins[1], out)
-      else:
-        p.backward_weights_ptr(ins[0], ins[1], out)
-    except BaseException:  # noqa: BLE001  (no exception can cross XLA: print it, and poison the result)
-      traceback.print_exc()
-      shape = {"forward": p.spec.out_shape, "backward_data": p.spec.x_shape}.get(op, p.spec.kernel_shape)
-      bf16 = p.spec.dtype == "bfloat16"
-      result = np.ctypeslib.as_array(ctypes.cast(out, ctypes.POINTER(ctypes.c_uint16 if bf16 else ctypes.c_float)),
-                                     shape)
-      result[...] = 0x7FC0 if bf16 else np.nan  # NaN
+      key = _ffi_string_attr(frame, b"config")
+      entry = self._by_opaque.get(key)
+      if entry is None:
+        op, text = key.decode().split(" ", 1)
+        entry = self._by_opaque[key] = (op, self.primitives(ConvSpec.decode(text)))
+      op, p = entry
+      a, b = (ctypes.cast(frame.args.ptrs[i], _FFI_BUFFER_P).contents.data for i in (0, 1))
+      out = ctypes.cast(frame.rets.ptrs[0], _FFI_BUFFER_P).contents.data
+      getattr(p, _FFI_OPS[op])(a, b, out)
+    except BaseException as e:  # noqa: BLE001  (no exception can cross XLA: hand it back as an FFI error)
+      return _ffi_error(frame, f"oneDNN convolution failed: {type(e).__name__}: {e}")
+    return None
 
 
 @functools.lru_cache(maxsize=None)
@@ -549,9 +635,8 @@ def _call(spec: ConvSpec, transport: str, op: str, shape: Sequence[int], a: Arra
   p = primitives(spec)
   result = jax.ShapeDtypeStruct(tuple(shape), a.dtype)
   if transport == "custom_call":
-    call = jax.ffi.ffi_call(library().custom_call_target(), result, vmap_method="sequential",
-                            custom_call_api_version=3, legacy_backend_config=f"{op} {spec.encode()}")
-    return call(a, b)
+    call = jax.ffi.ffi_call(library().custom_call_target(), result, vmap_method="sequential")
+    return call(a, b, config=f"{op} {spec.encode()}")
   return jax.pure_callback(getattr(p, op), result, a, b, vmap_method="sequential")
 
 
@@ -641,6 +726,73 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
   return conv2d(lhs, rhs, window_strides, padding, feature_group_count)
 
 
+_NOTICED: set[str] = set()
+
+
+def notice(message: str, key: str | None = None) -> None:
+  """Print ``note: message`` on stderr once per process for each ``key`` (default: the message itself)."""
+  key = message if key is None else key
+  if key not in _NOTICED:
+    _NOTICED.add(key)
+    print(f"note: {message}", file=sys.stderr)
+
+
+def unsupported_reason(lhs: Array, rhs: Array, window_strides: Sequence[int], padding: Any,
+                       lhs_dilation: Sequence[int] | None = None, rhs_dilation: Sequence[int] | None = None,
+                       dimension_numbers: Any = None, feature_group_count: int = 1, batch_group_count: int = 1,
+                       preferred_element_type: Any = None) -> str | None:
+  """Why oneDNN cannot compute this ``lax.conv_general_dilated`` call here, or None when it can.
+
+  The empty string means "not applicable, nothing to say": a non-CPU default backend (GPU, TPU) or a
+  non-x86-64 machine (ARM, Apple silicon), where XLA's convolutions are the right choice anyway. Otherwise the
+  reason names what is missing: the library, a dtype, a layout, or a primitive this CPU's oneDNN does not
+  implement (e.g. bfloat16 convolutions on a CPU without AVX-512), found by building the primitives.
+  """
+  if jax.default_backend() != "cpu" or platform.machine().lower() not in ("x86_64", "amd64"):
+    return ""
+  try:
+    library()
+  except ModelError as e:
+    return f"oneDNN is not available ({e})"
+  if any(d is not None and any(int(v) != 1 for v in d) for d in (lhs_dilation, rhs_dilation)):
+    return "oneDNN convolutions do not support dilation"
+  if batch_group_count != 1 or preferred_element_type is not None or jnp.ndim(lhs) != 4 or jnp.ndim(rhs) != 4:
+    return "oneDNN convolutions support neither batch groups, a preferred element type nor non-2-D inputs"
+  if lax.conv_dimension_numbers(jnp.shape(lhs), jnp.shape(rhs), dimension_numbers) != _NHWC_DIMENSION_NUMBERS:
+    return "oneDNN convolutions take NHWC inputs with HWIO kernels only"
+  if jnp.result_type(lhs) != jnp.result_type(rhs) or np.dtype(jnp.result_type(lhs)) not in _DTYPES:
+    return f"oneDNN convolutions support float32 and bfloat16, not {jnp.result_type(lhs)}"
+  if isinstance(padding, str):
+    padding = lax.padtype_to_pads(jnp.shape(lhs)[1:3], jnp.shape(rhs)[:2], tuple(window_strides), padding)
+  try:
+    primitives(make_spec(jnp.shape(lhs), jnp.shape(rhs), jnp.result_type(lhs), window_strides, padding,
+                         feature_group_count))
+  except ModelError as e:
+    return f"this CPU's oneDNN lacks some {jnp.result_type(lhs)} convolutions ({str(e).split(': use ')[0]})"
+  return None
+
+
+def auto_conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], padding: Any,
+                              lhs_dilation: Sequence[int] | None = None, rhs_dilation: Sequence[int] | None = None,
+                              dimension_numbers: Any = None, feature_group_count: int = 1,
+                              batch_group_count: int = 1, precision: Any = None,
+                              preferred_element_type: Any = None) -> Array:
+  """``lax.conv_general_dilated`` by oneDNN where :func:`unsupported_reason` allows it, else by XLA.
+
+  The choice is made per convolution at trace time; a fallback for a reason worth knowing (oneDNN missing, a
+  dtype or primitive this CPU's oneDNN lacks) prints one ``note:`` line on stderr, once per reason.
+  """
+  kwargs = dict(lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+                feature_group_count=feature_group_count, batch_group_count=batch_group_count,
+                preferred_element_type=preferred_element_type)
+  reason = unsupported_reason(lhs, rhs, window_strides, padding, **kwargs)
+  if reason is None:
+    return conv_general_dilated(lhs, rhs, window_strides, padding, precision=precision, **kwargs)
+  if reason:  # one note per kind of reason, not per convolution shape
+    notice(f"{reason}; XLA's convolutions are used there instead (conv_backend='auto')", key=reason.split(" (")[0])
+  return lax.conv_general_dilated(lhs, rhs, window_strides, padding, precision=precision, **kwargs)
+
+
 class Conv(nn.Conv):
   """``flax.linen.Conv`` computed by oneDNN: same attributes, parameter ``kernel`` (HWIO), initialisation.
 
@@ -651,3 +803,12 @@ class Conv(nn.Conv):
   """
 
   conv_general_dilated: Callable[..., Array] | None = conv_general_dilated
+
+
+class AutoConv(nn.Conv):
+  """``flax.linen.Conv`` computed by oneDNN where it can be, by XLA elsewhere (``conv_backend="auto"``).
+
+  Same parameters as ``nn.Conv`` and :class:`Conv`; see :func:`auto_conv_general_dilated` for the choice.
+  """
+
+  conv_general_dilated: Callable[..., Array] | None = auto_conv_general_dilated

@@ -57,9 +57,13 @@ class TrainState(train_state.TrainState):
 # Model, schedule, optimizer.
 
 
-def build_model(config: ml_collections.ConfigDict, num_classes: int):
+def build_model(config: ml_collections.ConfigDict, num_classes: int, device_count: int = 1):
   """``create_model(config.model.name, num_classes, **config.model.options)`` with the compute dtype and
-  the convolution backend."""
+  the convolution backend.
+
+  ``conv_backend="auto"`` means XLA's convolutions when the step runs on several devices: a oneDNN custom
+  call is not partitioned by XLA, so each device would gather the whole batch and convolve all of it.
+  """
   from resnet_jax import models
 
   options = config.model.options.to_dict() if hasattr(config.model.options, "to_dict") else dict(
@@ -67,8 +71,9 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int):
   if config.model.dtype == "bfloat16":
     options["dtype"] = jnp.bfloat16
     options.setdefault("param_dtype", jnp.float32)
-  if config.model.get("conv_backend", "xla") != "xla":
-    options["conv_backend"] = config.model.conv_backend
+  if "conv_backend" in models.model_options(config.model.name):
+    backend = config.model.conv_backend
+    options["conv_backend"] = "xla" if backend == "auto" and device_count > 1 else backend
   return models.create_model(config.model.name, num_classes=num_classes, **options)
 
 
@@ -336,7 +341,7 @@ class Setup:
     self.dp = DataParallel(devices)
     validate_config(config, device_count=len(self.dp.devices))
     self.data = data_lib.load_dataset(config.dataset)
-    self.model = build_model(config, self.data.num_classes)
+    self.model = build_model(config, self.data.num_classes, len(self.dp.devices))
     min_size = getattr(self.model, "min_input_size", None)
     if min_size and min(self.data.image_shape[:2]) < min_size:
       raise ModelError(f"model {config.model.name} needs images of at least {min_size}x{min_size}, "

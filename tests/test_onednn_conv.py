@@ -184,12 +184,28 @@ def test_basic_block_with_onednn_conv_equals_flax():
   chex.assert_trees_all_close(got, want, rtol=2e-5, atol=2e-5)
 
 
+def _supports(dtype) -> bool:
+  """Whether this CPU's oneDNN builds convolution primitives for ``dtype`` (bfloat16 needs AVX-512 or newer)."""
+  try:
+    onednn_conv.primitives(onednn_conv.make_spec((1, 4, 4, 8), (3, 3, 8, 8), dtype, 1, ((1, 1), (1, 1))))
+  except ModelError:
+    return False
+  return True
+
+
 def test_bfloat16_matches_float32_of_the_rounded_inputs():
-  """bfloat16 in, bfloat16 out (oneDNN accumulates in float32): within bfloat16 rounding of the float32 result."""
+  """bfloat16 in, bfloat16 out (oneDNN accumulates in float32): within bfloat16 rounding of the float32 result.
+
+  On a CPU whose oneDNN has no bfloat16 convolutions (AVX2-only), the same call is a ModelError that says so.
+  """
   rng = np.random.default_rng(3)
   x = jnp.asarray(rng.standard_normal((2, 6, 6, 16)), jnp.bfloat16)
   w = jnp.asarray(rng.standard_normal((3, 3, 16, 8)) * 0.2, jnp.bfloat16)
   pad = ((1, 1), (1, 1))
+  if not _supports(jnp.bfloat16):
+    with pytest.raises(ModelError, match=r"does not implement .*bfloat16"):
+      onednn_conv.conv2d(x, w, 1, pad)
+    return
   y, vjp = jax.vjp(jax.jit(lambda x, w: onednn_conv.conv2d(x, w, 1, pad)), x, w)
   dy = jnp.ones(y.shape, jnp.bfloat16)
   y32, vjp32 = jax.vjp(lambda x, w: _lax_conv(x, w, (1, 1), pad, 1), x.astype(jnp.float32), w.astype(jnp.float32))
@@ -197,6 +213,106 @@ def test_bfloat16_matches_float32_of_the_rounded_inputs():
   for got, want in zip((y, *vjp(dy)), (y32, *vjp32(dy.astype(jnp.float32)))):
     assert got.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=2**-7, atol=1e-2 * float(jnp.abs(want).max()))
+
+
+def _run(code: str, **env: str) -> subprocess.CompletedProcess:
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]),
+             **env)
+  return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+
+
+# A bfloat16 CIFAR net under each backend; prints the largest logit and gradient differences to XLA's.
+_AUTO_VS_XLA = """
+import jax, jax.numpy as jnp, numpy as np
+from resnet_jax import create_model, onednn_conv
+from resnet_jax.errors import ModelError
+x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 8, 8, 3)), jnp.float32)
+def run(backend):
+  m = create_model("resnet20", num_classes=4, dtype=jnp.bfloat16, conv_backend=backend)
+  v = m.init(jax.random.key(0), x)
+  loss = lambda p: jnp.sum(m.apply({**v, "params": p}, x, train=True, mutable=["batch_stats"])[0] ** 2)
+  return jax.jit(jax.value_and_grad(loss))(v["params"])
+(l_auto, g_auto), (l_xla, g_xla) = run("auto"), run("xla")
+print("loss", abs(float(l_auto) - float(l_xla)) / abs(float(l_xla)))
+try:
+  l_onednn, g_onednn = run("onednn")
+  jax.block_until_ready(g_onednn)
+  print("onednn: ran")
+except ModelError as e:
+  print("onednn: ModelError", e)
+"""
+
+
+def test_avx2_only_cpu_falls_back_to_xla_for_bfloat16():
+  """On an AVX2-only CPU (emulated: oneDNN's ISA capped at AVX2) oneDNN has no bfloat16 convolutions.
+
+  conv_backend="auto" then computes them with XLA, after one note on stderr, with XLA's result;
+  conv_backend="onednn" is a ModelError saying what is missing; float32 convolutions still run in oneDNN.
+  """
+  p = _run(_AUTO_VS_XLA + """
+spec = onednn_conv.make_spec((1, 4, 4, 8), (3, 3, 8, 8), jnp.float32, 1, ((1, 1), (1, 1)))
+print("float32", onednn_conv.primitives(spec).forward_p.impl)
+""", ONEDNN_MAX_CPU_ISA="AVX2")
+  assert p.returncode == 0, p.stderr
+  out = dict(line.split(" ", 1) for line in p.stdout.splitlines())
+  assert float(out["loss"]) == 0.0, p.stdout  # every convolution was XLA's, as in the reference
+  assert out["onednn:"].startswith("ModelError") and "bfloat16" in out["onednn:"], p.stdout
+  assert "avx2" in out["float32"], p.stdout
+  notes = [line for line in p.stderr.splitlines() if line.startswith("note:")]
+  assert len(notes) == 1 and "bfloat16" in notes[0] and "conv_backend='auto'" in notes[0], p.stderr
+
+
+def test_auto_uses_onednn_where_it_can():
+  """Where oneDNN has the primitives (float32 always; bfloat16 with AVX-512), auto runs them: no note, and
+  the result differs from XLA's only by float rounding."""
+  p = _run(_AUTO_VS_XLA)
+  assert p.returncode == 0, p.stderr
+  out = dict(line.split(" ", 1) for line in p.stdout.splitlines())
+  if _supports(jnp.bfloat16):
+    assert out["onednn:"] == "ran" and "note:" not in p.stderr, (p.stdout, p.stderr)
+    assert 0.0 < float(out["loss"]) < 5e-2, p.stdout  # oneDNN's bfloat16 sums, not XLA's
+  else:
+    assert out["onednn:"].startswith("ModelError") and "note:" in p.stderr
+
+
+@pytest.mark.parametrize("env, note", [
+    ({"RESNET_JAX_ONEDNN_LIBRARY": "/nonexistent/libdnnl.so.3"}, "oneDNN is not available"),
+    ({"RESNET_JAX_FAKE_MACHINE": "aarch64"}, None),
+])
+def test_without_onednn_auto_is_xla(env, note):
+  """Without a loadable oneDNN (missing library; or an ARM or Apple machine, where it is never used) the
+  package imports, conv_backend="auto" trains with XLA's convolutions, and only a missing library on x86-64
+  is worth a note."""
+  code = ("import platform, os\n"
+          "if os.environ.get('RESNET_JAX_FAKE_MACHINE'):\n"
+          "  platform.machine = lambda: os.environ['RESNET_JAX_FAKE_MACHINE']\n"
+          "import jax, jax.numpy as jnp\n"
+          "from resnet_jax import create_model, onednn_conv\n"
+          "assert not onednn_conv.available()\n"
+          "m = create_model('resnet20', num_classes=3)\n"
+          "x = jnp.ones((2, 8, 8, 3))\n"
+          "v = m.init(jax.random.key(0), x)\n"
+          "hlo = jax.jit(lambda v, x: m.apply(v, x)).lower(v, x).as_text()\n"
+          "print('custom calls', hlo.count(onednn_conv.CUSTOM_CALL_TARGET))\n")
+  p = _run(code, **env)
+  assert p.returncode == 0, p.stderr
+  assert "custom calls 0" in p.stdout
+  notes = [line for line in p.stderr.splitlines() if line.startswith("note:")]
+  if note is None:
+    assert notes == [], p.stderr
+  else:
+    assert len(notes) == 1 and note in notes[0] and "pip install" in notes[0], p.stderr
+
+
+def test_an_error_inside_onednn_reaches_the_caller(monkeypatch):
+  """A failure inside the FFI handler is raised in the calling Python code, with its message."""
+  def broken(self, *args):
+    raise RuntimeError("broken on purpose")
+
+  monkeypatch.setattr(onednn_conv.ConvPrimitives, "forward_ptr", broken)
+  x, w = jnp.ones((1, 5, 5, 3)), jnp.ones((3, 3, 3, 2))
+  with pytest.raises(Exception, match="oneDNN convolution failed: RuntimeError: broken on purpose"):
+    jax.block_until_ready(jax.jit(lambda x, w: onednn_conv.conv2d(x, w, 1, ((1, 1), (1, 1))))(x, w))
 
 
 @pytest.mark.parametrize("call, message", [
