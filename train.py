@@ -43,6 +43,14 @@ def help_text(fv) -> str:
   return "\n".join(out)
 
 
+def write_out(text: str) -> None:
+  """``text`` on stdout; a reader that stops early (``python train.py --help | head``) is no error."""
+  try:
+    print(text, flush=True)
+  except BrokenPipeError:
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit too.
+
+
 def parse_args(argv: list[str]):
   """``(config, workdir, print_config)`` from the command line; any flag or config problem is a ConfigError.
 
@@ -54,7 +62,8 @@ def parse_args(argv: list[str]):
   from resnet_jax.errors import ConfigError
 
   fv = flags.FlagValues()
-  wants_help = next((a for a in argv[1:] if a in HELP + HELPFULL), None)
+  wants_help = next((a.split("=", 1)[0] for a in argv[1:] if a.split("=", 1)[0] in HELP + HELPFULL),
+                    None)
   try:
     config_path = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith(("--config=", "-config="))),
                        DEFAULT_CONFIG)
@@ -72,7 +81,7 @@ def parse_args(argv: list[str]):
     flags.DEFINE_bool("help", False, "show this help and exit", short_name="h", flag_values=fv)
     flags.DEFINE_bool("helpfull", False, "show every flag in absl's format and exit", flag_values=fv)
     if wants_help:
-      print(help_text(fv) if wants_help in HELP else f"{__doc__.strip()}\n\nflags:\n{fv.get_help()}")
+      write_out(help_text(fv) if wants_help in HELP else f"{__doc__.strip()}\n\nflags:\n{fv.get_help()}")
       raise SystemExit(0)
     fv(argv)
     config = config_flag.value
@@ -102,7 +111,7 @@ def main(argv: list[str]) -> int:
   from resnet_jax.config_check import validate_config
   validate_config(config)
   if print_config:
-    print(json.dumps(config.to_dict(), indent=2))
+    write_out(json.dumps(config.to_dict(), indent=2))
     return 0
   if config.get("host_memory", "default") == "keep":  # before jax starts its backend (resnet_jax.host_memory)
     from resnet_jax.host_memory import keep_host_memory
