@@ -9,7 +9,11 @@ the value and what was expected.
 from __future__ import annotations
 
 import difflib
+import inspect
 import math
+import re
+import textwrap
+import tokenize
 from typing import Any, Callable
 
 import ml_collections
@@ -28,9 +32,9 @@ NONFINITE = ("stop", "skip")
 def base_config() -> ml_collections.ConfigDict:
   """Every training key with its default value (the digits run of ``python train.py``)."""
   c = ml_collections.ConfigDict()
-  c.seed = 0
+  c.seed = 0                         # initial parameters and the order of the training data
 
-  c.dataset = ml_collections.ConfigDict()
+  c.dataset = ml_collections.ConfigDict()  # the data and its input pipeline
   c.dataset.name = "digits"          # digits | cifar10 | cifar100 | image_folder
   c.dataset.data_dir = ""            # cifar*/image_folder: the local folder (no download)
   c.dataset.image_size = 224         # image_folder: crop size fed to the model
@@ -39,47 +43,47 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.augment = "none"         # none | pad_crop | pad_crop_flip | random_resized_crop_flip
   c.dataset.crop_padding = 4         # pad_crop*: zero padding per side before the random crop
   c.dataset.mean = ()                # per-channel normalisation; () = the dataset's default
-  c.dataset.std = ()
+  c.dataset.std = ()                 # per-channel divisor after the mean; () = the dataset's default
   c.dataset.num_threads = 2          # grain read threads
   c.dataset.num_workers = 0          # grain worker processes (0: none)
   c.dataset.max_train_examples = -1  # >0: train on a fixed subset (quick runs, tests)
-  c.dataset.max_test_examples = -1
+  c.dataset.max_test_examples = -1   # >0: evaluate on a fixed subset
   c.dataset.on_corrupt_image = "stop"  # image_folder, an unreadable file: stop | skip (each file is
                                        # checked once at load time, the bad ones left out and counted)
 
-  c.model = ml_collections.ConfigDict()
+  c.model = ml_collections.ConfigDict()  # the network (resnet_jax.create_model)
   c.model.name = "resnet20"          # any name of resnet_jax.list_models()
   c.model.dtype = "float32"          # compute dtype: float32 | bfloat16 (parameters stay float32)
   c.model.conv_backend = "auto"      # conv models: auto (oneDNN where it runs, else XLA) | xla | onednn
   c.model.options = ml_collections.ConfigDict()  # extra keyword options of create_model
 
   c.batch_size = 128                 # global batch, over all devices and hosts
-  c.eval_batch_size = 256
-  c.num_epochs = 30.0
+  c.eval_batch_size = 256            # global batch of the evaluation
+  c.num_epochs = 30.0                # length of training in passes over the training set
   c.num_train_steps = -1             # >0 overrides num_epochs
 
-  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer = ml_collections.ConfigDict()  # optax optimizer
   c.optimizer.name = "sgd"           # sgd | nesterov | adamw | lars
   c.optimizer.learning_rate = 0.1    # peak learning rate
   c.optimizer.momentum = 0.9         # sgd/nesterov/lars momentum; adamw: b1
   c.optimizer.b2 = 0.999             # adamw
   c.optimizer.eps = 1e-8             # adamw
   c.optimizer.weight_decay = 5e-4    # on conv/dense kernels only (not BN, not biases)
-  c.optimizer.lars_trust_coefficient = 0.001
+  c.optimizer.lars_trust_coefficient = 0.001  # lars: the trust ratio's coefficient
 
-  c.schedule = ml_collections.ConfigDict()
+  c.schedule = ml_collections.ConfigDict()  # learning-rate schedule
   c.schedule.name = "cosine"         # constant | step | cosine
   c.schedule.unit = "epochs"         # unit of warmup and boundaries: steps | epochs
   c.schedule.warmup = 1.0            # linear warmup from 0 to the peak
   c.schedule.boundaries = ()         # step: multiply the rate by decay_factor at each boundary
-  c.schedule.decay_factor = 0.1
+  c.schedule.decay_factor = 0.1      # step: the factor applied at each boundary
 
-  c.label_smoothing = 0.0
-  c.log_every_steps = 20
+  c.label_smoothing = 0.0            # e: the targets are (1 - e) one-hot + e / classes
+  c.log_every_steps = 20             # a train record (metrics.jsonl, TensorBoard) every N steps
   c.eval_every_steps = -1            # -1: once per epoch (and always at the end)
   c.checkpoint_every_steps = -1      # -1: at each evaluation (and always at the end)
-  c.keep_checkpoints = 3
-  c.progress_bar = True
+  c.keep_checkpoints = 3             # the newest K checkpoints are kept
+  c.progress_bar = True              # tqdm progress bar on stderr
   c.on_nonfinite = "stop"            # a non-finite loss: stop | skip (the step is not applied)
   c.host_memory = "default"          # keep: glibc keeps and reuses freed host memory (one malloc arena),
                                      # no page faults every step: CPU steps of CIFAR size and up ~20%
@@ -87,12 +91,45 @@ def base_config() -> ml_collections.ConfigDict:
   c.restore_step = -1                # resume from: -1 = the newest checkpoint; N = checkpoint N (later
                                      # ones are moved to WORKDIR/checkpoints_superseded/)
 
-  c.distributed = ml_collections.ConfigDict()
+  c.distributed = ml_collections.ConfigDict()  # multi-host runs
   c.distributed.initialize = False   # call jax.distributed.initialize (multi-host)
   c.distributed.coordinator_address = ""  # "" = auto-detect (cluster environments)
-  c.distributed.num_processes = -1
-  c.distributed.process_id = -1
+  c.distributed.num_processes = -1   # with coordinator_address: the number of processes
+  c.distributed.process_id = -1      # with coordinator_address: the index of this process
   return c
+
+
+def describe_config() -> list[tuple[str, Any, str]]:
+  """``(key, default, description)`` for every key and group of :func:`base_config`, in its order.
+
+  The descriptions are the comments of ``base_config``'s source (a comment continued on the lines
+  below, at the same column, joined into one line), so that they are written in one place only.
+  Keys are dotted (``"optimizer.learning_rate"``); a group's default is its ConfigDict.
+  """
+  lines = textwrap.dedent(inspect.getsource(base_config)).splitlines()
+  comments = {tok.start[0] - 1: (tok.start[1], tok.string.lstrip("#").strip())
+              for tok in tokenize.generate_tokens(iter(line + "\n" for line in lines).__next__)
+              if tok.type == tokenize.COMMENT}
+  described: dict[str, list[str]] = {}
+  key = column = None
+  for row, line in enumerate(lines):
+    assigned = re.match(r"\s*c\.([\w.]+)\s*=", line)
+    if assigned:
+      key = assigned.group(1)
+      column, text = comments.get(row, (None, ""))
+      described[key] = [text] if text else []
+    elif key and row in comments and line.lstrip().startswith("#") and comments[row][0] == column:
+      described[key].append(comments[row][1])  # The comment goes on below its key.
+    else:
+      key = None
+  defaults = base_config()
+  out = []
+  for key, text in described.items():
+    value = defaults
+    for part in key.split("."):
+      value = value[part]
+    out.append((key, value, " ".join(text)))
+  return out
 
 
 def _num(lo: float | None = None, hi: float | None = None, lo_open: bool = False,

@@ -6,6 +6,7 @@
 - ``config.json``: the config of the run;
 - ``metrics.jsonl``: one JSON record per log step (``"split": "train"``) and per evaluation
   (``"split": "test"``);
+- ``events.out.tfevents.*``: the same records as TensorBoard scalars (:mod:`resnet_jax.tensorboard_events`);
 - ``checkpoints/<step>/``: orbax checkpoints (state, data iterator state, metadata), the last K kept;
 - ``summary.json``: config, model, parameters, steps, train_time_s, images_per_sec,
   final_train_loss, test_accuracy, best_test_accuracy (and a few more);
@@ -42,6 +43,7 @@ from resnet_jax import data as data_lib
 from resnet_jax.checkpoint import Checkpointer
 from resnet_jax.config_check import validate_config
 from resnet_jax.errors import CheckpointError, ConfigError, ModelError, ResNetJaxError
+from resnet_jax.tensorboard_events import EventWriter
 
 
 class TrainingDivergedError(ResNetJaxError):
@@ -462,12 +464,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if data_state:
     train_iter.set_state(data_state)
   metrics_file = open(os.path.join(workdir, "metrics.jsonl"), "a") if is_main else None
+  events = EventWriter(workdir, start_step) if is_main else None  # TensorBoard, the same records.
 
   def record(rec: dict) -> None:
     records.append(rec)
     if metrics_file is not None:
       metrics_file.write(json.dumps(_strict_json(rec), allow_nan=False) + "\n")  # NaN is not JSON: null.
       metrics_file.flush()
+      events.write(rec)
 
   def save(step: int) -> None:
     ckpt.save(step, state, train_iter.get_state(), {**meta, "config": config.to_dict()})
@@ -533,6 +537,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       train_iter.close()
     if metrics_file is not None:
       metrics_file.close()
+      events.close()
   if stopped_nonfinite is not None:
     ckpt.close()
     last = ckpt.latest_step()
