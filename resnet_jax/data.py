@@ -252,10 +252,11 @@ class FolderScan:
   def report(self) -> str | None:
     """One line that says what was skipped, or ``None`` when nothing was."""
     parts = []
-    for what, items in (("hidden entries", self.hidden), ("files that are not images", self.not_images)):
+    for one, many, items in (("hidden entry", "hidden entries", self.hidden),
+                             ("non-image file", "non-image files", self.not_images)):
       if items:
         shown = ", ".join(os.path.basename(p) for p in items[:3]) + (", ..." if len(items) > 3 else "")
-        parts.append(f"{len(items)} {what} ({shown})")
+        parts.append(f"{len(items)} {one if len(items) == 1 else many} ({shown})")
     if not parts:
       return None
     return f"image folder {self.root}: skipped {' and '.join(parts)}"
@@ -414,20 +415,21 @@ def pad_crop_flip(images: np.ndarray, rng: np.random.Generator, padding: int, fl
 
 def _pad_crop_flip(out: np.ndarray, rng: np.random.Generator, n: int, part: slice, padding: int,
                    flip: bool) -> np.ndarray:
-  """:func:`pad_crop_flip` of ``out``, the ``part`` of a batch of ``n`` images (draws made for all ``n``)."""
+  """:func:`pad_crop_flip` of ``out``, the ``part`` of a batch of ``n`` images (draws made for all ``n``).
+
+  One slice copy per image (a window of the padded image, read backwards when flipped): several times
+  faster than one gather over the batch.
+  """
   _, h, w, _ = out.shape
   dy = rng.integers(0, 2 * padding + 1, size=n)[part]
   dx = rng.integers(0, 2 * padding + 1, size=n)[part]
   mirror = (rng.random(n) < 0.5)[part]
-  m = out.shape[0]
-  if padding > 0:
-    padded = np.pad(out, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    rows = dy[:, None] + np.arange(h)[None, :]  # (m, h)
-    cols = dx[:, None] + np.arange(w)[None, :]  # (m, w)
-    out = padded[np.arange(m)[:, None, None], rows[:, :, None], cols[:, None, :]]
-  if flip:
-    out = np.where(mirror[:, None, None, None], out[:, :, ::-1], out)
-  return out
+  padded = np.pad(out, ((0, 0), (padding, padding), (padding, padding), (0, 0))) if padding else out
+  result = np.empty_like(out)
+  for i in range(out.shape[0]):
+    window = padded[i, dy[i]:dy[i] + h, dx[i]:dx[i] + w]
+    result[i] = window[:, ::-1] if flip and mirror[i] else window
+  return result
 
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
@@ -527,7 +529,7 @@ def _decode_threads() -> int:
 
 
 def decode_images(paths: Sequence[str], size: int, skip_unreadable: bool = False,
-                  progress: bool = True, desc: str = "decoding images"
+                  progress: bool = True, desc: str = "decoding images", threads: int | None = None
                   ) -> tuple[np.ndarray, list[int]]:
   """Decode ``paths`` once, in parallel (a thread pool), into one uint8 array at the model size.
 
@@ -541,6 +543,7 @@ def decode_images(paths: Sequence[str], size: int, skip_unreadable: bool = False
       raising the DataError of the first of them (in list order).
     progress: show the progress bar.
     desc: the bar's label.
+    threads: decoding threads (default: the CPUs this process may use, at most 32).
 
   Returns:
     ``(images uint8 (n, size, size, 3), indices of the files left out)``; the array holds only the
@@ -564,7 +567,7 @@ def decode_images(paths: Sequence[str], size: int, skip_unreadable: bool = False
         ok[i] = False
     return hi - lo
 
-  pool = concurrent.futures.ThreadPoolExecutor(_decode_threads())
+  pool = concurrent.futures.ThreadPoolExecutor(threads or _decode_threads())
   try:
     with tqdm(total=n, desc=desc, unit="img", disable=not progress or n == 0, dynamic_ncols=True,
               file=sys.stderr) as bar:
@@ -682,8 +685,10 @@ class Dataset:
     return isinstance(self.train_x, np.ndarray)
 
   def _normalize(self, x: np.ndarray) -> np.ndarray:
-    scale = np.float32(1 / 255) if x.dtype == np.uint8 else np.float32(1)
-    return (x.astype(np.float32) * scale - self.mean) / self.std
+    out = np.multiply(x, np.float32(1 / 255) if x.dtype == np.uint8 else np.float32(1), dtype=np.float32)
+    out -= self.mean  # In place: the same values as (x / 255 - mean) / std, without temporaries.
+    out /= self.std
+    return out
 
   def train_batch(self, indices: np.ndarray, rng: np.random.Generator, part: slice = slice(None)
                   ) -> dict[str, np.ndarray]:

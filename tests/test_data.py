@@ -692,7 +692,7 @@ def test_hidden_entries_are_skipped_nested_images_included_and_reported(tmp_path
   assert [os.path.relpath(p, train) for p in paths] == [
       "cat/img0.png", "cat/img1.jpg", "dog/img0.png", "dog/img1.jpg", "dog/more/x.png",
       "dog/more/deeper/x.png"]
-  assert len(lines) == 1 and "skipped 3 hidden entries" in lines[0] and "1 files that are not images" in lines[0]
+  assert len(lines) == 1 and "skipped 3 hidden entries" in lines[0] and "1 non-image file (notes.txt)" in lines[0]
   assert ".ipynb_checkpoints" in lines[0] and train in lines[0]
   assert ds.info["scan_skipped"] == {train: {"hidden": 3, "not_images": 1}}
 
@@ -751,3 +751,15 @@ def test_a_run_records_its_data_and_evaluation_uses_the_recorded_normalisation(t
   result = evaluate_workdir(workdir)
   assert result["test_accuracy"] == summary["test_accuracy"]
   np.testing.assert_allclose(result["test_loss"], summary["test_loss"], rtol=1e-6)
+
+
+def test_decompression_bomb_read_by_a_pipeline_thread_is_one_line_from_train_py(tmp_path):
+  import sys
+  sys.path.insert(0, os.path.dirname(__file__))
+  from test_configs import assert_one_line_error
+  from test_reliability import image_folder_args, train_cli
+  root = write_image_folder(str(tmp_path / "data"), per_class=4, test_per_class=2, size=(10, 10))
+  bomb = os.path.join(root, "train", "dog", "img1.png")
+  _bomb_png(bomb)  # Streamed (10x10 is not image_size): found by a grain thread reading its batch.
+  proc = train_cli(tmp_path / "out", *image_folder_args(root))
+  assert_one_line_error(proc, bomb, "decompression bomb")
