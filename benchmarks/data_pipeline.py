@@ -6,8 +6,9 @@ step (``config.dataset.in_memory='never'``), without any model.
   python benchmarks/data_pipeline.py --images 20000 --json data.json
 
 The folder (``train/<class>/NNNN.jpg``, random pixels, written with Pillow) goes to a temporary folder,
-or to ``--dir``, reused when it already holds the images. Decode time (wall and CPU seconds of the process): :func:`resnet_jax.data.decode_images`
-of every file, with 1 thread and with the default thread count (the CPUs usable). Pipeline images/s:
+or to ``--dir``, reused when it already holds the images. Decode time (wall and CPU seconds of the
+process): :func:`resnet_jax.data.decode_images` of every file, with 1 thread and with the default thread
+count (the CPUs usable). Pipeline images/s:
 ``train_pipeline`` (``--augment``, default pad_crop_flip, ``--num-threads`` grain threads), batches of
 ``--batch`` read for ``--seconds`` after ``--warmup`` batches; the median of ``--repeats`` such windows,
 the two storages interleaved round by round.

@@ -618,10 +618,6 @@ class ImageFiles:
   paths: tuple[str, ...]
   size: int
 
-  @property
-  def shape(self) -> tuple[int, ...]:
-    return (len(self.paths), self.size, self.size, 3)
-
   def __len__(self) -> int:
     return len(self.paths)
 
@@ -749,14 +745,16 @@ def _fixed_subset(split: _Split, n: int) -> _Split:
 def _use_memory(cfg: Any, train: list[str], test: list[str], size: int, log: Callable[[str], None]
                 ) -> bool:
   """Whether an image folder is decoded once into memory (see the module docstring)."""
-  if cfg.in_memory != "auto":
-    return cfg.in_memory == "always"
+  mode = cfg.get("in_memory", "auto")
+  if mode != "auto":
+    return mode == "always"
   if cfg.augment == "random_resized_crop_flip":
     return False
   nbytes = (len(train) + len(test)) * size * size * 3
-  if nbytes > cfg.in_memory_max_mb * 2**20:
+  limit_mb = cfg.get("in_memory_max_mb", 4096)
+  if nbytes > limit_mb * 2**20:
     log(f"image folder {cfg.data_dir}: streamed (decoded {nbytes / 2**20:.0f} MB would exceed "
-        f"config.dataset.in_memory_max_mb = {cfg.in_memory_max_mb})")
+        f"config.dataset.in_memory_max_mb = {limit_mb})")
     return False
   from PIL import Image
   sample = [train[int(i)] for i in np.unique(np.linspace(0, len(train) - 1, HEADER_SAMPLE).astype(int))]
@@ -777,14 +775,15 @@ def _load_splits(cfg: Any, holdout: bool, log: Callable[[str], None]) -> dict:
     x_train, y_train, x_test, y_test = digits_split(seed=0, test_fraction=cfg.test_fraction)
     return dict(train=_Split(x_train, y_train, [str(i) for i in range(len(y_train))]),
                 test=_Split(x_test, y_test, []), num_classes=10, shape=(8, 8, 1), classes=None,
-                default_stats=None, default_source="mean / std of the training images")
+                default_stats=None, default_source="mean / std of the training images", scan_skipped={})
   if name in ("cifar10", "cifar100"):
     x_train, y_train, x_test, y_test = load_cifar(cfg.data_dir, name)
     stats = (CIFAR10_MEAN, CIFAR10_STD) if name == "cifar10" else (CIFAR100_MEAN, CIFAR100_STD)
     return dict(train=_Split(x_train, y_train, [str(i) for i in range(len(y_train))]),
                 test=_Split(x_test, y_test, []), num_classes=10 if name == "cifar10" else 100,
                 shape=(32, 32, 3), classes=None, default_stats=stats,
-                default_source=f"the published {name.upper().replace('CIFAR', 'CIFAR-')} statistics")
+                default_source=f"the published {name.upper().replace('CIFAR', 'CIFAR-')} statistics",
+                scan_skipped={})
   if name == "image_folder":
     train = scan_folder(cfg.data_dir, "train")
     scans = [train]
@@ -813,6 +812,58 @@ def _load_splits(cfg: Any, holdout: bool, log: Callable[[str], None]) -> dict:
   raise DataError(f"unknown dataset {name!r}: expected one of {', '.join(DATASETS)}")
 
 
+def _store_folder(cfg: Any, train: _Split, test: _Split, size: int, progress: bool,
+                  log: Callable[[str], None]) -> tuple[_Split, _Split, list[str]]:
+  """An image folder's splits decoded into memory, or as :class:`ImageFiles`; and the files left out."""
+  skip = cfg.get("on_corrupt_image", "stop") == "skip"
+  if _use_memory(cfg, train.x, test.x, size, log):
+    splits, skipped = [], []
+    for label, split in (("train", train), ("evaluation", test)):
+      images, bad = decode_images(split.x, size, skip, progress,
+                                  desc=f"decoding the {label} images of {cfg.data_dir}")
+      skipped += [split.x[i] for i in bad]
+      kept = split.take(np.setdiff1d(np.arange(len(split.x)), bad))
+      splits.append(_Split(images, kept.y, kept.keys))
+    return splits[0], splits[1], skipped
+  skipped = []
+  if skip:  # Check every file once; leave the bad ones out.
+    bad = set(unreadable_images(train.x + test.x))
+    skipped = [p for p in train.x + test.x if p in bad]
+    train = train.take([i for i, p in enumerate(train.x) if p not in bad])
+    test = test.take([i for i, p in enumerate(test.x) if p not in bad])
+  return (_Split(ImageFiles(tuple(train.x), size), train.y, train.keys),
+          _Split(ImageFiles(tuple(test.x), size), test.y, test.keys), skipped)
+
+
+def _normalization(cfg: Any, raw: dict, train: _Split, progress: bool
+                   ) -> tuple[np.ndarray, np.ndarray, str]:
+  """``(mean, std, where they come from)``: the config's, the training images', or the default."""
+  channels = raw["shape"][-1]
+  if len(cfg.mean):
+    mean, std = _channel_stats(cfg.mean, channels, "mean"), _channel_stats(cfg.std, channels, "std")
+    source = "config.dataset.mean / std"
+  elif cfg.get("normalize", "default") == "dataset" or raw["default_stats"] is None:
+    if train.y.size == 0:
+      raise DataError(f"{cfg.name}: the training split is empty")
+    if isinstance(train.x, np.ndarray):
+      mean, std = channel_stats(train.x)
+      source = f"mean / std of the {train.y.size} training images"
+    else:
+      pick = np.unique(np.linspace(0, len(train.x) - 1, min(STATS_SAMPLE, len(train.x))).astype(int))
+      sample, _ = decode_images([train.x.paths[int(i)] for i in pick], raw["shape"][0],
+                                cfg.get("on_corrupt_image", "stop") == "skip", progress,
+                                desc="normalisation statistics")
+      mean, std = channel_stats(sample)
+      source = f"mean / std of {len(sample)} training images spread over the list, at the model size"
+  else:
+    mean = np.asarray(raw["default_stats"][0], np.float32)
+    std = np.asarray(raw["default_stats"][1], np.float32)
+    source = raw["default_source"]
+  if np.any(std <= 0):
+    raise DataError(f"the normalisation std must be positive, got {std.tolist()} ({source})")
+  return mean, std, source
+
+
 def load_dataset(cfg: Any, progress: bool = True, log: Callable[[str], None] | None = None) -> Dataset:
   """Load the dataset that ``cfg`` (the ``config.dataset`` ConfigDict) names.
 
@@ -833,17 +884,18 @@ def load_dataset(cfg: Any, progress: bool = True, log: Callable[[str], None] | N
   """
   log = log or _stderr
   name = cfg.name
-  holdout = float(cfg.holdout)
+  holdout = float(cfg.get("holdout", 0.0))
+  holdout_seed = int(cfg.get("holdout_seed", 0))
   raw = _load_splits(cfg, holdout > 0, log)
   train, test = raw["train"], raw["test"]
   info: dict[str, Any] = {"dataset": name, "eval_split": "test"}
   if holdout > 0:
-    mask = holdout_mask(train.y, train.keys, holdout, int(cfg.holdout_seed))
+    mask = holdout_mask(train.y, train.keys, holdout, holdout_seed)
     held = np.flatnonzero(mask)
     test, train = train.take(held), train.take(np.flatnonzero(~mask))
     info["eval_split"] = "holdout"
     info["holdout"] = {
-        "images": int(held.size), "seed": int(cfg.holdout_seed),
+        "images": int(held.size), "seed": holdout_seed,
         "rule": "per class, the images whose sha256('SEED:KEY') is smallest (resnet_jax.data.holdout_mask)",
         "key": "path below train/" if name == "image_folder" else "index in the training set",
         "keys": test.keys}
@@ -855,61 +907,17 @@ def load_dataset(cfg: Any, progress: bool = True, log: Callable[[str], None] | N
   skipped: list[str] = []
   shape = raw["shape"]
   if name == "image_folder":
-    size = shape[0]
-    skip = cfg.on_corrupt_image == "skip"
-    if _use_memory(cfg, train.x, test.x, size, log):
-      info["storage"] = "memory"
-      splits = []
-      for label, split in (("train", train), ("evaluation", test)):
-        images, bad = decode_images(split.x, size, skip, progress,
-                                    desc=f"decoding the {label} images of {cfg.data_dir}")
-        skipped += [split.x[i] for i in bad]
-        kept = split.take(np.setdiff1d(np.arange(len(split.x)), bad))
-        splits.append(_Split(images, kept.y, kept.keys))
-      train, test = splits
-    else:
-      info["storage"] = "stream"
-      if skip:  # Check every file once; leave the bad ones out.
-        bad = set(unreadable_images(train.x + test.x))
-        skipped = [p for p in train.x + test.x if p in bad]
-        train = train.take([i for i, p in enumerate(train.x) if p not in bad])
-        test = test.take([i for i, p in enumerate(test.x) if p not in bad])
-      train = _Split(ImageFiles(tuple(train.x), size), train.y, train.keys)
-      test = _Split(ImageFiles(tuple(test.x), size), test.y, test.keys)
-    if raw.get("scan_skipped"):
-      info["scan_skipped"] = raw["scan_skipped"]
-  else:
-    info["storage"] = "memory"
+    train, test, skipped = _store_folder(cfg, train, test, shape[0], progress, log)
   in_memory = isinstance(train.x, np.ndarray)
+  info["storage"] = "memory" if in_memory else "stream"
+  if raw["scan_skipped"]:
+    info["scan_skipped"] = raw["scan_skipped"]
   if in_memory and cfg.augment not in ARRAY_AUGMENTATIONS:
     raise ConfigError(
         f"config.dataset.augment={cfg.augment!r} needs full-size images read at each step, but "
         f"{name} is held in memory at the model size: use one of {', '.join(ARRAY_AUGMENTATIONS)}"
         + (", or --config.dataset.in_memory=never" if name == "image_folder" else ""))
-
-  channels = shape[-1]
-  if len(cfg.mean):
-    mean, std = _channel_stats(cfg.mean, channels, "mean"), _channel_stats(cfg.std, channels, "std")
-    source = "config.dataset.mean / std"
-  elif cfg.normalize == "dataset" or raw["default_stats"] is None:
-    if train.y.size == 0:
-      raise DataError(f"{name}: the training split is empty")
-    if in_memory:
-      mean, std = channel_stats(train.x)
-      source = f"mean / std of the {train.y.size} training images"
-    else:
-      pick = np.unique(np.linspace(0, len(train.x) - 1, min(STATS_SAMPLE, len(train.x))).astype(int))
-      sample, _ = decode_images([train.x.paths[int(i)] for i in pick], shape[0], True, progress,
-                                desc="normalisation statistics")
-      mean, std = channel_stats(sample)
-      source = (f"mean / std of {len(sample)} training images spread over the list, at the model "
-                f"size")
-  else:
-    mean = np.asarray(raw["default_stats"][0], np.float32)
-    std = np.asarray(raw["default_stats"][1], np.float32)
-    source = raw["default_source"]
-  if np.any(std <= 0):
-    raise DataError(f"the normalisation std must be positive, got {std.tolist()} ({source})")
+  mean, std, source = _normalization(cfg, raw, train, progress)
   info["normalization"] = {"mean": mean.tolist(), "std": std.tolist(), "source": source}
 
   num_classes = raw["num_classes"]
