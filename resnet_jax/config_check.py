@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import ml_collections
 
-from resnet_jax.data import AUGMENTATIONS, DATASETS
+from resnet_jax.data import AUGMENTATIONS, DATASETS, IN_MEMORY, NORMALIZATIONS
 from resnet_jax.errors import ConfigError
 from resnet_jax.models import CONV_BACKENDS
 
@@ -42,8 +42,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.test_fraction = 0.2      # digits: fraction held out (stratified, fixed)
   c.dataset.augment = "none"         # none | pad_crop | pad_crop_flip | random_resized_crop_flip
   c.dataset.crop_padding = 4         # pad_crop*: zero padding per side before the random crop
-  c.dataset.mean = ()                # per-channel normalisation; () = the dataset's default
-  c.dataset.std = ()                 # per-channel divisor after the mean; () = the dataset's default
+  c.dataset.normalize = "default"    # default: the dataset's usual statistics (docs/training.md) |
+                                     # dataset: mean / std of the training images (not the held-out ones)
+  c.dataset.mean = ()                # per-channel normalisation; () = as `normalize` says
+  c.dataset.std = ()                 # per-channel divisor after the mean; () = as `normalize` says
+  c.dataset.holdout = 0.0            # >0: hold out of the training images, as the evaluation split, a
+                                     # fraction in (0, 1) or a count >= 1 (stratified, fixed per seed)
+  c.dataset.holdout_seed = 0         # which images holdout takes (resnet_jax.data.holdout_mask)
+  c.dataset.in_memory = "auto"       # image_folder: auto (decode once into memory when the images are
+                                     # image_size square and fit in in_memory_max_mb) | always | never
+  c.dataset.in_memory_max_mb = 4096  # image_folder, in_memory=auto: most decoded MB held in memory
   c.dataset.num_threads = 2          # grain read threads
   c.dataset.num_workers = 0          # grain worker processes (0: none)
   c.dataset.max_train_examples = -1  # >0: train on a fixed subset (quick runs, tests)
@@ -188,8 +196,14 @@ SCHEMA: dict[str, Any] = {
             "< 1" if v >= 1.0 else None),
         "augment": _choice(AUGMENTATIONS),
         "crop_padding": _num(0, integer=True),
+        "normalize": _choice(NORMALIZATIONS),
         "mean": _floats,
         "std": _floats,
+        "holdout": lambda v: _num(0.0)(v) or (
+            "a fraction in (0, 1) or a whole count >= 1" if v >= 1 and v != int(v) else None),
+        "holdout_seed": _num(0, 2**31 - 1, integer=True),
+        "in_memory": _choice(IN_MEMORY),
+        "in_memory_max_mb": _num(0, integer=True),
         "num_threads": _pos_int,
         "num_workers": _num(0, integer=True),
         "max_train_examples": _pos_int_or_auto,
@@ -288,6 +302,13 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
   if ds.augment == "random_resized_crop_flip" and ds.name != "image_folder":
     raise ConfigError(f"config.dataset.augment='random_resized_crop_flip' works on image folders "
                       f"only, not on {ds.name!r} (use pad_crop_flip)")
+  if ds.augment == "random_resized_crop_flip" and ds.in_memory == "always":
+    raise ConfigError("config.dataset.augment='random_resized_crop_flip' crops full-size images, read "
+                      "at each step; it does not apply to config.dataset.in_memory='always' (images held "
+                      "at the model size): use pad_crop_flip, or in_memory='auto' or 'never'")
+  if ds.in_memory == "never" and ds.name != "image_folder":
+    raise ConfigError(f"config.dataset.in_memory='never' applies to image folders only; {ds.name!r} is "
+                      f"always held in memory")
   sch = config.schedule
   if sch.name == "step" and not len(sch.boundaries):
     raise ConfigError("config.schedule.name='step' needs config.schedule.boundaries (in "

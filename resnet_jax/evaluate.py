@@ -2,7 +2,8 @@
 
   python -m resnet_jax.evaluate --workdir=runs/digits [--step=N]
 
-Reads ``WORKDIR/config.json`` (written by ``train.py``), rebuilds the model and the data, restores the
+Reads ``WORKDIR/config.json`` (written by ``train.py``), rebuilds the model and the data (normalised
+with the mean and std recorded in ``WORKDIR/data.json``, the ones the run trained with), restores the
 newest (or the given) checkpoint from ``WORKDIR/checkpoints`` and prints the test loss and accuracy as
 one JSON line. Errors (no such workdir, no checkpoint, unreadable checkpoint) are one ``error:`` line
 and exit status 2.
@@ -36,7 +37,23 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
     config.update_from_flattened_dict(_flatten(raw))
   except (KeyError, AttributeError, TypeError) as e:
     raise ConfigError(f"{path} does not match this version's config keys: {e}") from None
+  _use_recorded_normalization(workdir, config)
   return config
+
+
+def _use_recorded_normalization(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Set ``config.dataset.mean / std`` to those of ``WORKDIR/data.json``, where the run recorded them."""
+  path = os.path.join(workdir, "data.json")
+  if not os.path.isfile(path):
+    return  # A run of an earlier version: the config gives the same normalisation.
+  try:
+    with open(path) as f:
+      norm = json.load(f)["normalization"]
+    mean, std = tuple(float(v) for v in norm["mean"]), tuple(float(v) for v in norm["std"])
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise CheckpointError(f"cannot read the normalisation recorded in {path}: {type(e).__name__}: {e}"
+                          ) from None
+  config.dataset.mean, config.dataset.std = mean, std
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -342,7 +342,7 @@ class Setup:
     self.config = config
     self.dp = DataParallel(devices)
     validate_config(config, device_count=len(self.dp.devices))
-    self.data = data_lib.load_dataset(config.dataset)
+    self.data = data_lib.load_dataset(config.dataset, progress=config.progress_bar)
     self.model = build_model(config, self.data.num_classes, len(self.dp.devices))
     min_size = getattr(self.model, "min_input_size", None)
     if min_size and min(self.data.image_shape[:2]) < min_size:
@@ -453,6 +453,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         log(f"checkpoints of steps {moved} moved to {os.path.join(workdir, 'checkpoints_superseded')}")
   if is_main:  # Only once the checkpoint is restored: a failed resume leaves the workdir as it was.
     _write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    _write_json(os.path.join(workdir, "data.json"), setup.data.info)  # Its normalisation, for evaluations.
   start_step = int(jax.device_get(state.step))
   if is_main and start_step == 0:
     log(f"training {config.model.name} on {config.dataset.name} ({setup.data.num_train} images, "

@@ -14,7 +14,7 @@ from hypothesis import given, strategies as st
 
 from resnet_jax import data
 from resnet_jax.config_check import base_config
-from resnet_jax.errors import DataError
+from resnet_jax.errors import CheckpointError, ConfigError, DataError
 
 
 # ----------------------------------------------------------------------------------------------
@@ -317,3 +317,450 @@ def test_eval_batches_pad_and_mask(digits_ds):
   assert mask.tolist() == [1] * 10 + [0] * 2
   labels = np.concatenate([b["label"] for b in batches])[:10]
   np.testing.assert_array_equal(labels, digits_ds.test_y)
+
+
+# ----------------------------------------------------------------------------------------------
+# Image folders in memory: decoded once, then exactly an in-memory dataset.
+
+
+def folder_arrays(root: str, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+  """The images (decoded with Pillow, one by one) and labels of a split, in scan order."""
+  from PIL import Image
+  paths, labels, _ = data.scan_image_folder(root, split)
+  return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths]), labels
+
+
+def test_small_folder_is_decoded_once_into_memory(tmp_path):
+  root = write_image_folder(str(tmp_path), classes=("a", "b", "c"), per_class=5, size=(8, 8))
+  ds = data.load_dataset(dataset_config(name="image_folder", data_dir=root, image_size=8))
+  assert ds.in_memory and ds.info["storage"] == "memory"
+  x, y = folder_arrays(root)
+  assert ds.train_x.dtype == np.uint8
+  np.testing.assert_array_equal(ds.train_x, x)
+  np.testing.assert_array_equal(ds.train_y, y)
+  np.testing.assert_array_equal(ds.test_x, folder_arrays(root, "test")[0])
+
+
+def test_folder_pad_crop_flip_is_applied_and_matches_the_array_code(tmp_path):
+  root = write_image_folder(str(tmp_path), per_class=8, size=(8, 8))
+  cfg = dataset_config(name="image_folder", data_dir=root, image_size=8, augment="pad_crop_flip",
+                       crop_padding=2, normalize="dataset")
+  ds = data.load_dataset(cfg)
+  idx = np.arange(ds.num_train)[::-1]
+  got = ds.train_batch(idx, np.random.default_rng(5))["image"]
+  x, _ = folder_arrays(root)
+  want = data.pad_crop_flip(x[idx], np.random.default_rng(5), 2, True).astype(np.float32) / 255
+  np.testing.assert_allclose(got, (want - ds.mean) / ds.std, rtol=1e-6, atol=1e-6)
+  plain = (x[idx].astype(np.float32) / 255 - ds.mean) / ds.std
+  assert not np.allclose(got, plain)  # The augmentation is not dropped.
+
+
+@pytest.mark.parametrize("augment", ["none", "pad_crop", "pad_crop_flip"])
+def test_streamed_and_in_memory_folders_give_identical_batches(tmp_path, augment):
+  root = write_image_folder(str(tmp_path), per_class=6, size=(12, 10))  # Resized: not image_size.
+  kw = dict(name="image_folder", data_dir=root, image_size=8, augment=augment, crop_padding=1)
+  mem = data.load_dataset(dataset_config(in_memory="always", **kw))
+  stream = data.load_dataset(dataset_config(in_memory="never", **kw))
+  auto = data.load_dataset(dataset_config(**kw))
+  assert mem.in_memory and not stream.in_memory and not auto.in_memory  # auto: 12x10 is not 8x8.
+  a = _take(iter(data.train_pipeline(mem, 4, seed=3)), 5)
+  b = _take(iter(data.train_pipeline(stream, 4, seed=3)), 5)
+  for u, v in zip(a, b):
+    np.testing.assert_array_equal(u["image"], v["image"])
+    np.testing.assert_array_equal(u["label"], v["label"])
+  for u, v in zip(data.eval_batches(mem, 3), data.eval_batches(stream, 3)):
+    np.testing.assert_array_equal(u["image"], v["image"])
+
+
+def test_in_memory_folder_pipeline_resumes_exactly(tmp_path):
+  root = write_image_folder(str(tmp_path), per_class=6, size=(8, 8))
+  ds = data.load_dataset(dataset_config(name="image_folder", data_dir=root, image_size=8,
+                                        augment="pad_crop_flip", crop_padding=1))
+  it = iter(data.train_pipeline(ds, 4, seed=0))
+  _take(it, 2)
+  state = it.get_state()
+  rest = _take(it, 4)
+  it2 = iter(data.train_pipeline(ds, 4, seed=0))
+  it2.set_state(state)
+  for u, v in zip(rest, _take(it2, 4)):
+    np.testing.assert_array_equal(u["image"], v["image"])
+
+
+def test_auto_streams_folders_over_the_memory_limit_and_says_why(tmp_path):
+  root = write_image_folder(str(tmp_path), size=(8, 8))
+  lines = []
+  ds = data.load_dataset(dataset_config(name="image_folder", data_dir=root, image_size=8,
+                                        in_memory_max_mb=0), log=lines.append)
+  assert not ds.in_memory and ds.info["storage"] == "stream"
+  assert len(lines) == 1 and "in_memory_max_mb" in lines[0]
+
+
+def test_random_resized_crop_needs_streamed_images(tmp_path):
+  from resnet_jax.config_check import validate_config
+  root = write_image_folder(str(tmp_path), size=(8, 8))
+  auto = data.load_dataset(dataset_config(name="image_folder", data_dir=root, image_size=8,
+                                          augment="random_resized_crop_flip"))
+  assert not auto.in_memory  # auto streams for it.
+  with pytest.raises(ConfigError, match="random_resized_crop_flip.*in_memory=never"):
+    data.load_dataset(dataset_config(name="image_folder", data_dir=root, image_size=8,
+                                     augment="random_resized_crop_flip", in_memory="always"))
+  config = base_config()
+  config.dataset = dataset_config(name="image_folder", data_dir=root, augment="random_resized_crop_flip",
+                                  in_memory="always")
+  with pytest.raises(ConfigError, match="in_memory='always'"):
+    validate_config(config)
+  config.dataset = dataset_config(name="cifar10", data_dir=root, in_memory="never")
+  with pytest.raises(ConfigError, match="image folders only"):
+    validate_config(config)
+
+
+def test_decode_images_in_parallel_keeps_the_order_and_names_the_first_bad_file(tmp_path):
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  arrays = rng.integers(0, 256, size=(600, 4, 4, 3), dtype=np.uint8)
+  paths = []
+  for i, a in enumerate(arrays):
+    paths.append(str(tmp_path / f"{i:04d}.png"))
+    Image.fromarray(a).save(paths[-1])
+  images, bad = data.decode_images(paths, 4, progress=False)
+  np.testing.assert_array_equal(images, arrays)
+  assert bad == []
+  for i in (300, 520):
+    with open(paths[i], "wb") as f:
+      f.write(b"garbage")
+  with pytest.raises(DataError, match="0300.png"):
+    data.decode_images(paths, 4, progress=False)
+  images, bad = data.decode_images(paths, 4, skip_unreadable=True, progress=False)
+  assert bad == [300, 520]
+  np.testing.assert_array_equal(images, np.delete(arrays, [300, 520], axis=0))
+
+
+def test_skipped_unreadable_image_in_memory(tmp_path):
+  root = write_image_folder(str(tmp_path), per_class=4, size=(8, 8))
+  bad = os.path.join(root, "train", "dog", "img1.jpg")
+  with open(bad, "wb") as f:
+    f.write(b"not an image")
+  ds = data.load_dataset(dataset_config(name="image_folder", data_dir=root, image_size=8,
+                                        on_corrupt_image="skip"))
+  assert ds.in_memory and ds.skipped_files == [bad] and ds.num_train == 7
+  assert ds.train_y.tolist() == [0] * 4 + [1] * 3
+  with pytest.raises(DataError, match="img1.jpg"):
+    data.load_dataset(dataset_config(name="image_folder", data_dir=root, image_size=8))
+
+
+# ----------------------------------------------------------------------------------------------
+# Held-out validation split.
+
+
+def test_holdout_mask_is_stratified_seeded_and_independent_of_order():
+  labels = np.repeat(np.arange(3), [50, 30, 20])
+  keys = [f"c{c}/{i}.jpg" for c, i in zip(labels, range(100))]
+  mask = data.holdout_mask(labels, keys, 0.1, seed=0)
+  assert mask.sum() == 10 and np.bincount(labels[mask]).tolist() == [5, 3, 2]
+  np.testing.assert_array_equal(mask, data.holdout_mask(labels, keys, 10, seed=0))  # A count.
+  assert not np.array_equal(mask, data.holdout_mask(labels, keys, 0.1, seed=1))
+  order = np.random.default_rng(0).permutation(100)  # The same files listed in another order.
+  shuffled = data.holdout_mask(labels[order], [keys[i] for i in order], 0.1, seed=0)
+  assert {keys[i] for i in order[shuffled]} == {keys[i] for i in np.flatnonzero(mask)}
+  # Largest remainders: 7 of (50, 30, 20) is (3.5, 2.1, 1.4) -> (4, 2, 1).
+  assert np.bincount(labels[data.holdout_mask(labels, keys, 7)]).tolist() == [4, 2, 1]
+
+
+@pytest.mark.parametrize("amount", [0.0001, 100, 1000])
+def test_holdout_mask_rejects_what_cannot_be_held_out(amount):
+  labels = np.repeat(np.arange(2), [98, 2])
+  keys = [str(i) for i in range(100)]
+  if amount < 1:
+    assert data.holdout_mask(labels, keys, amount).sum() == 1  # At least one.
+  else:
+    with pytest.raises(DataError, match="holdout"):
+      data.holdout_mask(labels, keys, amount)
+  with pytest.raises(DataError, match="all 2 examples of class 1"):
+    data.holdout_mask(labels, keys, 99)
+
+
+def test_folder_without_test_split_needs_holdout_and_evaluates_on_it(tmp_path):
+  root = write_image_folder(str(tmp_path), classes=("a", "b"), per_class=10, size=(8, 8))
+  import shutil
+  shutil.rmtree(os.path.join(root, "test"))
+  with pytest.raises(DataError, match="no test/ split.*holdout"):
+    data.load_dataset(dataset_config(name="image_folder", data_dir=root, image_size=8))
+  ds = data.load_dataset(dataset_config(name="image_folder", data_dir=root, image_size=8, holdout=0.2,
+                                        holdout_seed=7))
+  assert ds.num_train == 16 and ds.num_test == 4 and np.bincount(ds.test_y).tolist() == [2, 2]
+  x, y = folder_arrays(root)
+  paths, _, _ = data.scan_image_folder(root, "train")
+  keys = [os.path.relpath(p, os.path.join(root, "train")) for p in paths]
+  mask = data.holdout_mask(y, keys, 0.2, seed=7)
+  np.testing.assert_array_equal(ds.test_x, x[mask])
+  np.testing.assert_array_equal(ds.train_x, x[~mask])
+  assert ds.info["eval_split"] == "holdout"
+  assert ds.info["holdout"]["keys"] == [k for k, m in zip(keys, mask) if m]
+  # normalize='dataset' uses the training images only, never the held-out ones.
+  stats = data.load_dataset(dataset_config(name="image_folder", data_dir=root, image_size=8,
+                                           holdout=0.2, holdout_seed=7, normalize="dataset"))
+  pixels = x[~mask].reshape(-1, 3).astype(np.float64) / 255
+  np.testing.assert_allclose(stats.mean, pixels.mean(0), rtol=1e-6)
+  np.testing.assert_allclose(stats.std, pixels.std(0), rtol=1e-5)
+  assert stats.info["normalization"]["mean"] == stats.mean.tolist()
+
+
+def test_holdout_from_cifar_pickles_and_digits(tmp_path):
+  root = write_cifar(str(tmp_path), "cifar10", per_batch=8)
+  x_train, y_train, _, _ = data.load_cifar(root)
+  ds = data.load_dataset(dataset_config(name="cifar10", data_dir=root, holdout=10))
+  mask = data.holdout_mask(y_train, [str(i) for i in range(40)], 10)
+  np.testing.assert_array_equal(ds.test_x, x_train[mask])
+  np.testing.assert_array_equal(ds.train_y, y_train[~mask])
+  digits = data.load_dataset(dataset_config(name="digits", holdout=0.1))
+  assert digits.num_test == round(0.1 * 1437) and digits.num_train == 1437 - digits.num_test
+
+
+def test_config_checks_holdout(tmp_path):
+  from resnet_jax.config_check import validate_config
+  config = base_config()
+  config.dataset.holdout = 2.5
+  with pytest.raises(ConfigError, match="holdout.*whole count"):
+    validate_config(config)
+  config.dataset.holdout = -0.1
+  with pytest.raises(ConfigError, match="holdout"):
+    validate_config(config)
+
+
+# ----------------------------------------------------------------------------------------------
+# Normalisation statistics.
+
+
+def test_channel_stats_are_exact_for_uint8_and_float():
+  x = np.random.default_rng(0).integers(0, 256, size=(7, 5, 4, 3), dtype=np.uint8)
+  mean, std = data.channel_stats(x)
+  ref = x.reshape(-1, 3).astype(np.float64) / 255
+  np.testing.assert_allclose(mean, ref.mean(0), rtol=1e-7)
+  np.testing.assert_allclose(std, ref.std(0), rtol=1e-6)
+  mean_f, std_f = data.channel_stats(x.astype(np.float32) / 255)
+  np.testing.assert_allclose(mean_f, mean, rtol=1e-6)
+  np.testing.assert_allclose(std_f, std, rtol=1e-6)
+
+
+def test_dataset_normalisation_of_cifar_and_streamed_folders(tmp_path):
+  root = write_cifar(str(tmp_path / "c"), "cifar10")
+  ds = data.load_dataset(dataset_config(name="cifar10", data_dir=root, normalize="dataset"))
+  mean, std = data.channel_stats(data.load_cifar(root)[0])
+  np.testing.assert_array_equal(ds.mean, mean)
+  np.testing.assert_array_equal(ds.std, std)
+  batch = ds.train_batch(np.arange(ds.num_train), np.random.default_rng(0))["image"]
+  np.testing.assert_allclose(batch.mean((0, 1, 2)), 0, atol=1e-5)
+  folder = write_image_folder(str(tmp_path / "f"), per_class=4, size=(12, 10))
+  streamed = data.load_dataset(dataset_config(name="image_folder", data_dir=folder, image_size=8,
+                                              normalize="dataset", in_memory="never"))
+  memory = data.load_dataset(dataset_config(name="image_folder", data_dir=folder, image_size=8,
+                                            normalize="dataset", in_memory="always"))
+  np.testing.assert_array_equal(streamed.mean, memory.mean)  # 8 images < the sample: all of them.
+  np.testing.assert_array_equal(streamed.std, memory.std)
+  explicit = data.load_dataset(dataset_config(name="image_folder", data_dir=folder, image_size=8,
+                                              normalize="dataset", mean=(0.5,), std=(0.25,)))
+  assert explicit.mean.tolist() == [0.5] * 3 and "config" in explicit.info["normalization"]["source"]
+
+
+def test_evaluation_reads_the_recorded_normalisation(tmp_path):
+  from resnet_jax.evaluate import load_run_config
+  config = base_config()
+  config.dataset.normalize = "dataset"
+  with open(tmp_path / "config.json", "w") as f:
+    json.dump(config.to_dict(), f)
+  with open(tmp_path / "data.json", "w") as f:
+    json.dump({"normalization": {"mean": [0.25], "std": [0.125], "source": "x"}}, f)
+  loaded = load_run_config(str(tmp_path))
+  assert tuple(loaded.dataset.mean) == (0.25,) and tuple(loaded.dataset.std) == (0.125,)
+  with open(tmp_path / "data.json", "w") as f:
+    json.dump([1, 2], f)
+  with pytest.raises(CheckpointError, match="data.json"):
+    load_run_config(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad CIFAR pickles and images.
+
+
+def _rewrite_batch(root: str, fname: str, change) -> str:
+  path = os.path.join(root, "cifar-10-batches-py", fname)
+  with open(path, "rb") as f:
+    d = pickle.load(f, encoding="bytes")
+  with open(path, "wb") as f:
+    pickle.dump(change(d), f)
+  return path
+
+
+@pytest.mark.parametrize("change,needle", [
+    (lambda d: {**d, b"labels": d[b"labels"][:-1]}, "holds 4 images but 3 labels"),
+    (lambda d: [d[b"data"], d[b"labels"]], "holds a list"),
+    (lambda d: {**d, b"data": d[b"data"].astype(np.float64)}, "dtype float64"),
+    (lambda d: {**d, b"data": d[b"data"].reshape(4, 3, 32, 32)}, "shape (4, 3, 32, 32)"),
+    (lambda d: {**d, b"data": d[b"data"].tolist()}, "b'data' is a list"),
+    (lambda d: {**d, b"labels": "cat"}, "b'labels' is a str"),
+    (lambda d: {**d, b"labels": [0.5] * 4}, "dtype float64"),
+])
+def test_bad_cifar_pickle_is_one_error_naming_the_file(tmp_path, change, needle):
+  root = write_cifar(str(tmp_path), "cifar10")
+  path = _rewrite_batch(root, "data_batch_3", change)
+  with pytest.raises(DataError) as e:
+    data.load_cifar(root, "cifar10")
+  assert path in str(e.value) and needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_cifar_file_that_is_not_a_pickle(tmp_path):
+  root = write_cifar(str(tmp_path), "cifar10")
+  path = os.path.join(root, "cifar-10-batches-py", "test_batch")
+  with open(path, "wb") as f:
+    f.write(b"\x80\x04garbage")
+  with pytest.raises(DataError, match="test_batch"):
+    data.load_cifar(root, "cifar10")
+
+
+def test_sixteen_bit_greyscale_png_is_scaled_to_eight_bits(tmp_path):
+  from PIL import Image
+  wide = np.array([[0, 257, 32768], [65535, 128, 65407]], dtype=np.uint16)
+  path = str(tmp_path / "g16.png")
+  Image.fromarray(wide).save(path)
+  assert Image.open(path).mode.startswith("I")
+  images, _ = data.decode_images([path], 2, progress=False)  # 3x2 -> centre crop of a resize.
+  rgb = np.asarray(data._open_rgb(path))
+  expected = np.round(wide / 65535 * 255).astype(np.uint8)
+  np.testing.assert_array_equal(rgb, np.repeat(expected[..., None], 3, -1))
+  assert images.shape == (1, 2, 2, 3)
+
+
+def test_float_tiff_is_refused_in_one_line(tmp_path):
+  from PIL import Image
+  path = str(tmp_path / "f.tif")
+  Image.fromarray(np.ones((4, 4), np.float32)).save(path)
+  with pytest.raises(DataError, match=r"f.tif.*32-bit floats"):
+    data._open_rgb(path)
+
+
+def _bomb_png(path: str) -> None:
+  """A PNG whose header claims 20000 x 20000 pixels (over Pillow's 2 x MAX_IMAGE_PIXELS)."""
+  import struct
+  import zlib
+
+  def chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+  with open(path, "wb") as f:
+    f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("in_memory", ["always", "never"])
+def test_decompression_bomb_is_one_error_naming_the_file(tmp_path, in_memory):
+  root = write_image_folder(str(tmp_path), per_class=2, size=(8, 8))
+  bomb = os.path.join(root, "test", "cat", "bomb.png")
+  _bomb_png(bomb)
+  with pytest.raises(DataError, match=r"bomb.png.*decompression bomb") as e:
+    ds = data.load_dataset(dataset_config(name="image_folder", data_dir=root, image_size=8,
+                                          in_memory=in_memory))
+    list(data.eval_batches(ds, 2))
+  assert "\n" not in str(e.value)
+  ds = data.load_dataset(dataset_config(name="image_folder", data_dir=root, image_size=8,
+                                        in_memory=in_memory, on_corrupt_image="skip"))
+  assert ds.skipped_files == [bomb]
+
+
+# ----------------------------------------------------------------------------------------------
+# Image folders as users have them (torchvision ImageFolder conventions).
+
+
+def test_hidden_entries_are_skipped_nested_images_included_and_reported(tmp_path):
+  from PIL import Image
+  root = write_image_folder(str(tmp_path), classes=("cat", "dog"), per_class=2, size=(8, 8))
+  train = os.path.join(root, "train")
+  os.makedirs(os.path.join(train, ".ipynb_checkpoints"))  # Would be class 0, shifting every label.
+  with open(os.path.join(train, "dog", "._img0.png"), "wb") as f:  # macOS metadata: not an image.
+    f.write(b"\x00\x05\x16\x07 AppleDouble")
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(os.path.join(train, "cat", ".hidden.png"))
+  os.makedirs(os.path.join(train, "dog", "more", "deeper"))
+  for sub in ("more", os.path.join("more", "deeper")):
+    Image.fromarray(np.full((8, 8, 3), 9, np.uint8)).save(os.path.join(train, "dog", sub, "x.png"))
+  with open(os.path.join(train, "dog", "notes.txt"), "w") as f:
+    f.write("not an image")
+  lines = []
+  ds = data.load_dataset(dataset_config(name="image_folder", data_dir=root, image_size=8),
+                         log=lines.append)
+  assert ds.classes == ["cat", "dog"] and ds.num_train == 6
+  assert ds.train_y.tolist() == [0, 0, 1, 1, 1, 1]
+  paths, _, _ = data.scan_image_folder(root, "train")
+  assert [os.path.relpath(p, train) for p in paths] == [
+      "cat/img0.png", "cat/img1.jpg", "dog/img0.png", "dog/img1.jpg", "dog/more/x.png",
+      "dog/more/deeper/x.png"]
+  assert len(lines) == 1 and "skipped 3 hidden entries" in lines[0]
+  assert "1 non-image file (notes.txt)" in lines[0]
+  assert ".ipynb_checkpoints" in lines[0] and train in lines[0]
+  assert ds.info["scan_skipped"] == {train: {"hidden": 3, "not_images": 1}}
+
+
+def test_hidden_class_in_test_split_is_not_an_unknown_class(tmp_path):
+  root = write_image_folder(str(tmp_path), size=(8, 8))
+  os.makedirs(os.path.join(root, "test", ".ipynb_checkpoints"))
+  ds = data.load_dataset(dataset_config(name="image_folder", data_dir=root, image_size=8),
+                         log=lambda _: None)
+  assert ds.num_test == 4
+
+
+def test_symlink_loops_are_one_error(tmp_path):
+  root = write_image_folder(str(tmp_path), size=(8, 8))
+  loop = os.path.join(root, "train", "cat", "again")
+  os.symlink(os.path.join(root, "train", "cat"), loop)
+  with pytest.raises(DataError, match="again.*symbolic link loop") as e:
+    data.scan_image_folder(root, "train")
+  assert "\n" not in str(e.value)
+  os.remove(loop)
+  self_link = os.path.join(root, "train", "dog", "self.jpg")
+  os.symlink(self_link, self_link)
+  with pytest.raises(DataError, match="self.jpg.*(Too many levels|symbolic link)"):
+    data.scan_image_folder(root, "train")
+
+
+def test_a_run_records_its_data_and_evaluation_uses_the_recorded_normalisation(tmp_path):
+  import shutil
+  from PIL import Image
+  from resnet_jax import train_lib
+  from resnet_jax.evaluate import evaluate_workdir
+  root = write_image_folder(str(tmp_path / "data"), classes=("a", "b"), per_class=8, size=(8, 8))
+  shutil.rmtree(os.path.join(root, "test"))
+  c = base_config()
+  c.dataset = dataset_config(name="image_folder", data_dir=root, image_size=8, holdout=4,
+                             normalize="dataset", augment="pad_crop_flip", crop_padding=1, num_threads=1)
+  c.model.name = "residual_mlp"
+  c.model.options = ml_collections.ConfigDict({"depth": 1, "dim": 16, "hidden": 16})
+  c.batch_size, c.eval_batch_size, c.num_train_steps = 4, 4, 4
+  c.log_every_steps, c.eval_every_steps, c.progress_bar = 2, 4, False
+  workdir = str(tmp_path / "run")
+  summary = train_lib.train_and_evaluate(c, workdir, log=lambda *_: None)
+  with open(os.path.join(workdir, "data.json")) as f:
+    info = json.load(f)
+  x, y = folder_arrays(root)
+  paths, _, _ = data.scan_image_folder(root, "train")
+  keys = [os.path.relpath(p, os.path.join(root, "train")) for p in paths]
+  mask = data.holdout_mask(y, keys, 4)
+  mean, std = data.channel_stats(x[~mask])
+  assert info["normalization"]["mean"] == mean.tolist() and info["normalization"]["std"] == std.tolist()
+  assert info["eval_split"] == "holdout" and info["holdout"]["images"] == 4
+  assert info["storage"] == "memory" and info["train_images"] == 12
+  # Training images changed after the run: the evaluation still normalises as the run did.
+  changed = paths[int(np.flatnonzero(~mask)[0])]
+  Image.fromarray(np.full((8, 8, 3), 255, np.uint8)).save(changed, format="PNG")
+  result = evaluate_workdir(workdir)
+  assert result["test_accuracy"] == summary["test_accuracy"]
+  np.testing.assert_allclose(result["test_loss"], summary["test_loss"], rtol=1e-6)
+
+
+def test_decompression_bomb_read_by_a_pipeline_thread_is_one_line_from_train_py(tmp_path):
+  import sys
+  sys.path.insert(0, os.path.dirname(__file__))
+  from test_configs import assert_one_line_error
+  from test_reliability import image_folder_args, train_cli
+  root = write_image_folder(str(tmp_path / "data"), per_class=4, test_per_class=2, size=(10, 10))
+  bomb = os.path.join(root, "train", "dog", "img1.png")
+  _bomb_png(bomb)  # Streamed (10x10 is not image_size): found by a grain thread reading its batch.
+  proc = train_cli(tmp_path / "out", *image_folder_args(root))
+  assert_one_line_error(proc, bomb, "decompression bomb")

@@ -1,0 +1,137 @@
+"""Input-pipeline speed on an image folder of small JPEGs: the one-time decode into memory, and the
+steady-state images/s of the training pipeline with the images in memory against decoding them at every
+step (``config.dataset.in_memory='never'``), without any model.
+
+  python benchmarks/data_pipeline.py                                   # 5,000 random 32x32 JPEGs, q75
+  python benchmarks/data_pipeline.py --images 20000 --json data.json
+
+The folder (``train/<class>/NNNN.jpg``, random pixels, written with Pillow) goes to a temporary folder,
+or to ``--dir``, reused when it already holds the images. Decode time (wall and CPU seconds of the
+process): :func:`resnet_jax.data.decode_images` of every file, with 1 thread and with the default thread
+count (the CPUs usable). Pipeline images/s:
+``train_pipeline`` (``--augment``, default pad_crop_flip, ``--num-threads`` grain threads), batches of
+``--batch`` read for ``--seconds`` after ``--warmup`` batches; the median of ``--repeats`` such windows,
+the two storages interleaved round by round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+from resnet_jax import data  # noqa: E402
+from resnet_jax.config_check import base_config  # noqa: E402
+from resnet_jax.errors import run_cli  # noqa: E402
+
+
+def cpu_name() -> str:
+  try:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+      if line.startswith("Model name:"):
+        return line.split(":", 1)[1].strip()
+  except (OSError, subprocess.CalledProcessError):
+    pass
+  return platform.processor() or platform.machine()
+
+
+def write_folder(root: str, images: int, size: int, classes: int, quality: int) -> None:
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  for i in range(images):
+    folder = os.path.join(root, "train", f"class{i % classes:02d}")
+    path = os.path.join(folder, f"{i:06d}.jpg")
+    if os.path.exists(path):
+      continue
+    os.makedirs(folder, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)).save(path, quality=quality)
+
+
+def pipeline_rate(ds: data.Dataset, batch: int, num_threads: int, warmup: int, seconds: float) -> float:
+  it = iter(data.train_pipeline(ds, batch, seed=0, num_threads=num_threads))
+  try:
+    for _ in range(warmup):
+      next(it)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+      next(it)
+      n += 1
+    return n * batch / (time.perf_counter() - t0)
+  finally:
+    if hasattr(it, "close"):
+      it.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--images", type=int, default=5000)
+  p.add_argument("--size", type=int, default=32)
+  p.add_argument("--classes", type=int, default=10)
+  p.add_argument("--quality", type=int, default=75, help="JPEG quality")
+  p.add_argument("--dir", default=None, help="where the folder is written (default: a temporary folder)")
+  p.add_argument("--augment", default="pad_crop_flip")
+  p.add_argument("--batch", type=int, default=128)
+  p.add_argument("--num-threads", type=int, default=2, help="grain read threads (config default: 2)")
+  p.add_argument("--warmup", type=int, default=3)
+  p.add_argument("--seconds", type=float, default=3.0)
+  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--json", dest="json_out", default=None)
+  args = p.parse_args(argv)
+
+  with tempfile.TemporaryDirectory() as tmp:
+    root = args.dir or tmp
+    write_folder(root, args.images, args.size, args.classes, args.quality)
+    paths, _, _ = data.scan_image_folder(root, "train")
+    decode, decode_cpu = {}, {}
+    for threads in (1, None):
+      t0, c0 = time.perf_counter(), time.process_time()
+      data.decode_images(paths, args.size, progress=False, threads=threads)
+      key = "1 thread" if threads == 1 else f"{data._decode_threads()} threads"
+      decode[key], decode_cpu[key] = time.perf_counter() - t0, time.process_time() - c0
+
+    def load(in_memory: str) -> data.Dataset:
+      cfg = base_config().dataset
+      cfg.update({"name": "image_folder", "data_dir": root, "image_size": args.size, "augment": args.augment,
+                  "holdout": 0.1, "in_memory": in_memory})
+      return data.load_dataset(cfg, progress=False)
+
+    t0 = time.perf_counter()
+    memory = load("always")
+    load_s = time.perf_counter() - t0
+    stream = load("never")
+    rates: dict[str, list[float]] = {"memory": [], "per-step decode": []}
+    for _ in range(args.repeats):
+      for name, ds in (("memory", memory), ("per-step decode", stream)):
+        rates[name].append(pipeline_rate(ds, args.batch, args.num_threads, args.warmup, args.seconds))
+
+  result = {
+      "cpu": cpu_name(), "cpus_usable": data._decode_threads(), "images": args.images,
+      "image_size": args.size, "jpeg_quality": args.quality,
+      "decode_s": {k: round(v, 3) for k, v in decode.items()},
+      "decode_cpu_s": {k: round(v, 3) for k, v in decode_cpu.items()},
+      "load_average": [round(v, 2) for v in os.getloadavg()],
+      "load_dataset_in_memory_s": round(load_s, 3),
+      "pipeline": {"augment": args.augment, "batch": args.batch, "grain_threads": args.num_threads},
+      "pipeline_images_per_s": {k: round(statistics.median(v)) for k, v in rates.items()},
+      "pipeline_images_per_s_repeats": {k: [round(x) for x in v] for k, v in rates.items()},
+  }
+  print(json.dumps(result, indent=2))
+  if args.json_out:
+    with open(args.json_out, "w") as f:
+      json.dump(result, f, indent=2)
+  return 0
+
+
+if __name__ == "__main__":
+  run_cli(main, sys.argv[1:])
