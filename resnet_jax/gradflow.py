@@ -43,6 +43,8 @@ from resnet_jax.errors import ConfigError, run_cli
 DEFAULT_DEPTHS = (10, 20, 50, 100, 200, 500)
 DEFAULT_CONV_DEPTHS = (20, 56)
 DEFAULT_TRAIN_DEPTHS = (1, 2, 4, 8, 16, 32, 64)
+DEFAULT_GAINS = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0)
+DEFAULT_EXPLOSION_DEPTHS = (10, 50, 100)
 # Upper bound of |sigma'| for each activation: the per-unit factor that no weight scale can change.
 SIGMA_PRIME_SUP = {"sigmoid": 0.25, "tanh": 1.0, "relu": 1.0}
 # Units per backward chunk: the gradient inside one chunk stays far inside float64's range.
@@ -71,6 +73,11 @@ class GradflowConfig:
   train_lr: float = 0.05
   skip_conv: bool = False
   skip_train: bool = False
+  explosion: bool = False
+  gains: tuple[float, ...] = DEFAULT_GAINS
+  explosion_depths: tuple[int, ...] = DEFAULT_EXPLOSION_DEPTHS
+  explosion_batch: int = 16
+  remedy_gain: float = 3.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -90,6 +97,23 @@ def _int_list(text: str, flag: str, minimum: int = 1) -> tuple[int, ...]:
       raise ConfigError(f"{flag}: {item!r} is not an integer (expected e.g. 10,20,50)") from None
     if value < minimum:
       raise ConfigError(f"{flag}: every value must be >= {minimum}, got {value}")
+    values.append(value)
+  return tuple(values)
+
+
+def _float_list(text: str, flag: str) -> tuple[float, ...]:
+  """Parse ``"0.5,1,2"`` into positive finite floats; a bad entry is a ConfigError naming the flag."""
+  items = [t.strip() for t in str(text).split(",") if t.strip()]
+  if not items:
+    raise ConfigError(f"{flag}: expected a comma-separated list of numbers, got {text!r}")
+  values = []
+  for item in items:
+    try:
+      value = float(item)
+    except ValueError:
+      raise ConfigError(f"{flag}: {item!r} is not a number (expected e.g. 0.5,1,2)") from None
+    if not (value > 0 and math.isfinite(value)):
+      raise ConfigError(f"{flag}: every value must be a positive number, got {item}")
     values.append(value)
   return tuple(values)
 
@@ -132,6 +156,17 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--train-lr", type=float, default=d.train_lr, help="SGD (momentum 0.9) learning rate")
   p.add_argument("--skip-conv", action="store_true", help="skip the conv-net gradient measurement")
   p.add_argument("--skip-train", action="store_true", help="skip the degradation training")
+  p.add_argument("--explosion", action="store_true",
+                 help="run only the explosion study (weight-scale axis, remedies): writes explosion.json and "
+                      "explosion.png into --out, with --width, --hidden and --seed")
+  p.add_argument("--gains", default=",".join(map(str, d.gains)),
+                 help="explosion study: weight gains, multiplying W1 and W2 of the default init (default %(default)s)")
+  p.add_argument("--explosion-depths", default=",".join(map(str, d.explosion_depths)),
+                 help="explosion study: stack depths in units (default %(default)s)")
+  p.add_argument("--explosion-batch", type=int, default=d.explosion_batch,
+                 help="explosion study: examples (>= 2, BatchNorm's batch) (default %(default)s)")
+  p.add_argument("--remedy-gain", type=float, default=d.remedy_gain,
+                 help="explosion study: the gain at which the remedies are measured, ReLU (default %(default)s)")
   return p
 
 
@@ -158,6 +193,9 @@ def parse_args(argv: Sequence[str] | None = None) -> GradflowConfig:
   for depth in conv_depths:
     if (depth - 2) % 6:
       raise ConfigError(f"--conv-depths: CIFAR ResNet depths are 6n+2 (20, 32, 44, 56, 110), got {depth}")
+  if a.explosion_batch < 2:
+    raise ConfigError(f"--explosion-batch: BatchNorm needs at least 2 examples, got {a.explosion_batch}")
+  remedy_gain = _float_list(str(a.remedy_gain), "--remedy-gain")[0]
   if os.path.exists(a.out) and not os.path.isdir(a.out):
     raise ConfigError(f"--out: {a.out!r} exists and is not a folder")
   return GradflowConfig(
@@ -166,7 +204,9 @@ def parse_args(argv: Sequence[str] | None = None) -> GradflowConfig:
       conv_size=a.conv_size, train_depths=_int_list(a.train_depths, "--train-depths"),
       train_steps=a.train_steps, train_batch=a.train_batch, train_width=a.train_width,
       train_hidden=a.train_hidden, train_activation=a.train_activation, train_lr=a.train_lr,
-      skip_conv=a.skip_conv, skip_train=a.skip_train)
+      skip_conv=a.skip_conv, skip_train=a.skip_train, explosion=a.explosion,
+      gains=_float_list(a.gains, "--gains"), explosion_depths=_int_list(a.explosion_depths, "--explosion-depths"),
+      explosion_batch=a.explosion_batch, remedy_gain=remedy_gain)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -665,6 +705,117 @@ def plot_degradation(results: dict[str, Any], path: str) -> None:
   plt.close(fig)
 
 
+def format_explosion_table(results: dict[str, Any]) -> str:
+  """The stdout report of the explosion study: one row per stack, log10 of the first/last gradient ratio."""
+  cfg = results["config"]
+  lines = [f"Vanishing and explosion over the weight gain (width {cfg['width']}, hidden {cfg['hidden']}, "
+           f"batch {cfg['explosion_batch']}, float64): log10 ||dL/dx_0|| / ||dL/dx_L|| measured, and predicted by "
+           f"||prod M_l||_2, the typical sum log10(||M_l||_F/sqrt(n)) and the bound sum log10 ||M_l||_2 "
+           f"(M_l = J_l or I + J_l); fwd = log10 rms(x_L)/rms(x_0)"]
+  head = (f"{'activation':>10} {'gain':>5} {'net':>28} {'depth':>5} {'measured':>9} {'||prod||':>9} "
+          f"{'typical':>9} {'bound':>9} {'fwd':>8}")
+  lines += [head, "-" * len(head)]
+  for r in results["explosion"]:
+    lines.append(f"{r['activation']:>10} {r['gain']:>5g} {r['net']:>28} {r['depth']:>5} "
+                 f"{_fmt_log(r['log10_first_over_last']):>9} {_fmt_log(r['log10_product_norm']):>9} "
+                 f"{_fmt_log(r['log10_typical']):>9} {_fmt_log(r['log10_bound']):>9} {_fmt_log(r['log10_forward']):>8}")
+  return "\n".join(lines) + "\n"
+
+
+def plot_explosion(results: dict[str, Any], path: str) -> None:
+  """``explosion.png``: first/last gradient ratio over the gain (plain | residual), the remedies' profiles,
+  and the ratio over depth; measured as markers and solid lines, the product-norm prediction dashed."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  cfg = results["config"]
+  recs = results["explosion"]
+  deepest = max(r["depth"] for r in recs)
+  fig, axes = plt.subplots(2, 2, figsize=(12, 9))
+  colors = {"sigmoid": "tab:blue", "tanh": "tab:orange", "relu": "tab:green"}
+  for ax, net in zip(axes[0], ("plain", "residual")):
+    for act, color in colors.items():
+      rs = sorted((r for r in recs if r["net"] == net and r["activation"] == act and r["depth"] == deepest),
+                  key=lambda r: r["gain"])
+      if not rs:
+        continue
+      gains = [r["gain"] for r in rs]
+      ax.plot(gains, [_finite(r["log10_first_over_last"]) for r in rs], "o-", color=color, label=f"{act} measured")
+      ax.plot(gains, [_finite(r["log10_product_norm"]) for r in rs], "--", color=color,
+              label=f"{act} ||prod M_l||_2")
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("gain (W1, W2 = gain x default init)")
+    ax.set_ylabel(f"log10 ||dL/dx_0|| / ||dL/dx_L||, depth {deepest}")
+    ax.set_title(f"{net} stack: {'prod J_l' if net == 'plain' else 'prod (I + J_l)'}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  ax = axes[1][0]
+  remedy_names = [r["net"] for r in recs if r["gain"] == cfg["remedy_gain"] and r["activation"] == "relu"
+                  and r["depth"] == deepest]
+  cmap = plt.get_cmap("tab10")
+  for i, name in enumerate(dict.fromkeys(remedy_names)):
+    r = next(r for r in recs if r["net"] == name and r["gain"] == cfg["remedy_gain"]
+             and r["activation"] == "relu" and r["depth"] == deepest)
+    prof = r["profile"]
+    dist = np.arange(len(prof["log10_grad"]))[::-1]          # units between x_l and the output
+    ax.plot(dist, [_finite(v) for v in prof["log10_grad"]], "-", color=cmap(i), label=name)
+    ax.plot(dist, [_finite(v) for v in prof["log10_product"]], "--", color=cmap(i), lw=0.8)
+  ax.axhline(0, color="k", lw=0.8)
+  ax.set_xlabel("units between x_l and the output (L - l)")
+  ax.set_ylabel("log10 ||dL/dx_l|| / ||dL/dx_L||")
+  ax.set_title(f"remedies, ReLU, gain {cfg['remedy_gain']:g}: measured (solid), ||prod||_2 (dashed)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  ax = axes[1][1]
+  gains = sorted({r["gain"] for r in recs if r["net"] in ("plain", "residual")})
+  for i, gain in enumerate(gains):
+    for net, style in (("plain", "o--"), ("residual", "s-")):
+      rs = sorted((r for r in recs if r["net"] == net and r["activation"] == "relu" and r["gain"] == gain),
+                  key=lambda r: r["depth"])
+      ax.plot([r["depth"] for r in rs], [_finite(r["log10_first_over_last"]) for r in rs], style,
+              color=plt.get_cmap("viridis")(i / max(1, len(gains) - 1)),
+              label=f"gain {gain:g}" if net == "residual" else None)
+  ax.axhline(0, color="k", lw=0.8)
+  ax.set_xlabel("depth L (units)")
+  ax.set_ylabel("log10 ||dL/dx_0|| / ||dL/dx_L||")
+  ax.set_title("ReLU over depth: residual (solid), plain (dashed)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.suptitle(f"Vanishing and explosion at initialisation (width {cfg['width']}, hidden {cfg['hidden']}, "
+               f"batch {cfg['explosion_batch']}, seed {cfg['seed']}, float64)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def _finite(value):
+  """A log10 value for plotting: non-finite (an exactly zero gradient) as NaN, so it is left out."""
+  return value if value is not None and math.isfinite(value) else np.nan
+
+
+def run_explosion(cfg: GradflowConfig, log=None) -> dict[str, Any]:
+  """The explosion study alone: write ``explosion.json`` and ``explosion.png`` into ``cfg.out``."""
+  import jax
+  from resnet_jax import explosion
+  log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+  t_start = time.perf_counter()
+  results: dict[str, Any] = {
+      "config": {k: v for k, v in dataclasses.asdict(cfg).items()
+                 if k in ("width", "hidden", "seed", "out", "gains", "explosion_depths", "explosion_batch",
+                          "remedy_gain")},
+      "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "jax": jax.__version__,
+                  "backend": jax.default_backend()},
+      "explosion": explosion.study(cfg.gains, cfg.explosion_depths, cfg.width, cfg.hidden, cfg.explosion_batch,
+                                   cfg.seed, remedy_gain=cfg.remedy_gain, log=log)}
+  results["seconds"] = time.perf_counter() - t_start
+  os.makedirs(cfg.out, exist_ok=True)
+  with open(os.path.join(cfg.out, "explosion.json"), "w") as f:
+    json.dump(_json_safe(results), f, indent=1, allow_nan=False)
+  plot_explosion(results, os.path.join(cfg.out, "explosion.png"))
+  return results
+
+
 # ----------------------------------------------------------------------------------------------
 # Entry point
 
@@ -722,6 +873,11 @@ def _json_safe(value):
 def main(argv: Sequence[str] | None = None) -> int:
   """``python -m resnet_jax.gradflow``: print the tables and write results.json + the two plots."""
   cfg = parse_args(argv)
+  if cfg.explosion:
+    results = run_explosion(cfg)
+    print(format_explosion_table(results))
+    print(f"wrote {os.path.join(cfg.out, 'explosion.json')}, explosion.png in {results['seconds']:.0f} s")
+    return 0
   results = run(cfg)
   print(format_tables(results))
   print(f"wrote {os.path.join(cfg.out, 'results.json')}, grad_norms.png"
