@@ -13,13 +13,17 @@
    ``J_l = W2_l diag(sigma'(z_l)) W1_l``. Per unit the plain stack therefore multiplies the gradient
    norm by at most ``||W1_l||_2 ||W2_l||_2 sup sigma'`` (``sup sigmoid' = 1/4``) and typically by
    ``q_l = ||W1_l||_F ||W2_l||_F rms(sigma'(z_l)) / sqrt(dim * hidden)`` (random-matrix estimate);
-   the residual stack typically by ``sqrt(1 + q_l^2)``, never forced below 1 by the product.
+   the residual stack typically by ``sqrt(1 + q_l^2)`` (at least 1 on average, but not a bound either way:
+   ``||I + J_l||_2`` can exceed 1 by ``||J_l||_2``, and the product of L such factors grows exponentially).
 3. Does it matter for training? Plain and residual MLPs of growing depth are trained on the digits
    for the same budget; their training and test errors are reported by depth (the degradation
    problem of He et al. 2015).
 
 Outputs: a table on stdout, ``OUT/results.json``, ``OUT/grad_norms.png`` and ``OUT/degradation.png``.
-Deep plain stacks push the gradient far below the float range (about 10^-350 at 500 sigmoid units),
+``--explosion`` runs only the weight-scale study of :mod:`resnet_jax.explosion` (vanishing and explosion
+over a gain axis, and the remedies), writing ``OUT/explosion.json`` and ``OUT/explosion.png``;
+``--block-orders`` only the bottleneck-ordering ablation on the digits (``OUT/block_orders.json``).
+Deep plain stacks push the gradient far below the float range (below 10^-550 at 500 sigmoid units),
 so the backward pass runs in float64 over chunks of units, each chunk restarted from a unit-norm
 error with its log10 scale carried along (exact: the backward pass is linear in the error).
 """
@@ -74,6 +78,7 @@ class GradflowConfig:
   skip_conv: bool = False
   skip_train: bool = False
   explosion: bool = False
+  block_orders: bool = False
   gains: tuple[float, ...] = DEFAULT_GAINS
   explosion_depths: tuple[int, ...] = DEFAULT_EXPLOSION_DEPTHS
   explosion_batch: int = 16
@@ -159,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--explosion", action="store_true",
                  help="run only the explosion study (weight-scale axis, remedies): writes explosion.json and "
                       "explosion.png into --out, with --width, --hidden and --seed")
+  p.add_argument("--block-orders", action="store_true",
+                 help="run only the bottleneck ordering ablation (v1, relu_before_add, literal_bottleneck trained on "
+                      "the digits for --train-steps steps): writes block_orders.json into --out")
   p.add_argument("--gains", default=",".join(map(str, d.gains)),
                  help="explosion study: weight gains, multiplying W1 and W2 of the default init (default %(default)s)")
   p.add_argument("--explosion-depths", default=",".join(map(str, d.explosion_depths)),
@@ -193,6 +201,8 @@ def parse_args(argv: Sequence[str] | None = None) -> GradflowConfig:
   for depth in conv_depths:
     if (depth - 2) % 6:
       raise ConfigError(f"--conv-depths: CIFAR ResNet depths are 6n+2 (20, 32, 44, 56, 110), got {depth}")
+  if a.explosion and a.block_orders:
+    raise ConfigError("--explosion and --block-orders: each runs one study alone, give at most one of them")
   if a.explosion_batch < 2:
     raise ConfigError(f"--explosion-batch: BatchNorm needs at least 2 examples, got {a.explosion_batch}")
   remedy_gain = _float_list(str(a.remedy_gain), "--remedy-gain")[0]
@@ -204,7 +214,7 @@ def parse_args(argv: Sequence[str] | None = None) -> GradflowConfig:
       conv_size=a.conv_size, train_depths=_int_list(a.train_depths, "--train-depths"),
       train_steps=a.train_steps, train_batch=a.train_batch, train_width=a.train_width,
       train_hidden=a.train_hidden, train_activation=a.train_activation, train_lr=a.train_lr,
-      skip_conv=a.skip_conv, skip_train=a.skip_train, explosion=a.explosion,
+      skip_conv=a.skip_conv, skip_train=a.skip_train, explosion=a.explosion, block_orders=a.block_orders,
       gains=_float_list(a.gains, "--gains"), explosion_depths=_int_list(a.explosion_depths, "--explosion-depths"),
       explosion_batch=a.explosion_batch, remedy_gain=remedy_gain)
 
@@ -564,6 +574,126 @@ def train_digits(depth: int, residual: bool, cfg: GradflowConfig, data=None) -> 
 
 
 # ----------------------------------------------------------------------------------------------
+# Block orderings of the bottleneck on the digits: why the ReLUs are not optional
+
+# (block_order, zero_init_residual, random_labels): every ordering from the same initialisation on the digits
+# and on the digits with shuffled labels (a capacity test: only memorising fits them), and ReLU-before-add with
+# the last BN's gamma at 0, whose branches then never train (relu'(0) = 0 stops every gradient to them).
+BLOCK_ORDERS = (("v1", False, False), ("relu_before_add", False, False), ("literal_bottleneck", False, False),
+                ("v1", False, True), ("relu_before_add", False, True), ("literal_bottleneck", False, True),
+                ("relu_before_add", True, False))
+
+
+def train_block_order(order: str, steps: int = 300, batch: int = 64, lr: float = 0.05, num_filters: int = 8,
+                      seed: int = 0, data=None, zero_init_residual: bool = False,
+                      random_labels: bool = False) -> dict[str, Any]:
+  """Train ``resnet50`` (16 bottlenecks, CIFAR stem, ``num_filters``) with ``block_order=order`` on the digits.
+
+  SGD with momentum 0.9, ``steps`` steps of ``batch`` images, the same initial key and data order for every
+  ordering; errors on the whole training and test sets in evaluation mode (running BN statistics). With
+  ``random_labels`` the training labels are a fixed random permutation of the true ones (seed ``seed``), so
+  the training error measures what the net can memorise within the budget. Also
+  measures, in evaluation mode, how far the map from the first block's input to the logits is from affine:
+  ``||f(a + b) - f(a) - f(b) + f(0)|| / ||f(a + b) - f(0)||`` for random perturbations ``a, b`` of that input
+  (``jax.grad``-style ``perturbations`` collection), 0 up to rounding for an affine stack.
+  """
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from resnet_jax.data import digits_split
+  from resnet_jax.models import create_model, zero_perturbations
+  x_tr, y_tr, x_te, y_te = data if data is not None else digits_split(seed=0)
+  if random_labels:
+    y_tr = np.random.default_rng(seed).permutation(y_tr)
+  model = create_model("resnet50", num_classes=10, stem="cifar", num_filters=num_filters, block_order=order,
+                       zero_init_residual=zero_init_residual)
+  variables = model.init(jax.random.key(seed), jnp.asarray(x_tr[:2]), train=False)
+  params, stats = variables["params"], variables["batch_stats"]
+  tx = optax.sgd(lr, momentum=0.9)
+  opt_state = tx.init(params)
+
+  def loss_fn(params, stats, xb, yb):
+    logits, upd = model.apply({"params": params, "batch_stats": stats}, xb, train=True, mutable=["batch_stats"])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean(), upd["batch_stats"]
+
+  @jax.jit
+  def step(params, stats, opt_state, xb, yb):
+    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, stats, xb, yb)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), stats, opt_state, loss
+
+  @jax.jit
+  def error(params, stats, xb, yb):
+    logits = model.apply({"params": params, "batch_stats": stats}, xb, train=False)
+    return jnp.mean(jnp.argmax(logits, -1) != yb)
+
+  rng = np.random.default_rng(seed)
+  n = len(x_tr)
+  t0 = time.perf_counter()
+  order_idx, pos, loss = rng.permutation(n), 0, float("nan")
+  for _ in range(steps):
+    if pos + batch > n:
+      order_idx, pos = rng.permutation(n), 0
+    idx = order_idx[pos:pos + batch]
+    pos += batch
+    params, stats, opt_state, loss = step(params, stats, opt_state, x_tr[idx], y_tr[idx])
+  final = {"params": params, "batch_stats": stats}
+  xb = jnp.asarray(x_te[:64])
+  zeros = zero_perturbations(model, final, xb)
+  first = sorted(zeros)[0]
+
+  def logits_at(p):
+    return model.apply({**final, "perturbations": {**zeros, first: p}}, xb, train=False)
+  ka, kb = jax.random.split(jax.random.key(seed + 1))
+  shape = zeros[first].shape
+  a, b = jax.random.normal(ka, shape), jax.random.normal(kb, shape)
+  f0, fa, fb, fab = (logits_at(v) for v in (jnp.zeros(shape), a, b, a + b))
+  defect = float(jnp.linalg.norm(fab - fa - fb + f0) / jnp.linalg.norm(fab - f0))
+  n_params = sum(int(np.size(v)) for v in jax.tree.leaves(params))
+  return {"order": order, "zero_init_residual": zero_init_residual, "random_labels": random_labels,
+          "model": "resnet50",
+          "num_filters": num_filters, "parameters": n_params,
+          "steps": steps, "batch": batch, "lr": lr, "seed": seed, "final_batch_loss": float(loss),
+          "train_error": float(error(params, stats, x_tr, y_tr)),
+          "test_error": float(error(params, stats, x_te, y_te)),
+          "eval_nonlinearity": defect, "seconds": time.perf_counter() - t0}
+
+
+def run_block_orders(out: str, steps: int = 300, seed: int = 0, log=None) -> dict[str, Any]:
+  """Every ordering of :data:`BLOCK_ORDERS` trained by :func:`train_block_order`; writes ``block_orders.json``."""
+  import jax
+  from resnet_jax.data import digits_split
+  log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+  data = digits_split(seed=0)
+  t0 = time.perf_counter()
+  records = []
+  for order, zero_init, shuffled in BLOCK_ORDERS:
+    log(f"gradflow: training resnet50 (num_filters 8) with block_order={order!r}, "
+        f"zero_init_residual={zero_init} on the digits{' with random labels' if shuffled else ''}")
+    records.append(train_block_order(order, steps=steps, seed=seed, data=data, zero_init_residual=zero_init,
+                                     random_labels=shuffled))
+  results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "jax": jax.__version__,
+                         "backend": jax.default_backend()},
+             "block_orders": records, "seconds": time.perf_counter() - t0}
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, "block_orders.json"), "w") as f:
+    json.dump(_json_safe(results), f, indent=1, allow_nan=False)
+  return results
+
+
+def format_block_orders(results: dict[str, Any]) -> str:
+  """The stdout table of :func:`run_block_orders`."""
+  head = (f"{'block_order':>20} {'zero_init':>9} {'labels':>7} {'params':>8} {'train err %':>11} {'test err %':>10} "
+          f"{'eval nonlinearity':>17}")
+  lines = ["Bottleneck orderings, resnet50 (num_filters 8, CIFAR stem) on the digits", head, "-" * len(head)]
+  for r in results["block_orders"]:
+    lines.append(f"{r['order']:>20} {str(r['zero_init_residual']):>9} {'random' if r['random_labels'] else 'true':>7} "
+                 f"{r['parameters']:>8} {100 * r['train_error']:>11.2f} "
+                 f"{100 * r['test_error']:>10.2f} {r['eval_nonlinearity']:>17.2e}")
+  return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------
 # Table and plots
 
 
@@ -873,6 +1003,11 @@ def _json_safe(value):
 def main(argv: Sequence[str] | None = None) -> int:
   """``python -m resnet_jax.gradflow``: print the tables and write results.json + the two plots."""
   cfg = parse_args(argv)
+  if cfg.block_orders:
+    results = run_block_orders(cfg.out, steps=cfg.train_steps, seed=cfg.seed)
+    print(format_block_orders(results))
+    print(f"wrote {os.path.join(cfg.out, 'block_orders.json')} in {results['seconds']:.0f} s")
+    return 0
   if cfg.explosion:
     results = run_explosion(cfg)
     print(format_explosion_table(results))

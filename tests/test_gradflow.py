@@ -202,3 +202,20 @@ def test_bad_flag_exits_2_with_one_line(tmp_path):
   assert len(lines) == 1 and lines[0].startswith("error: ") and "gelu" in lines[0]
   assert "Traceback" not in proc.stderr
   assert not (tmp_path / "x").exists()
+
+
+def test_explosion_and_block_orders_are_exclusive():
+  with pytest.raises(ConfigError, match="at most one"):
+    gradflow.parse_args(["--explosion", "--block-orders"])
+
+
+@pytest.mark.slow
+def test_literal_bottleneck_network_is_affine_in_eval_mode():
+  # resnet50 (num_filters 8) on the digits, 3 steps: from the first block's input to the logits, the
+  # literal bottleneck stack is affine in evaluation mode (up to float32 rounding), the v1 stack is not.
+  from resnet_jax.data import digits_split
+  data = digits_split(seed=0)
+  lit = gradflow.train_block_order("literal_bottleneck", steps=3, data=data)
+  v1 = gradflow.train_block_order("v1", steps=3, data=data)
+  assert lit["eval_nonlinearity"] < 1e-5 < 1e-2 < v1["eval_nonlinearity"]
+  assert v1["parameters"] - lit["parameters"] == 2 * 4 * 8 * (3 * 1 + 4 * 2 + 6 * 4 + 3 * 8)
