@@ -30,7 +30,8 @@ a fourth, bottleneck-only ablation:
 
   He et al. 2016 (Fig. 4c) found it worse than v1 (7.84% against 6.61% test error, ResNet-110 on CIFAR-10):
   ``F(x) >= 0``, so with an identity shortcut every block can only add to its input and the forward signal
-  grows through the stack.
+  grows through the stack. With ``zero_init_last`` the last BN outputs 0 and ``ReLU'(0) = 0``, so no gradient
+  ever reaches the branch: the block stays its shortcut through training.
 
 - ``"literal_bottleneck"`` (Bottleneck only: the derivation's bottleneck formula taken literally, an
   ablation)::

@@ -185,3 +185,17 @@ def test_literal_bottleneck_through_create_model():
   assert count() - count(block_order="literal_bottleneck") == lost
   with pytest.raises(ModelError, match="only for Bottleneck"):
     jax.eval_shape(create_model("resnet20", block_order="literal_bottleneck").init, INIT_KEY, x)
+
+
+def test_relu_before_add_with_zero_last_gamma_gets_no_gradient_in_its_branch():
+  # the branch ends in ReLU(BN(.)) with gamma = beta = 0: its output is 0 and relu'(0) = 0, so every branch
+  # parameter, the last BN's gamma and beta included, receives exactly zero gradient
+  conv = functools.partial(nn.Conv, use_bias=False)
+  norm = functools.partial(nn.BatchNorm, use_running_average=False)
+  x = normal(0, (2, 6, 6, 8))
+  for block in (BasicBlock(8, conv=conv, norm=norm, order="relu_before_add", zero_init_last=True),
+                Bottleneck(2, conv=conv, norm=norm, order="relu_before_add", zero_init_last=True)):
+    variables = block.init(INIT_KEY, x)
+    loss = lambda p: jnp.sum(jnp.sin(block.apply({**variables, "params": p}, x, mutable=["batch_stats"])[0]))
+    grads = jax.grad(loss)(variables["params"])
+    assert all(not np.any(g) for g in jax.tree.leaves(grads))
