@@ -129,8 +129,9 @@ def remedy_rows(explosion):
 
 
 def block_order_rows(block_orders):
-  return [f"| `{r['order']}` | {r['parameters']:,} | {100 * r['train_error']:.2f} | {100 * r['test_error']:.2f} | "
-          f"{r['eval_nonlinearity']:.1e} |" for r in block_orders["block_orders"]]
+  return [f"| `{r['order']}` | {'yes' if r['zero_init_residual'] else 'no'} | "
+          f"{'random' if r['random_labels'] else 'true'} | {r['parameters']:,} | {100 * r['train_error']:.2f} | "
+          f"{100 * r['test_error']:.2f} | {r['eval_nonlinearity']:.1e} |" for r in block_orders["block_orders"]]
 
 
 @pytest.mark.parametrize("rows", [mlp_rows, conv_rows, train_rows])
@@ -179,6 +180,21 @@ def test_gradient_flow_text(results):
   _assert_in(f"`{typ:.4f}^500 ≈ {typ ** 500:.1f}`", doc)
   _assert_in(f"per-unit bound `1 + ||W1||_2 ||W2||_2 / 4` is {bound:.3f} at depth 500, which allows up to "
              f"`{bound:.3f}^500 ≈ 10^{500 * math.log10(bound):.0f}`", doc)
+  _assert_in(f"(predicted {min(r['predicted_typical_factor'] for r in res):.3f}-"
+             f"{max(r['predicted_typical_factor'] for r in res):.3f})", doc)
+  chance = {(r["depth"], r["net"]): r["train_error"] for r in results["train"]}
+  _assert_in(f"({100 * chance[(8, 'plain')]:.1f}% error)", doc)
+  _assert_in(f"the predicted `q ≈ {_mlp(results, 'plain', 500)['predicted_typical_factor']:.3f}` to within 10%", doc)
+  assert all(abs(r["measured_factor"] / r["predicted_typical_factor"] - 1) < 0.1 for r in plain)
+  _assert_in(f"shows the same decay (10^{_mlp(results, 'plain', 50)['log10_jacobian_product_norm']:.1f} at depth 50)", doc)
+  conv = {r["model"]: r for r in results["conv"]}
+  p56 = conv["plain56"]
+  _assert_in(f"by 10^{p56['log10_first_over_last']:.0f} over the {len(p56['log10_block_input_grad'])} blocks of "
+             f"plain-56 (about {10 ** (p56['log10_first_over_last'] / (len(p56['log10_block_input_grad']) - 1)):.1f}x", doc)
+  _assert_in(f"ResNet-56's grows {10 ** conv['resnet56']['log10_first_over_last']:.0f}x", doc)
+  emb = {(r["depth"], r["net"]): r["log10_embed_grad_at_init"] for r in results["train"]}
+  _assert_in(f"is 10^{emb[(8, 'plain')]:.1f} of a healthy one at 8 units and 10^{emb[(32, 'plain')]:.0f} at 32", doc)
+  assert emb[(64, "plain")] is None   # "exactly zero in float32 at 64"
   train = [r for r in results["train"] if r["net"] == "residual"]
   worst_train = max(train, key=lambda r: r["train_error"])
   _assert_in(f"at most {100 * worst_train['train_error']:.2f}% training error (at {worst_train['depth']} units)", doc)
@@ -202,7 +218,8 @@ def test_readme_numbers(results, explosion):
   conv = {r["model"]: r["log10_first_over_last"] for r in results["conv"]}
   _assert_in(f"by 10^{conv['plain56']:.0f} over plain-56 and {10 ** conv['resnet56']:.0f}x over ResNet-56", doc)
   train = {(r["depth"], r["net"]): r for r in results["train"]}
-  _assert_in(f"reach {100 * train[(4, 'plain')]['train_error']:.0f}% error at 4 units", doc)
+  _assert_in(f"reach {100 * train[(4, 'plain')]['train_error']:.0f}% error at 4 units and chance "
+             f"({100 * train[(8, 'plain')]['train_error']:.0f}%) from 8 units", doc)
   rt = [r for r in results["train"] if r["net"] == "residual"]
   _assert_in(f"reach <= {100 * max(r['train_error'] for r in rt):.2f}% train / "
              f"{100 * min(r['test_error'] for r in rt):.1f}-{100 * max(r['test_error'] for r in rt):.1f}% test", doc)
