@@ -576,23 +576,39 @@ def train_digits(depth: int, residual: bool, cfg: GradflowConfig, data=None) -> 
 # ----------------------------------------------------------------------------------------------
 # Block orderings of the bottleneck on the digits: why the ReLUs are not optional
 
-# (block_order, zero_init_residual, random_labels): every ordering from the same initialisation on the digits
-# and on the digits with shuffled labels (a capacity test: only memorising fits them), and ReLU-before-add with
-# the last BN's gamma at 0, whose branches then never train (relu'(0) = 0 stops every gradient to them).
-BLOCK_ORDERS = (("v1", False, False), ("relu_before_add", False, False), ("literal_bottleneck", False, False),
-                ("v1", False, True), ("relu_before_add", False, True), ("literal_bottleneck", False, True),
-                ("relu_before_add", True, False))
+# (block_order, zero_init_residual, task): every ordering from the same initialisation on the digits and on
+# the two-halves XOR task (:func:`xor_halves`), and ReLU-before-add with the last BN's gamma at 0, whose
+# branches then never train (relu'(0) = 0 stops every gradient to them).
+BLOCK_ORDERS = (("v1", False, "digits"), ("relu_before_add", False, "digits"), ("literal_bottleneck", False, "digits"),
+                ("v1", False, "xor"), ("relu_before_add", False, "xor"), ("literal_bottleneck", False, "xor"),
+                ("relu_before_add", True, "digits"))
+
+
+def xor_halves(n_train: int = 2048, n_test: int = 512, seed: int = 0):
+  """8x8 images: rows 0-2 are ``a``, rows 5-7 are ``b``, rows 3-4 are 0, plus N(0, 0.3^2) noise on every
+  pixel; ``a, b ~ N(0, 1)``; label 1 where ``a b > 0``. No 3x3 patch sees both ``a`` and ``b``, and each alone
+  says nothing about the label, so any sum of functions of 3x3 patches (a linear map of one 3x3 conv layer's
+  features) is at chance, 50%; a net that combines the halves nonlinearly is not. Returns
+  ``(x_train, y_train, x_test, y_test)`` like :func:`resnet_jax.data.digits_split`.
+  """
+  rng = np.random.default_rng(seed)
+  n = n_train + n_test
+  a, b = rng.standard_normal(n), rng.standard_normal(n)
+  x = np.zeros((n, 8, 8, 1), np.float32)
+  x[:, :3] = a[:, None, None, None]
+  x[:, 5:] = b[:, None, None, None]
+  x += 0.3 * rng.standard_normal(x.shape).astype(np.float32)
+  y = (a * b > 0).astype(np.int32)
+  return x[:n_train], y[:n_train], x[n_train:], y[n_train:]
 
 
 def train_block_order(order: str, steps: int = 300, batch: int = 64, lr: float = 0.05, num_filters: int = 8,
-                      seed: int = 0, data=None, zero_init_residual: bool = False,
-                      random_labels: bool = False) -> dict[str, Any]:
+                      seed: int = 0, data=None, zero_init_residual: bool = False) -> dict[str, Any]:
   """Train ``resnet50`` (16 bottlenecks, CIFAR stem, ``num_filters``) with ``block_order=order`` on the digits.
 
   SGD with momentum 0.9, ``steps`` steps of ``batch`` images, the same initial key and data order for every
-  ordering; errors on the whole training and test sets in evaluation mode (running BN statistics). With
-  ``random_labels`` the training labels are a fixed random permutation of the true ones (seed ``seed``), so
-  the training error measures what the net can memorise within the budget. Also
+  ordering (``data``: ``(x_train, y_train, x_test, y_test)``, default the digits); errors on the whole training
+  and test sets in evaluation mode (running BN statistics). Also
   measures, in evaluation mode, how far the map from the first block's input to the logits is from affine:
   ``||f(a + b) - f(a) - f(b) + f(0)|| / ||f(a + b) - f(0)||`` for random perturbations ``a, b`` of that input
   (``jax.grad``-style ``perturbations`` collection), 0 up to rounding for an affine stack.
@@ -603,8 +619,6 @@ def train_block_order(order: str, steps: int = 300, batch: int = 64, lr: float =
   from resnet_jax.data import digits_split
   from resnet_jax.models import create_model, zero_perturbations
   x_tr, y_tr, x_te, y_te = data if data is not None else digits_split(seed=0)
-  if random_labels:
-    y_tr = np.random.default_rng(seed).permutation(y_tr)
   model = create_model("resnet50", num_classes=10, stem="cifar", num_filters=num_filters, block_order=order,
                        zero_init_residual=zero_init_residual)
   variables = model.init(jax.random.key(seed), jnp.asarray(x_tr[:2]), train=False)
@@ -650,8 +664,7 @@ def train_block_order(order: str, steps: int = 300, batch: int = 64, lr: float =
   f0, fa, fb, fab = (logits_at(v) for v in (jnp.zeros(shape), a, b, a + b))
   defect = float(jnp.linalg.norm(fab - fa - fb + f0) / jnp.linalg.norm(fab - f0))
   n_params = sum(int(np.size(v)) for v in jax.tree.leaves(params))
-  return {"order": order, "zero_init_residual": zero_init_residual, "random_labels": random_labels,
-          "model": "resnet50",
+  return {"order": order, "zero_init_residual": zero_init_residual, "model": "resnet50",
           "num_filters": num_filters, "parameters": n_params,
           "steps": steps, "batch": batch, "lr": lr, "seed": seed, "final_batch_loss": float(loss),
           "train_error": float(error(params, stats, x_tr, y_tr)),
@@ -664,14 +677,14 @@ def run_block_orders(out: str, steps: int = 300, seed: int = 0, log=None) -> dic
   import jax
   from resnet_jax.data import digits_split
   log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-  data = digits_split(seed=0)
+  data = {"digits": digits_split(seed=0), "xor": xor_halves(seed=seed)}
   t0 = time.perf_counter()
   records = []
-  for order, zero_init, shuffled in BLOCK_ORDERS:
+  for order, zero_init, task in BLOCK_ORDERS:
     log(f"gradflow: training resnet50 (num_filters 8) with block_order={order!r}, "
-        f"zero_init_residual={zero_init} on the digits{' with random labels' if shuffled else ''}")
-    records.append(train_block_order(order, steps=steps, seed=seed, data=data, zero_init_residual=zero_init,
-                                     random_labels=shuffled))
+        f"zero_init_residual={zero_init} on {task}")
+    records.append({"task": task, **train_block_order(order, steps=steps, seed=seed, data=data[task],
+                                                      zero_init_residual=zero_init)})
   results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "jax": jax.__version__,
                          "backend": jax.default_backend()},
              "block_orders": records, "seconds": time.perf_counter() - t0}
@@ -683,11 +696,12 @@ def run_block_orders(out: str, steps: int = 300, seed: int = 0, log=None) -> dic
 
 def format_block_orders(results: dict[str, Any]) -> str:
   """The stdout table of :func:`run_block_orders`."""
-  head = (f"{'block_order':>20} {'zero_init':>9} {'labels':>7} {'params':>8} {'train err %':>11} {'test err %':>10} "
+  head = (f"{'block_order':>20} {'zero_init':>9} {'task':>7} {'params':>8} {'train err %':>11} {'test err %':>10} "
           f"{'eval nonlinearity':>17}")
-  lines = ["Bottleneck orderings, resnet50 (num_filters 8, CIFAR stem) on the digits", head, "-" * len(head)]
+  lines = ["Bottleneck orderings, resnet50 (num_filters 8, CIFAR stem), on the digits and the XOR of two halves",
+           head, "-" * len(head)]
   for r in results["block_orders"]:
-    lines.append(f"{r['order']:>20} {str(r['zero_init_residual']):>9} {'random' if r['random_labels'] else 'true':>7} "
+    lines.append(f"{r['order']:>20} {str(r['zero_init_residual']):>9} {r['task']:>7} "
                  f"{r['parameters']:>8} {100 * r['train_error']:>11.2f} "
                  f"{100 * r['test_error']:>10.2f} {r['eval_nonlinearity']:>17.2e}")
   return "\n".join(lines) + "\n"

@@ -129,9 +129,9 @@ def remedy_rows(explosion):
 
 
 def block_order_rows(block_orders):
-  return [f"| `{r['order']}` | {'yes' if r['zero_init_residual'] else 'no'} | "
-          f"{'random' if r['random_labels'] else 'true'} | {r['parameters']:,} | {100 * r['train_error']:.2f} | "
-          f"{100 * r['test_error']:.2f} | {r['eval_nonlinearity']:.1e} |" for r in block_orders["block_orders"]]
+  return [f"| `{r['order']}` | {'yes' if r['zero_init_residual'] else 'no'} | {r['task']} | {r['parameters']:,} | "
+          f"{100 * r['train_error']:.2f} | {100 * r['test_error']:.2f} | {r['eval_nonlinearity']:.1e} |"
+          for r in block_orders["block_orders"]]
 
 
 @pytest.mark.parametrize("rows", [mlp_rows, conv_rows, train_rows])

@@ -219,3 +219,13 @@ def test_literal_bottleneck_network_is_affine_in_eval_mode():
   v1 = gradflow.train_block_order("v1", steps=3, data=data)
   assert lit["eval_nonlinearity"] < 1e-5 < 1e-2 < v1["eval_nonlinearity"]
   assert v1["parameters"] - lit["parameters"] == 2 * 4 * 8 * (3 * 1 + 4 * 2 + 6 * 4 + 3 * 8)
+
+
+def test_xor_halves():
+  x_tr, y_tr, x_te, y_te = gradflow.xor_halves(n_train=400, n_test=100, seed=1)
+  assert x_tr.shape == (400, 8, 8, 1) and x_te.shape == (100, 8, 8, 1) and x_tr.dtype == np.float32
+  assert set(np.unique(y_tr)) == {0, 1} and 0.4 < y_tr.mean() < 0.6
+  # rows 3-4 carry only noise, so no 3x3 patch sees both halves; the label is the sign of the product
+  assert abs(float(x_tr[:, 3:5].std()) - 0.3) < 0.02
+  top, bottom = x_tr[:, :3].mean(axis=(1, 2, 3)), x_tr[:, 5:].mean(axis=(1, 2, 3))
+  assert np.mean((top * bottom > 0) == (y_tr == 1)) > 0.9
