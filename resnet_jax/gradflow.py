@@ -22,7 +22,8 @@
 Outputs: a table on stdout, ``OUT/results.json``, ``OUT/grad_norms.png`` and ``OUT/degradation.png``.
 ``--explosion`` runs only the weight-scale study of :mod:`resnet_jax.explosion` (vanishing and explosion
 over a gain axis, and the remedies), writing ``OUT/explosion.json`` and ``OUT/explosion.png``;
-``--block-orders`` only the bottleneck-ordering ablation on the digits (``OUT/block_orders.json``).
+``--block-orders`` only the bottleneck-ordering ablation on the digits and :func:`xor_halves`
+(``OUT/block_orders.json``).
 Deep plain stacks push the gradient far below the float range (below 10^-550 at 500 sigmoid units),
 so the backward pass runs in float64 over chunks of units, each chunk restarted from a unit-norm
 error with its log10 scale carried along (exact: the backward pass is linear in the error).
@@ -166,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "explosion.png into --out, with --width, --hidden and --seed")
   p.add_argument("--block-orders", action="store_true",
                  help="run only the bottleneck ordering ablation (v1, relu_before_add, literal_bottleneck trained on "
-                      "the digits for --train-steps steps): writes block_orders.json into --out")
+                      "the digits and on the XOR of two image halves for --train-steps steps): writes "
+                      "block_orders.json into --out")
   p.add_argument("--gains", default=",".join(map(str, d.gains)),
                  help="explosion study: weight gains, multiplying W1 and W2 of the default init (default %(default)s)")
   p.add_argument("--explosion-depths", default=",".join(map(str, d.explosion_depths)),

@@ -151,6 +151,22 @@ def test_block_order_table(block_orders):
     _assert_in(row, "docs/models.md")
 
 
+def test_block_order_text(block_orders):
+  doc = "docs/models.md"
+  r = {(x["order"], x["task"], x["zero_init_residual"]): x for x in block_orders["block_orders"]}
+  e = lambda o, task, z=False, k="test_error": r[(o, task, z)][k]
+  _assert_in(f"the literal net reaches {100 * e('literal_bottleneck', 'digits'):.2f}% test error "
+             f"(v1 {100 * e('v1', 'digits'):.2f}%, ReLU-before-add {100 * e('relu_before_add', 'digits'):.2f}%)", doc)
+  _assert_in(f"Its eval nonlinearity of {e('literal_bottleneck', 'digits', k='eval_nonlinearity'):.1e} (float32 "
+             f"rounding, against {e('v1', 'digits', k='eval_nonlinearity'):.1e} for v1)", doc)
+  _assert_in(f"The literal net stays there, {100 * e('literal_bottleneck', 'xor'):.2f}% test error (chance 50%), "
+             f"while v1 reaches {100 * e('v1', 'xor'):.2f}% and ReLU-before-add {100 * e('relu_before_add', 'xor'):.2f}%", doc)
+  _assert_in(f"stays at {100 * e('relu_before_add', 'digits', True):.2f}% test error on the digits", doc)
+  _assert_in(f"(eval nonlinearity {e('relu_before_add', 'digits', True, 'eval_nonlinearity'):.1e}: all 16 blocks", doc)
+  _assert_in(f"shared with other jobs: {block_orders['seconds']:.0f} s for the seven runs", doc)
+  assert abs(e("literal_bottleneck", "xor") - 0.5) < 0.05 and e("v1", "xor") < 0.45  # "at chance" vs learnt
+
+
 # ----------------------------------------------------------------------------------------------------
 # Numbers quoted in the text
 
