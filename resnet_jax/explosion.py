@@ -1,6 +1,6 @@
 """Gradient explosion as well as vanishing: the residual unit's stack over a weight-scale (gain) axis.
 
-The stack is the seed unit's, ``x_{l+1} = x_l + H_l(x_l)`` (residual) or ``x_{l+1} = H_l(x_l)`` (plain), with
+The stack is that of the residual unit, ``x_{l+1} = x_l + H_l(x_l)`` (residual) or ``x_{l+1} = H_l(x_l)`` (plain), with
 ``H(x) = sigma(x W1^T + b1) W2^T + b2`` and the library's initialisation (:func:`resnet_jax.residual.init_stack`,
 ``U(+-1/sqrt(fan_in))``) multiplied by ``gain`` in ``W1`` and ``W2``. Three remedies can be switched on:
 
