@@ -5,7 +5,8 @@ serves every depth, dtype and BatchNorm setting; ``norm`` already knows whether 
 (training) or running averages (evaluation).
 
 Three orderings (``order``), written for the basic block; the bottleneck has three conv/BN pairs, the
-middle one strided (``stride_in_1x1=False``, torchvision's "v1.5") or the first one (the paper's v1):
+middle one strided (``stride_in_1x1=False``, torchvision's "v1.5") or the first one (the paper's v1); and
+a fourth, bottleneck-only ablation:
 
 - ``"v1"`` (He et al. 2015, post-activation; torchvision)::
 
@@ -21,10 +22,29 @@ middle one strided (``stride_in_1x1=False``, torchvision's "v1.5") or the first 
   Nothing acts on the sum, so the gradient at the input of an identity block is exactly ``g + J_F^T g``.
   The model adds the final ``ReLU(BN(.))`` after the last stage.
 
-- ``"relu_before_add"`` (the ordering of the derivation: the branch ends in a ReLU, the sum is left alone)::
+- ``"relu_before_add"`` (the derivation's basic-block ordering: the branch ends in a ReLU, the sum is left
+  alone)::
 
     F(x) = ReLU(BN(conv(ReLU(BN(conv(x))))))
     y    = F(x) + S(x)
+
+  He et al. 2016 (Fig. 4c) found it worse than v1 (7.84% against 6.61% test error, ResNet-110 on CIFAR-10):
+  ``F(x) >= 0``, so with an identity shortcut every block can only add to its input and the forward signal
+  grows through the stack. With ``zero_init_last`` the last BN outputs 0 and ``ReLU'(0) = 0``, so no gradient
+  ever reaches the branch: the block stays its shortcut through training.
+
+- ``"literal_bottleneck"`` (Bottleneck only: the derivation's bottleneck formula taken literally, an
+  ablation)::
+
+    F(x) = Conv1x1(BN(Conv3x3(BN(Conv1x1(x)))))
+    y    = F(x) + S(x)
+
+  No ReLU anywhere and no BN after the last 1x1 conv. In evaluation mode BN is affine, so the block is an
+  affine map of ``x`` and a stack of them is one affine map: the network's depth adds no expressive power
+  (in training mode only the batch statistics make it nonlinear). The library's v1 bottleneck is this
+  formula with a ReLU after each of the first two BNs, a BN after the last conv, and a ReLU after the sum.
+  The shortcut projection is v1's (conv1x1 + BN); ``zero_init_last`` zeroes the last conv's kernel, as
+  there is no last BN. It has the v1 bottleneck's parameters less the last BN's ``2 * 4 * filters``.
 
 Shortcuts ``S``: identity when the shape is kept; otherwise ``shortcut="B"`` projects with a 1x1 conv
 (plus BN in v1 / relu_before_add, no BN in v2) and ``shortcut="A"`` (the CIFAR paper's option A) takes the
@@ -47,7 +67,7 @@ from resnet_jax.errors import ModelError
 ModuleDef = Any
 Array = Any
 
-ORDERS = ("v1", "v2", "relu_before_add")
+ORDERS = ("v1", "v2", "relu_before_add", "literal_bottleneck")
 SHORTCUTS = ("A", "B")
 
 _PAD3 = ((1, 1), (1, 1))
@@ -152,6 +172,9 @@ class BasicBlock(_Block):
   """
 
   def _setup_branch(self) -> None:
+    if self.order == "literal_bottleneck":
+      raise ModelError("block order 'literal_bottleneck' exists only for Bottleneck blocks "
+                       "(ResNet-50 and deeper); BasicBlock takes v1, v2 or relu_before_add")
     s = (self.strides, self.strides)
     self.conv1 = self.conv(self.filters, (3, 3), s, padding=_PAD3)
     self.conv2 = self.conv(self.filters, (3, 3), padding=_PAD3)
@@ -188,6 +211,12 @@ class Bottleneck(_Block):
     s1, s3 = (s, (1, 1)) if self.stride_in_1x1 else ((1, 1), s)
     self.conv1 = self.conv(width, (1, 1), s1, padding=_PAD1)
     self.conv2 = self.conv(width, (3, 3), s3, padding=_PAD3, feature_group_count=self.groups)
+    if self.order == "literal_bottleneck":  # no BN after conv3: zero_init_last zeroes its kernel instead
+      zero = dict(kernel_init=nn.initializers.zeros) if self.zero_init_last else {}
+      self.conv3 = self.conv(self.out_features, (1, 1), padding=_PAD1, **zero)
+      self.bn1 = self.norm()
+      self.bn2 = self.norm()
+      return
     self.conv3 = self.conv(self.out_features, (1, 1), padding=_PAD1)
     if self.order == "v2":
       self.bn2 = self.norm()
@@ -199,6 +228,8 @@ class Bottleneck(_Block):
 
   def _branch_from(self, x: Array) -> Array:
     act = self.act
+    if self.order == "literal_bottleneck":
+      return self.conv3(self.bn2(self.conv2(self.bn1(self.conv1(x)))))
     if self.order == "v2":
       return self.conv3(act(self.bn3(self.conv2(act(self.bn2(self.conv1(x)))))))
     y = self.bn3(self.conv3(act(self.bn2(self.conv2(act(self.bn1(self.conv1(x))))))))

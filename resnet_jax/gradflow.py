@@ -13,13 +13,18 @@
    ``J_l = W2_l diag(sigma'(z_l)) W1_l``. Per unit the plain stack therefore multiplies the gradient
    norm by at most ``||W1_l||_2 ||W2_l||_2 sup sigma'`` (``sup sigmoid' = 1/4``) and typically by
    ``q_l = ||W1_l||_F ||W2_l||_F rms(sigma'(z_l)) / sqrt(dim * hidden)`` (random-matrix estimate);
-   the residual stack typically by ``sqrt(1 + q_l^2)``, never forced below 1 by the product.
+   the residual stack typically by ``sqrt(1 + q_l^2)`` (at least 1 on average, but not a bound either way:
+   ``||I + J_l||_2`` can exceed 1 by ``||J_l||_2``, and the product of L such factors grows exponentially).
 3. Does it matter for training? Plain and residual MLPs of growing depth are trained on the digits
    for the same budget; their training and test errors are reported by depth (the degradation
    problem of He et al. 2015).
 
 Outputs: a table on stdout, ``OUT/results.json``, ``OUT/grad_norms.png`` and ``OUT/degradation.png``.
-Deep plain stacks push the gradient far below the float range (about 10^-350 at 500 sigmoid units),
+``--explosion`` runs only the weight-scale study of :mod:`resnet_jax.explosion` (vanishing and explosion
+over a gain axis, and the remedies), writing ``OUT/explosion.json`` and ``OUT/explosion.png``;
+``--block-orders`` only the bottleneck-ordering ablation on the digits and :func:`xor_halves`
+(``OUT/block_orders.json``).
+Deep plain stacks push the gradient far below the float range (below 10^-550 at 500 sigmoid units),
 so the backward pass runs in float64 over chunks of units, each chunk restarted from a unit-norm
 error with its log10 scale carried along (exact: the backward pass is linear in the error).
 """
@@ -43,6 +48,8 @@ from resnet_jax.errors import ConfigError, run_cli
 DEFAULT_DEPTHS = (10, 20, 50, 100, 200, 500)
 DEFAULT_CONV_DEPTHS = (20, 56)
 DEFAULT_TRAIN_DEPTHS = (1, 2, 4, 8, 16, 32, 64)
+DEFAULT_GAINS = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0)
+DEFAULT_EXPLOSION_DEPTHS = (10, 50, 100)
 # Upper bound of |sigma'| for each activation: the per-unit factor that no weight scale can change.
 SIGMA_PRIME_SUP = {"sigmoid": 0.25, "tanh": 1.0, "relu": 1.0}
 # Units per backward chunk: the gradient inside one chunk stays far inside float64's range.
@@ -71,6 +78,12 @@ class GradflowConfig:
   train_lr: float = 0.05
   skip_conv: bool = False
   skip_train: bool = False
+  explosion: bool = False
+  block_orders: bool = False
+  gains: tuple[float, ...] = DEFAULT_GAINS
+  explosion_depths: tuple[int, ...] = DEFAULT_EXPLOSION_DEPTHS
+  explosion_batch: int = 16
+  remedy_gain: float = 3.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -90,6 +103,23 @@ def _int_list(text: str, flag: str, minimum: int = 1) -> tuple[int, ...]:
       raise ConfigError(f"{flag}: {item!r} is not an integer (expected e.g. 10,20,50)") from None
     if value < minimum:
       raise ConfigError(f"{flag}: every value must be >= {minimum}, got {value}")
+    values.append(value)
+  return tuple(values)
+
+
+def _float_list(text: str, flag: str) -> tuple[float, ...]:
+  """Parse ``"0.5,1,2"`` into positive finite floats; a bad entry is a ConfigError naming the flag."""
+  items = [t.strip() for t in str(text).split(",") if t.strip()]
+  if not items:
+    raise ConfigError(f"{flag}: expected a comma-separated list of numbers, got {text!r}")
+  values = []
+  for item in items:
+    try:
+      value = float(item)
+    except ValueError:
+      raise ConfigError(f"{flag}: {item!r} is not a number (expected e.g. 0.5,1,2)") from None
+    if not (value > 0 and math.isfinite(value)):
+      raise ConfigError(f"{flag}: every value must be a positive number, got {item}")
     values.append(value)
   return tuple(values)
 
@@ -132,6 +162,21 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--train-lr", type=float, default=d.train_lr, help="SGD (momentum 0.9) learning rate")
   p.add_argument("--skip-conv", action="store_true", help="skip the conv-net gradient measurement")
   p.add_argument("--skip-train", action="store_true", help="skip the degradation training")
+  p.add_argument("--explosion", action="store_true",
+                 help="run only the explosion study (weight-scale axis, remedies): writes explosion.json and "
+                      "explosion.png into --out, with --width, --hidden and --seed")
+  p.add_argument("--block-orders", action="store_true",
+                 help="run only the bottleneck ordering ablation (v1, relu_before_add, literal_bottleneck trained on "
+                      "the digits and on the XOR of two image halves for --train-steps steps): writes "
+                      "block_orders.json into --out")
+  p.add_argument("--gains", default=",".join(map(str, d.gains)),
+                 help="explosion study: weight gains, multiplying W1 and W2 of the default init (default %(default)s)")
+  p.add_argument("--explosion-depths", default=",".join(map(str, d.explosion_depths)),
+                 help="explosion study: stack depths in units (default %(default)s)")
+  p.add_argument("--explosion-batch", type=int, default=d.explosion_batch,
+                 help="explosion study: examples (>= 2, BatchNorm's batch) (default %(default)s)")
+  p.add_argument("--remedy-gain", type=float, default=d.remedy_gain,
+                 help="explosion study: the gain at which the remedies are measured, ReLU (default %(default)s)")
   return p
 
 
@@ -158,6 +203,11 @@ def parse_args(argv: Sequence[str] | None = None) -> GradflowConfig:
   for depth in conv_depths:
     if (depth - 2) % 6:
       raise ConfigError(f"--conv-depths: CIFAR ResNet depths are 6n+2 (20, 32, 44, 56, 110), got {depth}")
+  if a.explosion and a.block_orders:
+    raise ConfigError("--explosion and --block-orders: each runs one study alone, give at most one of them")
+  if a.explosion_batch < 2:
+    raise ConfigError(f"--explosion-batch: BatchNorm needs at least 2 examples, got {a.explosion_batch}")
+  remedy_gain = _float_list(str(a.remedy_gain), "--remedy-gain")[0]
   if os.path.exists(a.out) and not os.path.isdir(a.out):
     raise ConfigError(f"--out: {a.out!r} exists and is not a folder")
   return GradflowConfig(
@@ -166,7 +216,9 @@ def parse_args(argv: Sequence[str] | None = None) -> GradflowConfig:
       conv_size=a.conv_size, train_depths=_int_list(a.train_depths, "--train-depths"),
       train_steps=a.train_steps, train_batch=a.train_batch, train_width=a.train_width,
       train_hidden=a.train_hidden, train_activation=a.train_activation, train_lr=a.train_lr,
-      skip_conv=a.skip_conv, skip_train=a.skip_train)
+      skip_conv=a.skip_conv, skip_train=a.skip_train, explosion=a.explosion, block_orders=a.block_orders,
+      gains=_float_list(a.gains, "--gains"), explosion_depths=_int_list(a.explosion_depths, "--explosion-depths"),
+      explosion_batch=a.explosion_batch, remedy_gain=remedy_gain)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -524,6 +576,140 @@ def train_digits(depth: int, residual: bool, cfg: GradflowConfig, data=None) -> 
 
 
 # ----------------------------------------------------------------------------------------------
+# Block orderings of the bottleneck on the digits: why the ReLUs are not optional
+
+# (block_order, zero_init_residual, task): every ordering from the same initialisation on the digits and on
+# the two-halves XOR task (:func:`xor_halves`), and ReLU-before-add with the last BN's gamma at 0, whose
+# branches then never train (relu'(0) = 0 stops every gradient to them).
+BLOCK_ORDERS = (("v1", False, "digits"), ("relu_before_add", False, "digits"), ("literal_bottleneck", False, "digits"),
+                ("v1", False, "xor"), ("relu_before_add", False, "xor"), ("literal_bottleneck", False, "xor"),
+                ("relu_before_add", True, "digits"))
+
+
+def xor_halves(n_train: int = 2048, n_test: int = 512, seed: int = 0):
+  """8x8 images: rows 0-2 are ``a``, rows 5-7 are ``b``, rows 3-4 are 0, plus N(0, 0.3^2) noise on every
+  pixel; ``a, b ~ N(0, 1)``; label 1 where ``a b > 0``. No 3x3 patch sees both ``a`` and ``b``, and each alone
+  says nothing about the label, so any sum of functions of 3x3 patches (a linear map of one 3x3 conv layer's
+  features) is at chance, 50%; a net that combines the halves nonlinearly is not. Returns
+  ``(x_train, y_train, x_test, y_test)`` like :func:`resnet_jax.data.digits_split`.
+  """
+  rng = np.random.default_rng(seed)
+  n = n_train + n_test
+  a, b = rng.standard_normal(n), rng.standard_normal(n)
+  x = np.zeros((n, 8, 8, 1), np.float32)
+  x[:, :3] = a[:, None, None, None]
+  x[:, 5:] = b[:, None, None, None]
+  x += 0.3 * rng.standard_normal(x.shape).astype(np.float32)
+  y = (a * b > 0).astype(np.int32)
+  return x[:n_train], y[:n_train], x[n_train:], y[n_train:]
+
+
+def train_block_order(order: str, steps: int = 300, batch: int = 64, lr: float = 0.05, num_filters: int = 8,
+                      seed: int = 0, data=None, zero_init_residual: bool = False) -> dict[str, Any]:
+  """Train ``resnet50`` (16 bottlenecks, CIFAR stem, ``num_filters``) with ``block_order=order`` on the digits.
+
+  SGD with momentum 0.9, ``steps`` steps of ``batch`` images, the same initial key and data order for every
+  ordering (``data``: ``(x_train, y_train, x_test, y_test)``, default the digits); errors on the whole training
+  and test sets in evaluation mode (running BN statistics). Also
+  measures, in evaluation mode, how far the map from the first block's input to the logits is from affine:
+  ``||f(a + b) - f(a) - f(b) + f(0)|| / ||f(a + b) - f(0)||`` for random perturbations ``a, b`` of that input
+  (``jax.grad``-style ``perturbations`` collection), 0 up to rounding for an affine stack.
+  """
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from resnet_jax.data import digits_split
+  from resnet_jax.models import create_model, zero_perturbations
+  x_tr, y_tr, x_te, y_te = data if data is not None else digits_split(seed=0)
+  model = create_model("resnet50", num_classes=10, stem="cifar", num_filters=num_filters, block_order=order,
+                       zero_init_residual=zero_init_residual)
+  variables = model.init(jax.random.key(seed), jnp.asarray(x_tr[:2]), train=False)
+  params, stats = variables["params"], variables["batch_stats"]
+  tx = optax.sgd(lr, momentum=0.9)
+  opt_state = tx.init(params)
+
+  def loss_fn(params, stats, xb, yb):
+    logits, upd = model.apply({"params": params, "batch_stats": stats}, xb, train=True, mutable=["batch_stats"])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean(), upd["batch_stats"]
+
+  @jax.jit
+  def step(params, stats, opt_state, xb, yb):
+    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, stats, xb, yb)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), stats, opt_state, loss
+
+  @jax.jit
+  def error(params, stats, xb, yb):
+    logits = model.apply({"params": params, "batch_stats": stats}, xb, train=False)
+    return jnp.mean(jnp.argmax(logits, -1) != yb)
+
+  rng = np.random.default_rng(seed)
+  n = len(x_tr)
+  t0 = time.perf_counter()
+  order_idx, pos, loss = rng.permutation(n), 0, float("nan")
+  for _ in range(steps):
+    if pos + batch > n:
+      order_idx, pos = rng.permutation(n), 0
+    idx = order_idx[pos:pos + batch]
+    pos += batch
+    params, stats, opt_state, loss = step(params, stats, opt_state, x_tr[idx], y_tr[idx])
+  final = {"params": params, "batch_stats": stats}
+  xb = jnp.asarray(x_te[:64])
+  zeros = zero_perturbations(model, final, xb)
+  first = sorted(zeros)[0]
+
+  def logits_at(p):
+    return model.apply({**final, "perturbations": {**zeros, first: p}}, xb, train=False)
+  ka, kb = jax.random.split(jax.random.key(seed + 1))
+  shape = zeros[first].shape
+  a, b = jax.random.normal(ka, shape), jax.random.normal(kb, shape)
+  f0, fa, fb, fab = (logits_at(v) for v in (jnp.zeros(shape), a, b, a + b))
+  defect = float(jnp.linalg.norm(fab - fa - fb + f0) / jnp.linalg.norm(fab - f0))
+  n_params = sum(int(np.size(v)) for v in jax.tree.leaves(params))
+  return {"order": order, "zero_init_residual": zero_init_residual, "model": "resnet50",
+          "num_filters": num_filters, "parameters": n_params,
+          "steps": steps, "batch": batch, "lr": lr, "seed": seed, "final_batch_loss": float(loss),
+          "train_error": float(error(params, stats, x_tr, y_tr)),
+          "test_error": float(error(params, stats, x_te, y_te)),
+          "eval_nonlinearity": defect, "seconds": time.perf_counter() - t0}
+
+
+def run_block_orders(out: str, steps: int = 300, seed: int = 0, log=None) -> dict[str, Any]:
+  """Every ordering of :data:`BLOCK_ORDERS` trained by :func:`train_block_order`; writes ``block_orders.json``."""
+  import jax
+  from resnet_jax.data import digits_split
+  log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+  data = {"digits": digits_split(seed=0), "xor": xor_halves(seed=seed)}
+  t0 = time.perf_counter()
+  records = []
+  for order, zero_init, task in BLOCK_ORDERS:
+    log(f"gradflow: training resnet50 (num_filters 8) with block_order={order!r}, "
+        f"zero_init_residual={zero_init} on {task}")
+    records.append({"task": task, **train_block_order(order, steps=steps, seed=seed, data=data[task],
+                                                      zero_init_residual=zero_init)})
+  results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "jax": jax.__version__,
+                         "backend": jax.default_backend()},
+             "block_orders": records, "seconds": time.perf_counter() - t0}
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, "block_orders.json"), "w") as f:
+    json.dump(_json_safe(results), f, indent=1, allow_nan=False)
+  return results
+
+
+def format_block_orders(results: dict[str, Any]) -> str:
+  """The stdout table of :func:`run_block_orders`."""
+  head = (f"{'block_order':>20} {'zero_init':>9} {'task':>7} {'params':>8} {'train err %':>11} {'test err %':>10} "
+          f"{'eval nonlinearity':>17}")
+  lines = ["Bottleneck orderings, resnet50 (num_filters 8, CIFAR stem), on the digits and the XOR of two halves",
+           head, "-" * len(head)]
+  for r in results["block_orders"]:
+    lines.append(f"{r['order']:>20} {str(r['zero_init_residual']):>9} {r['task']:>7} "
+                 f"{r['parameters']:>8} {100 * r['train_error']:>11.2f} "
+                 f"{100 * r['test_error']:>10.2f} {r['eval_nonlinearity']:>17.2e}")
+  return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------
 # Table and plots
 
 
@@ -665,6 +851,117 @@ def plot_degradation(results: dict[str, Any], path: str) -> None:
   plt.close(fig)
 
 
+def format_explosion_table(results: dict[str, Any]) -> str:
+  """The stdout report of the explosion study: one row per stack, log10 of the first/last gradient ratio."""
+  cfg = results["config"]
+  lines = [f"Vanishing and explosion over the weight gain (width {cfg['width']}, hidden {cfg['hidden']}, "
+           f"batch {cfg['explosion_batch']}, float64): log10 ||dL/dx_0|| / ||dL/dx_L|| measured, and predicted by "
+           f"||prod M_l||_2, the typical sum log10(||M_l||_F/sqrt(n)) and the bound sum log10 ||M_l||_2 "
+           f"(M_l = J_l or I + J_l); fwd = log10 rms(x_L)/rms(x_0)"]
+  head = (f"{'activation':>10} {'gain':>5} {'net':>28} {'depth':>5} {'measured':>9} {'||prod||':>9} "
+          f"{'typical':>9} {'bound':>9} {'fwd':>8}")
+  lines += [head, "-" * len(head)]
+  for r in results["explosion"]:
+    lines.append(f"{r['activation']:>10} {r['gain']:>5g} {r['net']:>28} {r['depth']:>5} "
+                 f"{_fmt_log(r['log10_first_over_last']):>9} {_fmt_log(r['log10_product_norm']):>9} "
+                 f"{_fmt_log(r['log10_typical']):>9} {_fmt_log(r['log10_bound']):>9} {_fmt_log(r['log10_forward']):>8}")
+  return "\n".join(lines) + "\n"
+
+
+def plot_explosion(results: dict[str, Any], path: str) -> None:
+  """``explosion.png``: first/last gradient ratio over the gain (plain | residual), the remedies' profiles,
+  and the ratio over depth; measured as markers and solid lines, the product-norm prediction dashed."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  cfg = results["config"]
+  recs = results["explosion"]
+  deepest = max(r["depth"] for r in recs)
+  fig, axes = plt.subplots(2, 2, figsize=(12, 9))
+  colors = {"sigmoid": "tab:blue", "tanh": "tab:orange", "relu": "tab:green"}
+  for ax, net in zip(axes[0], ("plain", "residual")):
+    for act, color in colors.items():
+      rs = sorted((r for r in recs if r["net"] == net and r["activation"] == act and r["depth"] == deepest),
+                  key=lambda r: r["gain"])
+      if not rs:
+        continue
+      gains = [r["gain"] for r in rs]
+      ax.plot(gains, [_finite(r["log10_first_over_last"]) for r in rs], "o-", color=color, label=f"{act} measured")
+      ax.plot(gains, [_finite(r["log10_product_norm"]) for r in rs], "--", color=color,
+              label=f"{act} ||prod M_l||_2")
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("gain (W1, W2 = gain x default init)")
+    ax.set_ylabel(f"log10 ||dL/dx_0|| / ||dL/dx_L||, depth {deepest}")
+    ax.set_title(f"{net} stack: {'prod J_l' if net == 'plain' else 'prod (I + J_l)'}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  ax = axes[1][0]
+  remedy_names = [r["net"] for r in recs if r["gain"] == cfg["remedy_gain"] and r["activation"] == "relu"
+                  and r["depth"] == deepest]
+  cmap = plt.get_cmap("tab10")
+  for i, name in enumerate(dict.fromkeys(remedy_names)):
+    r = next(r for r in recs if r["net"] == name and r["gain"] == cfg["remedy_gain"]
+             and r["activation"] == "relu" and r["depth"] == deepest)
+    prof = r["profile"]
+    dist = np.arange(len(prof["log10_grad"]))[::-1]          # units between x_l and the output
+    ax.plot(dist, [_finite(v) for v in prof["log10_grad"]], "-", color=cmap(i), label=name)
+    ax.plot(dist, [_finite(v) for v in prof["log10_product"]], "--", color=cmap(i), lw=0.8)
+  ax.axhline(0, color="k", lw=0.8)
+  ax.set_xlabel("units between x_l and the output (L - l)")
+  ax.set_ylabel("log10 ||dL/dx_l|| / ||dL/dx_L||")
+  ax.set_title(f"remedies, ReLU, gain {cfg['remedy_gain']:g}: measured (solid), ||prod||_2 (dashed)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  ax = axes[1][1]
+  gains = sorted({r["gain"] for r in recs if r["net"] in ("plain", "residual")})
+  for i, gain in enumerate(gains):
+    for net, style in (("plain", "o--"), ("residual", "s-")):
+      rs = sorted((r for r in recs if r["net"] == net and r["activation"] == "relu" and r["gain"] == gain),
+                  key=lambda r: r["depth"])
+      ax.plot([r["depth"] for r in rs], [_finite(r["log10_first_over_last"]) for r in rs], style,
+              color=plt.get_cmap("viridis")(i / max(1, len(gains) - 1)),
+              label=f"gain {gain:g}" if net == "residual" else None)
+  ax.axhline(0, color="k", lw=0.8)
+  ax.set_xlabel("depth L (units)")
+  ax.set_ylabel("log10 ||dL/dx_0|| / ||dL/dx_L||")
+  ax.set_title("ReLU over depth: residual (solid), plain (dashed)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.suptitle(f"Vanishing and explosion at initialisation (width {cfg['width']}, hidden {cfg['hidden']}, "
+               f"batch {cfg['explosion_batch']}, seed {cfg['seed']}, float64)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def _finite(value):
+  """A log10 value for plotting: non-finite (an exactly zero gradient) as NaN, so it is left out."""
+  return value if value is not None and math.isfinite(value) else np.nan
+
+
+def run_explosion(cfg: GradflowConfig, log=None) -> dict[str, Any]:
+  """The explosion study alone: write ``explosion.json`` and ``explosion.png`` into ``cfg.out``."""
+  import jax
+  from resnet_jax import explosion
+  log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+  t_start = time.perf_counter()
+  results: dict[str, Any] = {
+      "config": {k: v for k, v in dataclasses.asdict(cfg).items()
+                 if k in ("width", "hidden", "seed", "out", "gains", "explosion_depths", "explosion_batch",
+                          "remedy_gain")},
+      "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "jax": jax.__version__,
+                  "backend": jax.default_backend()},
+      "explosion": explosion.study(cfg.gains, cfg.explosion_depths, cfg.width, cfg.hidden, cfg.explosion_batch,
+                                   cfg.seed, remedy_gain=cfg.remedy_gain, log=log)}
+  results["seconds"] = time.perf_counter() - t_start
+  os.makedirs(cfg.out, exist_ok=True)
+  with open(os.path.join(cfg.out, "explosion.json"), "w") as f:
+    json.dump(_json_safe(results), f, indent=1, allow_nan=False)
+  plot_explosion(results, os.path.join(cfg.out, "explosion.png"))
+  return results
+
+
 # ----------------------------------------------------------------------------------------------
 # Entry point
 
@@ -722,6 +1019,16 @@ def _json_safe(value):
 def main(argv: Sequence[str] | None = None) -> int:
   """``python -m resnet_jax.gradflow``: print the tables and write results.json + the two plots."""
   cfg = parse_args(argv)
+  if cfg.block_orders:
+    results = run_block_orders(cfg.out, steps=cfg.train_steps, seed=cfg.seed)
+    print(format_block_orders(results))
+    print(f"wrote {os.path.join(cfg.out, 'block_orders.json')} in {results['seconds']:.0f} s")
+    return 0
+  if cfg.explosion:
+    results = run_explosion(cfg)
+    print(format_explosion_table(results))
+    print(f"wrote {os.path.join(cfg.out, 'explosion.json')}, explosion.png in {results['seconds']:.0f} s")
+    return 0
   results = run(cfg)
   print(format_tables(results))
   print(f"wrote {os.path.join(cfg.out, 'results.json')}, grad_norms.png"

@@ -72,7 +72,8 @@ class ResNet(nn.Module):
     num_classes: size of the final Dense layer.
     num_filters: filters of the first stage (64 ImageNet, 16 CIFAR); doubles at each later stage.
     stem: ``"imagenet"`` or ``"cifar"``.
-    block_order: ``"v1"``, ``"v2"`` (pre-activation) or ``"relu_before_add"``.
+    block_order: ``"v1"``, ``"v2"`` (pre-activation), ``"relu_before_add"`` or, for bottleneck models only,
+      the ablation ``"literal_bottleneck"`` (no ReLU in the block, no BN after the last conv).
     shortcut: ``"B"`` (1x1 projection where the shape changes) or ``"A"`` (zero-padded strided identity).
     stride_in_1x1: bottleneck stride on the first 1x1 conv (original v1) instead of the 3x3 (v1.5).
     groups, width_per_group: ResNeXt / Wide ResNet bottleneck width (torchvision's meaning).

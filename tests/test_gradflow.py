@@ -202,3 +202,30 @@ def test_bad_flag_exits_2_with_one_line(tmp_path):
   assert len(lines) == 1 and lines[0].startswith("error: ") and "gelu" in lines[0]
   assert "Traceback" not in proc.stderr
   assert not (tmp_path / "x").exists()
+
+
+def test_explosion_and_block_orders_are_exclusive():
+  with pytest.raises(ConfigError, match="at most one"):
+    gradflow.parse_args(["--explosion", "--block-orders"])
+
+
+@pytest.mark.slow
+def test_literal_bottleneck_network_is_affine_in_eval_mode():
+  # resnet50 (num_filters 8) on the digits, 3 steps: from the first block's input to the logits, the
+  # literal bottleneck stack is affine in evaluation mode (up to float32 rounding), the v1 stack is not.
+  from resnet_jax.data import digits_split
+  data = digits_split(seed=0)
+  lit = gradflow.train_block_order("literal_bottleneck", steps=3, data=data)
+  v1 = gradflow.train_block_order("v1", steps=3, data=data)
+  assert lit["eval_nonlinearity"] < 1e-5 < 1e-2 < v1["eval_nonlinearity"]
+  assert v1["parameters"] - lit["parameters"] == 2 * 4 * 8 * (3 * 1 + 4 * 2 + 6 * 4 + 3 * 8)
+
+
+def test_xor_halves():
+  x_tr, y_tr, x_te, y_te = gradflow.xor_halves(n_train=400, n_test=100, seed=1)
+  assert x_tr.shape == (400, 8, 8, 1) and x_te.shape == (100, 8, 8, 1) and x_tr.dtype == np.float32
+  assert set(np.unique(y_tr)) == {0, 1} and 0.4 < y_tr.mean() < 0.6
+  # rows 3-4 carry only noise, so no 3x3 patch sees both halves; the label is the sign of the product
+  assert abs(float(x_tr[:, 3:5].std()) - 0.3) < 0.02
+  top, bottom = x_tr[:, :3].mean(axis=(1, 2, 3)), x_tr[:, 5:].mean(axis=(1, 2, 3))
+  assert np.mean((top * bottom > 0) == (y_tr == 1)) > 0.9

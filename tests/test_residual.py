@@ -468,3 +468,72 @@ def test_bad_module_input():
     unit.init(jax.random.PRNGKey(0), jnp.zeros((2, 5)))
   with pytest.raises(ModelError, match="unknown activation 'gelu'"):
     residual.ResidualMLP(2, 4, 3, 10, activation="gelu").init(jax.random.PRNGKey(0), jnp.zeros((2, 8, 8, 1)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The derivation's expressions as written, for one example (batch 1), against manual_grads
+# ----------------------------------------------------------------------------------------------------
+
+def _np_sigmoid(z):
+  return 1.0 / (1.0 + np.exp(-z))
+
+
+def test_scalar_expressions_of_the_derivation_at_batch_1():
+  # dim = hidden = 1: every quantity is a number; the expressions are evaluated exactly as written.
+  w1, b1, w2, b2, x, y = 0.7, -0.2, -1.3, 0.4, 0.9, 0.25
+  a1 = _np_sigmoid(w1 * x + b1)
+  y_hat = w2 * a1 + b2 + x
+  dL_dw1 = (y_hat - y) * w2 * a1 * (1 - a1) * x
+  dL_dx = (y_hat - y) * w2 * a1 * (1 - a1) * w1 + (y_hat - y)
+  with jax.enable_x64(True):
+    p = {"w1": jnp.array([[w1]]), "b1": jnp.array([b1]), "w2": jnp.array([[w2]]), "b2": jnp.array([b2])}
+    g = residual.manual_grads(p, jnp.array([[x]]), jnp.array([[y]]), "sigmoid")
+    branch, shortcut = residual.input_grad_parts(p, jnp.array([[x]]), jnp.array([[y]]), "sigmoid")
+  np.testing.assert_allclose(float(g["w1"][0, 0]), dL_dw1, rtol=1e-14)
+  np.testing.assert_allclose(float(g["x"][0, 0]), dL_dx, rtol=1e-14)
+  np.testing.assert_allclose(float(g["w2"][0, 0]), (y_hat - y) * a1, rtol=1e-14)
+  np.testing.assert_allclose(float(shortcut[0, 0]), y_hat - y, rtol=1e-14)  # the "+ (y_hat - y)" term
+  np.testing.assert_allclose(float(branch[0, 0]), dL_dx - (y_hat - y), rtol=1e-13)
+
+
+def test_vector_expressions_of_the_derivation_at_batch_1():
+  # Column vectors x (d, 1), W1 (h, d), W2 (d, h); e = y_hat - y. The scalar expressions become
+  #   dL/dW1 = ((W2^T e) * a1 * (1 - a1)) x^T        dL/dx = W1^T ((W2^T e) * a1 * (1 - a1)) + I e
+  # ("+1" of the scalar case is the identity Jacobian I of the shortcut). Row-vector results of
+  # manual_grads (batch 1) are their transposes.
+  rng = np.random.default_rng(0)
+  d, h = 5, 7
+  W1, W2 = rng.standard_normal((h, d)), rng.standard_normal((d, h))
+  b1, b2 = rng.standard_normal((h, 1)), rng.standard_normal((d, 1))
+  x, y = rng.standard_normal((d, 1)), rng.standard_normal((d, 1))
+  a1 = _np_sigmoid(W1 @ x + b1)
+  y_hat = W2 @ a1 + b2 + x
+  e = y_hat - y
+  delta1 = (W2.T @ e) * a1 * (1 - a1)
+  dL_dW1 = delta1 @ x.T
+  dL_dx = W1.T @ delta1 + np.eye(d) @ e
+  with jax.enable_x64(True):
+    p = {"w1": jnp.asarray(W1), "b1": jnp.asarray(b1[:, 0]), "w2": jnp.asarray(W2), "b2": jnp.asarray(b2[:, 0])}
+    g = residual.manual_grads(p, jnp.asarray(x.T), jnp.asarray(y.T), "sigmoid")
+  np.testing.assert_allclose(np.asarray(g["w1"]), dL_dW1, rtol=1e-13, atol=1e-15)
+  np.testing.assert_allclose(np.asarray(g["x"]), dL_dx.T, rtol=1e-13, atol=1e-15)
+  np.testing.assert_allclose(np.asarray(g["w2"]), e @ a1.T, rtol=1e-13, atol=1e-15)
+  np.testing.assert_allclose(np.asarray(g["b1"]), delta1[:, 0], rtol=1e-13, atol=1e-15)
+
+
+def test_relu_derivative_is_zero_at_exactly_zero():
+  assert float(residual.ACTIVATIONS["relu"].sigma_prime(jnp.zeros(3), jnp.zeros(3)).sum()) == 0.0
+  with jax.enable_x64(True):
+    # w1 x + b1 = 0.5 * 1.0 - 0.5 = 0 exactly (and 0 * x + 0 for the second hidden unit)
+    p = {"w1": jnp.array([[0.5], [0.0]]), "b1": jnp.array([-0.5, 0.0]), "w2": jnp.array([[2.0, -3.0]]),
+         "b2": jnp.array([0.1])}
+    x, y = jnp.array([[1.0]]), jnp.array([[0.0]])
+    z1 = x @ p["w1"].T + p["b1"]
+    assert np.all(np.asarray(z1) == 0.0)
+    g = residual.manual_grads(p, x, y, "relu")
+    np.testing.assert_array_equal(g["w1"], 0.0)     # relu'(0) = 0: nothing reaches the first layer
+    np.testing.assert_array_equal(g["b1"], 0.0)
+    np.testing.assert_array_equal(g["x"], residual.forward(p, x, "relu") - y)  # only the shortcut's e
+    auto = jax.grad(lambda p, x: residual.loss(p, x, y, "relu"), argnums=(0, 1))(p, x)
+    np.testing.assert_array_equal(auto[0]["w1"], 0.0)  # jax.nn.relu's derivative at 0 is 0 as well
+    np.testing.assert_array_equal(auto[1], g["x"])
