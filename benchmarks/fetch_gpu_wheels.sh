@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Download the wheels that benchmarks/gpu_check.sh installs on a GPU machine without network access
+# Download the wheels that benchmarks/gpu_check.sh installs on a GPU machine that cannot reach the package
+# registry (where it can, gpu_check.sh installs with `pip install -e ".[cuda13,test]"` instead)
 # (Linux x86_64, CPython 3.12; gpu_check.sh prints the machine's Python version first: change PYVER if it
 # differs). Run this where PyPI is reachable, then bring the folder along.
 #
@@ -8,7 +9,7 @@
 # minimal: what a CUDA image that already has jax, flax, optax, chex, torch and pytest lacks for train.py
 #          (ml_collections for the configs; grain with array_record and portpicker for the input pipeline):
 #          about 4.5 MB. gpu_check.sh itself needs none of them.
-# full:    jax[cuda12] 0.10.2 (the version the project pins) with its CUDA libraries, flax, optax, chex,
+# full:    jax[cuda13] 0.12.0.1 (the newest supported release) with its CUDA libraries, flax, optax, chex,
 #          ml_collections: about 3 GB, for a machine with only Python and the NVIDIA driver.
 set -euo pipefail
 DIR="${1:-.whl}"
@@ -24,7 +25,7 @@ case "$SET" in
     dl --no-deps "ml_collections==1.1.0" "grain==0.2.18" "array_record==0.8.6" "portpicker==1.6.0" ;;
   full)
     # With dependencies, so that the folder is complete; pip picks one version of each.
-    dl "jax[cuda12]==0.10.2" "flax==0.12.8" "optax==0.2.8" "chex==0.1.92" "ml_collections==1.1.0" "grain==0.2.18" \
+    dl "jax[cuda13]==0.12.0.1" "flax==0.12.12" "optax==0.2.8" "chex==0.1.92" "ml_collections==1.1.0" "grain==0.2.18" \
        "pytest" "hypothesis" ;;
   *) echo "usage: $0 [DIR] [minimal|full]" >&2; exit 2 ;;
 esac

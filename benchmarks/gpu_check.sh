@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # GPU check in one command (235 s on one H100 with COMPARE_TORCH=1; results in benchmarks/README.md):
-#   1. prints the Python version and the GPU, installs Python packages only from a folder of wheels
-#      (default .whl/, see benchmarks/fetch_gpu_wheels.sh; nothing is fetched from a network);
+#   1. prints the Python version and the GPU, and installs the project as a user would,
+#      `pip install -e ".[$CUDA_EXTRA,test]"` from the package registry (CUDA_EXTRA: cuda13 by default, or
+#      cuda12); where the registry cannot be reached (GPU machines without network access), from a folder
+#      of wheels instead (default .whl/, see benchmarks/fetch_gpu_wheels.sh), else with what is installed;
 #   2. ResNet-50, 224x224, bfloat16, batch 256, synthetic data: training images/s and model FLOP utilisation
 #      (goal: at least 3,500 images/s), JSON in $OUT_DIR;
 #   3. the parity and gradient tests on the GPU with JAX_DEFAULT_MATMUL_PRECISION=highest (no TF32).
@@ -26,10 +28,17 @@ status=0
 echo "== python: $($PY -c 'import sys; print(sys.version.split()[0], sys.executable)')"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "(no nvidia-smi)"
 
-# 1. Packages: everything in the wheel folder goes to /tmp/site (first on the path, so carried versions win
-# over preinstalled ones); the repository itself is used in place.
-if compgen -G "$WHEELS/*.whl" >/dev/null; then
-  echo "== installing $(ls "$WHEELS"/*.whl | wc -l) wheels from $WHEELS (no index)"
+# 1. Packages: from the registry when it answers (into a fresh virtual environment); otherwise everything
+# in the wheel folder goes to /tmp/site (first on the path, so carried versions win over preinstalled ones),
+# and the repository itself is used in place.
+if timeout 20 $PY -m pip download -q --no-deps -d /tmp/gpu_check_probe "jax==${JAX_VERSION:-0.12.0.1}" \
+     >/dev/null 2>&1; then
+  echo "== installing from the registry: pip install -e \".[${CUDA_EXTRA:-cuda13},test]\""
+  $PY -m venv /tmp/gpu_check_venv && PY=/tmp/gpu_check_venv/bin/python \
+    && $PY -m pip install -q -e ".[${CUDA_EXTRA:-cuda13},test]" || { echo "FAIL: install"; exit 1; }
+  [ "${COMPARE_TORCH:-0}" = "1" ] && { $PY -m pip install -q torch torchvision || echo "(no torch)"; }
+elif compgen -G "$WHEELS/*.whl" >/dev/null; then
+  echo "== the registry cannot be reached: installing $(ls "$WHEELS"/*.whl | wc -l) wheels from $WHEELS"
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     "$WHEELS"/*.whl || { echo "FAIL: wheel install"; exit 1; }
   export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
