@@ -33,6 +33,7 @@ import math
 import os
 import platform
 import sys
+import tempfile
 import time
 from typing import Any, Sequence
 
@@ -160,6 +161,12 @@ def parse_args(argv: Sequence[str] | None = None) -> GradflowConfig:
       raise ConfigError(f"--conv-depths: CIFAR ResNet depths are 6n+2 (20, 32, 44, 56, 110), got {depth}")
   if os.path.exists(a.out) and not os.path.isdir(a.out):
     raise ConfigError(f"--out: {a.out!r} exists and is not a folder")
+  os.makedirs(a.out, exist_ok=True)  # A read-only or full --out fails here (an OSError naming the
+  try:                                # folder: one line via run_cli), not after the computing.
+    with tempfile.TemporaryFile(dir=a.out):
+      pass
+  except OSError as e:
+    raise OSError(e.errno, e.strerror, a.out) from None
   return GradflowConfig(
       depths=_int_list(a.depths, "--depths"), width=a.width, hidden=a.hidden, activation=a.activation,
       batch=a.batch, seed=a.seed, out=a.out, conv_depths=conv_depths, conv_batch=a.conv_batch,
