@@ -3,7 +3,8 @@
 :func:`train_and_evaluate` runs a whole training job from a config (see
 :func:`resnet_jax.config_check.base_config` for every key) and writes into ``workdir``:
 
-- ``config.json``: the config of the run;
+- ``config.json``: the config the run started with (written once); ``config_history.jsonl``: the
+  settings changed by later resumes, with their steps (:mod:`resnet_jax.workdir`);
 - ``metrics.jsonl``: one JSON record per log step (``"split": "train"``) and per evaluation
   (``"split": "test"``);
 - ``checkpoints/<step>/``: orbax checkpoints (state, data iterator state, metadata), the last K kept;
@@ -11,7 +12,9 @@
   final_train_loss, test_accuracy, best_test_accuracy (and a few more);
 - ``curves.png``: loss and accuracy against step, train and test.
 
-Running again with the same ``workdir`` resumes from its newest checkpoint.
+Running again with the same ``workdir`` resumes from its newest checkpoint. A run holds the lock
+``train.lock`` of its workdir while it trains, and stops after a step with a checkpoint on SIGTERM or
+SIGINT.
 
 The training step (:func:`make_train_step`) is one ``jax.jit`` function: forward pass in train mode
 (BatchNorm statistics of the global batch, updated in the step), softmax cross-entropy with optional

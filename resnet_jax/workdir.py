@@ -46,6 +46,9 @@ WHY_FIXED = {
     "optimizer.name": "the saved optimizer state belongs to the old optimizer",
     "dataset.num_workers": "the saved position of the data iterator is in another format with "
                            "worker processes",
+    "model.": "the checkpoint's parameters belong to the old model",
+    "dataset.": "the run must go on reading the same examples, transformed the same way, from its saved "
+                "position (and its test accuracies must stay comparable)",
 }
 NOT_A_SETTING = ("restore_step",)  # An instruction to this start, not a setting of the run.
 
@@ -220,11 +223,13 @@ def check_resume(saved: dict, config: Any, counts: dict[str, int], total_steps: 
              if k not in NOT_A_SETTING and old.get(k) != new.get(k)]
   for c in changes:
     if c["key"] in FIXED:
-      why = WHY_FIXED.get(c["key"], "the checkpoint's state and data position belong to the old value")
+      why = WHY_FIXED.get(c["key"]) or WHY_FIXED[c["key"].split(".")[0] + "."]
+      old_flag = (f"--config.{c['key']}={_flag_value(c['before'])}" if not isinstance(c["before"], dict)
+                  else "the old value")
       raise ConfigError(
           f"config.{c['key']} = {c['after']!r} differs from {c['before']!r}, the value this run was "
           f"trained with up to step {step}: it cannot change on resume ({why}); train with the new value "
-          f"in another --workdir, or resume with --config.{c['key']}={_flag_value(c['before'])}")
+          f"in another --workdir, or resume with {old_flag}")
   for name in ("num_train", "num_test", "num_classes"):
     if name in saved and saved[name] != counts[name]:
       raise ConfigError(
@@ -252,7 +257,9 @@ def check_resume(saved: dict, config: Any, counts: dict[str, int], total_steps: 
 
 
 def _flag_value(value: Any) -> str:
-  return repr(tuple(value)) if isinstance(value, list) else repr(value)
+  if isinstance(value, list):
+    return repr(tuple(value))
+  return value if isinstance(value, str) else repr(value)
 
 
 def describe_changes(changes: list[dict]) -> str:
