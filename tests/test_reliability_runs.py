@@ -275,6 +275,31 @@ def test_harmless_changes_keep_the_resumed_run_bitwise_identical(tmp_path):
   assert [h["step"] for h in history] == [4] and "learning_rate_at_step" not in history[0]["changes"]
 
 
+def test_moved_data_may_resume_from_its_new_folder_other_data_may_not(tmp_path):
+  from test_data import write_cifar
+  first = write_cifar(str(tmp_path / "first"), per_batch=4, num_test=4)
+  config = tiny_config(**{"dataset.name": "cifar10", "dataset.data_dir": first, "dataset.augment": "none",
+                          "num_train_steps": 4})
+  workdir = str(tmp_path / "run")
+  train_lib.train_and_evaluate(config, workdir, log=_quiet)
+  moved = str(tmp_path / "moved")
+  shutil.copytree(first, moved)
+  other = write_cifar(str(tmp_path / "other"), per_batch=3, num_test=4)  # 15 training images, not 20.
+  before = snapshot(workdir)
+  with pytest.raises(ConfigError, match="15 train examples, the run was trained with 20"):
+    train_lib.train_and_evaluate(tiny_config(**{"dataset.name": "cifar10", "dataset.data_dir": other,
+                                                "dataset.augment": "none", "num_train_steps": 8}),
+                                 workdir, log=_quiet)
+  assert snapshot(workdir) == before
+  messages = []
+  summary = train_lib.train_and_evaluate(tiny_config(**{"dataset.name": "cifar10", "dataset.data_dir": moved,
+                                                        "dataset.augment": "none", "num_train_steps": 8}),
+                                         workdir, log=messages.append)
+  assert summary["steps"] == 8
+  (line,) = strict_json_lines(os.path.join(workdir, "config_history.jsonl"))
+  assert line["step"] == 4 and line["changes"]["dataset.data_dir"] == [first, moved]
+
+
 # ----------------------------------------------------------------------------------------------
 # 5. One line, not a traceback, and no debris.
 
