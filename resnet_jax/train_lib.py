@@ -553,14 +553,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log: Ca
   if data_state:
     train_iter.set_state(data_state)
   metrics_path = os.path.join(workdir, "metrics.jsonl")
-  metrics_file = open(metrics_path, "a") if is_main else None
+  # Unbuffered: each record is written at once, and a failed write leaves nothing for close() to retry.
+  metrics_file = open(metrics_path, "ab", buffering=0) if is_main else None
 
   def record(rec: dict) -> None:
     records.append(rec)
     if metrics_file is not None:
+      line = json.dumps(_strict_json(rec), allow_nan=False) + "\n"  # NaN is not JSON: null.
       try:
-        metrics_file.write(json.dumps(_strict_json(rec), allow_nan=False) + "\n")  # NaN is not JSON: null.
-        metrics_file.flush()
+        metrics_file.write(line.encode())
       except OSError as e:  # A full disk: name the file.
         raise OSError(e.errno, e.strerror, metrics_path) from None
 
