@@ -75,7 +75,8 @@ def test_nonfinite_update_is_not_applied_by_the_step():
   assert np.isfinite(float(m["loss"])) and bool(m["grads_finite"])
   assert not bool(m["state_finite"]) and not bool(m["finite"])
   assert int(new.step) == 1
-  for a, b in zip(jax.tree.leaves((state.params, state.opt_state)), jax.tree.leaves((new.params, new.opt_state))):
+  for a, b in zip(jax.tree.leaves((state.params, state.opt_state)),
+                  jax.tree.leaves((new.params, new.opt_state))):
     if jnp.issubdtype(jnp.result_type(a), jnp.inexact):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
