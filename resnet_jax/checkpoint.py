@@ -56,11 +56,45 @@ class Checkpointer:
     ocp = self._ocp
     if step in self._manager.all_steps():
       return
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave(data_state),
-        meta=ocp.args.JsonSave(meta)), force=True)
-    self._manager.wait_until_finished()
+    error = None
+    with _held_stderr() as held:  # orbax's threads log the failure of each write, with tracebacks.
+      try:
+        self._manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(data_state),
+            meta=ocp.args.JsonSave(meta)), force=True)
+        self._manager.wait_until_finished()
+      except Exception as e:  # noqa: BLE001 -- orbax and tensorstore raise ValueError, OSError, ...
+        reason = _storage_error(e)
+        if reason is None:
+          raise
+        logging.getLogger("asyncio").disabled = True
+        _settle_after_failed_read(self._manager, e)
+        held.drop()
+        removed = self._remove_partial(step)
+        earlier = self.all_steps_on_disk()
+        error = CheckpointError(
+            f"cannot write checkpoint {os.path.join(self.directory, str(step))}: {reason}"
+            f"{'; its partial folder was removed' if removed else ''}; "
+            + (f"the earlier checkpoints (steps {earlier}) are intact: free space and run the same "
+               f"command again to resume" if earlier else "no earlier checkpoint was written"))
+    if error is not None:
+      raise error
+
+  def all_steps_on_disk(self) -> list[int]:
+    """Steps of the complete checkpoint folders (read from the folder, not the manager)."""
+    if not os.path.isdir(self.directory):
+      return []
+    return sorted(int(n) for n in os.listdir(self.directory) if n.isdigit())
+
+  def _remove_partial(self, step: int) -> bool:
+    """Remove orbax's temporary folder of the failed write of ``step`` (never a complete checkpoint)."""
+    removed = False
+    for name in os.listdir(self.directory):
+      if name.startswith(f"{step}.orbax-checkpoint-tmp"):
+        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+        removed = True
+    return removed
 
   def restore(self, target_state: Any, step: int | None = None) -> tuple[Any, dict, dict]:
     """Restore ``(state, data_state, meta)`` of ``step`` (default: the newest complete checkpoint).
@@ -194,6 +228,23 @@ def _settle_after_failed_read(manager: Any, error: BaseException, seconds: float
       x.__traceback__ = None
   gc.collect()
   time.sleep(seconds)
+
+
+_STORAGE = re.compile(r"No space left on device|Read-only file system|Permission denied|Disk quota exceeded|"
+                      r"File too large|Input/output error")
+
+
+def _storage_error(e: BaseException) -> str | None:
+  """The system's reason when ``e`` is a failure of the storage (full disk, read-only, permission),
+  e.g. ``No space left on device (writing .../d/9b8a...)``; ``None`` for any other error."""
+  text = " ".join(" ".join(str(x) for x in (e, e.__cause__, e.__context__) if x is not None).split())
+  if isinstance(e, OSError) and e.strerror:
+    return f"{e.strerror}" + (f" ({e.filename})" if e.filename else "")
+  found = _STORAGE.search(text)
+  if not found:
+    return None
+  files = re.findall(r'(?:Failed writing|local file|file): "([^"]+)"', text)
+  return found.group(0) + (f" (writing {files[-1]})" if files else "")
 
 
 def _path_name(path: tuple) -> str:

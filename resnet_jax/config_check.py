@@ -309,6 +309,7 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
   if ds.in_memory == "never" and ds.name != "image_folder":
     raise ConfigError(f"config.dataset.in_memory='never' applies to image folders only; {ds.name!r} is "
                       f"always held in memory")
+  _check_optimizer(config)
   sch = config.schedule
   if sch.name == "step" and not len(sch.boundaries):
     raise ConfigError("config.schedule.name='step' needs config.schedule.boundaries (in "
@@ -324,3 +325,31 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
       if config[key] % device_count:
         raise ConfigError(f"config.{key} = {config[key]} is not divisible by the {device_count} devices "
                           f"the batch is split over; use a multiple of {device_count}")
+
+
+FLOAT32_MAX = 3.4028234663852886e38  # numpy.finfo(numpy.float32).max: parameters and updates are float32.
+
+
+def _check_optimizer(config: ml_collections.ConfigDict) -> None:
+  """Settings that pass the per-key ranges but cannot train: a division by zero or a float32 overflow."""
+  opt = config.optimizer
+  if opt.name == "adamw":
+    for key, value in (("momentum", opt.momentum), ("b2", opt.b2)):
+      if value >= 1.0:
+        what = "b1 (config.optimizer.momentum)" if key == "momentum" else "b2"
+        raise ConfigError(f"config.optimizer.{key} = {value!r} is invalid for adamw: its {what} must be < 1 "
+                          f"(adam's bias correction divides by 1 - {what.split()[0]}**step, which is 0 "
+                          f"at 1); typical values are 0.9 and 0.999")
+  for key in ("learning_rate", "weight_decay", "eps", "lars_trust_coefficient"):
+    if abs(opt[key]) > FLOAT32_MAX:
+      raise ConfigError(f"config.optimizer.{key} = {opt[key]!r} is not finite in float32 (largest "
+                        f"{FLOAT32_MAX:.4g}), the dtype of the parameters and updates")
+  sch = config.schedule
+  peak = rate = float(opt.learning_rate)
+  if sch.name == "step":
+    for b in sch.boundaries:
+      rate *= float(sch.decay_factor)
+      if rate > FLOAT32_MAX:
+        raise ConfigError(f"config.schedule.decay_factor = {sch.decay_factor!r}: the learning rate "
+                          f"{peak!r} times the decay factor at boundary {b} is {rate:.4g}, not finite "
+                          f"in float32 (largest {FLOAT32_MAX:.4g})")

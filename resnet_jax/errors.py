@@ -34,6 +34,22 @@ class ModelError(ResNetJaxError):
   """A model name or architecture option is unknown or does not fit the input."""
 
 
+class WorkdirBusyError(ResNetJaxError):
+  """Another live process is training in the same workdir (it holds the workdir's lock)."""
+
+
+class Interrupted(Exception):
+  """The run was stopped by a signal (SIGTERM, SIGINT) after a step, with a checkpoint written.
+
+  Not a user error: :func:`run_cli` prints its message as one line and exits with ``128 + signum``,
+  the shell's convention for a process ended by that signal.
+  """
+
+  def __init__(self, message: str, signum: int):
+    super().__init__(message)
+    self.signum = signum
+
+
 EXIT_USER_ERROR = 2
 
 
@@ -47,18 +63,36 @@ def fail(message: str, code: int = EXIT_USER_ERROR) -> NoReturn:
   raise SystemExit(code)
 
 
+def describe_os_error(e: OSError) -> str:
+  """``PATH: reason (ERRNO_NAME)`` for an OSError: the file it is about and what the system said."""
+  import errno as errno_lib
+  paths = [str(p) for p in (e.filename, e.filename2) if p is not None]
+  reason = e.strerror or (str(e.args[0]) if e.args else type(e).__name__)
+  code = f" ({errno_lib.errorcode.get(e.errno, e.errno)})" if e.errno is not None else ""
+  where = " -> ".join(paths) if paths else "(no path given by the system)"
+  return f"{where}: {reason}{code}"
+
+
 def run_cli(main: Callable[..., int | None], *args, **kwargs) -> NoReturn:
   """Run a command-line ``main`` and exit; user errors become one stderr line and exit status 2.
 
-  ``ResNetJaxError`` (and therefore every error above), ``FileNotFoundError`` and ``KeyboardInterrupt``
-  are reported without a traceback. Anything else is a bug and keeps its traceback.
+  ``ResNetJaxError`` (and therefore every error above) and every ``OSError`` (a missing file, a full
+  disk, a read-only folder, a permission: the line names the path and the system's reason) are
+  reported without a traceback, exit status 2. :class:`Interrupted` (a run stopped by a signal after
+  writing its checkpoint) prints its one line and exits with ``128 + signum``; ``KeyboardInterrupt``
+  exits with 130. Anything else is a bug and keeps its traceback.
   """
   try:
     code = main(*args, **kwargs)
   except ResNetJaxError as e:
     fail(str(e))
   except FileNotFoundError as e:
-    fail(f"file not found: {e.filename or e}")
+    fail(f"file not found: {describe_os_error(e)}")
+  except OSError as e:
+    fail(f"cannot read or write {describe_os_error(e)}")
+  except Interrupted as e:
+    print(" ".join(str(e).split()), file=sys.stderr, flush=True)
+    raise SystemExit(128 + e.signum) from None
   except KeyboardInterrupt:
     fail("interrupted", code=130)
   raise SystemExit(int(code or 0))

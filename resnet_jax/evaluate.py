@@ -22,20 +22,18 @@ from resnet_jax.errors import CheckpointError, ConfigError, run_cli
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a run in ``workdir`` was trained with (``WORKDIR/config.json``)."""
+  """The config of the run in ``workdir`` as it is now: ``WORKDIR/config.json`` (its start) with the
+  setting changes of ``WORKDIR/config_history.jsonl`` applied."""
+  from resnet_jax.workdir import current_settings, read_json_object
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
     raise CheckpointError(f"{path} not found: --workdir must be the output folder of a train.py run")
-  try:
-    with open(path) as f:
-      raw = json.load(f)
-  except (OSError, json.JSONDecodeError) as e:
-    raise CheckpointError(f"cannot read {path}: {e}") from None
+  raw = current_settings(workdir, read_json_object(path, "the config of a train.py run"))
   from resnet_jax.config_check import base_config
   config = base_config()
   try:
     config.update_from_flattened_dict(_flatten(raw))
-  except (KeyError, AttributeError, TypeError) as e:
+  except (KeyError, AttributeError, TypeError, ValueError) as e:
     raise ConfigError(f"{path} does not match this version's config keys: {e}") from None
   _use_recorded_normalization(workdir, config)
   return config

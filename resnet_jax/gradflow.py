@@ -38,6 +38,7 @@ import math
 import os
 import platform
 import sys
+import tempfile
 import time
 from typing import Any, Sequence
 
@@ -210,6 +211,12 @@ def parse_args(argv: Sequence[str] | None = None) -> GradflowConfig:
   remedy_gain = _float_list(str(a.remedy_gain), "--remedy-gain")[0]
   if os.path.exists(a.out) and not os.path.isdir(a.out):
     raise ConfigError(f"--out: {a.out!r} exists and is not a folder")
+  os.makedirs(a.out, exist_ok=True)  # A read-only or full --out fails here (an OSError naming the
+  try:                                # folder: one line via run_cli), not after the computing.
+    with tempfile.TemporaryFile(dir=a.out):
+      pass
+  except OSError as e:
+    raise OSError(e.errno, e.strerror, a.out) from None
   return GradflowConfig(
       depths=_int_list(a.depths, "--depths"), width=a.width, hidden=a.hidden, activation=a.activation,
       batch=a.batch, seed=a.seed, out=a.out, conv_depths=conv_depths, conv_batch=a.conv_batch,

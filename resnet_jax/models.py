@@ -29,6 +29,7 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from resnet_jax.blocks import BasicBlock, Bottleneck, ModuleDef, check_block_options
 from resnet_jax.errors import ModelError
@@ -298,6 +299,29 @@ def create_model(name: str, num_classes: int = 1000, **options) -> nn.Module:
   unknown = sorted(set(options) - set(allowed))
   if unknown:
     raise ModelError(f"unknown option(s) {', '.join(unknown)} for model {name!r}; accepted: {', '.join(allowed)}")
-  if not isinstance(num_classes, int) or num_classes < 1:
+  if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
     raise ModelError(f"num_classes must be a positive integer, got {num_classes!r}")
+  _check_options(name, options)
   return factory(num_classes=num_classes, **{**defaults, **options})
+
+
+# Integer options and their smallest value; options that must be callables or booleans.
+_INT_OPTIONS = {"num_filters": 1, "groups": 1, "width_per_group": 1, "depth": 0, "dim": 1, "hidden": 1}
+_CALLABLE_OPTIONS = ("act",)
+_BOOL_OPTIONS = ("residual", "stride_in_1x1")
+
+
+def _check_options(name: str, options: dict) -> None:
+  """Types and ranges of the architecture options, checked before any layer is built."""
+  for key, lo in _INT_OPTIONS.items():
+    if key in options:
+      v = options[key]
+      if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+        raise ModelError(f"model {name!r}: option {key}={v!r} is invalid: expected an integer >= {lo}")
+  for key in _CALLABLE_OPTIONS:
+    if key in options and not callable(options[key]):
+      raise ModelError(f"model {name!r}: option {key}={options[key]!r} is invalid: expected a function "
+                       f"such as flax.linen.relu (a callable, not a name)")
+  for key in _BOOL_OPTIONS:
+    if key in options and not isinstance(options[key], (bool, np.bool_)):
+      raise ModelError(f"model {name!r}: option {key}={options[key]!r} is invalid: expected True or False")

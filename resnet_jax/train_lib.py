@@ -3,7 +3,8 @@
 :func:`train_and_evaluate` runs a whole training job from a config (see
 :func:`resnet_jax.config_check.base_config` for every key) and writes into ``workdir``:
 
-- ``config.json``: the config of the run;
+- ``config.json``: the config the run started with (written once); ``config_history.jsonl``: the
+  settings changed by later resumes, with their steps (:mod:`resnet_jax.workdir`);
 - ``metrics.jsonl``: one JSON record per log step (``"split": "train"``) and per evaluation
   (``"split": "test"``);
 - ``events.out.tfevents.*``: the same records as TensorBoard scalars (:mod:`resnet_jax.tensorboard_events`);
@@ -12,7 +13,9 @@
   final_train_loss, test_accuracy, best_test_accuracy (and a few more);
 - ``curves.png``: loss and accuracy against step, train and test.
 
-Running again with the same ``workdir`` resumes from its newest checkpoint.
+Running again with the same ``workdir`` resumes from its newest checkpoint. A run holds the lock
+``train.lock`` of its workdir while it trains, and stops after a step with a checkpoint on SIGTERM or
+SIGINT.
 
 The training step (:func:`make_train_step`) is one ``jax.jit`` function: forward pass in train mode
 (BatchNorm statistics of the global batch, updated in the step), softmax cross-entropy with optional
@@ -42,8 +45,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from resnet_jax import data as data_lib
 from resnet_jax.checkpoint import Checkpointer
 from resnet_jax.config_check import validate_config
-from resnet_jax.errors import CheckpointError, ConfigError, ModelError, ResNetJaxError
+from resnet_jax.errors import CheckpointError, ConfigError, Interrupted, ModelError, ResNetJaxError
 from resnet_jax.tensorboard_events import EventWriter
+from resnet_jax.workdir import read_json_object
 
 
 class TrainingDivergedError(ResNetJaxError):
@@ -105,6 +109,13 @@ def make_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int, total
   return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), main], [warmup])
 
 
+def total_train_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+  """``config.num_train_steps``, or ``config.num_epochs`` epochs of ``steps_per_epoch`` (at least 1)."""
+  if config.num_train_steps > 0:
+    return int(config.num_train_steps)
+  return max(1, int(math.ceil(config.num_epochs * steps_per_epoch)))
+
+
 def decay_mask(params: Any) -> Any:
   """True for the parameters that get weight decay: kernels (>= 2 dims); False for BN and biases."""
   return jax.tree.map(lambda p: jnp.ndim(p) > 1, params)
@@ -162,8 +173,12 @@ def make_train_step(num_classes: int, label_smoothing: float = 0.0, skip_nonfini
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """The (un-jitted) training step ``(state, batch) -> (state, metrics)``.
 
-  metrics: ``loss`` (mean cross-entropy of the batch), ``accuracy``, ``finite`` (1 when the loss and
-  every gradient are finite). With ``skip_nonfinite`` a non-finite step leaves the state unchanged.
+  metrics: ``loss`` (mean cross-entropy of the batch), ``accuracy``, ``finite`` (1 when the loss, every
+  gradient and every floating-point array of the updated state, parameters, optimizer state and
+  BatchNorm statistics, are finite), ``grads_finite`` (the loss and gradients alone),
+  ``state_finite`` (the updated state alone). With
+  ``skip_nonfinite`` a non-finite step leaves the state unchanged, so a NaN or Inf never reaches the
+  state that is kept (and checkpointed).
   """
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     def loss_fn(params):
@@ -175,14 +190,23 @@ def make_train_step(num_classes: int, label_smoothing: float = 0.0, skip_nonfini
     (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     new_state = state.apply_gradients(grads=grads,
                                       batch_stats=updates.get("batch_stats", state.batch_stats))
-    finite = jnp.isfinite(loss) & jnp.all(jnp.asarray(
-        [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+    state_finite = all_finite((new_state.params, new_state.opt_state, new_state.batch_stats))
+    grads_finite = jnp.isfinite(loss) & all_finite(grads)
+    finite = grads_finite & state_finite
     if skip_nonfinite:  # Keep the old parameters and optimizer state; the step count still advances.
       new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
       new_state = new_state.replace(step=state.step + 1)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-    return new_state, {"loss": loss, "accuracy": accuracy, "finite": finite}
+    return new_state, {"loss": loss, "accuracy": accuracy, "finite": finite,
+                       "state_finite": state_finite, "grads_finite": grads_finite}
   return train_step
+
+
+def all_finite(tree: Any) -> jax.Array:
+  """True when every floating-point leaf of ``tree`` is finite (integer leaves, e.g. counts, are)."""
+  checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  return jnp.all(jnp.asarray(checks)) if checks else jnp.asarray(True)
 
 
 def make_eval_step(num_classes: int) -> Callable[[TrainState, dict], dict]:
@@ -258,30 +282,62 @@ def count_parameters(params: Any) -> int:
 # Outputs.
 
 
-def read_metrics(workdir: str) -> list[dict]:
-  """The records of ``WORKDIR/metrics.jsonl`` (a truncated last line is ignored)."""
+def _metrics_lines(workdir: str) -> list[tuple[bytes, dict | None]]:
+  """Each line of ``WORKDIR/metrics.jsonl`` with its record, or ``None`` where it is not one: not
+  UTF-8, not JSON, not an object, or without a finite numeric ``step`` (e.g. a line cut by a kill)."""
+  from resnet_jax.workdir import is_number
   path = os.path.join(workdir, "metrics.jsonl")
-  records = []
+  out: list[tuple[bytes, dict | None]] = []
   if os.path.exists(path):
-    with open(path) as f:
+    with open(path, "rb") as f:
       for line in f:
         try:
-          records.append(json.loads(line))
-        except json.JSONDecodeError:
-          continue
-  return records
+          r = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+          r = None
+        out.append((line, r if isinstance(r, dict) and is_number(r.get("step")) else None))
+  return out
 
 
-def _rewrite_metrics(workdir: str, upto_step: int) -> list[dict]:
-  """Keep only the records up to ``upto_step`` (a resumed run recomputes the later ones)."""
-  records = [r for r in read_metrics(workdir) if r.get("step", 0) <= upto_step]
+def read_metrics(workdir: str) -> list[dict]:
+  """The records of ``WORKDIR/metrics.jsonl``; lines that are not records are left out (see
+  :func:`_metrics_lines`)."""
+  return [r for _, r in _metrics_lines(workdir) if r is not None]
+
+
+REJECTED_METRICS = "metrics_rejected_lines.txt"
+
+
+def _rewrite_metrics(workdir: str, upto_step: int) -> tuple[list[dict], int]:
+  """Keep only the records up to ``upto_step`` (a resumed run recomputes the later ones).
+
+  Lines that are not records are moved, as they were, to ``WORKDIR/metrics_rejected_lines.txt``
+  (appended), except a last line cut short by a kill. Returns the records kept and the number of
+  lines moved.
+  """
+  lines = _metrics_lines(workdir)
+  records = [r for _, r in lines if r is not None and r["step"] <= upto_step]
+  rejected = [line for i, (line, r) in enumerate(lines)
+              if r is None and (line.endswith(b"\n") or i < len(lines) - 1)]
   path = os.path.join(workdir, "metrics.jsonl")
+  if rejected:
+    with open(os.path.join(workdir, REJECTED_METRICS), "ab") as f:
+      f.write(b"".join(x if x.endswith(b"\n") else x + b"\n" for x in rejected))
   tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    for r in records:
-      f.write(json.dumps(r) + "\n")
-  os.replace(tmp, path)
-  return records
+  try:
+    with open(tmp, "w") as f:
+      for r in records:
+        f.write(json.dumps(_strict_json(r), allow_nan=False) + "\n")
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+  return records, len(rejected)
+
+
+def _number(v: Any) -> float:
+  """``v`` as a float for a plot: NaN where it is not a number (``null``, a string, missing)."""
+  return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else float("nan")
 
 
 def plot_curves(records: list[dict], path: str, title: str = "") -> None:
@@ -295,9 +351,9 @@ def plot_curves(records: list[dict], path: str, title: str = "") -> None:
     rs = [r for r in records if r.get("split") == split]
     if not rs:
       continue
-    steps = [r["step"] for r in rs]
-    ax_loss.plot(steps, [r["loss"] for r in rs], style, label=split, markersize=3)
-    ax_acc.plot(steps, [r["accuracy"] for r in rs], style, label=split, markersize=3)
+    steps = [_number(r.get("step")) for r in rs]
+    ax_loss.plot(steps, [_number(r.get("loss")) for r in rs], style, label=split, markersize=3)
+    ax_acc.plot(steps, [_number(r.get("accuracy")) for r in rs], style, label=split, markersize=3)
   for ax, name in ((ax_loss, "loss"), (ax_acc, "accuracy")):
     ax.set_xlabel("step")
     ax.set_ylabel(name)
@@ -325,10 +381,18 @@ def _strict_json(obj: Any) -> Any:
 
 
 def _write_json(path: str, obj: Any) -> None:
+  """Write ``obj`` to ``path`` through a temporary file renamed when complete (removed on failure; an
+  OSError names the file)."""
   tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(_strict_json(obj), f, indent=2, allow_nan=False)
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "w") as f:
+      json.dump(_strict_json(obj), f, indent=2, allow_nan=False)
+    os.replace(tmp, path)
+  except OSError as e:
+    raise OSError(e.errno, e.strerror, e.filename or tmp) from None
+  finally:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -352,8 +416,7 @@ class Setup:
     if self.steps_per_epoch < 1:
       raise ConfigError(f"config.batch_size = {config.batch_size} exceeds the {self.data.num_train} "
                         f"training examples of {config.dataset.name}")
-    self.total_steps = (int(config.num_train_steps) if config.num_train_steps > 0 else
-                        max(1, int(math.ceil(config.num_epochs * self.steps_per_epoch))))
+    self.total_steps = total_train_steps(config, self.steps_per_epoch)
     self.eval_every = (config.eval_every_steps if config.eval_every_steps > 0 else self.steps_per_epoch)
     self.checkpoint_every = (config.checkpoint_every_steps if config.checkpoint_every_steps > 0
                              else self.eval_every)
@@ -391,14 +454,12 @@ def _check_same_run(workdir: str, config: ml_collections.ConfigDict) -> None:
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     return
-  try:
-    with open(path) as f:
-      old = json.load(f)
-  except (OSError, json.JSONDecodeError):
-    return
+  old = read_json_object(path, "the config of the run in this workdir, written by train.py; the "
+                               "checkpoints hold it too: remove the file to resume from them")
   for key in ("model", "dataset"):
     new_name = config[key]["name"]
-    old_name = old.get(key, {}).get("name")
+    group = old.get(key)
+    old_name = group.get("name") if isinstance(group, dict) else None
     if old_name is not None and old_name != new_name:
       raise CheckpointError(f"workdir {workdir} holds a run of {key} {old_name!r}, this config trains "
                             f"{new_name!r}: use another --workdir")
@@ -408,6 +469,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        devices: list | None = None, log: Callable[[str], None] = print,
                        stop_at_step: int | None = None, setup: Setup | None = None) -> dict | None:
   """Train ``config`` writing into ``workdir`` (resuming from its newest checkpoint) and evaluate.
+
+  The workdir is locked for the run (:class:`resnet_jax.workdir.RunDir`: a second run on it is
+  refused), and SIGTERM or SIGINT stop the run after the current step with a checkpoint
+  (:class:`resnet_jax.interrupt.StopOnSignal`, then :class:`~resnet_jax.errors.Interrupted`).
+  A resume checks the changed settings (:func:`resnet_jax.workdir.check_resume`).
 
   Args:
     config: the training config (validated here before any work).
@@ -421,7 +487,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   Returns:
     The summary (also written to ``WORKDIR/summary.json``), or ``None`` when stopped early.
   """
-  from tqdm import tqdm
+  from resnet_jax.interrupt import StopOnSignal
+  from resnet_jax.workdir import RunDir
 
   validate_config(config)
   if setup is None:
@@ -429,53 +496,87 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     setup = Setup(config, devices)
   elif setup.config.to_dict() != config.to_dict():
     raise ConfigError("train_and_evaluate: the given setup was built for another config")
-  workdir = os.path.abspath(workdir)
+  with StopOnSignal() as signals, RunDir(os.path.abspath(workdir), lock=jax.process_index() == 0):
+    return _train_and_evaluate(config, os.path.abspath(workdir), log, stop_at_step, setup, signals)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], None],
+                        stop_at_step: int | None, setup: Setup, signals: Any) -> dict | None:
+  """The body of :func:`train_and_evaluate`, in the locked ``workdir``."""
+  from tqdm import tqdm
+  from resnet_jax import workdir as workdir_lib
+
   _check_same_run(workdir, config)
   if setup.data.skipped_files:
     log(f"warning: {len(setup.data.skipped_files)} unreadable image(s) left out "
         f"(config.dataset.on_corrupt_image='skip'): {', '.join(setup.data.skipped_files[:5])}")
-  os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
 
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
   meta = {"best_test_accuracy": None, "train_time_s": 0.0, "train_images": 0, "step_time_s": 0.0}
   data_state = None
   restore_step = config.restore_step if config.restore_step >= 0 else None
+  counts = {"num_train": setup.data.num_train, "num_test": setup.data.num_test,
+            "num_classes": setup.data.num_classes}
+  changes: list[dict] = []
+  saved_config = None
   if ckpt.latest_step() is None and restore_step is None:
     state = setup.init_state()
   else:
     state, data_state, saved_meta = ckpt.restore(setup.abstract_state(), restore_step)
     meta.update({k: v for k, v in saved_meta.items() if k in meta})
-    log(f"resuming {workdir} from step {int(state.step)}")
+    restored = int(jax.device_get(state.step))
+    changes = workdir_lib.check_resume(
+        saved_meta, config, counts, lambda c: total_train_steps(c, setup.steps_per_epoch),
+        lambda c: make_schedule(c, setup.steps_per_epoch, total_train_steps(c, setup.steps_per_epoch)),
+        restored)
+    saved_config = saved_meta.get("config") if isinstance(saved_meta.get("config"), dict) else None
+    log(f"resuming {workdir} from step {restored}")
     if restore_step is not None and is_main:  # Later checkpoints are kept aside, not overwritten.
-      moved = ckpt.set_aside_after(restore_step, os.path.join(workdir, "checkpoints_superseded"))
+      superseded = os.path.join(workdir, workdir_lib.SUPERSEDED)
+      moved = ckpt.set_aside_after(restore_step, superseded)
+      kept = workdir_lib.set_aside_run_files(workdir, restore_step, moved)
       if moved:
-        log(f"checkpoints of steps {moved} moved to {os.path.join(workdir, 'checkpoints_superseded')}")
-  if is_main:  # Only once the checkpoint is restored: a failed resume leaves the workdir as it was.
-    _write_json(os.path.join(workdir, "config.json"), config.to_dict())
-    _write_json(os.path.join(workdir, "data.json"), setup.data.info)  # Its normalisation, for evaluations.
+        log(f"checkpoints of steps {moved} moved to {superseded}")
+      if kept:
+        log(f"the superseded run's metrics, summary, config and settings history kept in {kept}")
+    if changes:
+      log(f"settings changed at step {restored}: {workdir_lib.describe_changes(changes)} (recorded in "
+          f"{os.path.join(workdir, workdir_lib.HISTORY_NAME)})")
   start_step = int(jax.device_get(state.step))
+  if is_main:  # Only once the checkpoint is restored: a failed resume leaves the workdir as it was.
+    workdir_lib.record_settings(workdir, config, start_step, changes, _write_json, saved_config)
+    _write_json(os.path.join(workdir, "data.json"), setup.data.info)  # Its normalisation, for evaluations.
   if is_main and start_step == 0:
     log(f"training {config.model.name} on {config.dataset.name} ({setup.data.num_train} images, "
         f"{setup.total_steps} steps of {config.batch_size} on {len(setup.dp.devices)} "
         f"{setup.dp.devices[0].platform} device(s)), writing to {workdir}")
-  records = _rewrite_metrics(workdir, start_step) if is_main else []
+  records, rejected = _rewrite_metrics(workdir, start_step) if is_main else ([], 0)
+  if rejected:
+    log(f"warning: {rejected} line(s) of {os.path.join(workdir, 'metrics.jsonl')} are not metrics "
+        f"records (not UTF-8, not a JSON object, or no numeric step): moved to "
+        f"{os.path.join(workdir, REJECTED_METRICS)}")
 
   train_iter = setup.train_iterator()
   if data_state:
     train_iter.set_state(data_state)
-  metrics_file = open(os.path.join(workdir, "metrics.jsonl"), "a") if is_main else None
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  # Unbuffered: each record is written at once, and a failed write leaves nothing for close() to retry.
+  metrics_file = open(metrics_path, "ab", buffering=0) if is_main else None
   events = EventWriter(workdir, start_step) if is_main else None  # TensorBoard, the same records.
 
   def record(rec: dict) -> None:
     records.append(rec)
     if metrics_file is not None:
-      metrics_file.write(json.dumps(_strict_json(rec), allow_nan=False) + "\n")  # NaN is not JSON: null.
-      metrics_file.flush()
+      line = json.dumps(_strict_json(rec), allow_nan=False) + "\n"  # NaN is not JSON: null.
+      try:
+        metrics_file.write(line.encode())
+      except OSError as e:  # A full disk: name the file.
+        raise OSError(e.errno, e.strerror, metrics_path) from None
       events.write(rec)
 
   def save(step: int) -> None:
-    ckpt.save(step, state, train_iter.get_state(), {**meta, "config": config.to_dict()})
+    ckpt.save(step, state, train_iter.get_state(), {**meta, **counts, "config": config.to_dict()})
 
   batch = config.batch_size
   bar = tqdm(total=setup.total_steps, initial=start_step, disable=not (config.progress_bar and is_main),
@@ -488,6 +589,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     for step in range(start_step + 1, setup.total_steps + 1):
       t0 = time.perf_counter()
       state, m = setup.train_step(state, setup.dp.put_batch(next(train_iter)))
+      halt = step == stop_at_step or signals.received is not None  # This step is the last one.
       pending.append((step, m))
       if len(pending) >= 2:  # At most one step in flight, so that the progress bar tells the truth.
         jax.block_until_ready(pending[-2][1]["loss"])
@@ -495,9 +597,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       bar.update(1)
       # Log at every evaluation and checkpoint too, so that a resumed run logs the same windows.
       if (step % config.log_every_steps == 0 or step % setup.eval_every == 0
-          or step % setup.checkpoint_every == 0 or step in (setup.total_steps, stop_at_step)):
+          or step % setup.checkpoint_every == 0 or step == setup.total_steps or halt):
         fetched = jax.device_get([mm for _, mm in pending])
         bad = [s for (s, _), mm in zip(pending, fetched) if not mm["finite"]]
+        bad_grads = [s for (s, _), mm in zip(pending, fetched) if not mm.get("grads_finite", True)]
         now = time.perf_counter()
         rate = n_window * batch / max(now - t_window, 1e-9)
         loss = float(np.mean([mm["loss"] for mm in fetched if mm["finite"]] or [np.nan]))
@@ -512,9 +615,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         pending, t_window, n_window = [], time.perf_counter(), 0
         if bad and config.on_nonfinite == "stop":
           stopped_nonfinite = bad[0]
+          stopped_in_state = bad[0] not in bad_grads
           break
         if bad:
-          log(f"warning: non-finite loss or gradient at steps {bad[:5]}: those updates were skipped")
+          log(f"warning: non-finite loss, gradient or updated state at steps {bad[:5]}: those updates "
+              f"were skipped")
       if step % setup.eval_every == 0 or step == setup.total_steps:
         last_test = setup.evaluate(state)
         best = meta["best_test_accuracy"]
@@ -526,9 +631,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                   f"train loss {records[-2]['loss'] if len(records) > 1 else float('nan'):.4f}  "
                   f"test loss {last_test['loss']:.4f}  test accuracy {last_test['accuracy']:.4f}")
       meta["train_time_s"] += time.perf_counter() - t0
-      if step % setup.checkpoint_every == 0 or step == setup.total_steps or step == stop_at_step:
+      if step % setup.checkpoint_every == 0 or step == setup.total_steps or halt:
         save(step)
-      if step == stop_at_step:
+      if halt:
         break
       if n_window == 0:  # Evaluation and checkpoint time stay out of the images/s windows.
         t_window = time.perf_counter()
@@ -544,10 +649,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     last = ckpt.latest_step()
     kept = (f"the last good checkpoint is step {last} in {ckpt.directory}" if last is not None
             else "no checkpoint was written yet")
+    what = ("non-finite parameters, optimizer state or BatchNorm statistics after the update of step "
+            f"{stopped_nonfinite} (the loss and gradients were finite: an optimizer setting or learning "
+            f"rate that overflows?)" if stopped_in_state else
+            f"non-finite loss or gradient at step {stopped_nonfinite}")
     raise TrainingDivergedError(
-        f"non-finite loss or gradient at step {stopped_nonfinite}: training stopped; {kept} "
+        f"{what}: training stopped, that update was not applied; {kept} "
         f"(set config.on_nonfinite='skip' to skip such steps)")
   end_step = int(jax.device_get(state.step))
+  if end_step < setup.total_steps and signals.received is not None:
+    ckpt.close()
+    raise Interrupted(f"stopped by {signals.name} after step {end_step} of {setup.total_steps}: checkpoint "
+                      f"written to {os.path.join(ckpt.directory, str(end_step))}; run the same command "
+                      f"again to resume", signals.received)
   if end_step < setup.total_steps and stop_at_step is not None:
     ckpt.close()
     return None
