@@ -14,6 +14,7 @@ every run under ``runs/`` side by side, named by its workdir.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import struct
@@ -85,16 +86,32 @@ class EventWriter:
   def __init__(self, logdir: str, start_step: int):
     cut_events(logdir, start_step)
     # The suffix keeps the file of a resumed run apart from one opened in the same second.
-    self._writer = EventsWriter(os.path.join(logdir, "events"), f".step{start_step:09d}")
+    prefix, suffix = os.path.join(logdir, "events"), f".step{start_step:09d}"
+    self.path = f"{prefix}.out.tfevents.*{suffix}"  # for messages; tensorboardX adds time and host
+    with self._naming_the_file():
+      self._writer = EventsWriter(prefix, suffix)
+    self.path = getattr(self._writer, "_file_name", self.path)
+
+  @contextlib.contextmanager
+  def _naming_the_file(self):
+    """An OSError without a file name (a full disk while writing) gets the event file's."""
+    try:
+      yield
+    except OSError as e:
+      if e.filename:
+        raise
+      raise OSError(e.errno, e.strerror, self.path) from None
 
   def write(self, record: dict) -> None:
     """One event at ``record["step"]`` with the record's numbers, tagged ``SPLIT/KEY``, flushed to disk."""
     values = [Summary.Value(tag=f"{record['split']}/{key}", simple_value=value)
               for key, value in record.items()
               if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)]
-    self._writer.write_event(Event(wall_time=time.time(), step=int(record["step"]),
-                                   summary=Summary(value=values)))
-    self._writer.flush()
+    with self._naming_the_file():
+      self._writer.write_event(Event(wall_time=time.time(), step=int(record["step"]),
+                                     summary=Summary(value=values)))
+      self._writer.flush()
 
   def close(self) -> None:
-    self._writer.close()
+    with self._naming_the_file():
+      self._writer.close()

@@ -33,7 +33,7 @@ from resnet_jax.evaluate import load_run_config
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_configs import assert_one_line_error  # noqa: E402
-from test_reliability import (ROOT, TRAIN, assert_states_equal, comparable_metrics,  # noqa: E402
+from test_reliability import (ROOT, TRAIN, assert_states_equal, comparable_metrics, finished_run,  # noqa: E402
                               restore_latest, snapshot, strict_json_lines, tiny_args, train_cli)
 from test_train import tiny_config  # noqa: E402
 
@@ -42,18 +42,9 @@ def _quiet(*_):
   pass
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-  """A finished 8-step CLI run with checkpoints at steps 4, 6, 8."""
-  workdir = tmp_path_factory.mktemp("finished") / "run"
-  proc = train_cli(workdir, *tiny_args(8))
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return workdir
-
-
-def _copy(finished, tmp_path):
+def _copy(finished_run, tmp_path):
   workdir = tmp_path / "run"
-  shutil.copytree(finished, workdir)
+  shutil.copytree(finished_run, workdir)
   return workdir
 
 
@@ -142,8 +133,8 @@ def _hold_lock(workdir) -> subprocess.Popen:
   return holder
 
 
-def test_a_busy_workdir_is_refused_naming_the_holder_and_a_dead_holder_does_not_block(finished, tmp_path):
-  workdir = _copy(finished, tmp_path)
+def test_a_busy_workdir_is_refused_naming_the_holder_and_a_dead_holder_does_not_block(finished_run, tmp_path):
+  workdir = _copy(finished_run, tmp_path)
   holder = _hold_lock(workdir)
   try:
     before = {k: v for k, v in snapshot(workdir).items() if k != "train.lock"}
@@ -188,8 +179,8 @@ def test_a_second_train_py_on_a_training_workdir_is_refused(tmp_path):
 # 3. restore_step keeps the superseded run's files.
 
 
-def test_restore_step_keeps_the_superseded_metrics_summary_and_config(finished, tmp_path):
-  workdir = _copy(finished, tmp_path)
+def test_restore_step_keeps_the_superseded_metrics_summary_and_config(finished_run, tmp_path):
+  workdir = _copy(finished_run, tmp_path)
   before = snapshot(workdir)
   proc = train_cli(workdir, *tiny_args(8), "--config.restore_step=6")
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -198,7 +189,7 @@ def test_restore_step_keeps_the_superseded_metrics_summary_and_config(finished, 
   for name in ("metrics.jsonl", "summary.json", "config.json", "curves.png"):
     assert snapshot(kept)[name] == before[name], name  # As they were, byte for byte.
   assert (workdir / "checkpoints_superseded" / "8").is_dir()
-  assert comparable_metrics(workdir) == comparable_metrics(finished)  # Steps 7, 8 recomputed.
+  assert comparable_metrics(workdir) == comparable_metrics(finished_run)  # Steps 7, 8 recomputed.
   proc = train_cli(workdir, *tiny_args(8), "--config.restore_step=6")  # Again: a second copy.
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert (workdir / "checkpoints_superseded" / "run_files_after_6.1" / "metrics.jsonl").exists()
@@ -217,23 +208,23 @@ def test_restore_step_keeps_the_superseded_metrics_summary_and_config(finished, 
     ("--config.dataset.crop_padding=2", "dataset.crop_padding"),
     ("--config.dataset.max_train_examples=48", "dataset.max_train_examples"),
 ])
-def test_resume_refuses_settings_that_would_corrupt_the_run(finished, tmp_path, flag, key):
-  workdir = _copy(finished, tmp_path)
+def test_resume_refuses_settings_that_would_corrupt_the_run(finished_run, tmp_path, flag, key):
+  workdir = _copy(finished_run, tmp_path)
   before = snapshot(workdir)
   proc = train_cli(workdir, *tiny_args(12), flag)
   assert_one_line_error(proc, f"config.{key}", "cannot change on resume", "up to step 8")
   assert snapshot(workdir) == before
 
 
-def test_resume_refuses_fewer_steps_than_already_trained(finished, tmp_path):
-  workdir = _copy(finished, tmp_path)
+def test_resume_refuses_fewer_steps_than_already_trained(finished_run, tmp_path):
+  workdir = _copy(finished_run, tmp_path)
   before = snapshot(workdir)
   assert_one_line_error(train_cli(workdir, *tiny_args(6)), "6 steps", "already at step 8")
   assert snapshot(workdir) == before
 
 
-def test_training_longer_follows_the_schedule_over_the_new_total_and_is_recorded(finished, tmp_path):
-  workdir = _copy(finished, tmp_path)
+def test_training_longer_follows_the_schedule_over_the_new_total_and_is_recorded(finished_run, tmp_path):
+  workdir = _copy(finished_run, tmp_path)
   config_before = (workdir / "config.json").read_bytes()
   proc = train_cli(workdir, *tiny_args(12), "--config.log_every_steps=2", "--config.eval_every_steps=6")
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -342,7 +333,8 @@ def _train_on_tmpfs(mountpoint, *flags, **kwargs):
 
 
 @MOUNTS
-@pytest.mark.parametrize("size,needle", [("4k", "config.json"), ("16k", "cannot write checkpoint")])
+@pytest.mark.parametrize("size,needle", [("4k", "config.json"), ("16k", "events.out.tfevents"),
+                                         ("32k", "cannot write checkpoint")])
 def test_full_disk_is_one_line_and_leaves_no_debris(tmp_path, size, needle):
   mnt = tmp_path / "mnt"
   command = [sys.executable, TRAIN, f"--workdir={mnt}/run", *tiny_args(8)]
@@ -355,9 +347,9 @@ def test_full_disk_is_one_line_and_leaves_no_debris(tmp_path, size, needle):
 
 
 @MOUNTS
-def test_read_only_workdir_is_one_line(finished, tmp_path):
+def test_read_only_workdir_is_one_line(finished_run, tmp_path):
   mnt = tmp_path / "mnt"
-  proc = _train_on_tmpfs(mnt, *tiny_args(12), copy_from=finished, read_only=True)  # A run to resume.
+  proc = _train_on_tmpfs(mnt, *tiny_args(12), copy_from=finished_run, read_only=True)  # A run to resume.
   assert_one_line_error(proc, str(mnt / "run" / "train.lock"), "Read-only file system")
   proc = _train_on_tmpfs(mnt, *tiny_args(12), read_only=True)  # A new run.
   assert_one_line_error(proc, str(mnt / "run"), "Read-only file system")
@@ -382,8 +374,8 @@ def test_gradflow_out_that_cannot_be_written_fails_before_computing(tmp_path):
   assert str(blocker) in str(info.value.filename)
 
 
-def test_damaged_metrics_lines_do_not_stop_the_run_nor_its_reruns(finished, tmp_path):
-  workdir = _copy(finished, tmp_path)
+def test_damaged_metrics_lines_do_not_stop_the_run_nor_its_reruns(finished_run, tmp_path):
+  workdir = _copy(finished_run, tmp_path)
   bad = [b"[1, 2, 3]\n", b"\xff\xfe not utf-8\n", b'{"step": "nine", "split": "train"}\n',
          b'{"split": "train", "loss": 1.0}\n', b'{"step": 30, "split": "train", "loss": "high"}\n']
   with open(workdir / "metrics.jsonl", "ab") as f:
@@ -400,8 +392,8 @@ def test_damaged_metrics_lines_do_not_stop_the_run_nor_its_reruns(finished, tmp_
                                                         "accuracy": "x"}], str(tmp_path / "c.png"))
 
 
-def test_config_json_that_is_not_an_object_is_one_line(finished, tmp_path):
-  workdir = _copy(finished, tmp_path)
+def test_config_json_that_is_not_an_object_is_one_line(finished_run, tmp_path):
+  workdir = _copy(finished_run, tmp_path)
   (workdir / "config.json").write_text("[1, 2, 3]")
   before = snapshot(workdir)
   assert_one_line_error(train_cli(workdir, *tiny_args(8)), str(workdir / "config.json"), "JSON list",
