@@ -101,7 +101,7 @@ def make_apply_fn(config, model) -> Callable:
 
 
 def _shape_text(shape) -> str:
-  return "(" + ", ".join(str(d) for d in shape) + ")"
+  return str(tuple(int(d) for d in shape))
 
 
 def _is_head_key(flax_path: tuple[str, ...]) -> bool:
