@@ -286,5 +286,4 @@ def save_checkpoint(variables: Mapping[str, Any], name: str, path: str | os.Path
 
 
 __all__ = ["from_torchvision", "to_torchvision", "load_checkpoint", "read_state_dict", "save_checkpoint",
-           "guess_architecture",
-           "TORCHVISION_LAYOUT"]
+           "guess_architecture", "TORCHVISION_LAYOUT"]
