@@ -7,6 +7,8 @@
 - :mod:`resnet_jax.convert`: torchvision weights in and out.
 - :mod:`resnet_jax.train_lib`, :mod:`resnet_jax.data`: jit-compiled optax training and input pipelines.
 - :mod:`resnet_jax.gradflow`: gradient norms through plain and residual stacks.
+- :mod:`resnet_jax.finetune`, :mod:`resnet_jax.predict`, :mod:`resnet_jax.export`: starting a run from
+  weights, classifying image files, ONNX and StableHLO export.
 """
 
 from resnet_jax.errors import ResNetJaxError, ConfigError, DataError, CheckpointError, ModelError

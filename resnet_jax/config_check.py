@@ -65,6 +65,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.conv_backend = "auto"      # conv models: auto (oneDNN where it runs, else XLA) | xla | onednn
   c.model.options = ml_collections.ConfigDict()  # extra keyword options of create_model
 
+  c.finetune = ml_collections.ConfigDict()  # start from weights (resnet_jax.finetune, docs/finetune.md)
+  c.finetune.weights = ""            # a torchvision .pth/.pt/.safetensors/.npz file or a train.py workdir;
+                                     # "" = random init. Read at step 0 only (a resume never reloads it)
+  c.finetune.reset_head = False      # new head even when the class counts agree (always when they differ)
+  c.finetune.freeze_backbone = False  # train the head only
+  c.finetune.freeze_batch_stats = False  # BatchNorm on its running statistics, which stay as loaded
+  c.finetune.backbone_lr_scale = 1.0  # the backbone's learning rate = the schedule's x this
+
   c.batch_size = 128                 # global batch, over all devices and hosts
   c.eval_batch_size = 256            # global batch of the evaluation
   c.num_epochs = 30.0                # length of training in passes over the training set
@@ -215,6 +223,13 @@ SCHEMA: dict[str, Any] = {
         "dtype": _choice(DTYPES),
         "conv_backend": _choice(CONV_BACKENDS),
         "options": None,  # Free-form: checked by create_model (ModelError).
+    },
+    "finetune": {
+        "weights": _type(str, "a string (a weights file or a train.py workdir)"),
+        "reset_head": _type(bool, "True or False"),
+        "freeze_backbone": _type(bool, "True or False"),
+        "freeze_batch_stats": _type(bool, "True or False"),
+        "backbone_lr_scale": _num(0.0, lo_open=True),
     },
     "batch_size": _pos_int,
     "eval_batch_size": _pos_int,

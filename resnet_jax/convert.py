@@ -231,8 +231,12 @@ def _read_pth(path: str) -> Mapping[str, Any]:
   return obj
 
 
-def load_checkpoint(path: str | os.PathLike, name: str) -> dict[str, dict]:
-  """Read torchvision weights from ``.pth``/``.pt`` (torch), ``.safetensors`` or ``.npz`` into flax variables."""
+def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
+  """The state dict (torchvision key -> array) stored in a ``.pth``/``.pt``, ``.safetensors`` or ``.npz`` file.
+
+  A ``module.`` prefix (DataParallel) is removed. A missing, unreadable or unknown file raises
+  :class:`~resnet_jax.errors.CheckpointError` naming it.
+  """
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise CheckpointError(f"checkpoint file not found: {path}")
@@ -252,6 +256,15 @@ def load_checkpoint(path: str | os.PathLike, name: str) -> dict[str, dict]:
     raise
   except Exception as e:  # corrupt or truncated files: report which file and why
     raise CheckpointError(f"cannot read {path} as {ext}: {type(e).__name__}: {e}") from e
+  if not isinstance(state_dict, Mapping) or not all(isinstance(k, str) for k in state_dict):
+    raise CheckpointError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+  return _strip_prefix(state_dict)
+
+
+def load_checkpoint(path: str | os.PathLike, name: str) -> dict[str, dict]:
+  """Read torchvision weights from ``.pth``/``.pt`` (torch), ``.safetensors`` or ``.npz`` into flax variables."""
+  path = os.fspath(path)
+  state_dict = read_state_dict(path)
   try:
     return from_torchvision(state_dict, name)
   except CheckpointError as e:
@@ -272,5 +285,5 @@ def save_checkpoint(variables: Mapping[str, Any], name: str, path: str | os.Path
     raise CheckpointError(f"cannot write {path}: expected a .safetensors or .npz file name")
 
 
-__all__ = ["from_torchvision", "to_torchvision", "load_checkpoint", "save_checkpoint", "guess_architecture",
-           "TORCHVISION_LAYOUT"]
+__all__ = ["from_torchvision", "to_torchvision", "load_checkpoint", "read_state_dict", "save_checkpoint",
+           "guess_architecture", "TORCHVISION_LAYOUT"]

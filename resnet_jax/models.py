@@ -13,6 +13,12 @@ One ``ResNet`` module covers every depth: the depth is data (``stage_sizes``), t
 - Head: global average pool, then Dense. The Dense is initialised like torchvision's ``nn.Linear``
   (weights and bias uniform in +-1/sqrt(fan_in)); convs use Kaiming normal with fan_out (torchvision's).
   Logits are returned in float32 for half-precision compute dtypes (float64 stays float64).
+- Features: ``model.apply(variables, x, return_features=True)`` returns a dict of the stage outputs
+  ``stem, stage1 .. stageN`` (NHWC, compute dtype), ``pre_logits`` (the pooled features the head consumes)
+  and ``logits``; ``ResNet.feature_strides`` / ``feature_channels`` give each output's stride and width
+  (ImageNet: stem 4, stage1..stage4 at 4, 8, 16, 32; CIFAR: stem 1, stage1..stage3 at 1, 2, 4). With
+  ``num_classes=0`` the model is a headless backbone: no ``fc`` parameters, and the plain call returns
+  ``pre_logits``.
 
 Every residual block's input passes through ``self.perturb(f"block{i:02d}", x)`` (i = 0.. in forward order,
 collection ``"perturbations"``). ``model.init`` does not create that collection, so the variables are
@@ -70,7 +76,8 @@ class ResNet(nn.Module):
   Attributes:
     stage_sizes: blocks per stage, e.g. (2, 2, 2, 2) for ResNet-18, (3, 3, 3) for CIFAR ResNet-20.
     block_cls: ``BasicBlock`` or ``Bottleneck``.
-    num_classes: size of the final Dense layer.
+    num_classes: size of the final Dense layer; 0 gives a headless backbone (no ``fc``; the call returns
+      the pooled pre-logits).
     num_filters: filters of the first stage (64 ImageNet, 16 CIFAR); doubles at each later stage.
     stem: ``"imagenet"`` or ``"cifar"``.
     block_order: ``"v1"``, ``"v2"`` (pre-activation), ``"relu_before_add"`` or, for bottleneck models only,
@@ -126,6 +133,25 @@ class ResNet(nn.Module):
     super().__post_init__()
 
   @property
+  def feature_strides(self) -> dict[str, int]:
+    """Downsampling factor of each feature map of ``return_features=True``: ``{"stem": 4, "stage1": 4, ...}``."""
+    stem = 4 if self.stem == "imagenet" else 1
+    out = {"stem": stem}
+    for i in range(len(self.stage_sizes)):
+      out[f"stage{i + 1}"] = stem * 2 ** i
+    return out
+
+  @property
+  def feature_channels(self) -> dict[str, int]:
+    """Channels of each feature map of ``return_features=True`` and of ``pre_logits``."""
+    expansion = 4 if self.block_cls is Bottleneck else 1
+    out = {"stem": self.num_filters}
+    for i in range(len(self.stage_sizes)):
+      out[f"stage{i + 1}"] = self.num_filters * 2 ** i * expansion
+    out["pre_logits"] = out[f"stage{len(self.stage_sizes)}"]
+    return out
+
+  @property
   def min_input_size(self) -> int:
     """Smallest height/width accepted: the total downsampling factor (32 ImageNet, 4 CIFAR)."""
     return (4 if self.stem == "imagenet" else 1) * 2 ** (len(self.stage_sizes) - 1)
@@ -140,7 +166,13 @@ class ResNet(nn.Module):
                        f"so images must be at least {m}x{m}")
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False) -> Array:
+  def __call__(self, x: Array, train: bool = False, return_features: bool = False) -> Array | dict:
+    """Logits ``(batch, num_classes)`` (pre-logits when ``num_classes == 0``), or with ``return_features``
+    the dict ``{"stem", "stage1", ..., "pre_logits", "logits"}`` (no ``logits`` when headless).
+
+    For pre-activation nets (``block_order="v2"``) the last stage's entry is taken after the final
+    BN + ReLU, i.e. it is the map that is pooled into ``pre_logits``.
+    """
     self._check_input(x)
     zero_init = self.residual if self.zero_init_residual is None else self.zero_init_residual
     conv = functools.partial(_conv_class(self.conv_backend), use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -157,6 +189,7 @@ class ResNet(nn.Module):
       x = self.act(norm(name="bn1")(x))
     if self.stem == "imagenet":
       x = max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))  # pads with -inf; fast gradient on the CPU
+    features = {"stem": x}
     extra = {}
     if self.block_cls is Bottleneck:
       extra = dict(groups=self.groups, width_per_group=self.width_per_group, stride_in_1x1=self.stride_in_1x1)
@@ -173,12 +206,19 @@ class ResNet(nn.Module):
             shortcut=self.shortcut, projection=stride != 1 or x.shape[-1] != out_features,
             residual=self.residual, zero_init_last=zero_init, name=f"layer{i + 1}_{j}", **extra)(x)
         index += 1
+      features[f"stage{i + 1}"] = x
     if v2:
       x = self.act(norm(name="bn_final")(x))
+      features[f"stage{len(self.stage_sizes)}"] = x
+    out_dtype = jnp.promote_types(self.dtype, jnp.float32)
     x = jnp.mean(x, axis=(1, 2))
+    features["pre_logits"] = jnp.asarray(x, out_dtype)
+    if self.num_classes == 0:  # headless backbone
+      return features if return_features else features["pre_logits"]
     x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
                  kernel_init=dense_kernel_init, bias_init=_uniform_bias_init(x.shape[-1]), name="fc")(x)
-    return jnp.asarray(x, jnp.promote_types(self.dtype, jnp.float32))
+    features["logits"] = jnp.asarray(x, out_dtype)
+    return features if return_features else features["logits"]
 
 
 def zero_perturbations(model: nn.Module, variables: dict, x: Array, **kwargs) -> dict:
@@ -293,14 +333,18 @@ def create_model(name: str, num_classes: int = 1000, **options) -> nn.Module:
   conv_backend`` (see
   :class:`ResNet`; ``stem="cifar"`` on an ImageNet model gives the usual CIFAR ResNet-18: 3x3/1 stem conv,
   no max-pool); ``residual_mlp`` accepts ``depth, dim, hidden, activation, residual``.
+  ``num_classes=0`` gives a conv model without its head (a backbone returning the pooled pre-logits;
+  ``return_features=True`` gives the stage outputs, see :class:`ResNet`).
   Unknown names and options raise :class:`~resnet_jax.errors.ModelError`.
   """
   factory, defaults, allowed, _ = _lookup(name)
   unknown = sorted(set(options) - set(allowed))
   if unknown:
     raise ModelError(f"unknown option(s) {', '.join(unknown)} for model {name!r}; accepted: {', '.join(allowed)}")
-  if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
-    raise ModelError(f"num_classes must be a positive integer, got {num_classes!r}")
+  headless_ok = factory is ResNet
+  if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < (0 if headless_ok else 1):
+    expected = "a positive integer, or 0 for a headless backbone" if headless_ok else "a positive integer"
+    raise ModelError(f"num_classes must be {expected}, got {num_classes!r} (model {name!r})")
   _check_options(name, options)
   return factory(num_classes=num_classes, **{**defaults, **options})
 

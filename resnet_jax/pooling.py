@@ -15,10 +15,10 @@ XLA's own gradient.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -34,15 +34,54 @@ def max_pool(x: Array, window: Sequence[int], strides: Sequence[int],
   """
   window, strides = tuple(int(v) for v in window), tuple(int(v) for v in strides)
   padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+  if _EXPORTING[0]:
+    return _max_over_taps(x, window, strides, padding)
   if jax.default_backend() != "cpu":
-    return nn.max_pool(x, window, strides=strides, padding=padding)
+    return _reduce_max(x, window, strides, padding)
   return _max_pool_taps(x, window, strides, padding)
+
+
+_EXPORTING = [False]
+
+
+@contextlib.contextmanager
+def export_friendly():
+  """Inside the block, :func:`max_pool` is written as the maximum of the window's strided taps of the
+  -inf-padded input (pad, slices, maxima: the same values), which ONNX exporters translate op by op;
+  ``reduce_window`` with padding is not translated correctly by jax2onnx."""
+  old, _EXPORTING[0] = _EXPORTING[0], True
+  try:
+    yield
+  finally:
+    _EXPORTING[0] = old
+
+
+def _max_over_taps(x: Array, window: tuple[int, int], strides: tuple[int, int],
+                   padding: tuple[tuple[int, int], tuple[int, int]]) -> Array:
+  (pt, pb), (pl, pr) = padding
+  (kh, kw), (sh, sw) = window, strides
+  xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)), constant_values=-jnp.inf)
+  oh = (xp.shape[1] - kh) // sh + 1
+  ow = (xp.shape[2] - kw) // sw + 1
+  y = None
+  for i in range(kh):
+    for j in range(kw):
+      tap = xp[:, i:i + (oh - 1) * sh + 1:sh, j:j + (ow - 1) * sw + 1:sw, :]
+      y = tap if y is None else jnp.maximum(y, tap)
+  return y
+
+
+def _reduce_max(x: Array, window: tuple[int, int], strides: tuple[int, int],
+                padding: tuple[tuple[int, int], tuple[int, int]]) -> Array:
+  """What ``nn.max_pool`` computes (``lax.reduce_window`` of max from -inf), written out: exporters that
+  replace ``flax.linen.max_pool`` (jax2onnx) see the plain ``reduce_window_max`` instead."""
+  return lax.reduce_window(x, -jnp.inf, lax.max, (1, *window, 1), (1, *strides, 1), ((0, 0), *padding, (0, 0)))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def _max_pool_taps(x: Array, window: tuple[int, int], strides: tuple[int, int],
                    padding: tuple[tuple[int, int], tuple[int, int]]) -> Array:
-  return nn.max_pool(x, window, strides=strides, padding=padding)
+  return _reduce_max(x, window, strides, padding)
 
 
 def _fwd(x, window, strides, padding):

@@ -43,6 +43,7 @@ from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from resnet_jax import data as data_lib
+from resnet_jax import finetune
 from resnet_jax.checkpoint import Checkpointer
 from resnet_jax.config_check import validate_config
 from resnet_jax.errors import CheckpointError, ConfigError, Interrupted, ModelError, ResNetJaxError
@@ -141,15 +142,18 @@ def make_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule
 
 
 def create_train_state(model: Any, tx: optax.GradientTransformation, image_shape: tuple[int, ...],
-                       key: jax.Array) -> TrainState:
-  """Initialise parameters and BatchNorm statistics on a dummy batch and wrap them with ``tx``."""
+                       key: jax.Array, apply_fn: Callable | None = None) -> TrainState:
+  """Initialise parameters and BatchNorm statistics on a dummy batch and wrap them with ``tx``.
+
+  ``apply_fn`` replaces ``model.apply`` in the state (fine-tuning with frozen BatchNorm statistics).
+  """
   dummy = jnp.zeros((1, *image_shape), jnp.float32)
   # Eager on purpose: each op is compiled once per process and shared by every later init of the
   # same shapes, where a jit of a fresh closure would recompile the whole initialiser each time.
   variables = model.init(key, dummy, train=False)
   params = variables["params"]
   batch_stats = variables.get("batch_stats", {})
-  return TrainState.create(apply_fn=model.apply, params=params, tx=tx, batch_stats=batch_stats)
+  return TrainState.create(apply_fn=apply_fn or model.apply, params=params, tx=tx, batch_stats=batch_stats)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -421,20 +425,24 @@ class Setup:
     self.checkpoint_every = (config.checkpoint_every_steps if config.checkpoint_every_steps > 0
                              else self.eval_every)
     self.schedule = make_schedule(config, self.steps_per_epoch, self.total_steps)
-    self.tx = make_optimizer(config, self.schedule)
+    self.tx = finetune.make_optimizer(config, self.schedule, make_optimizer)  # make_optimizer unless split
+    self.apply_fn = finetune.make_apply_fn(config, self.model)
     self.train_step = self.dp.jit_train_step(make_train_step(
         self.data.num_classes, float(config.label_smoothing), skip_nonfinite=True))
     self.eval_step = self.dp.jit_eval_step(make_eval_step(self.data.num_classes))
 
-  def init_state(self) -> TrainState:
+  def init_state(self, log: Callable[[str], None] = print) -> TrainState:
+    """The state of step 0: a fresh initialisation, or the weights of ``config.finetune.weights``."""
     state = create_train_state(self.model, self.tx, self.data.image_shape,
-                               jax.random.PRNGKey(self.config.seed))
+                               jax.random.PRNGKey(self.config.seed), self.apply_fn)
+    state = finetune.initial_state(self.config, self.model, state, log)
     return self.dp.replicate(state)
 
   def abstract_state(self) -> TrainState:
     """Shapes, dtypes and shardings of the train state, without computing it (a restore target)."""
-    shapes = jax.eval_shape(lambda k: create_train_state(self.model, self.tx, self.data.image_shape, k),
-                            jax.random.PRNGKey(0))
+    shapes = jax.eval_shape(
+        lambda k: create_train_state(self.model, self.tx, self.data.image_shape, k, self.apply_fn),
+        jax.random.PRNGKey(0))
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.dp.replicated),
                         shapes)
 
@@ -521,7 +529,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log: Ca
   changes: list[dict] = []
   saved_config = None
   if ckpt.latest_step() is None and restore_step is None:
-    state = setup.init_state()
+    state = setup.init_state(log)
   else:
     state, data_state, saved_meta = ckpt.restore(setup.abstract_state(), restore_step)
     meta.update({k: v for k, v in saved_meta.items() if k in meta})

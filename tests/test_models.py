@@ -340,9 +340,12 @@ def test_bad_options(options, match):
     create_model("resnet18", **options)
 
 
-def test_bad_num_classes():
+@pytest.mark.parametrize("name,num_classes", [("resnet18", -1), ("resnet18", 2.0), ("resnet18", "10"),
+                                              ("residual_mlp", 0)])
+def test_bad_num_classes(name, num_classes):
+  # 0 is a headless backbone for the conv models (tests/test_features.py), not for residual_mlp.
   with pytest.raises(ModelError, match="num_classes"):
-    create_model("resnet18", num_classes=0)
+    create_model(name, num_classes=num_classes)
 
 
 @pytest.mark.parametrize("name,size,minimum", [("resnet18", 16, 32), ("resnet20", 2, 4), ("resnet50", 31, 32)])
