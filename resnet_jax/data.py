@@ -607,6 +607,16 @@ def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # Datasets as index -> batch loaders.
 
 
+def normalize(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+  """``(x / 255 - mean) / std`` for uint8 images (``(x - mean) / std`` for floats in [0, 1]), float32.
+
+  Computed in place on one float32 copy; training, evaluation and :mod:`resnet_jax.predict` all use it,
+  so their inputs are bitwise the same.
+  """
+  out = np.multiply(x, np.float32(1 / 255) if x.dtype == np.uint8 else np.float32(1), dtype=np.float32)
+  out -= mean
+  out /= std
+  return out
 @dataclasses.dataclass(frozen=True)
 class ImageFiles:
   """Image files decoded when a batch reads them (a streamed image folder).
@@ -681,10 +691,7 @@ class Dataset:
     return isinstance(self.train_x, np.ndarray)
 
   def _normalize(self, x: np.ndarray) -> np.ndarray:
-    out = np.multiply(x, np.float32(1 / 255) if x.dtype == np.uint8 else np.float32(1), dtype=np.float32)
-    out -= self.mean  # In place: the same values as (x / 255 - mean) / std, without temporaries.
-    out /= self.std
-    return out
+    return normalize(x, self.mean, self.std)
 
   def train_batch(self, indices: np.ndarray, rng: np.random.Generator, part: slice = slice(None)
                   ) -> dict[str, np.ndarray]:

@@ -35,9 +35,17 @@ from resnet_jax.errors import ConfigError, ModelError, run_cli
 FORMATS = ("onnx", "stablehlo")
 
 
+def portable(model: Any) -> Any:
+  """``model`` with XLA's convolutions: an exported program cannot call this process's oneDNN handler."""
+  return model.clone(conv_backend="xla") if getattr(model, "conv_backend", "xla") != "xla" else model
+
+
 def inference_function(model: Any, variables: dict) -> Callable:
-  """``images -> logits`` of ``model`` in evaluation mode, float32, with ``variables`` closed over."""
+  """``images -> logits`` of ``model`` in evaluation mode, float32, with ``variables`` closed over, computed
+  with XLA's convolutions (:func:`portable`)."""
   import jax.numpy as jnp
+
+  model = portable(model)
 
   def f(x):
     return jnp.asarray(model.apply(variables, x, train=False), jnp.float32)

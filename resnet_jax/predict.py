@@ -67,7 +67,7 @@ class Preprocessing:
       x = np.asarray(img, dtype=np.uint8)
       if x.ndim == 2:
         x = x[..., None]
-    return ((x.astype(np.float32) / np.float32(255.0)) - self.mean) / self.std
+    return data_lib.normalize(x, self.mean, self.std)
 
 
 @dataclasses.dataclass

@@ -66,15 +66,17 @@ def _cli(main, argv, capsys):
 def test_predict_equals_the_evaluation_path(run):
   workdir, data = run
   config = load_run_config(workdir)
+  config.dataset.in_memory = "never"  # streamed: the same batches as in memory, and the file of each image
   ds = data_lib.load_dataset(config.dataset)
   batch = ds.test_batch(np.arange(ds.num_test))
+  test_files = list(ds.test_x.paths)
   predictor = predict.load_predictor(workdir=workdir)
-  images = np.stack([predictor.preprocessing.load(p) for p in ds.test_files])
+  images = np.stack([predictor.preprocessing.load(p) for p in test_files])
   np.testing.assert_array_equal(images, batch["image"])  # same resize, crop and normalisation
   logits = predictor.model.apply(predictor.variables, batch["image"], train=False)
-  np.testing.assert_allclose(predictor.predict(ds.test_files), jax.nn.softmax(logits), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(predictor.predict(test_files), jax.nn.softmax(logits), rtol=1e-5, atol=1e-6)
   assert predictor.class_names == ["ant", "bee", "cat"]
-  top = predictor.classify(ds.test_files[:2], top_k=2)
+  top = predictor.classify(test_files[:2], top_k=2)
   assert [len(r["top"]) for r in top] == [2, 2] and top[0]["top"][0][1] >= top[0]["top"][1][1]
 
 
