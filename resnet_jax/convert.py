@@ -273,8 +273,12 @@ def load_checkpoint(path: str | os.PathLike, name: str) -> dict[str, dict]:
 
 def save_checkpoint(variables: Mapping[str, Any], name: str, path: str | os.PathLike) -> None:
   """Write ``to_torchvision(variables, name)`` as ``.safetensors`` or ``.npz`` (no torch needed)."""
+  write_state_dict(to_torchvision(variables, name), path)
+
+
+def write_state_dict(tensors: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:
+  """Write a state dict of numpy arrays as ``.safetensors`` or ``.npz``, chosen by the file name."""
   path = os.fspath(path)
-  tensors = to_torchvision(variables, name)
   ext = os.path.splitext(path)[1].lower()
   if ext == ".safetensors":
     from safetensors.numpy import save_file

@@ -300,16 +300,8 @@ def torchvision_state_dict(variables: dict) -> dict[str, np.ndarray]:
 
 def save_weights(variables: dict, path: str) -> None:
   """Write :func:`torchvision_state_dict` of ``variables`` to a ``.safetensors`` or ``.npz`` file."""
-  path = os.fspath(path)
-  tensors = torchvision_state_dict(variables)
-  ext = os.path.splitext(path)[1].lower()
-  if ext == ".safetensors":
-    from safetensors.numpy import save_file
-    save_file(tensors, path)
-  elif ext == ".npz":
-    np.savez(path, **tensors)
-  else:
-    raise CheckpointError(f"cannot write {path}: expected a .safetensors or .npz file name")
+  from resnet_jax.convert import write_state_dict
+  write_state_dict(torchvision_state_dict(variables), path)
 
 
 def main(argv: list[str]) -> int:
