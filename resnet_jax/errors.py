@@ -53,6 +53,17 @@ class Interrupted(Exception):
 EXIT_USER_ERROR = 2
 
 
+def parse_args(parser, argv, usage: str):
+  """``parser.parse_args(argv)`` where a bad command line is a :class:`ConfigError` saying ``usage`` (one
+  line through :func:`run_cli`) instead of argparse's exit; ``--help`` still prints and exits 0."""
+  try:
+    return parser.parse_args(argv)
+  except SystemExit as e:
+    if e.code:
+      raise ConfigError(usage) from None
+    raise
+
+
 def fail(message: str, code: int = EXIT_USER_ERROR) -> NoReturn:
   """Print ``error: message`` as one line on stderr and exit with ``code``."""
   one_line = " ".join(str(message).split())

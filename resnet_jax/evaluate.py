@@ -18,7 +18,7 @@ import sys
 
 import ml_collections
 
-from resnet_jax.errors import CheckpointError, ConfigError, run_cli
+from resnet_jax.errors import CheckpointError, ConfigError, parse_args, run_cli
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
@@ -91,12 +91,7 @@ def main(argv: list[str]) -> int:
   parser = argparse.ArgumentParser(prog="python -m resnet_jax.evaluate", description=__doc__.split("\n")[0])
   parser.add_argument("--workdir", required=True, help="output folder of a train.py run")
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
-  try:
-    args = parser.parse_args(argv)
-  except SystemExit as e:
-    if e.code:
-      raise ConfigError("usage: python -m resnet_jax.evaluate --workdir=DIR [--step=N]") from None
-    raise
+  args = parse_args(parser, argv, "usage: python -m resnet_jax.evaluate --workdir=DIR [--step=N]")
   print(json.dumps(evaluate_workdir(args.workdir, args.step)))
   return 0
 

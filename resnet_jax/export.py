@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from resnet_jax import pooling
-from resnet_jax.errors import ConfigError, ModelError, run_cli
+from resnet_jax.errors import ConfigError, ModelError, parse_args, run_cli
 
 FORMATS = ("onnx", "stablehlo")
 
@@ -234,13 +234,8 @@ def main(argv: list[str]) -> int:
   parser.add_argument("--batch", type=int, default=None, help="fixed batch size (default: dynamic)")
   parser.add_argument("--platforms", default="cpu", help="stablehlo: comma-separated, e.g. cpu,cuda")
   parser.add_argument("--no-check", action="store_true", help="do not reload and compare the artifact")
-  try:
-    args = parser.parse_args(argv)
-  except SystemExit as e:
-    if e.code:
-      raise ConfigError("usage: python -m resnet_jax.export (--workdir=RUN | --weights=FILE --model=NAME) "
-                        "--format=onnx|stablehlo --out=FILE") from None
-    raise
+  args = parse_args(parser, argv, "usage: python -m resnet_jax.export (--workdir=RUN | --weights=FILE --model=NAME) "
+                        "--format=onnx|stablehlo --out=FILE")
   if args.format not in FORMATS:
     raise ConfigError(f"unknown export format {args.format!r}: expected one of {', '.join(FORMATS)}")
   if args.batch is not None and args.batch < 1:

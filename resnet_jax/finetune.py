@@ -308,18 +308,13 @@ def main(argv: list[str]) -> int:
   """``python -m resnet_jax.finetune --workdir=RUN --out=FILE.safetensors|.npz``: a run's weights as a file."""
   import argparse
 
-  from resnet_jax.errors import ConfigError
+  from resnet_jax.errors import parse_args
   parser = argparse.ArgumentParser(prog="python -m resnet_jax.finetune",
                                    description="write the newest checkpoint's weights of a train.py run as "
                                                "a torchvision state dict (.safetensors or .npz)")
   parser.add_argument("--workdir", required=True, help="output folder of a train.py run")
   parser.add_argument("--out", required=True, help="file to write (.safetensors or .npz)")
-  try:
-    args = parser.parse_args(argv)
-  except SystemExit as e:
-    if e.code:
-      raise ConfigError("usage: python -m resnet_jax.finetune --workdir=RUN --out=FILE.safetensors") from None
-    raise
+  args = parse_args(parser, argv, "usage: python -m resnet_jax.finetune --workdir=RUN --out=FILE.safetensors")
   variables, _ = read_run_variables(args.workdir)
   save_weights(variables, args.out)
   print(f"wrote {args.out}")

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from resnet_jax import data as data_lib
-from resnet_jax.errors import ConfigError, DataError, run_cli
+from resnet_jax.errors import ConfigError, DataError, parse_args, run_cli
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
@@ -226,13 +226,8 @@ def main(argv: list[str]) -> int:
   parser.add_argument("--top-k", type=int, default=5)
   parser.add_argument("--batch-size", type=int, default=32)
   parser.add_argument("--json", action="store_true", help="one JSON object per image")
-  try:
-    args = parser.parse_args(argv)
-  except SystemExit as e:
-    if e.code:
-      raise ConfigError("usage: python -m resnet_jax.predict (--workdir=RUN | --weights=FILE --model=NAME) "
-                        "IMAGE_OR_FOLDER ...") from None
-    raise
+  args = parse_args(parser, argv, "usage: python -m resnet_jax.predict (--workdir=RUN | --weights=FILE --model=NAME) "
+                        "IMAGE_OR_FOLDER ...")
   if args.top_k < 1 or args.batch_size < 1:
     raise ConfigError("--top-k and --batch-size must be positive")
   labels = None
