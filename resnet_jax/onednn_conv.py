@@ -46,7 +46,6 @@ import os
 import platform
 import sys
 import threading
-import traceback
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -600,13 +599,19 @@ def _pair(value: int | Sequence[int], what: str) -> tuple[int, int]:
 
 
 def make_spec(x_shape: Sequence[int], kernel_shape: Sequence[int], dtype: Any, strides: int | Sequence[int],
-              padding: Sequence[Sequence[int]], feature_group_count: int = 1) -> ConvSpec:
-  """Check the arguments of :func:`conv2d` and describe the convolution; :class:`ModelError` if unsupported."""
+              padding: Sequence[Sequence[int]], feature_group_count: int = 1,
+              kernel_dtype: Any = None) -> ConvSpec:
+  """Check the arguments of :func:`conv2d` and describe the convolution; :class:`ModelError` if unsupported.
+
+  ``dtype`` is the input's; ``kernel_dtype`` (default: the same) must equal it.
+  """
   x_shape, kernel_shape = tuple(int(d) for d in x_shape), tuple(int(d) for d in kernel_shape)
   if len(x_shape) != 4 or len(kernel_shape) != 4:
     raise ModelError(f"the oneDNN convolution takes an NHWC input and an HWIO kernel (rank 4), got shapes "
                      f"{x_shape} and {kernel_shape}")
   dtype = np.dtype(dtype)
+  if kernel_dtype is not None and np.dtype(kernel_dtype) != dtype:
+    raise ModelError(f"input and kernel must have the same dtype, got {dtype.name} and {np.dtype(kernel_dtype).name}")
   if dtype not in _DTYPES:
     raise ModelError(f"the oneDNN convolution supports float32 and bfloat16, got {dtype.name}: use "
                      "dtype=float32 or conv_backend='xla'")
@@ -688,9 +693,7 @@ def conv2d(x: Array, kernel: Array, strides: int | Sequence[int] = (1, 1),
     raise ModelError(f"the oneDNN custom call runs on the CPU backend only, the default backend is "
                      f"{jax.default_backend()!r}: set JAX_PLATFORMS=cpu, or use conv_backend='xla'")
   x, kernel = jnp.asarray(x), jnp.asarray(kernel)
-  if x.dtype != kernel.dtype:
-    raise ModelError(f"input and kernel must have the same dtype, got {x.dtype} and {kernel.dtype}")
-  spec = make_spec(x.shape, kernel.shape, x.dtype, strides, padding, feature_group_count)
+  spec = make_spec(x.shape, kernel.shape, x.dtype, strides, padding, feature_group_count, kernel.dtype)
   primitives(spec)  # built (or refused) now, at trace time, never inside the compiled program
   return _conv(spec, transport, x, kernel)
 
@@ -710,6 +713,16 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
   the input dtype with float32 accumulation). Anything else raises :class:`ModelError`.
   """
   del precision
+  padding = _explicit_padding(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                              batch_group_count, preferred_element_type)
+  return conv2d(lhs, rhs, window_strides, padding, feature_group_count)
+
+
+def _explicit_padding(lhs: Array, rhs: Array, window_strides: Sequence[int], padding: Any,
+                      lhs_dilation: Sequence[int] | None, rhs_dilation: Sequence[int] | None,
+                      dimension_numbers: Any, batch_group_count: int, preferred_element_type: Any) -> Any:
+  """The padding pairs of a ``lax.conv_general_dilated`` call that :func:`conv2d` can compute (NHWC/HWIO,
+  no dilation, batch groups or preferred element type); :class:`ModelError` for any other call."""
   if jnp.ndim(lhs) != 4 or jnp.ndim(rhs) != 4:
     raise ModelError(f"the oneDNN convolution is 2-D: expected rank-4 NHWC input and HWIO kernel, got shapes "
                      f"{jnp.shape(lhs)} and {jnp.shape(rhs)}")
@@ -723,7 +736,7 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
     raise ModelError("the oneDNN convolution supports neither batch_group_count nor preferred_element_type")
   if isinstance(padding, str):
     padding = lax.padtype_to_pads(jnp.shape(lhs)[1:3], jnp.shape(rhs)[:2], tuple(window_strides), padding)
-  return conv2d(lhs, rhs, window_strides, padding, feature_group_count)
+  return padding
 
 
 _NOTICED: set[str] = set()
@@ -754,21 +767,17 @@ def unsupported_reason(lhs: Array, rhs: Array, window_strides: Sequence[int], pa
     library()
   except ModelError as e:
     return f"oneDNN is not available ({e})"
-  if any(d is not None and any(int(v) != 1 for v in d) for d in (lhs_dilation, rhs_dilation)):
-    return "oneDNN convolutions do not support dilation"
-  if batch_group_count != 1 or preferred_element_type is not None or jnp.ndim(lhs) != 4 or jnp.ndim(rhs) != 4:
-    return "oneDNN convolutions support neither batch groups, a preferred element type nor non-2-D inputs"
-  if lax.conv_dimension_numbers(jnp.shape(lhs), jnp.shape(rhs), dimension_numbers) != _NHWC_DIMENSION_NUMBERS:
-    return "oneDNN convolutions take NHWC inputs with HWIO kernels only"
-  if jnp.result_type(lhs) != jnp.result_type(rhs) or np.dtype(jnp.result_type(lhs)) not in _DTYPES:
-    return f"oneDNN convolutions support float32 and bfloat16, not {jnp.result_type(lhs)}"
-  if isinstance(padding, str):
-    padding = lax.padtype_to_pads(jnp.shape(lhs)[1:3], jnp.shape(rhs)[:2], tuple(window_strides), padding)
-  try:
-    primitives(make_spec(jnp.shape(lhs), jnp.shape(rhs), jnp.result_type(lhs), window_strides, padding,
-                         feature_group_count))
+  try:  # the checks of conv_general_dilated and conv2d themselves
+    padding = _explicit_padding(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                                batch_group_count, preferred_element_type)
+    spec = make_spec(jnp.shape(lhs), jnp.shape(rhs), jnp.result_type(lhs), window_strides, padding,
+                     feature_group_count, jnp.result_type(rhs))
   except ModelError as e:
-    return f"this CPU's oneDNN lacks some {jnp.result_type(lhs)} convolutions ({str(e).split(': use ')[0]})"
+    return str(e).split(": use ")[0]
+  try:
+    primitives(spec)
+  except ModelError as e:
+    return f"this CPU's oneDNN lacks some {spec.dtype} convolutions ({str(e).split(': use ')[0]})"
   return None
 
 
