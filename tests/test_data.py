@@ -272,15 +272,20 @@ def test_train_pipeline_is_deterministic_and_covers_each_epoch(digits_ds):
                                 np.bincount(digits_ds.train_y, minlength=10))
 
 
-def test_train_pipeline_state_resumes_exactly(digits_ds):
-  it = iter(data.train_pipeline(digits_ds, 8, seed=0))
-  _take(it, 3)
+def assert_pipeline_resumes_exactly(ds, batch_size: int, taken: int) -> None:
+  """After ``taken`` batches, a new pipeline given the saved state yields the same next 4 batches."""
+  it = iter(data.train_pipeline(ds, batch_size, seed=0))
+  _take(it, taken)
   state = it.get_state()
   rest = _take(it, 4)
-  it2 = iter(data.train_pipeline(digits_ds, 8, seed=0))
+  it2 = iter(data.train_pipeline(ds, batch_size, seed=0))
   it2.set_state(state)
   for u, v in zip(rest, _take(it2, 4)):
     np.testing.assert_array_equal(u["image"], v["image"])
+
+
+def test_train_pipeline_state_resumes_exactly(digits_ds):
+  assert_pipeline_resumes_exactly(digits_ds, 8, 3)
 
 
 def test_train_pipeline_with_worker_processes_gives_the_same_batches(digits_ds):
@@ -376,14 +381,7 @@ def test_in_memory_folder_pipeline_resumes_exactly(tmp_path):
   root = write_image_folder(str(tmp_path), per_class=6, size=(8, 8))
   ds = data.load_dataset(dataset_config(name="image_folder", data_dir=root, image_size=8,
                                         augment="pad_crop_flip", crop_padding=1))
-  it = iter(data.train_pipeline(ds, 4, seed=0))
-  _take(it, 2)
-  state = it.get_state()
-  rest = _take(it, 4)
-  it2 = iter(data.train_pipeline(ds, 4, seed=0))
-  it2.set_state(state)
-  for u, v in zip(rest, _take(it2, 4)):
-    np.testing.assert_array_equal(u["image"], v["image"])
+  assert_pipeline_resumes_exactly(ds, 4, 2)
 
 
 def test_auto_streams_folders_over_the_memory_limit_and_says_why(tmp_path):
