@@ -23,7 +23,7 @@ from resnet_jax.errors import ConfigError
 from resnet_jax.models import CONV_BACKENDS
 
 OPTIMIZERS = ("sgd", "nesterov", "adamw", "lars")
-SCHEDULES = ("constant", "step", "cosine")
+SCHEDULES = ("constant", "step", "cosine", "linear")
 UNITS = ("steps", "epochs")
 DTYPES = ("float32", "bfloat16")
 NONFINITE = ("stop", "skip")
@@ -47,7 +47,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.mean = ()                # per-channel normalisation; () = as `normalize` says
   c.dataset.std = ()                 # per-channel divisor after the mean; () = as `normalize` says
   c.dataset.holdout = 0.0            # >0: hold out of the training images, as the evaluation split, a
-                                     # fraction in (0, 1) or a count >= 1 (stratified, fixed per seed)
+                                     # fraction in (0, 1) or a count >= 1 (stratified, fixed per seed);
+                                     # -1: 10% when the data has no test split, else none
   c.dataset.holdout_seed = 0         # which images holdout takes (resnet_jax.data.holdout_mask)
   c.dataset.in_memory = "auto"       # image_folder: auto (decode once into memory when the images are
                                      # image_size square and fit in in_memory_max_mb) | always | never
@@ -88,14 +89,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.lars_trust_coefficient = 0.001  # lars: the trust ratio's coefficient
 
   c.schedule = ml_collections.ConfigDict()  # learning-rate schedule
-  c.schedule.name = "cosine"         # constant | step | cosine
+  c.schedule.name = "cosine"         # constant | step | cosine | linear (to 0 at the last step)
   c.schedule.unit = "epochs"         # unit of warmup and boundaries: steps | epochs
   c.schedule.warmup = 1.0            # linear warmup from 0 to the peak
   c.schedule.boundaries = ()         # step: multiply the rate by decay_factor at each boundary
   c.schedule.decay_factor = 0.1      # step: the factor applied at each boundary
 
   c.label_smoothing = 0.0            # e: the targets are (1 - e) one-hot + e / classes
+  c.eval_flip = False                # evaluate on the mean logits of each image and its mirror image
   c.log_every_steps = 20             # a train record (metrics.jsonl, TensorBoard) every N steps
+  c.log_grad_norms = False           # train records: "grad_norm/<module>", the window's mean L2 norm of
+                                     # the gradient of each top-level module (stem, each block, head)
   c.eval_every_steps = -1            # -1: once per epoch (and always at the end)
   c.checkpoint_every_steps = -1      # -1: at each evaluation (and always at the end)
   c.keep_checkpoints = 3             # the newest K checkpoints are kept
@@ -207,8 +211,9 @@ SCHEMA: dict[str, Any] = {
         "normalize": _choice(NORMALIZATIONS),
         "mean": _floats,
         "std": _floats,
-        "holdout": lambda v: _num(0.0)(v) or (
-            "a fraction in (0, 1) or a whole count >= 1" if v >= 1 and v != int(v) else None),
+        "holdout": lambda v: None if v == -1 and not isinstance(v, bool) else _num(0.0)(v) and (
+            "a fraction in (0, 1), a whole count >= 1 or -1 (auto)") or (
+            "a fraction in (0, 1), a whole count >= 1 or -1 (auto)" if v >= 1 and v != int(v) else None),
         "holdout_seed": _num(0, 2**31 - 1, integer=True),
         "in_memory": _choice(IN_MEMORY),
         "in_memory_max_mb": _num(0, integer=True),
@@ -252,6 +257,8 @@ SCHEMA: dict[str, Any] = {
         "decay_factor": _num(0.0, lo_open=True),
     },
     "label_smoothing": _num(0.0, 1.0),
+    "eval_flip": _type(bool, "True or False"),
+    "log_grad_norms": _type(bool, "True or False"),
     "log_every_steps": _pos_int,
     "eval_every_steps": _pos_int_or_auto,
     "checkpoint_every_steps": _pos_int_or_auto,

@@ -9,7 +9,9 @@ Datasets (``config.dataset.name``):
 - ``cifar10`` / ``cifar100``: the official python-pickle release, unpacked in ``data_dir``
   (``data_dir/cifar-10-batches-py/{data_batch_1..5,test_batch}`` or
   ``data_dir/cifar-100-python/{train,test}``; ``data_dir`` may also be that folder itself). Every file
-  is checked: a dict with uint8 ``b'data'`` of shape (N, 3072) and N integer labels.
+  is checked: a dict with uint8 ``b'data'`` of shape (N, 3072) and N integer labels. Or the images as
+  files, ``data_dir/train/<class>/*.png|jpg`` (and ``test/<class>/`` if there is one), 32x32, read as
+  an image folder of 10 (100) classes; the sorted class-folder names give CIFAR-10's label order.
 - ``image_folder``: ``data_dir/train/<class>/...`` and ``data_dir/test/<class>/...`` (ImageNet's usual
   layout), decoded with Pillow, with torchvision ``ImageFolder``'s conventions: classes are the sorted
   sub-folder names of ``train``; the images of a class are the files with an image extension anywhere
@@ -47,6 +49,8 @@ of the training images becomes the evaluation split instead of ``test`` (which i
 class in proportion to its size (:func:`holdout_mask`: the class quotas by largest remainder, and in
 each class the images whose ``sha256("SEED:KEY")`` is smallest, KEY being the path below ``train/``
 or the index in the training set), so the choice depends on the seed and the file names only.
+``holdout=-1`` (auto) holds out :data:`AUTO_HOLDOUT` of a folder that has no ``test/`` (5,000 of
+CIFAR-10's 50,000 training images), and nothing where a test split exists.
 
 Normalisation: ``(x - mean) / std`` per channel after augmentation, with pixels in [0, 1]:
 
@@ -91,14 +95,16 @@ HEADER_SAMPLE = 64     # in_memory='auto': image headers read to check that the 
 STATS_SAMPLE = 5000    # normalize='dataset' on a streamed folder: training images the statistics use.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".ppm", ".tif", ".tiff", ".webp")
 EVAL_CROP_FRACTION = 0.875
+AUTO_HOLDOUT = 0.1     # holdout=-1: the fraction of train/ held out when a folder has no test/.
 
 CIFAR_LAYOUT = {
     "cifar10": ("cifar-10-batches-py",
                 "DATA_DIR/cifar-10-batches-py/{data_batch_1..data_batch_5, test_batch} (the python "
-                "pickle release, cifar-10-python.tar.gz unpacked)"),
+                "pickle release, cifar-10-python.tar.gz unpacked), or the images as "
+                "DATA_DIR/train/<class>/*.png|jpg"),
     "cifar100": ("cifar-100-python",
                  "DATA_DIR/cifar-100-python/{train, test} (the python pickle release, "
-                 "cifar-100-python.tar.gz unpacked)"),
+                 "cifar-100-python.tar.gz unpacked), or the images as DATA_DIR/train/<class>/*.png|jpg"),
 }
 IMAGE_FOLDER_LAYOUT = ("DATA_DIR/train/<class>/*.jpg|png and DATA_DIR/test/<class>/*.jpg|png "
                        "(one sub-folder per class, the same class names in both)")
@@ -775,47 +781,77 @@ def _use_memory(cfg: Any, train: list[str], test: list[str], size: int, log: Cal
   return True
 
 
-def _load_splits(cfg: Any, holdout: bool, log: Callable[[str], None]) -> dict:
-  """The raw training and test splits of the dataset, and what describes it."""
+def _cifar_as_folder(data_dir: str, name: str) -> bool:
+  """True when ``data_dir`` holds CIFAR as an image folder (``train/<class>/``) and not the pickles."""
+  if not data_dir or not os.path.isdir(os.path.join(data_dir, "train")):
+    return False
+  try:
+    _cifar_folder(data_dir, name)
+  except DataError:
+    return True
+  return False
+
+
+def _folder_splits(cfg: Any, holdout: float, size: int, log: Callable[[str], None]) -> dict:
+  """The splits of an image folder (``train/<class>/``, ``test/<class>/``), as paths and labels.
+
+  ``holdout`` < 0 (auto): a folder without ``test/`` holds out :data:`AUTO_HOLDOUT` of ``train/``,
+  one with ``test/`` nothing. The holdout that applies is returned as ``raw["holdout"]``.
+  """
+  train = scan_folder(cfg.data_dir, "train")
+  scans = [train]
+  has_test = os.path.isdir(os.path.join(cfg.data_dir, "test"))
+  if holdout < 0:
+    holdout = 0.0 if has_test else AUTO_HOLDOUT
+  if holdout > 0:
+    test = _Split([], np.zeros(0, np.int32), [])
+  else:
+    if not has_test:
+      raise DataError(f"image folder {os.path.abspath(cfg.data_dir)} has no test/ split: add "
+                      f"test/<class>/ folders, or hold out part of train/ with "
+                      f"--config.dataset.holdout=0.1 (a fraction) or =5000 (a count)")
+    scans.append(scan_folder(cfg.data_dir, "test", train.classes))
+    test = _Split(scans[1].paths, scans[1].labels, [])
+  skipped = {}
+  for scan in scans:
+    line = scan.report()
+    if line:
+      log(line)
+      skipped[scan.root] = {"hidden": len(scan.hidden), "not_images": len(scan.not_images)}
+  root = os.path.join(cfg.data_dir, "train")
+  keys = [os.path.relpath(p, root).replace(os.sep, "/") for p in train.paths]
+  return dict(train=_Split(train.paths, train.labels, keys), test=test,
+              num_classes=len(train.classes), shape=(size, size, 3), classes=train.classes,
+              default_stats=(IMAGENET_MEAN, IMAGENET_STD), default_source="the ImageNet statistics",
+              scan_skipped=skipped, folder=True, holdout=holdout)
+
+
+def _load_splits(cfg: Any, holdout: float, log: Callable[[str], None]) -> dict:
+  """The raw training and test splits of the dataset, what describes it, and the holdout that applies."""
   name = cfg.name
   if name == "digits":
     x_train, y_train, x_test, y_test = digits_split(seed=0, test_fraction=cfg.test_fraction)
     return dict(train=_Split(x_train, y_train, [str(i) for i in range(len(y_train))]),
                 test=_Split(x_test, y_test, []), num_classes=10, shape=(8, 8, 1), classes=None,
-                default_stats=None, default_source="mean / std of the training images", scan_skipped={})
+                default_stats=None, default_source="mean / std of the training images", scan_skipped={},
+                folder=False, holdout=max(holdout, 0.0))
   if name in ("cifar10", "cifar100"):
-    x_train, y_train, x_test, y_test = load_cifar(cfg.data_dir, name)
     stats = (CIFAR10_MEAN, CIFAR10_STD) if name == "cifar10" else (CIFAR100_MEAN, CIFAR100_STD)
+    source = f"the published {name.upper().replace('CIFAR', 'CIFAR-')} statistics"
+    num_classes = 10 if name == "cifar10" else 100
+    if _cifar_as_folder(cfg.data_dir, name):  # The images as files: train/<class>/*.png|jpg.
+      raw = _folder_splits(cfg, holdout, 32, log)
+      if raw["num_classes"] != num_classes:
+        raise DataError(f"{name}: {os.path.abspath(os.path.join(cfg.data_dir, 'train'))} has "
+                        f"{raw['num_classes']} class folders, expected {num_classes}")
+      return {**raw, "default_stats": stats, "default_source": source}
+    x_train, y_train, x_test, y_test = load_cifar(cfg.data_dir, name)
     return dict(train=_Split(x_train, y_train, [str(i) for i in range(len(y_train))]),
-                test=_Split(x_test, y_test, []), num_classes=10 if name == "cifar10" else 100,
-                shape=(32, 32, 3), classes=None, default_stats=stats,
-                default_source=f"the published {name.upper().replace('CIFAR', 'CIFAR-')} statistics",
-                scan_skipped={})
+                test=_Split(x_test, y_test, []), num_classes=num_classes,
+                shape=(32, 32, 3), classes=None, default_stats=stats, default_source=source,
+                scan_skipped={}, folder=False, holdout=max(holdout, 0.0))
   if name == "image_folder":
-    train = scan_folder(cfg.data_dir, "train")
-    scans = [train]
-    if holdout:
-      test = _Split([], np.zeros(0, np.int32), [])
-    else:
-      if not os.path.isdir(os.path.join(cfg.data_dir, "test")):
-        raise DataError(f"image folder {os.path.abspath(cfg.data_dir)} has no test/ split: add "
-                        f"test/<class>/ folders, or hold out part of train/ with "
-                        f"--config.dataset.holdout=0.1 (a fraction) or =5000 (a count)")
-      scans.append(scan_folder(cfg.data_dir, "test", train.classes))
-      test = _Split(scans[1].paths, scans[1].labels, [])
-    skipped = {}
-    for scan in scans:
-      line = scan.report()
-      if line:
-        log(line)
-        skipped[scan.root] = {"hidden": len(scan.hidden), "not_images": len(scan.not_images)}
-    root = os.path.join(cfg.data_dir, "train")
-    keys = [os.path.relpath(p, root).replace(os.sep, "/") for p in train.paths]
-    size = int(cfg.image_size)
-    return dict(train=_Split(train.paths, train.labels, keys), test=test,
-                num_classes=len(train.classes), shape=(size, size, 3), classes=train.classes,
-                default_stats=(IMAGENET_MEAN, IMAGENET_STD), default_source="the ImageNet statistics",
-                scan_skipped=skipped)
+    return _folder_splits(cfg, holdout, int(cfg.image_size), log)
   raise DataError(f"unknown dataset {name!r}: expected one of {', '.join(DATASETS)}")
 
 
@@ -891,9 +927,9 @@ def load_dataset(cfg: Any, progress: bool = True, log: Callable[[str], None] | N
   """
   log = log or _stderr
   name = cfg.name
-  holdout = float(cfg.get("holdout", 0.0))
   holdout_seed = int(cfg.get("holdout_seed", 0))
-  raw = _load_splits(cfg, holdout > 0, log)
+  raw = _load_splits(cfg, float(cfg.get("holdout", 0.0)), log)
+  holdout = raw["holdout"]
   train, test = raw["train"], raw["test"]
   info: dict[str, Any] = {"dataset": name, "eval_split": "test"}
   if holdout > 0:
@@ -904,7 +940,7 @@ def load_dataset(cfg: Any, progress: bool = True, log: Callable[[str], None] | N
     info["holdout"] = {
         "images": int(held.size), "seed": holdout_seed,
         "rule": "per class, the images whose sha256('SEED:KEY') is smallest (resnet_jax.data.holdout_mask)",
-        "key": "path below train/" if name == "image_folder" else "index in the training set",
+        "key": "path below train/" if raw["folder"] else "index in the training set",
         "keys": test.keys}
   if cfg.max_train_examples > 0:
     train = _fixed_subset(train, int(cfg.max_train_examples))
@@ -913,7 +949,7 @@ def load_dataset(cfg: Any, progress: bool = True, log: Callable[[str], None] | N
 
   skipped: list[str] = []
   shape = raw["shape"]
-  if name == "image_folder":
+  if raw["folder"]:
     train, test, skipped = _store_folder(cfg, train, test, shape[0], progress, log)
   in_memory = isinstance(train.x, np.ndarray)
   info["storage"] = "memory" if in_memory else "stream"
@@ -923,7 +959,7 @@ def load_dataset(cfg: Any, progress: bool = True, log: Callable[[str], None] | N
     raise ConfigError(
         f"config.dataset.augment={cfg.augment!r} needs full-size images read at each step, but "
         f"{name} is held in memory at the model size: use one of {', '.join(ARRAY_AUGMENTATIONS)}"
-        + (", or --config.dataset.in_memory=never" if name == "image_folder" else ""))
+        + (", or --config.dataset.in_memory=never" if raw["folder"] else ""))
   mean, std, source = _normalization(cfg, raw, train, progress)
   info["normalization"] = {"mean": mean.tolist(), "std": std.tolist(), "source": source}
 

@@ -54,14 +54,14 @@ EXIT_USER_ERROR = 2
 
 
 def parse_args(parser, argv, usage: str):
-  """``parser.parse_args(argv)`` where a bad command line is a :class:`ConfigError` saying ``usage`` (one
-  line through :func:`run_cli`) instead of argparse's exit; ``--help`` still prints and exits 0."""
-  try:
-    return parser.parse_args(argv)
-  except SystemExit as e:
-    if e.code:
-      raise ConfigError(usage) from None
-    raise
+  """``parser.parse_args(argv)`` where a bad command line is a :class:`ConfigError` saying what argparse
+  found wrong and ``usage`` (one line through :func:`run_cli`) instead of argparse's several lines and
+  exit; ``--help`` still prints and exits 0."""
+  def error(message: str) -> NoReturn:
+    raise ConfigError(f"{message}; {usage}")
+
+  parser.error = error
+  return parser.parse_args(argv)
 
 
 def fail(message: str, code: int = EXIT_USER_ERROR) -> NoReturn:

@@ -86,7 +86,7 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int, device_coun
 
 def make_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int
                   ) -> optax.Schedule:
-  """The learning-rate schedule: linear warmup from 0, then constant, step decay or cosine to 0.
+  """The learning-rate schedule: linear warmup from 0, then constant, step decay, cosine or linear to 0.
 
   ``config.schedule.warmup`` and ``boundaries`` are in ``config.schedule.unit`` (steps or epochs).
   Step decay multiplies the rate by ``decay_factor`` at each boundary.
@@ -97,6 +97,8 @@ def make_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int, total
   warmup = min(int(round(sch.warmup * unit)), max(total_steps - 1, 0))
   if sch.name == "cosine":
     main = optax.cosine_decay_schedule(peak, decay_steps=max(total_steps - warmup, 1))
+  elif sch.name == "linear":
+    main = optax.linear_schedule(peak, 0.0, transition_steps=max(total_steps - warmup, 1))
   elif sch.name == "step":
     scales: dict[int, float] = {}
     for b in sch.boundaries:
@@ -173,8 +175,8 @@ def _variables(params: Any, batch_stats: Any) -> dict:
   return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
 
 
-def make_train_step(num_classes: int, label_smoothing: float = 0.0, skip_nonfinite: bool = True
-                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+def make_train_step(num_classes: int, label_smoothing: float = 0.0, skip_nonfinite: bool = True,
+                    grad_norms: bool = False) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """The (un-jitted) training step ``(state, batch) -> (state, metrics)``.
 
   metrics: ``loss`` (mean cross-entropy of the batch), ``accuracy``, ``finite`` (1 when the loss, every
@@ -182,7 +184,9 @@ def make_train_step(num_classes: int, label_smoothing: float = 0.0, skip_nonfini
   BatchNorm statistics, are finite), ``grads_finite`` (the loss and gradients alone),
   ``state_finite`` (the updated state alone). With
   ``skip_nonfinite`` a non-finite step leaves the state unchanged, so a NaN or Inf never reaches the
-  state that is kept (and checkpointed).
+  state that is kept (and checkpointed). With ``grad_norms``, ``grad_norm``: for each top-level
+  module of the parameters (``conv1``, ``layer1_0``, ..., ``fc``: the stem, each block, the head), the
+  L2 norm of the loss's gradient with respect to its parameters (:func:`module_grad_norms`).
   """
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     def loss_fn(params):
@@ -201,9 +205,18 @@ def make_train_step(num_classes: int, label_smoothing: float = 0.0, skip_nonfini
       new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
       new_state = new_state.replace(step=state.step + 1)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-    return new_state, {"loss": loss, "accuracy": accuracy, "finite": finite,
-                       "state_finite": state_finite, "grads_finite": grads_finite}
+    metrics = {"loss": loss, "accuracy": accuracy, "finite": finite,
+               "state_finite": state_finite, "grads_finite": grads_finite}
+    if grad_norms:
+      metrics["grad_norm"] = module_grad_norms(grads)
+    return new_state, metrics
   return train_step
+
+
+def module_grad_norms(grads: Any) -> dict[str, jax.Array]:
+  """``{name: ||dL/dtheta_name||_2}`` for each top-level entry of the gradient tree (one per block)."""
+  return {name: jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(sub)))
+          for name, sub in grads.items()}
 
 
 def all_finite(tree: Any) -> jax.Array:
@@ -213,10 +226,16 @@ def all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.asarray(checks)) if checks else jnp.asarray(True)
 
 
-def make_eval_step(num_classes: int) -> Callable[[TrainState, dict], dict]:
-  """The (un-jitted) evaluation step: sums of loss and correct predictions over ``batch["mask"]``."""
+def make_eval_step(num_classes: int, flip: bool = False) -> Callable[[TrainState, dict], dict]:
+  """The (un-jitted) evaluation step: sums of loss and correct predictions over ``batch["mask"]``.
+
+  With ``flip`` the logits are the mean of the image's and its mirror image's (test-time flip).
+  """
   def eval_step(state: TrainState, batch: dict) -> dict:
-    logits = state.apply_fn(_variables(state.params, state.batch_stats), batch["image"], train=False)
+    variables = _variables(state.params, state.batch_stats)
+    logits = state.apply_fn(variables, batch["image"], train=False)
+    if flip:  # NHWC: axis 2 is the width.
+      logits = (logits + state.apply_fn(variables, batch["image"][:, :, ::-1], train=False)) / 2
     mask = batch["mask"]
     loss = cross_entropy(logits, batch["label"], num_classes)
     correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
@@ -428,8 +447,10 @@ class Setup:
     self.tx = finetune.make_optimizer(config, self.schedule, make_optimizer)  # make_optimizer unless split
     self.apply_fn = finetune.make_apply_fn(config, self.model)
     self.train_step = self.dp.jit_train_step(make_train_step(
-        self.data.num_classes, float(config.label_smoothing), skip_nonfinite=True))
-    self.eval_step = self.dp.jit_eval_step(make_eval_step(self.data.num_classes))
+        self.data.num_classes, float(config.label_smoothing), skip_nonfinite=True,
+        grad_norms=bool(config.get("log_grad_norms", False))))
+    self.eval_step = self.dp.jit_eval_step(make_eval_step(self.data.num_classes,
+                                                          bool(config.get("eval_flip", False))))
 
   def init_state(self, log: Callable[[str], None] = print) -> TrainState:
     """The state of step 0: a fresh initialisation, or the weights of ``config.finetune.weights``."""
@@ -498,6 +519,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   from resnet_jax.interrupt import StopOnSignal
   from resnet_jax.workdir import RunDir
 
+  started = time.perf_counter()
   validate_config(config)
   if setup is None:
     maybe_initialize_distributed(config)
@@ -505,12 +527,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   elif setup.config.to_dict() != config.to_dict():
     raise ConfigError("train_and_evaluate: the given setup was built for another config")
   with StopOnSignal() as signals, RunDir(os.path.abspath(workdir), lock=jax.process_index() == 0):
-    return _train_and_evaluate(config, os.path.abspath(workdir), log, stop_at_step, setup, signals)
+    return _train_and_evaluate(config, os.path.abspath(workdir), log, stop_at_step, setup, signals,
+                               started)
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], None],
-                        stop_at_step: int | None, setup: Setup, signals: Any) -> dict | None:
-  """The body of :func:`train_and_evaluate`, in the locked ``workdir``."""
+                        stop_at_step: int | None, setup: Setup, signals: Any, started: float
+                        ) -> dict | None:
+  """The body of :func:`train_and_evaluate`, in the locked ``workdir``.
+
+  ``started``: ``time.perf_counter()`` when the job began (before the data was loaded); the records'
+  ``wall_time_s`` counts from there, plus the wall time of the earlier runs up to their last checkpoint.
+  """
   from tqdm import tqdm
   from resnet_jax import workdir as workdir_lib
 
@@ -521,7 +549,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log: Ca
   is_main = jax.process_index() == 0
 
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
-  meta = {"best_test_accuracy": None, "train_time_s": 0.0, "train_images": 0, "step_time_s": 0.0}
+  meta = {"best_test_accuracy": None, "train_time_s": 0.0, "train_images": 0, "step_time_s": 0.0,
+          "wall_time_s": 0.0}
   data_state = None
   restore_step = config.restore_step if config.restore_step >= 0 else None
   counts = {"num_train": setup.data.num_train, "num_test": setup.data.num_test,
@@ -552,6 +581,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log: Ca
       log(f"settings changed at step {restored}: {workdir_lib.describe_changes(changes)} (recorded in "
           f"{os.path.join(workdir, workdir_lib.HISTORY_NAME)})")
   start_step = int(jax.device_get(state.step))
+  wall_base = float(meta["wall_time_s"])
+
+  def wall_time() -> float:  # Seconds of this job so far, everything included, over all resumes.
+    return wall_base + time.perf_counter() - started
+
   if is_main:  # Only once the checkpoint is restored: a failed resume leaves the workdir as it was.
     workdir_lib.record_settings(workdir, config, start_step, changes, _write_json, saved_config)
     _write_json(os.path.join(workdir, "data.json"), setup.data.info)  # Its normalisation, for evaluations.
@@ -584,6 +618,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log: Ca
       events.write(rec)
 
   def save(step: int) -> None:
+    meta["wall_time_s"] = wall_time()
     ckpt.save(step, state, train_iter.get_state(), {**meta, **counts, "config": config.to_dict()})
 
   batch = config.batch_size
@@ -616,9 +651,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log: Ca
         if step > start_step + n_window:  # Not the first window: that one holds the compilation.
           meta["step_time_s"] += now - t_window
           meta["train_images"] += n_window * batch
-        record({"step": step, "split": "train", "loss": loss, "accuracy": acc,
-                "learning_rate": float(setup.schedule(step - 1)), "images_per_sec": rate,
-                "nonfinite_steps": len(bad)})
+        rec = {"step": step, "split": "train", "loss": loss, "accuracy": acc,
+               "learning_rate": float(setup.schedule(step - 1)), "images_per_sec": rate,
+               "nonfinite_steps": len(bad)}
+        good = [mm for mm in fetched if mm["finite"] and "grad_norm" in mm]
+        for name in (good[0]["grad_norm"] if good else {}):  # The window's mean, per module.
+          rec[f"grad_norm/{name}"] = float(np.mean([mm["grad_norm"][name] for mm in good]))
+        record(rec)
         bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.3f}", img_s=f"{rate:.0f}")
         pending, t_window, n_window = [], time.perf_counter(), 0
         if bad and config.on_nonfinite == "stop":
@@ -634,7 +673,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log: Ca
         meta["best_test_accuracy"] = max(best, last_test["accuracy"]) if best is not None else (
             last_test["accuracy"])
         record({"step": step, "split": "test", "loss": last_test["loss"],
-                "accuracy": last_test["accuracy"], "epoch": step / setup.steps_per_epoch})
+                "accuracy": last_test["accuracy"], "epoch": step / setup.steps_per_epoch,
+                "wall_time_s": wall_time()})
         bar.write(f"step {step}/{setup.total_steps} epoch {step / setup.steps_per_epoch:.1f}: "
                   f"train loss {records[-2]['loss'] if len(records) > 1 else float('nan'):.4f}  "
                   f"test loss {last_test['loss']:.4f}  test accuracy {last_test['accuracy']:.4f}")
@@ -690,6 +730,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log: Ca
       "devices": len(setup.dp.devices),
       "platform": setup.dp.devices[0].platform,
       "train_time_s": meta["train_time_s"],
+      "wall_time_s": wall_time(),
       "images_per_sec": meta["train_images"] / meta["step_time_s"] if meta["step_time_s"] > 0 else None,
       "final_train_loss": train_records[-1]["loss"] if train_records else None,
       "test_loss": last_test["loss"],

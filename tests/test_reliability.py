@@ -73,7 +73,8 @@ def strict_json_lines(path) -> list[dict]:
 
 
 def comparable_metrics(workdir) -> list[dict]:
-  return [{k: v for k, v in r.items() if k != "images_per_sec"} for r in train_lib.read_metrics(str(workdir))]
+  return [{k: v for k, v in r.items() if k not in ("images_per_sec", "wall_time_s")}
+          for r in train_lib.read_metrics(str(workdir))]
 
 
 def restore_latest(workdir, setup: train_lib.Setup):

@@ -63,7 +63,8 @@ def _quiet(*_):
 
 
 def _metrics(workdir):
-  return [{k: v for k, v in r.items() if k != "images_per_sec"} for r in train_lib.read_metrics(workdir)]
+  return [{k: v for k, v in r.items() if k not in ("images_per_sec", "wall_time_s")}
+          for r in train_lib.read_metrics(workdir)]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,236 @@
+"""CIFAR from image folders, the automatic holdout, and the training options of the fast recipe: the
+linear schedule, test-time flip, gradient norms per block, and the run's wall time in its records."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from resnet_jax import data, train_lib
+from resnet_jax.config_check import base_config, validate_config
+from resnet_jax.errors import ConfigError, DataError
+from resnet_jax.models import create_model
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_data import dataset_config, folder_arrays, write_cifar, write_image_folder  # noqa: E402
+from test_train import tiny_config  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def write_cifar_folder(root: str, per_class: int = 4, test_per_class: int = 0) -> str:
+  """CIFAR-10 as files: ``root/train/<class>/*.png|jpg`` (and ``test/``), 32x32 random images."""
+  write_image_folder(root, classes=CIFAR10_CLASSES, per_class=per_class,
+                     test_per_class=test_per_class, size=(32, 32))
+  if not test_per_class:
+    shutil.rmtree(os.path.join(root, "test"))
+  return root
+
+
+# ----------------------------------------------------------------------------------------------
+# CIFAR as an image folder.
+
+
+def test_cifar10_reads_an_image_folder_and_holds_out_10_percent_when_it_has_no_test_split(tmp_path):
+  root = write_cifar_folder(str(tmp_path), per_class=10)
+  ds = data.load_dataset(dataset_config(name="cifar10", data_dir=root, holdout=-1), progress=False)
+  assert (ds.num_train, ds.num_test, ds.num_classes) == (90, 10, 10)
+  assert ds.info["eval_split"] == "holdout" and ds.info["storage"] == "memory"
+  assert np.bincount(ds.test_y).tolist() == [1] * 10  # stratified
+  x, y = folder_arrays(root)
+  mask = data.holdout_mask(y, [os.path.relpath(p, os.path.join(root, "train"))
+                               for p in data.scan_image_folder(root, "train")[0]], 0.1)
+  np.testing.assert_array_equal(ds.test_x, x[mask])
+  np.testing.assert_array_equal(ds.train_x, x[~mask])
+  # The classes in sorted order are CIFAR-10's labels; the normalisation is CIFAR-10's.
+  np.testing.assert_array_equal(np.sort(np.unique(ds.train_y)), np.arange(10))
+  np.testing.assert_allclose(ds.mean, data.CIFAR10_MEAN)
+
+
+def test_cifar10_folder_with_a_test_split_evaluates_on_it_and_auto_holds_out_nothing(tmp_path):
+  root = write_cifar_folder(str(tmp_path), per_class=3, test_per_class=2)
+  ds = data.load_dataset(dataset_config(name="cifar10", data_dir=root, holdout=-1), progress=False)
+  assert (ds.num_train, ds.num_test) == (30, 20) and ds.info["eval_split"] == "test"
+  np.testing.assert_array_equal(ds.test_x, folder_arrays(root, "test")[0])
+
+
+def test_cifar10_folder_without_test_split_and_no_holdout_says_what_to_set(tmp_path):
+  root = write_cifar_folder(str(tmp_path), per_class=2)
+  with pytest.raises(DataError, match="no test/ split.*holdout"):
+    data.load_dataset(dataset_config(name="cifar10", data_dir=root), progress=False)
+
+
+def test_cifar10_folder_with_the_wrong_class_count_is_an_error(tmp_path):
+  root = write_image_folder(str(tmp_path), classes=("cat", "dog"), per_class=2, size=(32, 32))
+  with pytest.raises(DataError, match="2 class folders, expected 10"):
+    data.load_dataset(dataset_config(name="cifar10", data_dir=root), progress=False)
+
+
+def test_auto_holdout_takes_nothing_from_the_pickles_that_have_a_test_split(tmp_path):
+  root = write_cifar(str(tmp_path), "cifar10", per_batch=4, num_test=6)
+  ds = data.load_dataset(dataset_config(name="cifar10", data_dir=root, holdout=-1), progress=False)
+  assert (ds.num_train, ds.num_test) == (20, 6) and ds.info["eval_split"] == "test"
+
+
+@pytest.mark.parametrize("value", [-2, -0.5, -1.5])
+def test_holdout_accepts_minus_one_and_no_other_negative(value):
+  config = base_config()
+  config.dataset.holdout = -1
+  validate_config(config)
+  config.dataset.holdout = value
+  with pytest.raises(ConfigError, match="holdout"):
+    validate_config(config)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training options.
+
+
+def test_linear_schedule_warms_up_then_decays_to_zero_at_the_last_step():
+  c = base_config()
+  c.optimizer.learning_rate = 0.2
+  c.schedule.name, c.schedule.unit, c.schedule.warmup = "linear", "epochs", 2.0
+  sched = train_lib.make_schedule(c, steps_per_epoch=10, total_steps=120)
+  np.testing.assert_allclose([sched(0), sched(10), sched(20), sched(70), sched(120)],
+                             [0.0, 0.1, 0.2, 0.1, 0.0], rtol=1e-6, atol=1e-8)
+  values = np.array([sched(i) for i in range(20, 121)])
+  assert np.all(np.diff(values) < 0)
+
+
+def _eval_state(model, image_shape, seed=0):
+  variables = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, *image_shape)), train=False)
+  return train_lib.TrainState.create(apply_fn=model.apply, params=variables["params"],
+                                     batch_stats=variables["batch_stats"], tx=optax.sgd(0.1))
+
+
+def test_eval_flip_scores_the_mean_logits_of_the_image_and_its_mirror_image():
+  model = create_model("resnet20", num_classes=3, num_filters=4, conv_backend="xla")
+  state = _eval_state(model, (8, 8, 3))
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.normal(size=(6, 8, 8, 3)), jnp.float32)
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  plain = model.apply(variables, images, train=False)
+  mirrored = model.apply(variables, images[:, :, ::-1], train=False)
+  mean = (plain + mirrored) / 2
+  labels = jnp.argmax(mean, -1)
+  batch = {"image": images, "label": labels, "mask": jnp.ones(6)}
+  flipped = train_lib.make_eval_step(3, flip=True)(state, batch)
+  assert float(flipped["correct"]) == 6.0  # the labels are the flip-mean's predictions
+  loss = -jax.nn.log_softmax(mean)[jnp.arange(6), labels]
+  np.testing.assert_allclose(flipped["loss"], jnp.sum(loss), rtol=1e-5)
+  unflipped = train_lib.make_eval_step(3, flip=False)(state, batch)
+  assert not np.isclose(float(unflipped["loss"]), float(flipped["loss"]), rtol=1e-4)
+  # An image equal to its mirror image scores the same with and without the flip.
+  symmetric = dict(batch, image=(images + images[:, :, ::-1]) / 2)
+  a = train_lib.make_eval_step(3, flip=True)(state, symmetric)
+  b = train_lib.make_eval_step(3, flip=False)(state, symmetric)
+  np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+
+
+def test_grad_norms_are_the_norms_of_each_blocks_gradient():
+  model = create_model("resnet20", num_classes=3, num_filters=4, conv_backend="xla")
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)), train=False)
+  state = train_lib.TrainState.create(apply_fn=model.apply, params=variables["params"],
+                                      batch_stats=variables["batch_stats"], tx=optax.sgd(0.1))
+  rng = np.random.default_rng(1)
+  batch = {"image": jnp.asarray(rng.normal(size=(4, 8, 8, 3)), jnp.float32),
+           "label": jnp.asarray([0, 1, 2, 1])}
+  _, metrics = train_lib.make_train_step(3, grad_norms=True)(state, batch)
+
+  def loss_fn(params):
+    logits, _ = model.apply({"params": params, "batch_stats": state.batch_stats}, batch["image"],
+                            train=True, mutable=["batch_stats"])
+    return train_lib.cross_entropy(logits, batch["label"], 3).mean()
+
+  grads = jax.grad(loss_fn)(state.params)
+  assert set(metrics["grad_norm"]) == set(grads) >= {"conv1", "layer1_0", "layer3_2", "fc"}
+  for name, g in grads.items():
+    np.testing.assert_allclose(metrics["grad_norm"][name], optax.global_norm(g), rtol=1e-5)
+  _, without = train_lib.make_train_step(3)(state, batch)
+  assert "grad_norm" not in without
+
+
+def test_run_records_grad_norms_per_block_and_its_wall_time_across_a_resume(tmp_path):
+  config = tiny_config("resnet20", log_grad_norms=True, eval_flip=True)
+  workdir = str(tmp_path / "run")
+  setup = train_lib.Setup(config)
+  assert train_lib.train_and_evaluate(config, workdir, log=lambda *_: None, stop_at_step=4,
+                                      setup=setup) is None
+  first = [r["wall_time_s"] for r in train_lib.read_metrics(workdir) if r["split"] == "test"]
+  summary = train_lib.train_and_evaluate(config, workdir, log=lambda *_: None, setup=setup)
+  records = train_lib.read_metrics(workdir)
+  train = [r for r in records if r["split"] == "train"]
+  assert all(r["grad_norm/layer1_0"] > 0 and r["grad_norm/fc"] > 0 for r in train)
+  assert {k for k in train[0] if k.startswith("grad_norm/")} == {
+      f"grad_norm/{n}" for n in ("conv1", "bn1", "fc", *(f"layer{s}_{b}" for s in (1, 2, 3)
+                                                          for b in (0, 1, 2)))}
+  times = [r["wall_time_s"] for r in records if r["split"] == "test"]
+  assert len(first) == 1 and len(times) == 2 and 0 < times[0] == first[0] < times[1]
+  assert summary["wall_time_s"] >= times[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# configs/cifar10_fast.py and experiments/cifar_effects.py.
+
+
+def test_cifar10_fast_keeps_the_paper_network_and_trains_on_a_folder_without_flags(tmp_path):
+  from test_configs import load_config
+  c = load_config("cifar10_fast")
+  assert (c.model.name, c.model.options.to_dict(), c.dataset.holdout) == ("resnet20", {}, -1)
+  model = train_lib.build_model(c, num_classes=10)
+  params = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 32, 32, 3)), train=False),
+                          jax.random.PRNGKey(0))["params"]
+  assert train_lib.count_parameters(params) == 269_722  # He et al.'s ResNet-20, option A
+  c.dataset.data_dir = write_cifar_folder(str(tmp_path / "data"), per_class=4)
+  c.num_epochs, c.batch_size, c.eval_batch_size, c.progress_bar = 2.0, 16, 4, False
+  summary = train_lib.train_and_evaluate(c, str(tmp_path / "run"), log=lambda *_: None)
+  assert summary["steps"] == 4 and np.isfinite(summary["final_train_loss"])
+  with open(tmp_path / "run" / "data.json") as f:
+    assert json.load(f)["eval_split"] == "holdout"
+
+
+def _effects(args, tmp_path):
+  return subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "cifar_effects.py"), *args],
+                        capture_output=True, text=True, cwd=tmp_path, timeout=900)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--data_dir", "x", "--runs", "nope"], "--runs='nope'"),
+    (["--data_dir", "x", "--epochs", "0"], "--epochs=0.0"),
+    (["--epochs", "2"], "usage: python experiments/cifar_effects.py"),
+])
+def test_effects_cli_bad_input_is_one_line(args, needle, tmp_path):
+  proc = _effects(args, tmp_path)
+  lines = proc.stderr.strip().splitlines()
+  assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], proc.stderr
+
+
+@pytest.mark.slow
+def test_effects_runs_the_orderings_and_writes_curves_and_figures(tmp_path):
+  data_dir = write_cifar_folder(str(tmp_path / "data"), per_class=15)  # 135 training images: 1 step
+  out = tmp_path / "out"
+  proc = _effects(["--data_dir", data_dir, "--epochs", "2", "--runs", "orderings", "--workdir",
+                   str(tmp_path / "runs"), "--out", str(out)], tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(out / "effects.json") as f:
+    results = json.load(f)
+  assert set(results["runs"]) == {"resnet20", "resnet20_v2", "resnet20_relu_before_add"}
+  for r in results["runs"].values():
+    assert r["steps"] == [2] and r["eval_steps"] == [2] and 0 <= r["final_val_error"] <= 1
+    assert {"layer1_0", "layer3_2"} <= set(r["grad_norm"])
+  assert (out / "orderings.png").exists() and not (out / "degradation.png").exists()
+  # A second call resumes the finished runs: nothing is trained again.
+  again = _effects(["--data_dir", data_dir, "--epochs", "2", "--runs", "orderings", "--workdir",
+                    str(tmp_path / "runs"), "--out", str(out), "--plot_only"], tmp_path)
+  assert again.returncode == 0, again.stderr[-3000:]
