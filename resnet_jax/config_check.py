@@ -112,7 +112,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.distributed.coordinator_address = ""  # "" = auto-detect (cluster environments)
   c.distributed.num_processes = -1   # with coordinator_address: the number of processes
   c.distributed.process_id = -1      # with coordinator_address: the index of this process
-  c.distributed.initialization_timeout_s = 300  # seconds to wait for every process to connect
+  c.distributed.init_timeout_s = 300  # seconds to wait for every process to connect
   c.distributed.heartbeat_timeout_s = 100  # seconds without a heartbeat after which a process counts as
                                            # dead and the others stop (where the installed jax takes the setting)
   return c
@@ -268,7 +268,7 @@ SCHEMA: dict[str, Any] = {
         "coordinator_address": _type(str, "a string host:port"),
         "num_processes": _pos_int_or_auto,
         "process_id": _num(-1, integer=True),
-        "initialization_timeout_s": _pos_int,
+        "init_timeout_s": _pos_int,
         "heartbeat_timeout_s": _pos_int,
     },
 }

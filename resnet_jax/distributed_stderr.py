@@ -50,7 +50,7 @@ def describe_fatal(text: bytes, process_id: int, num_processes: int, coordinator
   where = (f"process {process_id} of {num_processes}" if process_id >= 0 else "this process")
   if rpc and rpc.group(1).endswith(("RegisterTask", "WaitForAllTasks")) or "RegisterTask" in s:
     why = (f"not every process connected to the coordinator {coordinator or '(auto-detected)'} within "
-           f"config.distributed.initialization_timeout_s = {timeout_s} s: start every process with the "
+           f"config.distributed.init_timeout_s = {timeout_s} s: start every process with the "
            f"same coordinator_address (process 0's host and port) and num_processes, and its own "
            f"process_id in [0, num_processes)")
   else:

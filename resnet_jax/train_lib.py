@@ -235,7 +235,7 @@ def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
   """``jax.distributed.initialize`` when ``config.distributed.initialize`` (multi-host runs), then a check
   that every process runs the same config.
 
-  The connection waits ``distributed.initialization_timeout_s`` for every process; a process without a
+  The connection waits ``distributed.init_timeout_s`` for every process; a process without a
   heartbeat for ``distributed.heartbeat_timeout_s`` counts as dead (where the installed jax takes that
   setting). On CPU the cross-process collectives are gloo's. Every process then compares a fingerprint
   of its config (all keys but ``distributed.process_id``) with the others'.
@@ -251,7 +251,7 @@ def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
     return
   if getattr(jax.config, "jax_cpu_collectives_implementation", "gloo") in (None, "", "none"):
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
-  kwargs: dict[str, Any] = {"initialization_timeout": int(d.initialization_timeout_s)}
+  kwargs: dict[str, Any] = {"initialization_timeout": int(d.init_timeout_s)}
   if "heartbeat_timeout_seconds" in inspect.signature(jax.distributed.initialize).parameters:
     kwargs["heartbeat_timeout_seconds"] = int(d.heartbeat_timeout_s)
   if d.coordinator_address:
@@ -264,8 +264,8 @@ def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
     jax.distributed.initialize(**kwargs)
   except Exception as e:  # noqa: BLE001 -- jax raises RuntimeError, ValueError or its runtime error.
     raise DistributedError(
-        f"jax.distributed.initialize failed ({where}; config.distributed.initialization_timeout_s = "
-        f"{d.initialization_timeout_s}): {_first_line(e)}; every process needs the same "
+        f"jax.distributed.initialize failed ({where}; config.distributed.init_timeout_s = "
+        f"{d.init_timeout_s}): {_first_line(e)}; every process needs the same "
         f"coordinator_address (process 0's host and a free port) and num_processes, and its own "
         f"process_id in [0, num_processes)") from None
   _check_same_config(config)
@@ -738,9 +738,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log: Ca
     for step in range(start_step + 1, setup.total_steps + 1):
       t0 = time.perf_counter()
       state, m = setup.train_step(state, setup.dp.put_batch(next(train_iter)))
+      stopping = signals.received
       if jax.process_count() > 1:  # A signal to one process stops all of them after the same step.
-        signals.received = _any_process(signals.received)
-      halt = step == stop_at_step or signals.received is not None  # This step is the last one.
+        stopping = _any_process(stopping)  # (one arriving meanwhile counts at the next step)
+        if stopping is not None and signals.received is None:
+          signals.received = stopping
+      halt = step == stop_at_step or stopping is not None  # This step is the last one.
       pending.append((step, m))
       if len(pending) >= 2:  # At most one step in flight, so that the progress bar tells the truth.
         jax.block_until_ready(pending[-2][1]["loss"])

@@ -40,7 +40,7 @@ def distributed_flags(port: int, process_id: int, num_processes: int, timeout_s:
           f"--config.distributed.coordinator_address=localhost:{port}",
           f"--config.distributed.num_processes={num_processes}",
           f"--config.distributed.process_id={process_id}",
-          f"--config.distributed.initialization_timeout_s={timeout_s}",
+          f"--config.distributed.init_timeout_s={timeout_s}",
           f"--config.distributed.heartbeat_timeout_s={heartbeat_s}"]
 
 

@@ -78,7 +78,7 @@ def main() -> None:
     d = config.distributed
     d.initialize, d.coordinator_address = True, f"localhost:{spec['port']}"
     d.num_processes, d.process_id = spec["num_processes"], process_id
-    d.initialization_timeout_s, d.heartbeat_timeout_s = spec.get("timeout_s", 60), spec.get("heartbeat_s", 10)
+    d.init_timeout_s, d.heartbeat_timeout_s = spec.get("timeout_s", 60), spec.get("heartbeat_s", 10)
     train_lib.maybe_initialize_distributed(config)
     out = run(config, spec["workdir"], spec)
   elif "device_counts" in spec:

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 
@@ -230,6 +231,33 @@ def test_a_killed_process_stops_the_others_and_the_next_launch_resumes(tmp_path,
   assert f"from step {newest}" in results[0].stdout, results[0].stdout
   summary = json.loads((workdir / "summary.json").read_text())
   assert summary["steps"] == newest + 3
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sigterm_to_one_process_stops_every_process_after_the_same_step(tmp_path):
+  config = tiny_config(num_train_steps=100000, log_every_steps=5, eval_every_steps=100000,
+                       checkpoint_every_steps=50, on_nonfinite="skip", **{"optimizer.learning_rate": 0.01})
+  path = multihost.write_config(str(tmp_path / "config.py"), config)
+  workdir = tmp_path / "run"
+  port = portpicker.pick_unused_port()
+  argvs = [_train_argv(path, workdir, *distributed_flags(port, i, 2)) for i in range(2)]
+  with Processes(argvs, 1, str(tmp_path), "run") as ps:
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and not (workdir / "metrics.jsonl").is_file() and all(
+        c is None for c in ps.poll()):
+      time.sleep(0.2)
+    while time.monotonic() < deadline and not (workdir / "metrics.jsonl").read_text() and all(
+        c is None for c in ps.poll()):
+      time.sleep(0.2)
+    assert all(c is None for c in ps.poll()), describe(ps.results())
+    ps.kill(1, signal.SIGTERM)
+    results = ps.wait(time.monotonic() - ps.start_time + 60, stop_all_on_failure=False)
+  assert [r.returncode for r in results] == [143, 143], describe(results)
+  lines = [r.stderr.strip().splitlines()[-1] for r in results]
+  steps = [int(re.search(r"stopped by SIGTERM after step (\d+) of 100000", l).group(1)) for l in lines]
+  assert steps[0] == steps[1], lines
+  assert (workdir / "checkpoints" / str(steps[0])).is_dir()
 
 
 def test_process_id_out_of_range_is_refused_before_connecting(tmp_path):
