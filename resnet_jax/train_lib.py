@@ -23,7 +23,9 @@ label smoothing, gradients, the optax update (weight decay on kernels only: Batc
 and biases, every parameter with fewer than 2 dimensions, are not decayed), with the state donated.
 Data parallelism uses ``jax.sharding``: a 1-D ``Mesh`` over all devices named ``"batch"``, the batch
 sharded along it and the state replicated, so XLA computes means (loss, BatchNorm statistics) over
-the global batch and all-reduces the gradients.
+the global batch and all-reduces the gradients. Several processes (one per host, ``config.distributed``)
+share that mesh: each loads its slice of every batch, process 0 writes the outputs, and an error in one
+process ends every process (docs/multi-host.md).
 """
 
 from __future__ import annotations
