@@ -34,6 +34,8 @@ from test_train import tiny_config  # noqa: E402
 
 from resnet_jax import data as data_lib  # noqa: E402
 
+pytestmark = pytest.mark.timeout(300)  # every test here; the longer ones set their own
+
 # As tests/test_multidevice.py: the losses of another device layout agree to float tolerance.
 LOSS_RTOL, LOSS_ATOL = 2e-5, 1e-6
 PARAM_RTOL, PARAM_ATOL = 1e-4, 2e-5
