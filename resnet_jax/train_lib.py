@@ -270,7 +270,13 @@ def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
         f"{d.init_timeout_s}): {_first_line(e)}; every process needs the same "
         f"coordinator_address (process 0's host and a free port) and num_processes, and its own "
         f"process_id in [0, num_processes)") from None
-  _check_same_config(config)
+  try:
+    _check_same_config(config)
+  except DistributedError:
+    raise  # Every process raises it (they compared the same numbers) and leaves normally.
+  except BaseException:  # noqa: BLE001 -- e.g. a process lost meanwhile: this first collective fails.
+    with _end_process_on_error():
+      raise
 
 
 def _lost_a_process(e: BaseException) -> bool:

@@ -235,6 +235,26 @@ def test_a_killed_process_stops_the_others_and_the_next_launch_resumes(tmp_path,
   assert summary["steps"] == newest + 3
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("after_s", [2, 6])
+def test_a_process_killed_during_start_up_ends_the_other_with_one_line(tmp_path, after_s):
+  """Process 1 killed during its start (importing, connecting, loading, compiling): process 0 ends
+  within the initialization or heartbeat timeout (5 s each here), with one line instead of jax's stack
+  dump."""
+  path = multihost.write_config(str(tmp_path / "config.py"), tiny_config())
+  port = portpicker.pick_unused_port()
+  argvs = [_train_argv(path, tmp_path / "run", *distributed_flags(port, i, 2, timeout_s=5, heartbeat_s=5))
+           for i in range(2)]
+  with Processes(argvs, 1, str(tmp_path)) as ps:
+    time.sleep(after_s)
+    ps.kill(1)
+    results = ps.wait(60, stop_all_on_failure=False)
+  survivor = results[0]
+  assert survivor.returncode not in (None, 0), describe(results)
+  assert survivor.seconds < 45, describe(results)
+  assert _one_error_line(survivor).startswith("error: process 0 of 2: "), describe(results)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_sigterm_to_one_process_stops_every_process_after_the_same_step(tmp_path):
