@@ -116,6 +116,10 @@ def main(argv: list[str]) -> int:
   if config.get("host_memory", "default") == "keep":  # before jax starts its backend (resnet_jax.host_memory)
     from resnet_jax.host_memory import keep_host_memory
     keep_host_memory()
+  if config.distributed.initialize:  # jax's fatal errors of a multi-host run as one line (not a stack dump)
+    from resnet_jax.distributed_stderr import condense_fatal_errors
+    d = config.distributed
+    condense_fatal_errors(d.process_id, d.num_processes, d.coordinator_address, d.init_timeout_s)
   from resnet_jax import train_lib
   summary = train_lib.train_and_evaluate(config, workdir)
   print(f"{summary['model']} on {summary['dataset']}: test accuracy {summary['test_accuracy']:.4f} "

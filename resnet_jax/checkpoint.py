@@ -172,6 +172,10 @@ class Checkpointer:
       self._manager.reload()
     return later
 
+  def reload(self) -> None:
+    """Read the folder again (after another process moved checkpoints)."""
+    self._manager.reload()
+
   def close(self) -> None:
     self._manager.close()
 

@@ -116,6 +116,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.distributed.coordinator_address = ""  # "" = auto-detect (cluster environments)
   c.distributed.num_processes = -1   # with coordinator_address: the number of processes
   c.distributed.process_id = -1      # with coordinator_address: the index of this process
+  c.distributed.init_timeout_s = 300  # seconds to wait for every process to connect
+  c.distributed.heartbeat_timeout_s = 100  # seconds without a heartbeat after which a process counts as
+                                           # dead and the others stop (where the installed jax takes the setting)
   return c
 
 
@@ -272,6 +275,8 @@ SCHEMA: dict[str, Any] = {
         "coordinator_address": _type(str, "a string host:port"),
         "num_processes": _pos_int_or_auto,
         "process_id": _num(-1, integer=True),
+        "init_timeout_s": _pos_int,
+        "heartbeat_timeout_s": _pos_int,
     },
 }
 
@@ -338,15 +343,34 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
                       f"{sch.unit}), e.g. (32000, 48000)")
   if list(sch.boundaries) != sorted(sch.boundaries) or any(b <= 0 for b in sch.boundaries):
     raise ConfigError(f"config.schedule.boundaries {tuple(sch.boundaries)} must be positive and increasing")
-  if config.distributed.initialize and config.distributed.coordinator_address and (
-      config.distributed.num_processes < 1 or config.distributed.process_id < 0):
-    raise ConfigError("config.distributed: with a coordinator_address, set num_processes >= 1 and "
-                      "process_id >= 0")
+  _check_distributed(config.distributed)
   if device_count is not None:
     for key in ("batch_size", "eval_batch_size"):
       if config[key] % device_count:
         raise ConfigError(f"config.{key} = {config[key]} is not divisible by the {device_count} devices "
                           f"the batch is split over; use a multiple of {device_count}")
+
+
+def _check_distributed(d: ml_collections.ConfigDict) -> None:
+  """What can be checked of ``config.distributed`` before connecting to the coordinator."""
+  if not d.initialize:
+    return
+  if not d.coordinator_address:
+    if d.num_processes != -1 or d.process_id != -1:
+      raise ConfigError(f"config.distributed.num_processes = {d.num_processes} and process_id = "
+                        f"{d.process_id} are given without a coordinator_address: set all three "
+                        f"(--config.distributed.coordinator_address=HOST:PORT), or none of them on a "
+                        f"cluster that jax.distributed.initialize detects (SLURM, Cloud TPU, Kubernetes)")
+    return
+  host, sep, port = d.coordinator_address.rpartition(":")
+  if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    raise ConfigError(f"config.distributed.coordinator_address = {d.coordinator_address!r} is invalid: "
+                      f"expected HOST:PORT with a port in 1..65535, e.g. 10.0.0.1:1234 (process 0's host)")
+  if d.num_processes < 1 or not 0 <= d.process_id < d.num_processes:
+    raise ConfigError(f"config.distributed.process_id = {d.process_id} with num_processes = "
+                      f"{d.num_processes}: with a coordinator_address, set num_processes >= 1 (the same on "
+                      f"every process) and a process_id in [0, num_processes), a different one on each "
+                      f"process")
 
 
 FLOAT32_MAX = 3.4028234663852886e38  # numpy.finfo(numpy.float32).max: parameters and updates are float32.

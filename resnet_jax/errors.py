@@ -34,6 +34,10 @@ class ModelError(ResNetJaxError):
   """A model name or architecture option is unknown or does not fit the input."""
 
 
+class DistributedError(ResNetJaxError):
+  """The processes of a multi-host run cannot connect, disagree on their config, or lost one of them."""
+
+
 class WorkdirBusyError(ResNetJaxError):
   """Another live process is training in the same workdir (it holds the workdir's lock)."""
 

@@ -50,7 +50,9 @@ WHY_FIXED = {
     "dataset.": "the run must go on reading the same examples, transformed the same way, from its saved "
                 "position (and its test accuracies must stay comparable)",
 }
-NOT_A_SETTING = ("restore_step",)  # An instruction to this start, not a setting of the run.
+NOT_A_SETTING = ("restore_step",  # Instructions to this start, not settings of the run.
+                 "distributed.coordinator_address", "distributed.process_id", "distributed.init_timeout_s",
+                 "distributed.heartbeat_timeout_s")
 
 
 # ----------------------------------------------------------------------------------------------
