@@ -123,7 +123,7 @@ def plot(results: dict[str, Any], out: str) -> list[str]:
       ("degradation", ("plain20", "plain56", "resnet20", "resnet56"), "plain vs residual"),
       ("orderings", ("resnet20", "resnet20_v2", "resnet20_relu_before_add"), "ResNet-20 block orderings")):
     names = [n for n in names if n in runs]
-    if not names:
+    if study not in results.get("studies", STUDIES) or not names:
       continue
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
     for name in names:
@@ -146,7 +146,7 @@ def plot(results: dict[str, Any], out: str) -> list[str]:
     fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
   names = [n for n in ("plain20", "plain56", "resnet20", "resnet56") if n in runs]
-  if names:
+  if "degradation" in results.get("studies", STUDIES) and names:
     fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 4), sharey=True, squeeze=False)
     for ax, name in zip(axes[0], names):
       r = runs[name]
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
   if missing:
     raise ConfigError(f"--plot_only: no finished run for {', '.join(missing)} in {args.workdir} (run "
                       f"without --plot_only first)")
-  results = {"epochs": args.epochs, "machine": machine(),
+  results = {"epochs": args.epochs, "machine": machine(), "studies": studies,
              "command": f"python experiments/cifar_effects.py --data_dir CIFAR10_DIR --epochs {args.epochs:g} "
                         f"--runs {','.join(studies)}",
              "runs": {n: curves(os.path.join(args.workdir, n)) for n in names}}

@@ -270,3 +270,51 @@ def test_explosion_text(explosion):
   assert abs(ex("sigmoid", 6.0, "plain", 100)) < 1 and ex("sigmoid", 4.0, "plain", 100) < -10
   _assert_in(f"(2-core AMD EPYC, jax {explosion['machine']['jax']}, shared with other jobs: "
              f"{explosion['seconds']:.0f} s.)", doc)
+
+
+def test_cifar_fast_text():
+  """docs/cifar.md and the README quote the CIFAR-10 runs from ``experiments/time_to_accuracy.py``'s JSON."""
+  fast = _load(os.path.join("cifar", "cifar10_fast.json"))
+  first = _load(os.path.join("cifar", "cifar10_fast_first_recipe.json"))
+  for doc in ("docs/cifar.md", "README.md"):
+    _assert_in(f"{100 * fast['final_accuracy']:.2f}%", doc)
+    _assert_in(f"{fast['total_wall_time_s'] / 60:.1f} min", doc)
+  _assert_in(f"{100 * first['final_accuracy']:.2f}%", "docs/cifar.md")
+  _assert_in(f"{first['total_wall_time_s'] / 60:.1f} min on the idle machine", "docs/cifar.md")
+  _assert_in(f"{first['train_images_per_sec']:.0f} images/s in steady state", "docs/cifar.md")
+  _assert_in(f"| {fast['epochs']:.0f} ({fast['steps']:,} steps) |", "docs/cifar.md")
+  assert fast["target_reached_s"] is None and first["target_reached_s"] is None  # "not reached"
+  assert fast["recipe"]["optimizer"]["weight_decay"] == 1e-4 and fast["recipe"]["eval_flip"]
+
+
+def test_transfer_digits_table():
+  """docs/finetune.md's table is ``experiments/transfer_digits.py``'s JSON."""
+  summary = _load(os.path.join("cifar", "transfer_digits.json"))["summary"]
+  for size, label in ((100, "100"), (1437, "1,437 (all)")):
+    cells = [summary[f"{arm}_{size}"] for arm in ("pretrained", "scratch")]
+    _assert_in(f"| {label} | " + " | ".join(
+        f"{100 * c['mean']:.2f}% ({100 * c['min']:.1f}%, {100 * c['max']:.1f}%)" for c in cells) + " |",
+        "docs/finetune.md")
+
+
+def test_cifar_effects_tables():
+  """docs/cifar.md's degradation, gradient-norm and ordering tables are ``experiments/cifar_effects.py``'s JSON."""
+  results = _load(os.path.join("cifar", "effects.json"))
+  runs, doc = results["runs"], "docs/cifar.md"
+  for name, label in (("plain20", "plain-20"), ("plain56", "plain-56"), ("resnet20", "ResNet-20"),
+                      ("resnet56", "ResNet-56")):
+    r = runs[name]
+    _assert_in(f"| {label} | {r['parameters']:,} |", doc)
+    for key in ("final_train_error", "final_val_error"):
+      assert f"{100 * r[key]:.1f}%" in _text(doc)
+    blocks = [b for b in r["grad_norm"] if b.startswith("layer")]
+    for i in (r["steps"].index(50), r["steps"].index(250)):  # windows of steps 1-50 and 201-250
+      values = [r["grad_norm"][b][i] for b in blocks]
+      cell = f"{values[0]:.2f}, {values[-1]:.2f}"
+      assert cell in _text(doc).replace("**", ""), (name, i, cell)
+  # The claims: plain-56 above plain-20 at every logged step; ResNet-56 at or below ResNet-20 at the end.
+  assert all(a > b for a, b in zip(runs["plain56"]["train_error"], runs["plain20"]["train_error"]))
+  assert runs["resnet56"]["final_train_error"] <= runs["resnet20"]["final_train_error"]
+  order = [runs[n]["final_train_error"] for n in ("resnet20", "resnet20_v2", "resnet20_relu_before_add")]
+  assert order == sorted(order)  # ReLU-before-add trains worst after this budget
+  _assert_in(f"--epochs {results['epochs']:g} --out docs/figures/cifar", doc)
