@@ -193,6 +193,15 @@ def _type(t: type, what: str) -> Callable[[Any], str | None]:
   return check
 
 
+def _holdout(v: Any) -> str | None:
+  """dataset.holdout: a fraction in (0, 1), a whole count >= 1, 0 (none) or -1 (auto)."""
+  if v == -1 and not isinstance(v, bool):
+    return None
+  if _num(0.0)(v) or (v >= 1 and v != int(v)):
+    return "a fraction in (0, 1), a whole count >= 1 or -1 (auto)"
+  return None
+
+
 def _floats(v: Any) -> str | None:
   if not isinstance(v, (tuple, list)) or any(
       isinstance(x, bool) or not isinstance(x, (int, float)) for x in v):
@@ -214,9 +223,7 @@ SCHEMA: dict[str, Any] = {
         "normalize": _choice(NORMALIZATIONS),
         "mean": _floats,
         "std": _floats,
-        "holdout": lambda v: None if v == -1 and not isinstance(v, bool) else _num(0.0)(v) and (
-            "a fraction in (0, 1), a whole count >= 1 or -1 (auto)") or (
-            "a fraction in (0, 1), a whole count >= 1 or -1 (auto)" if v >= 1 and v != int(v) else None),
+        "holdout": _holdout,
         "holdout_seed": _num(0, 2**31 - 1, integer=True),
         "in_memory": _choice(IN_MEMORY),
         "in_memory_max_mb": _num(0, integer=True),
