@@ -240,8 +240,11 @@ def test_a_killed_process_stops_the_others_and_the_next_launch_resumes(tmp_path,
 def test_a_process_killed_during_start_up_ends_the_other_with_one_line(tmp_path, after_s):
   """Process 1 killed during its start (importing, connecting, loading, compiling): process 0 ends
   within the initialization or heartbeat timeout (5 s each here), with one line instead of jax's stack
-  dump."""
-  path = multihost.write_config(str(tmp_path / "config.py"), tiny_config())
+  dump. The run is long enough (100000 steps) that no machine finishes it before the kill."""
+  config = tiny_config(num_train_steps=100000, log_every_steps=100, eval_every_steps=100000,
+                       checkpoint_every_steps=100000, on_nonfinite="skip",
+                       **{"optimizer.learning_rate": 0.01})
+  path = multihost.write_config(str(tmp_path / "config.py"), config)
   port = portpicker.pick_unused_port()
   argvs = [_train_argv(path, tmp_path / "run", *distributed_flags(port, i, 2, timeout_s=5, heartbeat_s=5))
            for i in range(2)]
