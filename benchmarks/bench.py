@@ -217,7 +217,7 @@ def matmul_flops(closed_jaxpr) -> float:
   inside the cuDNN convolution calls); oneDNN's convolutions are counted from the spec their FFI calls
   carry. Elementwise work (BatchNorm, ReLU) is not counted.
   """
-  from resnet_jax import onednn_conv
+  from resnet_jax import onednn_conv, onednn_lib
 
   total = 0.0
   jaxpr = getattr(closed_jaxpr, "jaxpr", closed_jaxpr)
@@ -234,7 +234,7 @@ def matmul_flops(closed_jaxpr) -> float:
       total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in contract_lhs)
     elif name == "ffi_call" and eqn.params["target_name"] == onednn_conv.CUSTOM_CALL_TARGET:
       config = dict(eqn.params["attributes"])["config"]
-      total += onednn_conv.ConvSpec.decode(config.split(" ", 1)[1]).flops
+      total += onednn_lib.ConvSpec.decode(config.split(" ", 1)[1]).flops
     for param in eqn.params.values():  # pjit, custom_jvp/vjp, remat, scan, cond: count their bodies
       subs = param if isinstance(param, (list, tuple)) else [param]
       for sub in subs:

@@ -107,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
       print("note: torch is not installed; measuring without it", file=sys.stderr)
       backends.remove("torch")
   if "onednn" in backends:
-    from resnet_jax import onednn_conv
-    onednn_conv.library()  # a one-line error saying how to install oneDNN when it is missing
+    from resnet_jax import onednn_conv, onednn_lib
+    onednn_lib.library()  # a one-line error saying how to install oneDNN when it is missing
 
   pad, dn = ((1, 1), (1, 1)), ("NHWC", "HWIO", "NHWC")
   convs = {"xla": lambda x, w: lax.conv_general_dilated(x, w, (1, 1), pad, dimension_numbers=dn)}

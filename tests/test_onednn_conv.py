@@ -18,9 +18,9 @@ import pytest
 from hypothesis import given, strategies as st
 from jax import lax
 
-from resnet_jax import onednn_conv
+from resnet_jax import onednn_conv, onednn_lib
 from resnet_jax.blocks import BasicBlock
-from resnet_jax.errors import ModelError
+from resnet_jax.errors import ModelError, ResNetJaxError, run_cli
 from resnet_jax.models import conv_kernel_init
 
 DN = ("NHWC", "HWIO", "NHWC")
@@ -29,7 +29,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_library_is_available():
   """The suite needs the library (pyproject's onednn-cpu-gomp); say how to get it rather than skip."""
-  assert onednn_conv.available(), f"libdnnl.so.3 not loadable: {onednn_conv.INSTALL_HINT}"
+  assert onednn_lib.available(), f"libdnnl.so.3 not loadable: {onednn_lib.INSTALL_HINT}"
 
 
 def _lax_conv(x, w, strides, padding, groups):
@@ -187,7 +187,7 @@ def test_basic_block_with_onednn_conv_equals_flax():
 def _supports(dtype) -> bool:
   """Whether this CPU's oneDNN builds convolution primitives for ``dtype`` (bfloat16 needs AVX-512 or newer)."""
   try:
-    onednn_conv.primitives(onednn_conv.make_spec((1, 4, 4, 8), (3, 3, 8, 8), dtype, 1, ((1, 1), (1, 1))))
+    onednn_lib.primitives(onednn_lib.make_spec((1, 4, 4, 8), (3, 3, 8, 8), dtype, 1, ((1, 1), (1, 1))))
   except ModelError:
     return False
   return True
@@ -224,7 +224,7 @@ def _run(code: str, **env: str) -> subprocess.CompletedProcess:
 # A bfloat16 CIFAR net under each backend; prints the largest logit and gradient differences to XLA's.
 _AUTO_VS_XLA = """
 import jax, jax.numpy as jnp, numpy as np
-from resnet_jax import create_model, onednn_conv
+from resnet_jax import create_model, onednn_conv, onednn_lib
 from resnet_jax.errors import ModelError
 x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 8, 8, 3)), jnp.float32)
 def run(backend):
@@ -250,8 +250,8 @@ def test_avx2_only_cpu_falls_back_to_xla_for_bfloat16():
   conv_backend="onednn" is a ModelError saying what is missing; float32 convolutions still run in oneDNN.
   """
   p = _run(_AUTO_VS_XLA + """
-spec = onednn_conv.make_spec((1, 4, 4, 8), (3, 3, 8, 8), jnp.float32, 1, ((1, 1), (1, 1)))
-print("float32", onednn_conv.primitives(spec).forward_p.impl)
+spec = onednn_lib.make_spec((1, 4, 4, 8), (3, 3, 8, 8), jnp.float32, 1, ((1, 1), (1, 1)))
+print("float32", onednn_lib.primitives(spec).forward_p.impl)
 """, ONEDNN_MAX_CPU_ISA="AVX2")
   assert p.returncode == 0, p.stderr
   out = dict(line.split(" ", 1) for line in p.stdout.splitlines())
@@ -287,8 +287,8 @@ def test_without_onednn_auto_is_xla(env, note):
           "if os.environ.get('RESNET_JAX_FAKE_MACHINE'):\n"
           "  platform.machine = lambda: os.environ['RESNET_JAX_FAKE_MACHINE']\n"
           "import jax, jax.numpy as jnp\n"
-          "from resnet_jax import create_model, onednn_conv\n"
-          "assert not onednn_conv.available()\n"
+          "from resnet_jax import create_model, onednn_conv, onednn_lib\n"
+          "assert not onednn_lib.available()\n"
           "m = create_model('resnet20', num_classes=3)\n"
           "x = jnp.ones((2, 8, 8, 3))\n"
           "v = m.init(jax.random.key(0), x)\n"
@@ -309,10 +309,28 @@ def test_an_error_inside_onednn_reaches_the_caller(monkeypatch):
   def broken(self, *args):
     raise RuntimeError("broken on purpose")
 
-  monkeypatch.setattr(onednn_conv.ConvPrimitives, "forward_ptr", broken)
+  monkeypatch.setattr(onednn_lib.ConvPrimitives, "forward_ptr", broken)
   x, w = jnp.ones((1, 5, 5, 3)), jnp.ones((3, 3, 3, 2))
   with pytest.raises(Exception, match="oneDNN convolution failed: RuntimeError: broken on purpose"):
     jax.block_until_ready(jax.jit(lambda x, w: onednn_conv.conv2d(x, w, 1, ((1, 1), (1, 1))))(x, w))
+
+
+@pytest.mark.parametrize("backend", ["onednn", "auto"])
+def test_an_internal_onednn_failure_is_not_a_user_error(monkeypatch, capsys, backend):
+  """A oneDNN call that fails where it should not (here: creating primitive attributes) is an internal
+  OneDNNError: neither a ModelError that run_cli would print as one line, nor a reason for auto to fall back."""
+  lib = onednn_lib.library()
+  monkeypatch.setattr(lib.cdll, "dnnl_primitive_attr_create", lambda *args: 1)  # dnnl_out_of_memory
+  x = jnp.ones((1, 7, 5, 3))  # a shape no other test builds primitives for
+
+  def main():
+    conv = onednn_conv.Conv if backend == "onednn" else onednn_conv.AutoConv
+    conv(5, (3, 3), use_bias=False).init(jax.random.key(0), x)
+
+  with pytest.raises(onednn_lib.OneDNNError, match="oneDNN failed") as e:
+    run_cli(main)
+  assert not isinstance(e.value, ResNetJaxError)
+  assert "error:" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("call, message", [
@@ -340,9 +358,9 @@ def test_unsupported_arguments_raise_model_error(call, message):
 def test_missing_library_says_how_to_install():
   """Without libdnnl: available() is False and the first convolution raises ModelError naming the package."""
   code = ("import jax.numpy as jnp\n"
-          "from resnet_jax import onednn_conv\n"
+          "from resnet_jax import onednn_conv, onednn_lib\n"
           "from resnet_jax.errors import ModelError\n"
-          "assert not onednn_conv.available()\n"
+          "assert not onednn_lib.available()\n"
           "try:\n"
           "  onednn_conv.conv2d(jnp.ones((1, 4, 4, 1)), jnp.ones((1, 1, 1, 1)))\n"
           "except ModelError as e:\n"
