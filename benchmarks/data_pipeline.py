@@ -7,7 +7,7 @@ step (``config.dataset.in_memory='never'``), without any model.
 
 The folder (``train/<class>/NNNN.jpg``, random pixels, written with Pillow) goes to a temporary folder,
 or to ``--dir``, reused when it already holds the images. Decode time (wall and CPU seconds of the
-process): :func:`resnet_jax.data.decode_images` of every file, with 1 thread and with the default thread
+process): :func:`resnet_jax.image_files.decode_images` of every file, with 1 thread and with the default thread
 count (the CPUs usable). Pipeline images/s:
 ``train_pipeline`` (``--augment``, default pad_crop_flip, ``--num-threads`` grain threads), batches of
 ``--batch`` read for ``--seconds`` after ``--warmup`` batches; the median of ``--repeats`` such windows,
@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from resnet_jax import data  # noqa: E402
+from resnet_jax import data, datasets, image_files  # noqa: E402
 from resnet_jax.config_check import base_config  # noqa: E402
 from resnet_jax.errors import run_cli  # noqa: E402
 
@@ -92,12 +92,12 @@ def main(argv: list[str] | None = None) -> int:
   with tempfile.TemporaryDirectory() as tmp:
     root = args.dir or tmp
     write_folder(root, args.images, args.size, args.classes, args.quality)
-    paths, _, _ = data.scan_image_folder(root, "train")
+    paths, _, _ = datasets.scan_image_folder(root, "train")
     decode, decode_cpu = {}, {}
     for threads in (1, None):
       t0, c0 = time.perf_counter(), time.process_time()
-      data.decode_images(paths, args.size, progress=False, threads=threads)
-      key = "1 thread" if threads == 1 else f"{data._decode_threads()} threads"
+      image_files.decode_images(paths, args.size, progress=False, threads=threads)
+      key = "1 thread" if threads == 1 else f"{image_files.decode_threads()} threads"
       decode[key], decode_cpu[key] = time.perf_counter() - t0, time.process_time() - c0
 
     def load(in_memory: str) -> data.Dataset:
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         rates[name].append(pipeline_rate(ds, args.batch, args.num_threads, args.warmup, args.seconds))
 
   result = {
-      "cpu": cpu_name(), "cpus_usable": data._decode_threads(), "images": args.images,
+      "cpu": cpu_name(), "cpus_usable": image_files.decode_threads(), "images": args.images,
       "image_size": args.size, "jpeg_quality": args.quality,
       "decode_s": {k: round(v, 3) for k, v in decode.items()},
       "decode_cpu_s": {k: round(v, 3) for k, v in decode_cpu.items()},

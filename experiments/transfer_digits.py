@@ -32,7 +32,7 @@ def write_digits_folder(root: str) -> str:
   """The digits split as ``root/{train,test}/<digit>/<index>.png`` (32x32 RGB); kept when present."""
   import numpy as np
   from PIL import Image
-  from resnet_jax.data import digits_split
+  from resnet_jax.datasets import digits_split
   if os.path.isdir(os.path.join(root, "test")):
     return root
   x_train, y_train, x_test, y_test = digits_split()
@@ -48,7 +48,7 @@ def write_digits_folder(root: str) -> str:
 def arm_config(data_dir: str, model: str, weights: str, train_size: int, steps: int, seed: int):
   """One arm: the shared recipe, started from ``weights`` ("" = random initialisation)."""
   from resnet_jax.config_check import base_config
-  from resnet_jax.data import CIFAR10_MEAN, CIFAR10_STD
+  from resnet_jax.augment import CIFAR10_MEAN, CIFAR10_STD
   c = base_config()
   c.seed = seed
   c.dataset.name = "image_folder"

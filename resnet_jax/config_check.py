@@ -18,7 +18,9 @@ from typing import Any, Callable
 
 import ml_collections
 
-from resnet_jax.data import AUGMENTATIONS, DATASETS, IN_MEMORY, NORMALIZATIONS
+from resnet_jax.augment import AUGMENTATIONS, NORMALIZATIONS
+from resnet_jax.data import IN_MEMORY
+from resnet_jax.datasets import DATASETS
 from resnet_jax.errors import ConfigError
 from resnet_jax.models import CONV_BACKENDS
 
@@ -49,7 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.holdout = 0.0            # >0: hold out of the training images, as the evaluation split, a
                                      # fraction in (0, 1) or a count >= 1 (stratified, fixed per seed);
                                      # -1: 10% when the data has no test split, else none
-  c.dataset.holdout_seed = 0         # which images holdout takes (resnet_jax.data.holdout_mask)
+  c.dataset.holdout_seed = 0         # which images holdout takes (resnet_jax.datasets.holdout_mask)
   c.dataset.in_memory = "auto"       # image_folder: auto (decode once into memory when the images are
                                      # image_size square and fit in in_memory_max_mb) | always | never
   c.dataset.in_memory_max_mb = 4096  # image_folder, in_memory=auto: most decoded MB held in memory

@@ -531,7 +531,7 @@ def train_digits(depth: int, residual: bool, cfg: GradflowConfig, data=None) -> 
   import jax
   import jax.numpy as jnp
   import optax
-  from resnet_jax.data import digits_split
+  from resnet_jax.datasets import digits_split
   from resnet_jax.models import create_model
   x_tr, y_tr, x_te, y_te = data if data is not None else digits_split(seed=0)
   model = create_model("residual_mlp", num_classes=10, depth=depth, dim=cfg.train_width,
@@ -598,7 +598,7 @@ def xor_halves(n_train: int = 2048, n_test: int = 512, seed: int = 0):
   pixel; ``a, b ~ N(0, 1)``; label 1 where ``a b > 0``. No 3x3 patch sees both ``a`` and ``b``, and each alone
   says nothing about the label, so any sum of functions of 3x3 patches (a linear map of one 3x3 conv layer's
   features) is at chance, 50%; a net that combines the halves nonlinearly is not. Returns
-  ``(x_train, y_train, x_test, y_test)`` like :func:`resnet_jax.data.digits_split`.
+  ``(x_train, y_train, x_test, y_test)`` like :func:`resnet_jax.datasets.digits_split`.
   """
   rng = np.random.default_rng(seed)
   n = n_train + n_test
@@ -625,7 +625,7 @@ def train_block_order(order: str, steps: int = 300, batch: int = 64, lr: float =
   import jax
   import jax.numpy as jnp
   import optax
-  from resnet_jax.data import digits_split
+  from resnet_jax.datasets import digits_split
   from resnet_jax.models import create_model, zero_perturbations
   x_tr, y_tr, x_te, y_te = data if data is not None else digits_split(seed=0)
   model = create_model("resnet50", num_classes=10, stem="cifar", num_filters=num_filters, block_order=order,
@@ -684,7 +684,7 @@ def train_block_order(order: str, steps: int = 300, batch: int = 64, lr: float =
 def run_block_orders(out: str, steps: int = 300, seed: int = 0, log=None) -> dict[str, Any]:
   """Every ordering of :data:`BLOCK_ORDERS` trained by :func:`train_block_order`; writes ``block_orders.json``."""
   import jax
-  from resnet_jax.data import digits_split
+  from resnet_jax.datasets import digits_split
   log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
   data = {"digits": digits_split(seed=0), "xor": xor_halves(seed=seed)}
   t0 = time.perf_counter()
@@ -991,7 +991,7 @@ def run(cfg: GradflowConfig, log=None) -> dict[str, Any]:
       log(f"gradflow: conv nets plain{depth} / resnet{depth}")
       results["conv"] += measure_conv(depth, cfg.conv_batch, cfg.conv_size, cfg.seed)
   if not cfg.skip_train:
-    from resnet_jax.data import digits_split
+    from resnet_jax.datasets import digits_split
     data = digits_split(seed=0)
     for depth in cfg.train_depths:
       for residual in (False, True):

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from resnet_jax import data as data_lib
+from resnet_jax import augment, datasets
 from resnet_jax.errors import ConfigError, DataError, parse_args, run_cli
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -60,14 +60,14 @@ class Preprocessing:
     except Exception as e:  # Pillow raises many types on bad data (OSError, SyntaxError, ...)
       raise DataError(f"cannot read image {path}: {type(e).__name__}: {' '.join(str(e).split())}") from None
     if self.kind == "center_crop":
-      x = data_lib.center_crop(img, self.size)
+      x = augment.center_crop(img, self.size)
     else:
       if img.size != (self.size, self.size):
         img = img.resize((self.size, self.size), Image.BILINEAR)
       x = np.asarray(img, dtype=np.uint8)
       if x.ndim == 2:
         x = x[..., None]
-    return data_lib.normalize(x, self.mean, self.std)
+    return augment.normalize(x, self.mean, self.std)
 
 
 @dataclasses.dataclass
@@ -113,9 +113,9 @@ def expand_paths(items: Sequence[str]) -> list[str]:
   for item in items:
     if os.path.isdir(item):
       found = sorted(os.path.join(root, f) for root, _, files in os.walk(item) for f in files
-                     if f.lower().endswith(data_lib.IMAGE_EXTENSIONS))
+                     if f.lower().endswith(datasets.IMAGE_EXTENSIONS))
       if not found:
-        raise DataError(f"folder {item} holds no image files ({', '.join(data_lib.IMAGE_EXTENSIONS)})")
+        raise DataError(f"folder {item} holds no image files ({', '.join(datasets.IMAGE_EXTENSIONS)})")
       paths.extend(found)
     elif os.path.exists(item):
       paths.append(item)
@@ -141,13 +141,13 @@ def run_preprocessing(config) -> Preprocessing:
   """The evaluation preprocessing of a run's ``config.dataset``."""
   ds = config.dataset
   if ds.name == "image_folder":
-    kind, size, mean, std = "center_crop", int(ds.image_size), data_lib.IMAGENET_MEAN, data_lib.IMAGENET_STD
+    kind, size, mean, std = "center_crop", int(ds.image_size), augment.IMAGENET_MEAN, augment.IMAGENET_STD
   elif ds.name in ("cifar10", "cifar100"):
     kind, size = "resize", 32
-    mean, std = ((data_lib.CIFAR10_MEAN, data_lib.CIFAR10_STD) if ds.name == "cifar10"
-                 else (data_lib.CIFAR100_MEAN, data_lib.CIFAR100_STD))
+    mean, std = ((augment.CIFAR10_MEAN, augment.CIFAR10_STD) if ds.name == "cifar10"
+                 else (augment.CIFAR100_MEAN, augment.CIFAR100_STD))
   else:  # digits: the training split's statistics, as data.load_dataset computes them
-    x_train = data_lib.digits_split(seed=0, test_fraction=ds.test_fraction)[0]
+    x_train = datasets.digits_split(seed=0, test_fraction=ds.test_fraction)[0]
     kind, size, mean, std = "digits", 8, (float(x_train.mean()),), (float(x_train.std()),)
   channels = 1 if kind == "digits" else 3
   if len(ds.mean):
@@ -202,8 +202,8 @@ def load_predictor(workdir: str | None = None, weights: str | None = None, model
     if not model:
       raise ConfigError("a weights file needs its model name (--model=NAME, e.g. resnet50)")
     net, variables = load_weights_file(weights, model)
-    prep = Preprocessing("center_crop", int(image_size or 224), np.asarray(data_lib.IMAGENET_MEAN, np.float32),
-                         np.asarray(data_lib.IMAGENET_STD, np.float32))
+    prep = Preprocessing("center_crop", int(image_size or 224), np.asarray(augment.IMAGENET_MEAN, np.float32),
+                         np.asarray(augment.IMAGENET_STD, np.float32))
     num_classes = net.num_classes
     names = [f"class {i}" for i in range(num_classes)]
   if labels is not None:

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 import pytest
 
-from resnet_jax import data, train_lib
+from resnet_jax import augment, data, datasets, train_lib
 from resnet_jax.config_check import base_config, validate_config
 from resnet_jax.errors import ConfigError, DataError
 from resnet_jax.models import create_model
@@ -49,13 +49,13 @@ def test_cifar10_reads_an_image_folder_and_holds_out_10_percent_when_it_has_no_t
   assert ds.info["eval_split"] == "holdout" and ds.info["storage"] == "memory"
   assert np.bincount(ds.test_y).tolist() == [1] * 10  # stratified
   x, y = folder_arrays(root)
-  mask = data.holdout_mask(y, [os.path.relpath(p, os.path.join(root, "train"))
-                               for p in data.scan_image_folder(root, "train")[0]], 0.1)
+  mask = datasets.holdout_mask(y, [os.path.relpath(p, os.path.join(root, "train"))
+                               for p in datasets.scan_image_folder(root, "train")[0]], 0.1)
   np.testing.assert_array_equal(ds.test_x, x[mask])
   np.testing.assert_array_equal(ds.train_x, x[~mask])
   # The classes in sorted order are CIFAR-10's labels; the normalisation is CIFAR-10's.
   np.testing.assert_array_equal(np.sort(np.unique(ds.train_y)), np.arange(10))
-  np.testing.assert_allclose(ds.mean, data.CIFAR10_MEAN)
+  np.testing.assert_allclose(ds.mean, augment.CIFAR10_MEAN)
 
 
 def test_cifar10_folder_with_a_test_split_evaluates_on_it_and_auto_holds_out_nothing(tmp_path):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from resnet_jax import data
+from resnet_jax import augment, data, datasets, image_files
 from resnet_jax.config_check import base_config
 from resnet_jax.errors import CheckpointError, ConfigError, DataError
 
@@ -77,7 +77,7 @@ def dataset_config(**kw) -> ml_collections.ConfigDict:
 
 
 def test_digits_split_shapes_range_and_stratification():
-  x_train, y_train, x_test, y_test = data.digits_split()
+  x_train, y_train, x_test, y_test = datasets.digits_split()
   assert x_train.shape[1:] == (8, 8, 1) and x_test.shape[1:] == (8, 8, 1)
   assert x_train.shape[0] + x_test.shape[0] == 1797
   assert x_train.dtype == np.float32 and y_train.dtype == np.int32
@@ -87,9 +87,9 @@ def test_digits_split_shapes_range_and_stratification():
 
 
 def test_digits_split_is_fixed_per_seed():
-  a = data.digits_split(seed=0)
-  b = data.digits_split(seed=0)
-  c = data.digits_split(seed=1)
+  a = datasets.digits_split(seed=0)
+  b = datasets.digits_split(seed=0)
+  c = datasets.digits_split(seed=1)
   for u, v in zip(a, b):
     np.testing.assert_array_equal(u, v)
   assert not np.array_equal(a[1], c[1])
@@ -97,7 +97,7 @@ def test_digits_split_is_fixed_per_seed():
 
 def test_digits_split_rejects_bad_fraction():
   with pytest.raises(DataError, match="test_fraction"):
-    data.digits_split(test_fraction=1.5)
+    datasets.digits_split(test_fraction=1.5)
 
 
 def test_load_digits_normalises_with_training_statistics():
@@ -114,7 +114,7 @@ def test_load_digits_normalises_with_training_statistics():
 @pytest.mark.parametrize("name,nested", [("cifar10", True), ("cifar10", False), ("cifar100", True)])
 def test_load_cifar_reads_the_pickle_layout(tmp_path, name, nested):
   root = write_cifar(str(tmp_path), name, nested=nested)
-  x_train, y_train, x_test, y_test = data.load_cifar(root, name)
+  x_train, y_train, x_test, y_test = datasets.load_cifar(root, name)
   assert x_train.shape == (20, 32, 32, 3) and x_train.dtype == np.uint8
   assert x_test.shape == (6, 32, 32, 3) and y_test.dtype == np.int32
   # The pickle holds channel-major rows: pixel (0, 0) of channel c is column c * 1024.
@@ -135,7 +135,7 @@ def test_missing_cifar_folder_names_place_and_layout(tmp_path):
 
 def test_cifar100_missing_names_its_layout(tmp_path):
   with pytest.raises(DataError, match="cifar-100-python"):
-    data.load_cifar(str(tmp_path), "cifar100")
+    datasets.load_cifar(str(tmp_path), "cifar100")
 
 
 def test_cifar_labels_out_of_range(tmp_path):
@@ -147,15 +147,15 @@ def test_cifar_labels_out_of_range(tmp_path):
   with open(path, "wb") as f:
     pickle.dump(d, f)
   with pytest.raises(DataError, match="labels"):
-    data.load_cifar(root, "cifar10")
+    datasets.load_cifar(root, "cifar10")
 
 
 def test_cifar_uses_documented_normalisation(tmp_path):
   root = write_cifar(str(tmp_path), "cifar10")
   ds = data.load_dataset(dataset_config(name="cifar10", data_dir=root))
   batch = ds.test_batch(np.arange(2))
-  expected = (ds.test_x[:2].astype(np.float32) / 255 - np.asarray(data.CIFAR10_MEAN, np.float32)) / \
-      np.asarray(data.CIFAR10_STD, np.float32)
+  expected = (ds.test_x[:2].astype(np.float32) / 255 - np.asarray(augment.CIFAR10_MEAN, np.float32)) / \
+      np.asarray(augment.CIFAR10_STD, np.float32)
   np.testing.assert_allclose(batch["image"], expected, rtol=1e-6, atol=1e-6)
 
 
@@ -165,7 +165,7 @@ def test_cifar_uses_documented_normalisation(tmp_path):
 
 def test_image_folder_scan_and_batches(tmp_path):
   root = write_image_folder(str(tmp_path), classes=("b", "a", "c"))
-  paths, labels, classes = data.scan_image_folder(root, "train")
+  paths, labels, classes = datasets.scan_image_folder(root, "train")
   assert classes == ["a", "b", "c"]
   assert len(paths) == 9 and labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
   ds = data.load_dataset(dataset_config(name="image_folder", data_dir=root, image_size=12,
@@ -188,7 +188,7 @@ def test_empty_class_folder_is_an_error(tmp_path):
   root = write_image_folder(str(tmp_path))
   os.makedirs(os.path.join(root, "train", "empty"))
   with pytest.raises(DataError, match="empty.*no images"):
-    data.scan_image_folder(root, "train")
+    datasets.scan_image_folder(root, "train")
 
 
 def test_corrupt_image_names_the_file(tmp_path):
@@ -204,7 +204,7 @@ def test_corrupt_image_names_the_file(tmp_path):
 def test_center_crop_is_resize_then_centre():
   from PIL import Image
   img = Image.fromarray(np.arange(40 * 20 * 3, dtype=np.uint8).reshape(20, 40, 3) % 251)
-  out = data.center_crop(img, 7, crop_fraction=0.875)
+  out = augment.center_crop(img, 7, crop_fraction=0.875)
   assert out.shape == (7, 7, 3)
   # 7 / 0.875 = 8: the shorter side (20) goes to 8, the longer one to 16; the crop is the centre.
   ref = np.asarray(img.resize((16, 8), Image.BILINEAR))[0:7, 4:11]
@@ -215,7 +215,7 @@ def test_center_crop_is_resize_then_centre():
 def test_random_resized_crop_shape(width, height, seed):
   from PIL import Image
   img = Image.fromarray(np.zeros((height, width, 3), np.uint8))
-  out = data.random_resized_crop(img, 6, np.random.default_rng(seed))
+  out = augment.random_resized_crop(img, 6, np.random.default_rng(seed))
   assert out.shape == (6, 6, 3) and out.dtype == np.uint8
 
 
@@ -227,7 +227,7 @@ def test_random_resized_crop_shape(width, height, seed):
 def test_pad_crop_flip_takes_windows_of_the_padded_image(padding, flip, seed):
   rng = np.random.default_rng(seed)
   images = rng.integers(1, 255, size=(3, 6, 5, 2), dtype=np.uint8)
-  out = data.pad_crop_flip(images, np.random.default_rng(seed + 1), padding, flip)
+  out = augment.pad_crop_flip(images, np.random.default_rng(seed + 1), padding, flip)
   assert out.shape == images.shape and out.dtype == images.dtype
   padded = np.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
   for i in range(3):
@@ -239,7 +239,7 @@ def test_pad_crop_flip_takes_windows_of_the_padded_image(padding, flip, seed):
 
 def test_pad_crop_flip_moves_and_flips_some_images():
   images = np.random.default_rng(0).integers(1, 255, size=(64, 8, 8, 1), dtype=np.uint8)
-  out = data.pad_crop_flip(images, np.random.default_rng(1), 2, True)
+  out = augment.pad_crop_flip(images, np.random.default_rng(1), 2, True)
   changed = [not np.array_equal(a, b) for a, b in zip(images, out)]
   assert 32 < sum(changed) < 64
 
@@ -331,7 +331,7 @@ def test_eval_batches_pad_and_mask(digits_ds):
 def folder_arrays(root: str, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
   """The images (decoded with Pillow, one by one) and labels of a split, in scan order."""
   from PIL import Image
-  paths, labels, _ = data.scan_image_folder(root, split)
+  paths, labels, _ = datasets.scan_image_folder(root, split)
   return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths]), labels
 
 
@@ -354,7 +354,7 @@ def test_folder_pad_crop_flip_is_applied_and_matches_the_array_code(tmp_path):
   idx = np.arange(ds.num_train)[::-1]
   got = ds.train_batch(idx, np.random.default_rng(5))["image"]
   x, _ = folder_arrays(root)
-  want = data.pad_crop_flip(x[idx], np.random.default_rng(5), 2, True).astype(np.float32) / 255
+  want = augment.pad_crop_flip(x[idx], np.random.default_rng(5), 2, True).astype(np.float32) / 255
   np.testing.assert_allclose(got, (want - ds.mean) / ds.std, rtol=1e-6, atol=1e-6)
   plain = (x[idx].astype(np.float32) / 255 - ds.mean) / ds.std
   assert not np.allclose(got, plain)  # The augmentation is not dropped.
@@ -420,15 +420,15 @@ def test_decode_images_in_parallel_keeps_the_order_and_names_the_first_bad_file(
   for i, a in enumerate(arrays):
     paths.append(str(tmp_path / f"{i:04d}.png"))
     Image.fromarray(a).save(paths[-1])
-  images, bad = data.decode_images(paths, 4, progress=False)
+  images, bad = image_files.decode_images(paths, 4, progress=False)
   np.testing.assert_array_equal(images, arrays)
   assert bad == []
   for i in (300, 520):
     with open(paths[i], "wb") as f:
       f.write(b"garbage")
   with pytest.raises(DataError, match="0300.png"):
-    data.decode_images(paths, 4, progress=False)
-  images, bad = data.decode_images(paths, 4, skip_unreadable=True, progress=False)
+    image_files.decode_images(paths, 4, progress=False)
+  images, bad = image_files.decode_images(paths, 4, skip_unreadable=True, progress=False)
   assert bad == [300, 520]
   np.testing.assert_array_equal(images, np.delete(arrays, [300, 520], axis=0))
 
@@ -453,15 +453,15 @@ def test_skipped_unreadable_image_in_memory(tmp_path):
 def test_holdout_mask_is_stratified_seeded_and_independent_of_order():
   labels = np.repeat(np.arange(3), [50, 30, 20])
   keys = [f"c{c}/{i}.jpg" for c, i in zip(labels, range(100))]
-  mask = data.holdout_mask(labels, keys, 0.1, seed=0)
+  mask = datasets.holdout_mask(labels, keys, 0.1, seed=0)
   assert mask.sum() == 10 and np.bincount(labels[mask]).tolist() == [5, 3, 2]
-  np.testing.assert_array_equal(mask, data.holdout_mask(labels, keys, 10, seed=0))  # A count.
-  assert not np.array_equal(mask, data.holdout_mask(labels, keys, 0.1, seed=1))
+  np.testing.assert_array_equal(mask, datasets.holdout_mask(labels, keys, 10, seed=0))  # A count.
+  assert not np.array_equal(mask, datasets.holdout_mask(labels, keys, 0.1, seed=1))
   order = np.random.default_rng(0).permutation(100)  # The same files listed in another order.
-  shuffled = data.holdout_mask(labels[order], [keys[i] for i in order], 0.1, seed=0)
+  shuffled = datasets.holdout_mask(labels[order], [keys[i] for i in order], 0.1, seed=0)
   assert {keys[i] for i in order[shuffled]} == {keys[i] for i in np.flatnonzero(mask)}
   # Largest remainders: 7 of (50, 30, 20) is (3.5, 2.1, 1.4) -> (4, 2, 1).
-  assert np.bincount(labels[data.holdout_mask(labels, keys, 7)]).tolist() == [4, 2, 1]
+  assert np.bincount(labels[datasets.holdout_mask(labels, keys, 7)]).tolist() == [4, 2, 1]
 
 
 @pytest.mark.parametrize("amount", [0.0001, 100, 1000])
@@ -469,12 +469,12 @@ def test_holdout_mask_rejects_what_cannot_be_held_out(amount):
   labels = np.repeat(np.arange(2), [98, 2])
   keys = [str(i) for i in range(100)]
   if amount < 1:
-    assert data.holdout_mask(labels, keys, amount).sum() == 1  # At least one.
+    assert datasets.holdout_mask(labels, keys, amount).sum() == 1  # At least one.
   else:
     with pytest.raises(DataError, match="holdout"):
-      data.holdout_mask(labels, keys, amount)
+      datasets.holdout_mask(labels, keys, amount)
   with pytest.raises(DataError, match="all 2 examples of class 1"):
-    data.holdout_mask(labels, keys, 99)
+    datasets.holdout_mask(labels, keys, 99)
 
 
 def test_folder_without_test_split_needs_holdout_and_evaluates_on_it(tmp_path):
@@ -487,9 +487,9 @@ def test_folder_without_test_split_needs_holdout_and_evaluates_on_it(tmp_path):
                                         holdout_seed=7))
   assert ds.num_train == 16 and ds.num_test == 4 and np.bincount(ds.test_y).tolist() == [2, 2]
   x, y = folder_arrays(root)
-  paths, _, _ = data.scan_image_folder(root, "train")
+  paths, _, _ = datasets.scan_image_folder(root, "train")
   keys = [os.path.relpath(p, os.path.join(root, "train")) for p in paths]
-  mask = data.holdout_mask(y, keys, 0.2, seed=7)
+  mask = datasets.holdout_mask(y, keys, 0.2, seed=7)
   np.testing.assert_array_equal(ds.test_x, x[mask])
   np.testing.assert_array_equal(ds.train_x, x[~mask])
   assert ds.info["eval_split"] == "holdout"
@@ -505,9 +505,9 @@ def test_folder_without_test_split_needs_holdout_and_evaluates_on_it(tmp_path):
 
 def test_holdout_from_cifar_pickles_and_digits(tmp_path):
   root = write_cifar(str(tmp_path), "cifar10", per_batch=8)
-  x_train, y_train, _, _ = data.load_cifar(root)
+  x_train, y_train, _, _ = datasets.load_cifar(root)
   ds = data.load_dataset(dataset_config(name="cifar10", data_dir=root, holdout=10))
-  mask = data.holdout_mask(y_train, [str(i) for i in range(40)], 10)
+  mask = datasets.holdout_mask(y_train, [str(i) for i in range(40)], 10)
   np.testing.assert_array_equal(ds.test_x, x_train[mask])
   np.testing.assert_array_equal(ds.train_y, y_train[~mask])
   digits = data.load_dataset(dataset_config(name="digits", holdout=0.1))
@@ -531,11 +531,11 @@ def test_config_checks_holdout(tmp_path):
 
 def test_channel_stats_are_exact_for_uint8_and_float():
   x = np.random.default_rng(0).integers(0, 256, size=(7, 5, 4, 3), dtype=np.uint8)
-  mean, std = data.channel_stats(x)
+  mean, std = augment.channel_stats(x)
   ref = x.reshape(-1, 3).astype(np.float64) / 255
   np.testing.assert_allclose(mean, ref.mean(0), rtol=1e-7)
   np.testing.assert_allclose(std, ref.std(0), rtol=1e-6)
-  mean_f, std_f = data.channel_stats(x.astype(np.float32) / 255)
+  mean_f, std_f = augment.channel_stats(x.astype(np.float32) / 255)
   np.testing.assert_allclose(mean_f, mean, rtol=1e-6)
   np.testing.assert_allclose(std_f, std, rtol=1e-6)
 
@@ -543,7 +543,7 @@ def test_channel_stats_are_exact_for_uint8_and_float():
 def test_dataset_normalisation_of_cifar_and_streamed_folders(tmp_path):
   root = write_cifar(str(tmp_path / "c"), "cifar10")
   ds = data.load_dataset(dataset_config(name="cifar10", data_dir=root, normalize="dataset"))
-  mean, std = data.channel_stats(data.load_cifar(root)[0])
+  mean, std = augment.channel_stats(datasets.load_cifar(root)[0])
   np.testing.assert_array_equal(ds.mean, mean)
   np.testing.assert_array_equal(ds.std, std)
   batch = ds.train_batch(np.arange(ds.num_train), np.random.default_rng(0))["image"]
@@ -602,7 +602,7 @@ def test_bad_cifar_pickle_is_one_error_naming_the_file(tmp_path, change, needle)
   root = write_cifar(str(tmp_path), "cifar10")
   path = _rewrite_batch(root, "data_batch_3", change)
   with pytest.raises(DataError) as e:
-    data.load_cifar(root, "cifar10")
+    datasets.load_cifar(root, "cifar10")
   assert path in str(e.value) and needle in str(e.value) and "\n" not in str(e.value)
 
 
@@ -612,7 +612,7 @@ def test_cifar_file_that_is_not_a_pickle(tmp_path):
   with open(path, "wb") as f:
     f.write(b"\x80\x04garbage")
   with pytest.raises(DataError, match="test_batch"):
-    data.load_cifar(root, "cifar10")
+    datasets.load_cifar(root, "cifar10")
 
 
 def test_sixteen_bit_greyscale_png_is_scaled_to_eight_bits(tmp_path):
@@ -621,8 +621,8 @@ def test_sixteen_bit_greyscale_png_is_scaled_to_eight_bits(tmp_path):
   path = str(tmp_path / "g16.png")
   Image.fromarray(wide).save(path)
   assert Image.open(path).mode.startswith("I")
-  images, _ = data.decode_images([path], 2, progress=False)  # 3x2 -> centre crop of a resize.
-  rgb = np.asarray(data._open_rgb(path))
+  images, _ = image_files.decode_images([path], 2, progress=False)  # 3x2 -> centre crop of a resize.
+  rgb = np.asarray(image_files.open_rgb(path))
   expected = np.round(wide / 65535 * 255).astype(np.uint8)
   np.testing.assert_array_equal(rgb, np.repeat(expected[..., None], 3, -1))
   assert images.shape == (1, 2, 2, 3)
@@ -633,7 +633,7 @@ def test_float_tiff_is_refused_in_one_line(tmp_path):
   path = str(tmp_path / "f.tif")
   Image.fromarray(np.ones((4, 4), np.float32)).save(path)
   with pytest.raises(DataError, match=r"f.tif.*32-bit floats"):
-    data._open_rgb(path)
+    image_files.open_rgb(path)
 
 
 def _bomb_png(path: str) -> None:
@@ -686,7 +686,7 @@ def test_hidden_entries_are_skipped_nested_images_included_and_reported(tmp_path
                          log=lines.append)
   assert ds.classes == ["cat", "dog"] and ds.num_train == 6
   assert ds.train_y.tolist() == [0, 0, 1, 1, 1, 1]
-  paths, _, _ = data.scan_image_folder(root, "train")
+  paths, _, _ = datasets.scan_image_folder(root, "train")
   assert [os.path.relpath(p, train) for p in paths] == [
       "cat/img0.png", "cat/img1.jpg", "dog/img0.png", "dog/img1.jpg", "dog/more/x.png",
       "dog/more/deeper/x.png"]
@@ -709,13 +709,13 @@ def test_symlink_loops_are_one_error(tmp_path):
   loop = os.path.join(root, "train", "cat", "again")
   os.symlink(os.path.join(root, "train", "cat"), loop)
   with pytest.raises(DataError, match="again.*symbolic link loop") as e:
-    data.scan_image_folder(root, "train")
+    datasets.scan_image_folder(root, "train")
   assert "\n" not in str(e.value)
   os.remove(loop)
   self_link = os.path.join(root, "train", "dog", "self.jpg")
   os.symlink(self_link, self_link)
   with pytest.raises(DataError, match="self.jpg.*(Too many levels|symbolic link)"):
-    data.scan_image_folder(root, "train")
+    datasets.scan_image_folder(root, "train")
 
 
 def test_a_run_records_its_data_and_evaluation_uses_the_recorded_normalisation(tmp_path):
@@ -737,10 +737,10 @@ def test_a_run_records_its_data_and_evaluation_uses_the_recorded_normalisation(t
   with open(os.path.join(workdir, "data.json")) as f:
     info = json.load(f)
   x, y = folder_arrays(root)
-  paths, _, _ = data.scan_image_folder(root, "train")
+  paths, _, _ = datasets.scan_image_folder(root, "train")
   keys = [os.path.relpath(p, os.path.join(root, "train")) for p in paths]
-  mask = data.holdout_mask(y, keys, 4)
-  mean, std = data.channel_stats(x[~mask])
+  mask = datasets.holdout_mask(y, keys, 4)
+  mean, std = augment.channel_stats(x[~mask])
   assert info["normalization"]["mean"] == mean.tolist() and info["normalization"]["std"] == std.tolist()
   assert info["eval_split"] == "holdout" and info["holdout"]["images"] == 4
   assert info["storage"] == "memory" and info["train_images"] == 12

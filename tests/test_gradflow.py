@@ -213,7 +213,7 @@ def test_explosion_and_block_orders_are_exclusive():
 def test_literal_bottleneck_network_is_affine_in_eval_mode():
   # resnet50 (num_filters 8) on the digits, 3 steps: from the first block's input to the logits, the
   # literal bottleneck stack is affine in evaluation mode (up to float32 rounding), the v1 stack is not.
-  from resnet_jax.data import digits_split
+  from resnet_jax.datasets import digits_split
   data = digits_split(seed=0)
   lit = gradflow.train_block_order("literal_bottleneck", steps=3, data=data)
   v1 = gradflow.train_block_order("v1", steps=3, data=data)
