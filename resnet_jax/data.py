@@ -170,7 +170,6 @@ def _stderr(message: str) -> None:
   print(message, file=sys.stderr, flush=True)
 
 
-
 def _use_memory(cfg: Any, train: Sequence[str], test: Sequence[str], size: int, log: Callable[[str], None]
                 ) -> bool:
   """Whether an image folder is decoded once into memory (see the module docstring)."""
@@ -195,7 +194,6 @@ def _use_memory(cfg: Any, train: Sequence[str], test: Sequence[str], size: int, 
     except Exception:  # Unreadable: decoding reports it (or skips it) with the file's name.
       pass
   return True
-
 
 
 def _store_folder(cfg: Any, train: Split, test: Split, size: int, progress: bool, log: Callable[[str], None]

@@ -52,6 +52,8 @@ Array = Any
 
 TRANSPORTS = ("custom_call", "pure_callback")
 CUSTOM_CALL_TARGET = "resnet_jax_onednn_conv2d"
+
+
 # XLA's typed FFI (xla/ffi/api/c_api.h, the layout shared by jaxlib 0.10 to 0.12): the handler receives an
 # XLA_FFI_CallFrame* and returns NULL or an XLA_FFI_Error*. Only the fields read here are declared in full.
 class _FfiInternalExtension(ctypes.Structure):
@@ -149,7 +151,6 @@ def _ffi_error(frame: _FfiCallFrame, message: str) -> int:
   """An ``XLA_FFI_Error*`` (code INTERNAL) carrying ``message``; XLA raises it in the calling Python code."""
   args = _FfiErrorCreateArgs(ctypes.sizeof(_FfiErrorCreateArgs), None, message.encode(), _FFI_ERROR_INTERNAL)
   return frame.api.contents.error_create(ctypes.byref(args))
-
 
 
 _TARGET_LOCK = threading.Lock()

@@ -59,6 +59,7 @@ _DIMS = ctypes.c_int64 * _MAX_NDIMS
 _DTYPES = {np.dtype(np.float32): _F32, np.dtype(ml_dtypes.bfloat16): _BF16}
 _DTYPE_NAMES = {d.name: d for d in _DTYPES}
 
+
 class OneDNNError(RuntimeError):
   """A oneDNN call failed where it should not have: an internal error (a bug), not a user error."""
 
@@ -200,7 +201,6 @@ class _Library:
       if p is None:
         p = self._primitives[spec] = ConvPrimitives(self, spec)
       return p
-
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,8 +1,10 @@
-"""Tests of resnet_jax.data: digits split, CIFAR pickles and image folders written here, augmentation,
-grain pipelines (determinism, checkpointable state, per-process slices) and the errors on bad data."""
+"""Tests of resnet_jax.data, datasets, image_files and augment: digits split, CIFAR pickles and image folders
+written here, augmentation, grain pipelines (determinism, checkpointable state, per-process slices) and the
+errors on bad data."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -376,6 +378,22 @@ def test_streamed_and_in_memory_folders_give_identical_batches(tmp_path, augment
   for u, v in zip(data.eval_batches(mem, 3), data.eval_batches(stream, 3)):
     np.testing.assert_array_equal(u["image"], v["image"])
 
+
+
+def test_load_dataset_returns_the_kind_of_its_storage(tmp_path):
+  """Images in memory give an ArrayDataset, a streamed folder a FileDataset of ImageFiles; both are frozen."""
+  root = write_image_folder(str(tmp_path), per_class=4, size=(8, 8))
+  kw = dict(name="image_folder", data_dir=root, image_size=8)
+  mem = data.load_dataset(dataset_config(in_memory="always", **kw))
+  stream = data.load_dataset(dataset_config(in_memory="never", **kw))
+  digits = data.load_dataset(dataset_config(name="digits"))
+  assert type(mem) is data.ArrayDataset and type(digits) is data.ArrayDataset
+  assert type(stream) is data.FileDataset
+  assert isinstance(mem.train_x, np.ndarray) and isinstance(stream.train_x, image_files.ImageFiles)
+  paths, _, _ = datasets.scan_image_folder(root, "train")
+  assert stream.train_x.paths == tuple(paths) and all(type(p) is str for p in stream.train_x.paths)
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    mem.augment = "pad_crop"
 
 def test_in_memory_folder_pipeline_resumes_exactly(tmp_path):
   root = write_image_folder(str(tmp_path), per_class=6, size=(8, 8))
