@@ -203,7 +203,7 @@ class ResNet(nn.Module):
           x = self.perturb(f"block{index:02d}", x)
         x = self.block_cls(
             filters, conv=conv, norm=norm, act=self.act, strides=stride, order=self.block_order,
-            shortcut=self.shortcut, projection=stride != 1 or x.shape[-1] != out_features,
+            shortcut=self.shortcut, shortcut_changes_shape=stride != 1 or x.shape[-1] != out_features,
             residual=self.residual, zero_init_last=zero_init, name=f"layer{i + 1}_{j}", **extra)(x)
         index += 1
       features[f"stage{i + 1}"] = x
