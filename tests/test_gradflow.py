@@ -234,3 +234,27 @@ def test_xor_halves():
   assert abs(float(x_tr[:, 3:5].std()) - 0.3) < 0.02
   top, bottom = x_tr[:, :3].mean(axis=(1, 2, 3)), x_tr[:, 5:].mean(axis=(1, 2, 3))
   assert np.mean((top * bottom > 0) == (y_tr == 1)) > 0.9
+
+
+def test_batch_indices_reshuffle_when_a_permutation_runs_out():
+  batches = script.batch_indices(np.random.default_rng(0), 10, 4, 5)
+  assert [len(b) for b in batches] == [4] * 5
+  # two batches per permutation of 10 (the last 2 examples dropped), then a fresh permutation
+  for first, second in (batches[0:2], batches[2:4]):
+    assert len(set(first) | set(second)) == 8
+  assert np.array_equal(batches[0], np.random.default_rng(0).permutation(10)[:4])
+
+
+def test_max_rel_error_is_the_worst_leaf_of_gradcheck_rel_error():
+  a = {"w": np.array([1.0, 2.0]), "b": np.array([0.5])}
+  b = {"w": np.array([1.0, 2.5]), "b": np.array([0.25])}
+  assert gradient_flow.max_rel_error(a, b) == pytest.approx(max(0.5 / 2.5, 0.25 / 0.25))
+  assert gradient_flow.max_rel_error(a, a) == 0.0
+
+
+def test_digits_optimizer_is_the_library_sgd_after_clipping():
+  params = {"w": jnp.array([3.0, 4.0])}
+  grads = {"w": jnp.array([30.0, 40.0])}     # norm 50: clipped to norm 1
+  tx = script.sgd_with_clipping(0.1)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  np.testing.assert_allclose(np.asarray(updates["w"]), [-0.06, -0.08], rtol=1e-6)

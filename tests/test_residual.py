@@ -537,3 +537,19 @@ def test_relu_derivative_is_zero_at_exactly_zero():
     auto = jax.grad(lambda p, x: residual_unit.loss(p, x, y, "relu"), argnums=(0, 1))(p, x)
     np.testing.assert_array_equal(auto[0]["w1"], 0.0)  # jax.nn.relu's derivative at 0 is 0 as well
     np.testing.assert_array_equal(auto[1], g["x"])
+
+
+def test_uniform_fan_in_is_init_params_distribution():
+  init = residual_unit.uniform_fan_in(16)
+  w = init(jax.random.PRNGKey(0), (1000,), jnp.float32)
+  assert float(jnp.max(jnp.abs(w))) <= 0.25 and float(jnp.max(jnp.abs(w))) > 0.24
+  p = residual_unit.init_params(jax.random.PRNGKey(1), dim=16, hidden=4)
+  k1 = jax.random.split(jax.random.PRNGKey(1), 4)[0]
+  np.testing.assert_array_equal(p["w1"], init(k1, (4, 16), jnp.float32))
+
+
+def test_sigma_prime_is_the_hand_written_derivative():
+  z = jnp.linspace(-5.0, 5.0, 11)
+  for name in ACTS:
+    auto = jax.vmap(jax.grad(residual_unit.ACTIVATIONS[name].sigma))(z)
+    np.testing.assert_allclose(residual_unit.sigma_prime(z, name), auto, rtol=1e-6, atol=1e-7)
