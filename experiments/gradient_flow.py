@@ -67,7 +67,7 @@ USAGE = ("usage: python experiments/gradient_flow.py [--out DIR] [--depths N,N,.
 
 @dataclasses.dataclass(frozen=True)
 class GradflowConfig:
-  """Settings of one ``gradflow`` run (see ``python experiments/gradient_flow.py --help``)."""
+  """Settings of one run of the study (see ``python experiments/gradient_flow.py --help``)."""
   depths: tuple[int, ...] = DEFAULT_DEPTHS
   width: int = 16
   hidden: int = 32

@@ -47,6 +47,7 @@ CHUNK = 25
 # ----------------------------------------------------------------------------------------------
 # The analytic part: per-unit Jacobians of the seed's unit
 
+
 def layer_inputs(params: list[dict], x, shortcut: bool, activation: str) -> list:
   """``[x_0, ..., x_L]``: the input of every unit and the stack's output ``x_L = y_hat``.
 
