@@ -1,6 +1,6 @@
 """The derivation's residual units as a classifier: flatten -> Dense(dim) -> depth x (H(x) + x) -> Dense.
 
-Trains ``residual_mlp`` (resnet_jax.residual.ResidualMLP, ReLU units) on the 8x8 digits with AdamW.
+Trains ``residual_mlp`` (resnet_jax.residual_unit.ResidualMLP, ReLU units) on the 8x8 digits with AdamW.
 Set ``--config.model.options.residual=False`` for the plain twin (x_{l+1} = H_l(x_l)).
 """
 

@@ -1,18 +1,18 @@
 """resnet_jax: residual networks in JAX/Flax.
 
-- :mod:`resnet_jax.residual`: the residual unit ``y_hat = w2 sigma(w1 x + b1) + b2 + x`` as pure functions,
+- :mod:`resnet_jax.residual_unit`: the residual unit ``y_hat = w2 sigma(w1 x + b1) + b2 + x`` as pure functions,
   with its hand-derived gradients and a ``custom_vjp`` version.
 - :mod:`resnet_jax.blocks` / :mod:`resnet_jax.models`: Basic and Bottleneck blocks, ResNet-18..200,
   wide/ResNeXt, pre-activation and CIFAR ResNets (``create_model``, ``list_models``).
 - :mod:`resnet_jax.convert`: torchvision weights in and out.
 - :mod:`resnet_jax.train_lib`, :mod:`resnet_jax.data`: jit-compiled optax training and input pipelines.
-- :mod:`resnet_jax.gradflow`: gradient norms through plain and residual stacks.
+- :mod:`resnet_jax.gradient_flow`: gradient norms through plain and residual stacks, measured and predicted.
 - :mod:`resnet_jax.finetune`, :mod:`resnet_jax.predict`, :mod:`resnet_jax.export`: starting a run from
   weights, classifying image files, ONNX and StableHLO export.
 """
 
 from resnet_jax.errors import ResNetJaxError, ConfigError, DataError, CheckpointError, ModelError
-from resnet_jax import residual
+from resnet_jax import residual_unit
 from resnet_jax.models import create_model, list_models
 
 __version__ = "0.1.0"

@@ -37,14 +37,14 @@ _DN = ("NHWC", "HWIO", "NHWC")
 _HI = lax.Precision.HIGHEST
 
 
-def conv2d(x: Array, w: Array, stride: int, pad: int) -> Array:
+def conv(x: Array, w: Array, stride: int, pad: int) -> Array:
   """torch-style convolution: NHWC input, HWIO kernel, symmetric padding ``pad``."""
   return lax.conv_general_dilated(x, w, (stride, stride), ((pad, pad), (pad, pad)), dimension_numbers=_DN,
                                   precision=_HI)
 
 
-def conv2d_backward(x: Array, w: Array, delta: Array, stride: int, pad: int) -> tuple[Array, Array]:
-  """(dL/dx, dL/dw) of ``conv2d(x, w, stride, pad)`` given ``delta = dL/dy``."""
+def conv_backward(x: Array, w: Array, delta: Array, stride: int, pad: int) -> tuple[Array, Array]:
+  """(dL/dx, dL/dw) of ``conv(x, w, stride, pad)`` given ``delta = dL/dy``."""
   k = w.shape[0]
   (h, wd), (ho, wo) = x.shape[1:3], delta.shape[1:3]
   lo = k - 1 - pad
@@ -103,17 +103,17 @@ def basic_block_forward(params: dict, x: Array, stride: int = 1, order: str = "v
   else:
     inp = x
   c["inp"] = inp
-  z1 = conv2d(inp, w1, stride, 1)
+  z1 = conv(inp, w1, stride, 1)
   if order == "v2":
     u1, c["bn2"] = batch_norm(z1, params["bn2"], eps)
     c["u1"] = u1
     c["a1"] = a1 = relu(u1)
-    f = conv2d(a1, w2, 1, 1)
+    f = conv(a1, w2, 1, 1)
   else:
     u1, c["bn1"] = batch_norm(z1, params["bn1"], eps)
     c["u1"] = u1
     c["a1"] = a1 = relu(u1)
-    u2, c["bn2"] = batch_norm(conv2d(a1, w2, 1, 1), params["bn2"], eps)
+    u2, c["bn2"] = batch_norm(conv(a1, w2, 1, 1), params["bn2"], eps)
     c["u2"] = u2
     f = relu(u2) if order == "relu_before_add" else u2
   if residual:
@@ -122,9 +122,9 @@ def basic_block_forward(params: dict, x: Array, stride: int = 1, order: str = "v
     elif kind == "A":
       s = option_a_shortcut(x, w2.shape[-1], stride)
     elif order == "v2":
-      s = conv2d(inp, params["downsample_conv"]["kernel"], stride, 0)
+      s = conv(inp, params["downsample_conv"]["kernel"], stride, 0)
     else:
-      s, c["bnd"] = batch_norm(conv2d(x, params["downsample_conv"]["kernel"], stride, 0),
+      s, c["bnd"] = batch_norm(conv(x, params["downsample_conv"]["kernel"], stride, 0),
                                params["downsample_bn"], eps)
     f = f + s
   c["t"] = f
@@ -144,14 +144,14 @@ def basic_block_backward(params: dict, x: Array, delta: Array, stride: int = 1, 
   g_t = delta * (c["t"] > 0) if order == "v1" else delta  # ReLU after the addition (v1 only)
   g_f = g_t
   if order == "v2":
-    g_a1, dw2 = conv2d_backward(c["a1"], w2, g_f, 1, 1)
+    g_a1, dw2 = conv_backward(c["a1"], w2, g_f, 1, 1)
     g_z1, grads["bn2"] = batch_norm_backward(g_a1 * (c["u1"] > 0), c["bn2"])
   else:
     g_u2 = g_f * (c["u2"] > 0) if order == "relu_before_add" else g_f
     g_z2, grads["bn2"] = batch_norm_backward(g_u2, c["bn2"])
-    g_a1, dw2 = conv2d_backward(c["a1"], w2, g_z2, 1, 1)
+    g_a1, dw2 = conv_backward(c["a1"], w2, g_z2, 1, 1)
     g_z1, grads["bn1"] = batch_norm_backward(g_a1 * (c["u1"] > 0), c["bn1"])
-  g_inp, dw1 = conv2d_backward(c["inp"], w1, g_z1, stride, 1)
+  g_inp, dw1 = conv_backward(c["inp"], w1, g_z1, stride, 1)
   grads["conv1"], grads["conv2"] = {"kernel": dw1}, {"kernel": dw2}
   g_x = jnp.zeros_like(x)
   if residual:
@@ -160,12 +160,12 @@ def basic_block_backward(params: dict, x: Array, delta: Array, stride: int = 1, 
     elif kind == "A":
       g_x = g_x.at[:, ::stride, ::stride, :].add(g_t[..., :x.shape[-1]])
     elif order == "v2":
-      g_p, dwd = conv2d_backward(c["inp"], params["downsample_conv"]["kernel"], g_t, stride, 0)
+      g_p, dwd = conv_backward(c["inp"], params["downsample_conv"]["kernel"], g_t, stride, 0)
       g_inp = g_inp + g_p
       grads["downsample_conv"] = {"kernel": dwd}
     else:
       g_zd, grads["downsample_bn"] = batch_norm_backward(g_t, c["bnd"])
-      g_xd, dwd = conv2d_backward(x, params["downsample_conv"]["kernel"], g_zd, stride, 0)
+      g_xd, dwd = conv_backward(x, params["downsample_conv"]["kernel"], g_zd, stride, 0)
       g_x = g_x + g_xd
       grads["downsample_conv"] = {"kernel": dwd}
   if order == "v2":

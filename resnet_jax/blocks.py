@@ -104,7 +104,7 @@ class _Block(nn.Module):
   strides: int = 1
   order: str = "v1"
   shortcut: str = "B"
-  projection: bool = False   # the shape changes: S is a projection (B) or option A
+  shortcut_changes_shape: bool = False   # stride or width changes: S is a projection (B) or option A, not x
   residual: bool = True
   zero_init_last: bool = False  # gamma of the branch's last BN starts at 0, so F(x) = 0 at init
   expansion: int = 1
@@ -122,7 +122,7 @@ class _Block(nn.Module):
     self._setup_branch()
     if self.order == "v2":
       self.bn1 = self.norm()
-    if self.residual and self.projection and self.shortcut == "B":
+    if self.residual and self.shortcut_changes_shape and self.shortcut == "B":
       s = (self.strides, self.strides)
       self.downsample_conv = self.conv(self.out_features, (1, 1), s, padding=_PAD1)
       if self.order != "v2":
@@ -143,7 +143,7 @@ class _Block(nn.Module):
     return self._branch_from(self._preact(x))
 
   def _shortcut(self, x: Array, xp: Array) -> Array:
-    if not self.projection:
+    if not self.shortcut_changes_shape:
       return x
     if self.shortcut == "A":
       return option_a_shortcut(x, self.out_features, self.strides)

@@ -1,7 +1,7 @@
 """Gradient explosion as well as vanishing: the residual unit's stack over a weight-scale (gain) axis.
 
 The stack is that of the residual unit, ``x_{l+1} = x_l + H_l(x_l)`` (residual) or ``x_{l+1} = H_l(x_l)`` (plain), with
-``H(x) = sigma(x W1^T + b1) W2^T + b2`` and the library's initialisation (:func:`resnet_jax.residual.init_stack`,
+``H(x) = sigma(x W1^T + b1) W2^T + b2`` and the library's initialisation (:func:`resnet_jax.residual_unit.init_stack`,
 ``U(+-1/sqrt(fan_in))``) multiplied by ``gain`` in ``W1`` and ``W2``. Three remedies can be switched on:
 
 - ``norm=True``: BatchNorm with batch statistics (training mode, no learned shift) after each weight layer
@@ -30,23 +30,25 @@ import functools
 import math
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from threadpoolctl import threadpool_limits
+
+from resnet_jax import residual_unit
 
 BN_EPS = 1e-5
 
 
 def stack_params(key, depth: int, width: int, hidden: int, gain: float = 1.0, branch_scale: float = 1.0,
                  dtype=None) -> list[dict]:
-  """:func:`resnet_jax.residual.init_stack` with ``W1 *= gain`` and ``W2 *= gain * branch_scale``."""
-  import jax.numpy as jnp
-  from resnet_jax import residual as res
-  params = res.init_stack(key, depth, width, hidden, dtype=dtype or jnp.float64)
+  """:func:`resnet_jax.residual_unit.init_stack` with ``W1 *= gain`` and ``W2 *= gain * branch_scale``."""
+  params = residual_unit.init_stack(key, depth, width, hidden, dtype=dtype or jnp.float64)
   return [{**p, "w1": p["w1"] * gain, "w2": p["w2"] * (gain * branch_scale)} for p in params]
 
 
 def _batch_norm(h):
   """Normalise each column over the batch (training mode: batch mean and variance, eps 1e-5)."""
-  import jax.numpy as jnp
   mean = jnp.mean(h, axis=0)
   var = jnp.mean(jnp.square(h - mean), axis=0)
   return (h - mean) / jnp.sqrt(var + BN_EPS)
@@ -54,8 +56,7 @@ def _batch_norm(h):
 
 def unit(p: dict, x, activation: str, residual: bool, norm: bool = False, gamma: float = 1.0):
   """One unit on a batch ``x`` (B, dim): ``x + H(x)`` or ``H(x)``; with ``norm`` the branch has two BNs."""
-  from resnet_jax import residual as res
-  sigma = res.ACTIVATIONS[activation].sigma
+  sigma = residual_unit.ACTIVATIONS[activation].sigma
   if norm:
     h = gamma * _batch_norm(sigma(_batch_norm(x @ p["w1"].T + p["b1"])) @ p["w2"].T + p["b2"])
   else:
@@ -78,8 +79,6 @@ def measure(params: list[dict], x, y, activation: str, residual: bool, norm: boo
   and ``log10_forward``: ``log10 (rms(x_L) / rms(x_0))``, the growth of the signal itself. With
   ``jacobians=False`` only the measured and forward parts are computed (the three predictions are ``None``).
   """
-  import jax
-  from threadpoolctl import threadpool_limits
   # One BLAS thread: the many small SVDs run several times faster than with threads competing for cores.
   with jax.enable_x64(True), threadpool_limits(limits=1, user_api="blas"):
     return _measure(params, x, y, activation, residual, norm, gamma, jacobians)
@@ -92,8 +91,6 @@ def _compiled(activation: str, residual: bool, norm: bool, gamma: float):
   The Jacobian ``d x_{l+1} / d x_l`` is returned as blocks: ``(B, dim, dim)``, one per example, without BN
   (the batch Jacobian is block-diagonal), ``(1, B*dim, B*dim)`` with BN (which couples the examples).
   """
-  import jax
-
   def f(p, v):
     return unit(p, v, activation, residual, norm, gamma)
 
@@ -109,7 +106,6 @@ def _compiled(activation: str, residual: bool, norm: bool, gamma: float):
 
 
 def _measure(params, x, y, activation, residual, norm, gamma, jacobians):
-  import jax.numpy as jnp
   f, bwd, jac = _compiled(activation, bool(residual), bool(norm), float(gamma))
   x = jnp.asarray(x, jnp.float64)
   xs = [x]
@@ -185,8 +181,6 @@ def study(gains, depths, width: int, hidden: int, batch: int, seed: int,
   gradient ratio measured and its three predictions (see :func:`measure`); the records of the deepest stack
   also hold the whole profile, unit by unit.
   """
-  import jax
-  import jax.numpy as jnp
   log = log or (lambda msg: None)
   kp, kx, ky = jax.random.split(jax.random.key(seed), 3)
   with jax.enable_x64(True):

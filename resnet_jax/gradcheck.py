@@ -1,4 +1,4 @@
-"""Gradient check: the hand-derived gradients of :mod:`resnet_jax.residual` against ``jax.grad``.
+"""Gradient check: the hand-derived gradients of :mod:`resnet_jax.residual_unit` against ``jax.grad``.
 
 Run ``python -m resnet_jax.gradcheck`` (options: ``--depth --width --hidden --activation --batch --dtype
 --seed --rtol``). It compares, for one unit, a residual stack and its plain twin, every parameter's
@@ -31,10 +31,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnet_jax import residual
+from resnet_jax import errors, residual_unit
 from resnet_jax.errors import ConfigError, run_cli
 
 DEFAULT_RTOL = {"float32": 1e-4, "float64": 1e-10}
+USAGE = ("usage: python -m resnet_jax.gradcheck [--depth N] [--width N] [--hidden N] [--activation NAME] "
+         "[--batch N] [--dtype float64|float32] [--seed N] [--rtol X]")
 
 
 def error_floor(dtype: Any) -> float:
@@ -56,9 +58,9 @@ def rel_error(a: Any, b: Any, floor: float) -> float:
   return abs_error(a, b) / scale
 
 
-def autodiff_stack_grads(params: Sequence[dict], x: Any, y: Any, residual_: bool = True,
+def autodiff_stack_grads(params: Sequence[dict], x: Any, y: Any, shortcut: bool = True,
                          activation: str = "sigmoid") -> dict[str, Any]:
-  """The reference: :func:`residual.manual_stack_grads`' result computed with ``jax.grad``.
+  """The reference: :func:`residual_unit.manual_stack_grads`' result computed with ``jax.grad``.
 
   The gradient with respect to unit l's input is the gradient with respect to a zero perturbation
   ``e_l`` added to that input (``x_l + e_l``), taken at ``e = 0``.
@@ -68,12 +70,12 @@ def autodiff_stack_grads(params: Sequence[dict], x: Any, y: Any, residual_: bool
   def perturbed_loss(params, eps):
     h = x
     for p, e in zip(params, eps):
-      h = residual.stack_forward([p], h + e, residual_, activation)   # one unit, residual or plain
+      h = residual_unit.stack_forward([p], h + e, shortcut, activation)   # one unit, residual or plain
     return 0.5 * jnp.sum(jnp.square(h - y)) / x.shape[0]
 
   eps = [jnp.zeros_like(x) for _ in params]
   g_params, g_inputs = jax.grad(perturbed_loss, argnums=(0, 1))(list(params), eps)
-  g_x = jax.grad(residual.stack_loss, argnums=1)(list(params), x, y, residual_, activation)
+  g_x = jax.grad(residual_unit.stack_loss, argnums=1)(list(params), x, y, shortcut, activation)
   return {"params": g_params, "x": g_x, "inputs": g_inputs}
 
 
@@ -110,17 +112,17 @@ def check(depth: int = 20, width: int = 8, hidden: int = 16, activation: str = "
   y = jax.random.normal(ky, (batch, width), dt)
   rows: list[Row] = []
 
-  p = residual.init_params(kp, width, hidden, dt)
-  manual = residual.manual_grads(p, x, y, activation)
-  g_p, g_x = jax.grad(residual.loss, argnums=(0, 1))(p, x, y, activation)
+  p = residual_unit.init_params(kp, width, hidden, dt)
+  manual = residual_unit.manual_grads(p, x, y, activation)
+  g_p, g_x = jax.grad(residual_unit.loss, argnums=(0, 1))(p, x, y, activation)
   auto = {**g_p, "x": g_x}
   for k in ("w1", "b1", "w2", "b2", "x"):
     rows.append(Row("unit", k, abs_error(manual[k], auto[k]), rel_error(manual[k], auto[k], floor), rtol))
 
-  stack = residual.init_stack(ks, depth, width, hidden, dt)
-  for label, res in (("residual stack", True), ("plain stack", False)):
-    manual = residual.manual_stack_grads(stack, x, y, res, activation)
-    auto = autodiff_stack_grads(stack, x, y, res, activation)
+  stack = residual_unit.init_stack(ks, depth, width, hidden, dt)
+  for label, shortcut in (("residual stack", True), ("plain stack", False)):
+    manual = residual_unit.manual_stack_grads(stack, x, y, shortcut, activation)
+    auto = autodiff_stack_grads(stack, x, y, shortcut, activation)
     for k in ("w1", "b1", "w2", "b2"):
       pairs = [(m[k], a[k]) for m, a in zip(manual["params"], auto["params"])]
       rows.append(_worst(label, f"{k} ({depth} units)", pairs, floor, rtol))
@@ -142,13 +144,6 @@ def format_table(rows: Sequence[Row]) -> str:
     lines.append(f"{r.model:<15} {r.name:<17} {r.abs_err:>12.2e} {r.rel_err:>12.2e} {r.rtol:>9.0e}  "
                  f"{'PASS' if r.ok else 'FAIL'}")
   return "\n".join(lines)
-
-
-class _Parser(argparse.ArgumentParser):
-  """argparse that reports a bad option as a ConfigError (one stderr line via run_cli, exit 2)."""
-
-  def error(self, message: str):  # type: ignore[override]
-    raise ConfigError(f"{self.prog}: {message}")
 
 
 def _positive_int(text: str) -> int:
@@ -180,14 +175,15 @@ def _int(text: str) -> int:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   """The command line of ``python -m resnet_jax.gradcheck``."""
-  ap = _Parser(prog="python -m resnet_jax.gradcheck",
-               description="Compare the hand-derived gradients of the residual unit, of a deep residual "
-                           "stack and of its plain twin with jax.grad; exit 1 if any exceeds its tolerance.")
+  ap = argparse.ArgumentParser(prog="python -m resnet_jax.gradcheck",
+                               description="Compare the hand-derived gradients of the residual unit, of a "
+                                           "deep residual stack and of its plain twin with jax.grad; exit 1 if "
+                                           "any exceeds its tolerance.")
   ap.add_argument("--depth", type=_positive_int, default=20, help="units in the stacks (default 20)")
   ap.add_argument("--width", "--dim", dest="width", type=_positive_int, default=8,
                   help="dim, the width of x (default 8)")
   ap.add_argument("--hidden", type=_positive_int, default=16, help="hidden width of each branch (default 16)")
-  ap.add_argument("--activation", choices=sorted(residual.ACTIVATIONS), default="sigmoid",
+  ap.add_argument("--activation", choices=sorted(residual_unit.ACTIVATIONS), default="sigmoid",
                   help="sigma (default sigmoid)")
   ap.add_argument("--batch", type=_positive_int, default=4, help="rows of x (default 4)")
   ap.add_argument("--dtype", choices=sorted(DEFAULT_RTOL), default="float64",
@@ -195,7 +191,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   ap.add_argument("--seed", type=_int, default=0, help="PRNG seed of parameters and data (default 0)")
   ap.add_argument("--rtol", type=_positive_float, default=None,
                   help="relative tolerance (default 1e-10 for float64, 1e-4 for float32)")
-  return ap.parse_args(argv)
+  return errors.parse_args(ap, argv, USAGE)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

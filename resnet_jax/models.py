@@ -40,20 +40,12 @@ import numpy as np
 from resnet_jax.blocks import BasicBlock, Bottleneck, ModuleDef, check_block_options
 from resnet_jax.errors import ModelError
 from resnet_jax.pooling import max_pool
+from resnet_jax.residual_unit import ResidualMLP, uniform_fan_in
 
 Array = Any
 
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # kaiming_normal_(fan_out, relu)
 dense_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")  # U(+-1/sqrt(fan_in))
-
-
-def _uniform_bias_init(fan_in: int) -> Callable:
-  """torch.nn.Linear's bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-  bound = 1.0 / float(fan_in) ** 0.5
-
-  def init(key, shape, dtype=jnp.float32):
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-  return init
 
 
 CONV_BACKENDS = ("auto", "xla", "onednn")
@@ -203,7 +195,7 @@ class ResNet(nn.Module):
           x = self.perturb(f"block{index:02d}", x)
         x = self.block_cls(
             filters, conv=conv, norm=norm, act=self.act, strides=stride, order=self.block_order,
-            shortcut=self.shortcut, projection=stride != 1 or x.shape[-1] != out_features,
+            shortcut=self.shortcut, shortcut_changes_shape=stride != 1 or x.shape[-1] != out_features,
             residual=self.residual, zero_init_last=zero_init, name=f"layer{i + 1}_{j}", **extra)(x)
         index += 1
       features[f"stage{i + 1}"] = x
@@ -216,7 +208,7 @@ class ResNet(nn.Module):
     if self.num_classes == 0:  # headless backbone
       return features if return_features else features["pre_logits"]
     x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
-                 kernel_init=dense_kernel_init, bias_init=_uniform_bias_init(x.shape[-1]), name="fc")(x)
+                 kernel_init=dense_kernel_init, bias_init=uniform_fan_in(x.shape[-1]), name="fc")(x)
     features["logits"] = jnp.asarray(x, out_dtype)
     return features if return_features else features["logits"]
 
@@ -288,7 +280,6 @@ for _d in CIFAR_DEPTHS:
 
 def _residual_mlp(num_classes: int, depth: int = 8, dim: int = 64, hidden: int = 64,
                   activation: str = "relu", residual: bool = True) -> nn.Module:
-  from resnet_jax.residual import ResidualMLP  # imported lazily: the conv models do not need it
   return ResidualMLP(depth=depth, dim=dim, hidden=hidden, num_classes=num_classes, activation=activation,
                      residual=residual)
 

@@ -37,7 +37,7 @@ def make_block(block_cls, order, in_features, filters, stride=1, shortcut="B", r
                            dtype=jnp.float64, param_dtype=jnp.float64)
   out = filters * (4 if block_cls is Bottleneck else 1)
   block = block_cls(filters, conv=conv, norm=norm, strides=stride, order=order, shortcut=shortcut,
-                    projection=stride != 1 or in_features != out, residual=residual)
+                    shortcut_changes_shape=stride != 1 or in_features != out, residual=residual)
   x = normal(1, (2, 7, 7, in_features), jnp.float64)
   variables = block.init(INIT_KEY, x)
   rng = np.random.default_rng(2)

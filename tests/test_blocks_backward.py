@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from resnet_jax.block_backward import (basic_block_backward, basic_block_forward, conv2d, conv2d_backward)
+from resnet_jax.block_backward import (basic_block_backward, basic_block_forward, conv, conv_backward)
 from resnet_jax.blocks import BasicBlock
 from tests.test_blocks import make_block, normal
 
@@ -54,9 +54,9 @@ def test_conv_backward_matches_vjp(seed, size, stride, pad, k):
   with jax.enable_x64(True):
     x = normal(seed, (2, size, size + 1, 3), jnp.float64)
     w = normal(seed + 1, (k, k, 3, 5), jnp.float64)
-    y, vjp = jax.vjp(lambda x, w: conv2d(x, w, stride, pad), x, w)
+    y, vjp = jax.vjp(lambda x, w: conv(x, w, stride, pad), x, w)
     delta = normal(seed + 2, y.shape, jnp.float64)
-    chex.assert_trees_all_close(conv2d_backward(x, w, delta, stride, pad), vjp(delta), rtol=1e-10, atol=1e-10)
+    chex.assert_trees_all_close(conv_backward(x, w, delta, stride, pad), vjp(delta), rtol=1e-10, atol=1e-10)
 
 
 @settings(max_examples=3)

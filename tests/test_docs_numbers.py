@@ -1,6 +1,6 @@
 """Every number that README.md and docs/*.md quote from a committed results file is read from that file.
 
-Each check formats the value from ``docs/figures/results.json`` (``python -m resnet_jax.gradflow --out
+Each check formats the value from ``docs/figures/results.json`` (``python experiments/gradient_flow.py --out
 docs/figures``), ``docs/figures/explosion.json`` (``... --explosion``) or ``docs/figures/block_orders.json``
 (``... --block-orders``) and asserts that the text containing it appears in the document, so a document
 and its results file cannot drift apart: re-running a command without updating the text fails here.

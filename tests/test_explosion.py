@@ -1,4 +1,4 @@
-"""Vanishing and explosion over the weight gain (resnet_jax.explosion, ``gradflow --explosion``).
+"""Vanishing and explosion over the weight gain (resnet_jax.explosion, ``experiments/gradient_flow.py --explosion``).
 
 - The measured gradient equals the library's hand-derived, jax.grad-checked stack gradients.
 - The three predictions bound the measurement in order: measured <= ||prod M_l||_2 <= sum log10 ||M_l||_2,
@@ -17,8 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resnet_jax import explosion, gradflow
+from resnet_jax import explosion, gradient_flow
 from resnet_jax.errors import ConfigError
+from test_gradflow import script  # experiments/gradient_flow.py
 
 
 def _data(batch=8, width=8, seed=0):
@@ -39,7 +40,7 @@ def test_measured_equals_hand_derived_stack_gradients(activation, gain, residual
   x, y = _data()
   m = explosion.measure(params, x, y, activation, residual, jacobians=False)
   with jax.enable_x64(True):
-    ref = gradflow.stack_gradient_norms(params, x, y, residual, activation, chunk=10)
+    ref = gradient_flow.stack_gradient_norms(params, x, y, residual, activation, chunk=10)
   ref_log = np.array(ref["log10_input_grad"])
   np.testing.assert_allclose(m["log10_grad"], ref_log - ref_log[-1], atol=1e-9)
   assert ref["max_rel_diff_vs_jax"] < 1e-10
@@ -110,7 +111,7 @@ def test_cli_explosion_mode(tmp_path, capsys):
   out = tmp_path / "ex"
   argv = ["--explosion", "--gains", "3", "--explosion-depths", "2,3", "--width", "4", "--hidden", "5",
           "--explosion-batch", "3", "--out", str(out)]
-  assert gradflow.main(argv) == 0
+  assert script.main(argv) == 0
   printed = capsys.readouterr().out
   results = json.loads((out / "explosion.json").read_text())
   nets = {(r["activation"], r["gain"], r["net"]) for r in results["explosion"]}
@@ -128,4 +129,4 @@ def test_cli_explosion_mode(tmp_path, capsys):
     (["--explosion-batch", "1"], "--explosion-batch"), (["--remedy-gain", "-1"], "--remedy-gain")])
 def test_bad_explosion_flags(argv, fragment):
   with pytest.raises(ConfigError, match=fragment):
-    gradflow.parse_args(argv)
+    script.parse_args(argv)

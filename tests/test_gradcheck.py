@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resnet_jax import gradcheck, residual
+from resnet_jax import gradcheck, residual_unit
 from resnet_jax.errors import run_cli
 
 SMALL = ["--depth", "3", "--width", "3", "--hidden", "4", "--batch", "2"]
@@ -29,11 +29,11 @@ def test_rel_error_is_norm_wise():
 
 def test_autodiff_stack_grads_has_manual_layout():
   with jax.enable_x64(True):
-    params = residual.init_stack(jax.random.PRNGKey(0), 3, 3, 4, jnp.float64)
+    params = residual_unit.init_stack(jax.random.PRNGKey(0), 3, 3, 4, jnp.float64)
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 3), jnp.float64)
     y = jnp.zeros((2, 3))
     auto = gradcheck.autodiff_stack_grads(params, x, y, True, "relu")
-    manual = residual.manual_stack_grads(params, x, y, True, "relu")
+    manual = residual_unit.manual_stack_grads(params, x, y, True, "relu")
     assert len(auto["inputs"]) == len(manual["inputs"]) == 3
     for l in range(3):
       assert gradcheck.rel_error(manual["inputs"][l], auto["inputs"][l], 1e-292) < 1e-12
@@ -56,15 +56,15 @@ def test_main_passes_and_prints_table(dtype, capsys):
 @pytest.fixture
 def plain_w1_off_by_1e8(monkeypatch):
   """manual_stack_grads with a relative error of 1e-8 in the first unit's w1 of the plain stack."""
-  real = residual.manual_stack_grads
+  real = residual_unit.manual_stack_grads
 
-  def off_by_a_little(params, x, y, residual=True, activation="sigmoid"):
-    g = real(params, x, y, residual, activation)
-    if not residual:
+  def off_by_a_little(params, x, y, shortcut=True, activation="sigmoid"):
+    g = real(params, x, y, shortcut, activation)
+    if not shortcut:
       g["params"][0]["w1"] = g["params"][0]["w1"] * (1 + 1e-8)
     return g
 
-  monkeypatch.setattr(residual, "manual_stack_grads", off_by_a_little)
+  monkeypatch.setattr(residual_unit, "manual_stack_grads", off_by_a_little)
 
 
 def test_main_fails_on_a_wrong_gradient(plain_w1_off_by_1e8, capsys):

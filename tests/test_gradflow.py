@@ -1,4 +1,4 @@
-"""Claims of ``python -m resnet_jax.gradflow``, checked on small cases.
+"""Claims of ``resnet_jax.gradient_flow`` and ``python experiments/gradient_flow.py``, checked on small cases.
 
 - Through 50 sigmoid units the plain stack's input gradient is many orders of magnitude below the
   residual twin's, while the residual gradient stays within a small factor of the output's.
@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -25,16 +26,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resnet_jax import gradflow, residual
+from resnet_jax import gradient_flow, residual_unit
 from resnet_jax.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "experiments", "gradient_flow.py")
+_spec = importlib.util.spec_from_file_location("gradient_flow_script", SCRIPT)
+script = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)  # dataclasses look it up there
+_spec.loader.exec_module(script)
 
 
 def _stack(depth: int, width: int = 8, hidden: int = 16, batch: int = 4, seed: int = 0):
   """float64 stack of the library's residual unit with N(0, 1) inputs and targets (call under x64)."""
   kp, kx, ky = jax.random.split(jax.random.key(seed), 3)
-  params = residual.init_stack(kp, depth, width, hidden, dtype=jnp.float64)
+  params = residual_unit.init_stack(kp, depth, width, hidden, dtype=jnp.float64)
   x = jax.random.normal(kx, (batch, width), jnp.float64)
   y = jax.random.normal(ky, (batch, width), jnp.float64)
   return params, x, y
@@ -43,7 +48,7 @@ def _stack(depth: int, width: int = 8, hidden: int = 16, batch: int = 4, seed: i
 @pytest.fixture(scope="module")
 def depth50():
   """measure_mlp at depth 50, sigmoid, tiny width: records for the plain and the residual stack."""
-  plain, res = gradflow.measure_mlp(50, width=8, hidden=16, activation="sigmoid", batch=4, seed=0)
+  plain, res = gradient_flow.measure_mlp(50, width=8, hidden=16, activation="sigmoid", batch=4, seed=0)
   assert not jax.config.jax_enable_x64  # measured in float64, without leaving x64 on
   return {"plain": plain, "residual": res}
 
@@ -91,9 +96,9 @@ def test_measured_decay_matches_prediction_and_respects_bound(depth50):
 def test_chunked_backward_equals_one_pass(residual_flag, activation):
   with jax.enable_x64(True):
     params, x, y = _stack(13)
-    one = gradflow.stack_gradient_norms(params, x, y, residual_flag, activation, chunk=100, check=False)
-    chunked = gradflow.stack_gradient_norms(params, x, y, residual_flag, activation, chunk=4, check=True)
-    direct = residual.manual_stack_grads(params, x, y, residual=residual_flag, activation=activation)
+    one = gradient_flow.stack_gradient_norms(params, x, y, residual_flag, activation, chunk=100, check=False)
+    chunked = gradient_flow.stack_gradient_norms(params, x, y, residual_flag, activation, chunk=4, check=True)
+    direct = residual_unit.manual_stack_grads(params, x, y, shortcut=residual_flag, activation=activation)
   np.testing.assert_allclose(chunked["log10_input_grad"], one["log10_input_grad"], atol=1e-9)
   np.testing.assert_allclose(chunked["log10_param_grad"], one["log10_param_grad"], atol=1e-9)
   expected = [math.log10(float(np.linalg.norm(np.asarray(g)))) for g in direct["inputs"]]
@@ -105,7 +110,7 @@ def test_deep_plain_gradient_does_not_underflow():
   # 10^-100 and below would be 0 in float32 and, far enough down, in float64: the chunks carry the scale.
   with jax.enable_x64(True):
     params, x, y = _stack(120)
-    g = gradflow.stack_gradient_norms(params, x, y, False, "sigmoid", check=False)
+    g = gradient_flow.stack_gradient_norms(params, x, y, False, "sigmoid", check=False)
   v = np.array(g["log10_input_grad"])
   assert np.all(np.isfinite(v))
   assert v[0] < -100
@@ -117,31 +122,31 @@ def test_deep_plain_gradient_does_not_underflow():
 def test_jacobians_equal_jacfwd(residual_flag):
   with jax.enable_x64(True):
     params, x, _ = _stack(5, width=6, hidden=7, batch=3, seed=3)
-    xs = gradflow.layer_inputs(params, x, residual_flag, "sigmoid")
+    xs = gradient_flow.layer_inputs(params, x, residual_flag, "sigmoid")
     # One unit: J = W2 diag(sigma'(z)) W1 is d x_{l+1} / d x_l (minus I for the residual unit).
-    f = lambda v: residual.stack_forward(params[:1], v[None], residual=residual_flag, activation="sigmoid")[0]
+    f = lambda v: residual_unit.stack_forward(params[:1], v[None], shortcut=residual_flag, activation="sigmoid")[0]
     for b in range(3):
       full = jax.jacfwd(f)(x[b])
-      j = gradflow.unit_jacobians(params[0], x[b:b + 1], "sigmoid")[0]
+      j = gradient_flow.unit_jacobians(params[0], x[b:b + 1], "sigmoid")[0]
       chex.assert_trees_all_close(j + (jnp.eye(6) if residual_flag else 0), full, atol=1e-12)
     # The product over the stack, for example 0: the spectral norm of d x_L / d x_0.
-    g = lambda v: residual.stack_forward(params, v[None], residual=residual_flag, activation="sigmoid")[0]
+    g = lambda v: residual_unit.stack_forward(params, v[None], shortcut=residual_flag, activation="sigmoid")[0]
     whole = jax.jacfwd(g)(x[0])
     expected = math.log10(float(jnp.linalg.norm(whole, 2)))
-    assert gradflow.log10_product_norm(params, xs, residual_flag, "sigmoid") == pytest.approx(expected, abs=1e-9)
+    assert gradient_flow.log10_product_norm(params, xs, residual_flag, "sigmoid") == pytest.approx(expected, abs=1e-9)
 
 
 def test_sigma_prime_is_below_its_supremum():
   z = jnp.linspace(-8.0, 8.0, 401)
-  for name, sup in gradflow.SIGMA_PRIME_SUP.items():
-    d = gradflow.sigma_prime(z, name)
+  for name, sup in gradient_flow.SIGMA_PRIME_SUP.items():
+    d = residual_unit.sigma_prime(z, name)
     assert float(jnp.max(d)) <= sup + 1e-7
-  assert float(gradflow.sigma_prime(jnp.zeros(1), "sigmoid")[0]) == pytest.approx(0.25)
+  assert float(residual_unit.sigma_prime(jnp.zeros(1), "sigmoid")[0]) == pytest.approx(0.25)
 
 
 @pytest.mark.slow
 def test_conv_plain56_gradient_grows_far_more_than_resnet56(depth50, tmp_path):
-  records = gradflow.measure_conv(56, batch=2, size=8, seed=0)
+  records = gradient_flow.measure_conv(56, batch=2, size=8, seed=0)
   plain, res = records
   assert plain["model"] == "plain56" and res["model"] == "resnet56"
   assert len(plain["log10_block_input_grad"]) == len(res["log10_block_input_grad"]) == 27
@@ -152,7 +157,7 @@ def test_conv_plain56_gradient_grows_far_more_than_resnet56(depth50, tmp_path):
   # The gradient plot gains a third panel for the conv nets.
   results = {"config": {"activation": "sigmoid", "width": 8, "hidden": 16, "batch": 4, "seed": 0},
              "mlp": [depth50["plain"], depth50["residual"]], "conv": records}
-  gradflow.plot_grad_norms(results, str(tmp_path / "g.png"))
+  script.plot_grad_norms(results, str(tmp_path / "g.png"))
   assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -161,7 +166,7 @@ def test_cli_writes_results_and_plots(tmp_path, capsys):
   argv = ["--depths", "3,30", "--width", "4", "--hidden", "8", "--batch", "4", "--skip-conv",
           "--train-depths", "2", "--train-steps", "2", "--train-width", "8", "--train-hidden", "8",
           "--out", str(out)]
-  assert gradflow.main(argv) == 0
+  assert script.main(argv) == 0
   printed = capsys.readouterr().out
   results = json.loads((out / "results.json").read_text())
   assert [(r["depth"], r["net"]) for r in results["mlp"]] == [
@@ -191,11 +196,11 @@ def test_cli_writes_results_and_plots(tmp_path, capsys):
 ])
 def test_bad_flags_raise_config_error(argv, fragment):
   with pytest.raises(ConfigError, match=fragment.replace("+", r"\+")):
-    gradflow.parse_args(argv)
+    script.parse_args(argv)
 
 
 def test_bad_flag_exits_2_with_one_line(tmp_path):
-  proc = subprocess.run([sys.executable, "-m", "resnet_jax.gradflow", "--activation", "gelu",
+  proc = subprocess.run([sys.executable, SCRIPT, "--activation", "gelu",
                          "--out", str(tmp_path / "x")], cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2
   lines = proc.stderr.strip().splitlines()
@@ -206,7 +211,7 @@ def test_bad_flag_exits_2_with_one_line(tmp_path):
 
 def test_explosion_and_block_orders_are_exclusive():
   with pytest.raises(ConfigError, match="at most one"):
-    gradflow.parse_args(["--explosion", "--block-orders"])
+    script.parse_args(["--explosion", "--block-orders"])
 
 
 @pytest.mark.slow
@@ -215,17 +220,41 @@ def test_literal_bottleneck_network_is_affine_in_eval_mode():
   # literal bottleneck stack is affine in evaluation mode (up to float32 rounding), the v1 stack is not.
   from resnet_jax.datasets import digits_split
   data = digits_split(seed=0)
-  lit = gradflow.train_block_order("literal_bottleneck", steps=3, data=data)
-  v1 = gradflow.train_block_order("v1", steps=3, data=data)
+  lit = script.train_block_order("literal_bottleneck", steps=3, data=data)
+  v1 = script.train_block_order("v1", steps=3, data=data)
   assert lit["eval_nonlinearity"] < 1e-5 < 1e-2 < v1["eval_nonlinearity"]
   assert v1["parameters"] - lit["parameters"] == 2 * 4 * 8 * (3 * 1 + 4 * 2 + 6 * 4 + 3 * 8)
 
 
 def test_xor_halves():
-  x_tr, y_tr, x_te, y_te = gradflow.xor_halves(n_train=400, n_test=100, seed=1)
+  x_tr, y_tr, x_te, y_te = script.xor_halves(n_train=400, n_test=100, seed=1)
   assert x_tr.shape == (400, 8, 8, 1) and x_te.shape == (100, 8, 8, 1) and x_tr.dtype == np.float32
   assert set(np.unique(y_tr)) == {0, 1} and 0.4 < y_tr.mean() < 0.6
   # rows 3-4 carry only noise, so no 3x3 patch sees both halves; the label is the sign of the product
   assert abs(float(x_tr[:, 3:5].std()) - 0.3) < 0.02
   top, bottom = x_tr[:, :3].mean(axis=(1, 2, 3)), x_tr[:, 5:].mean(axis=(1, 2, 3))
   assert np.mean((top * bottom > 0) == (y_tr == 1)) > 0.9
+
+
+def test_batch_indices_reshuffle_when_a_permutation_runs_out():
+  batches = script.batch_indices(np.random.default_rng(0), 10, 4, 5)
+  assert [len(b) for b in batches] == [4] * 5
+  # two batches per permutation of 10 (the last 2 examples dropped), then a fresh permutation
+  for first, second in (batches[0:2], batches[2:4]):
+    assert len(set(first) | set(second)) == 8
+  assert np.array_equal(batches[0], np.random.default_rng(0).permutation(10)[:4])
+
+
+def test_max_rel_error_is_the_worst_leaf_of_gradcheck_rel_error():
+  a = {"w": np.array([1.0, 2.0]), "b": np.array([0.5])}
+  b = {"w": np.array([1.0, 2.5]), "b": np.array([0.25])}
+  assert gradient_flow.max_rel_error(a, b) == pytest.approx(max(0.5 / 2.5, 0.25 / 0.25))
+  assert gradient_flow.max_rel_error(a, a) == 0.0
+
+
+def test_digits_optimizer_is_the_library_sgd_after_clipping():
+  params = {"w": jnp.array([3.0, 4.0])}
+  grads = {"w": jnp.array([30.0, 40.0])}     # norm 50: clipped to norm 1
+  tx = script.sgd_with_clipping(0.1)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  np.testing.assert_allclose(np.asarray(updates["w"]), [-0.06, -0.08], rtol=1e-6)

@@ -166,7 +166,7 @@ def test_plain_twin_has_the_residual_nets_layers():
 
 
 def test_residual_mlp_is_registered():
-  from resnet_jax.residual import ResidualMLP
+  from resnet_jax.residual_unit import ResidualMLP
   model = create_model("residual_mlp", num_classes=10, depth=3, dim=16, hidden=32, activation="tanh")
   assert isinstance(model, ResidualMLP)
   x = jnp.ones((2, 8, 8, 1))

@@ -170,7 +170,7 @@ def test_basic_block_with_onednn_conv_equals_flax():
     conv = functools.partial(conv_cls, use_bias=False, dtype=jnp.float32, param_dtype=jnp.float32,
                              kernel_init=conv_kernel_init)
     norm = functools.partial(nn.BatchNorm, use_running_average=False, momentum=0.9, epsilon=1e-5)
-    return BasicBlock(8, conv=conv, norm=norm, strides=2, projection=True, shortcut="B")
+    return BasicBlock(8, conv=conv, norm=norm, strides=2, shortcut_changes_shape=True, shortcut="B")
 
   x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
   variables = block(nn.Conv).init(jax.random.key(1), x)

@@ -14,10 +14,10 @@ import pytest
 from hypothesis import assume, given, strategies as st
 from hypothesis.extra import numpy as hnp
 
-from resnet_jax import residual
+from resnet_jax import residual_unit
 from resnet_jax.errors import ModelError, ResNetJaxError
 
-ACTS = sorted(residual.ACTIVATIONS)
+ACTS = sorted(residual_unit.ACTIVATIONS)
 KEYS = ("w1", "b1", "w2", "b2")
 
 
@@ -58,10 +58,10 @@ def autodiff_stack(params, x, y, res, activation):
   def perturbed(params, eps):
     h = x
     for p, e in zip(params, eps):
-      h = residual.stack_forward([p], h + e, res, activation)
+      h = residual_unit.stack_forward([p], h + e, res, activation)
     return 0.5 * jnp.sum(jnp.square(h - y)) / x.shape[0]
   g_params, g_inputs = jax.grad(perturbed, argnums=(0, 1))(params, [jnp.zeros_like(x)] * len(params))
-  g_x = jax.grad(residual.stack_loss, argnums=1)(params, x, y, res, activation)
+  g_x = jax.grad(residual_unit.stack_loss, argnums=1)(params, x, y, res, activation)
   return g_params, g_x, g_inputs
 
 
@@ -83,15 +83,15 @@ def unit_case(draw):
 
 
 def scaled_params(seed, dim, hidden, scale, dtype=jnp.float64):
-  p = residual.init_params(jax.random.PRNGKey(seed), dim, hidden, dtype)
+  p = residual_unit.init_params(jax.random.PRNGKey(seed), dim, hidden, dtype)
   return {k: jnp.asarray(np.asarray(v) * scale) for k, v in p.items()}   # numpy: no compile per shape
 
 
 @functools.partial(jax.jit, static_argnames="activation")
 def unit_grads_both_ways(p, x, y, activation):
   """manual_grads and jax.grad of loss, compiled once per shape and activation."""
-  g_p, g_x = jax.grad(residual.loss, argnums=(0, 1))(p, x, y, activation)
-  return residual.manual_grads(p, x, y, activation), g_p, g_x
+  g_p, g_x = jax.grad(residual_unit.loss, argnums=(0, 1))(p, x, y, activation)
+  return residual_unit.manual_grads(p, x, y, activation), g_p, g_x
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -115,16 +115,16 @@ def test_manual_grads_equal_jax_grad(case, activation):
 
 def test_loss_is_the_batch_mean_of_half_squared_error():
   with jax.enable_x64(True):
-    p = residual.init_params(jax.random.PRNGKey(0), 3, 4, jnp.float64)
+    p = residual_unit.init_params(jax.random.PRNGKey(0), 3, 4, jnp.float64)
     x = jax.random.normal(jax.random.PRNGKey(1), (5, 3), jnp.float64)
     y = jax.random.normal(jax.random.PRNGKey(2), (5, 3), jnp.float64)
-    per_example = [float(residual.loss(p, x[n:n + 1], y[n:n + 1])) for n in range(5)]
-    np.testing.assert_allclose(float(residual.loss(p, x, y)), np.mean(per_example), rtol=1e-14)
+    per_example = [float(residual_unit.loss(p, x[n:n + 1], y[n:n + 1])) for n in range(5)]
+    np.testing.assert_allclose(float(residual_unit.loss(p, x, y)), np.mean(per_example), rtol=1e-14)
     # the forward pass, written out with numpy from the definition y_hat = w2 sigma(w1 x + b1) + b2 + x
     P = {k: np.asarray(v) for k, v in p.items()}
     X = np.asarray(x)
     y_hat = (1 / (1 + np.exp(-(X @ P["w1"].T + P["b1"])))) @ P["w2"].T + P["b2"] + X
-    np.testing.assert_allclose(np.asarray(residual.forward(p, x)), y_hat, rtol=1e-13)
+    np.testing.assert_allclose(np.asarray(residual_unit.forward(p, x)), y_hat, rtol=1e-13)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -133,7 +133,7 @@ def test_loss_is_the_batch_mean_of_half_squared_error():
 
 def check_stack(depth, dim, hidden, batch, activation, res, seed, scale=1.0):
   params = [{k: jnp.asarray(np.asarray(v) * scale) for k, v in p.items()}
-            for p in residual.init_stack(jax.random.PRNGKey(seed), depth, dim, hidden, jnp.float64)]
+            for p in residual_unit.init_stack(jax.random.PRNGKey(seed), depth, dim, hidden, jnp.float64)]
   kx, ky = jax.random.split(jax.random.PRNGKey(seed + 1))
   x = jax.random.normal(kx, (batch, dim), jnp.float64)
   y = jax.random.normal(ky, (batch, dim), jnp.float64)
@@ -142,7 +142,7 @@ def check_stack(depth, dim, hidden, batch, activation, res, seed, scale=1.0):
     assume(well_conditioned)
   else:  # a fixed case must be one where jax.grad's tanh derivative is itself accurate
     assert well_conditioned
-  manual = residual.manual_stack_grads(params, x, y, res, activation)
+  manual = residual_unit.manual_stack_grads(params, x, y, res, activation)
   g_params, g_x, g_inputs = autodiff_stack(params, x, y, res, activation)
   assert len(manual["params"]) == len(manual["inputs"]) == depth
   for l in range(depth):   # per unit, so that a wrong early unit in a vanishing plain stack is seen
@@ -186,13 +186,13 @@ def test_input_grad_parts(case, activation):
     p = scaled_params(seed, dim, hidden, scale)
     assume(tanh_well_conditioned([p], x, True, activation))
     x, y = jnp.asarray(x), jnp.asarray(y)
-    branch, shortcut = residual.input_grad_parts(p, x, y, activation)
+    branch, shortcut = residual_unit.input_grad_parts(p, x, y, activation)
     # the shortcut part is exactly the original error (y_hat - y), divided by batch for the batch mean
-    y_hat = residual.forward(p, x, activation)
+    y_hat = residual_unit.forward(p, x, activation)
     np.testing.assert_array_equal(shortcut, (y_hat - y) / batch)
-    np.testing.assert_array_equal(branch + shortcut, residual.manual_grads(p, x, y, activation)["x"])
+    np.testing.assert_array_equal(branch + shortcut, residual_unit.manual_grads(p, x, y, activation)["x"])
 
-    H = lambda v: residual.stack_forward([p], v, residual=False, activation=activation)   # H(x) alone
+    H = lambda v: residual_unit.stack_forward([p], v, shortcut=False, activation=activation)   # H(x) alone
     through_branch = lambda v: 0.5 * jnp.sum(jnp.square(H(v) + jax.lax.stop_gradient(v) - y)) / batch
     through_shortcut = lambda v: 0.5 * jnp.sum(jnp.square(H(jax.lax.stop_gradient(v)) + v - y)) / batch
     assert_close(branch, jax.grad(through_branch)(x), 1e-10, "branch")
@@ -201,28 +201,28 @@ def test_input_grad_parts(case, activation):
 
 def test_shortcut_part_is_y_hat_minus_y_for_one_example():
   with jax.enable_x64(True):
-    p = residual.init_params(jax.random.PRNGKey(3), 1, 1, jnp.float64)
+    p = residual_unit.init_params(jax.random.PRNGKey(3), 1, 1, jnp.float64)
     x = jnp.array([[0.5]])
     y = jnp.array([[-1.0]])
-    _, shortcut = residual.input_grad_parts(p, x, y, "tanh")
-    np.testing.assert_array_equal(shortcut, residual.forward(p, x, "tanh") - y)
+    _, shortcut = residual_unit.input_grad_parts(p, x, y, "tanh")
+    np.testing.assert_array_equal(shortcut, residual_unit.forward(p, x, "tanh") - y)
 
 
 @pytest.mark.parametrize("res", [True, False], ids=["residual", "plain"])
 def test_stack_input_grad_parts(res):
   with jax.enable_x64(True):
     depth, activation = 6, "sigmoid"
-    params = residual.init_stack(jax.random.PRNGKey(0), depth, 3, 4, jnp.float64)
+    params = residual_unit.init_stack(jax.random.PRNGKey(0), depth, 3, 4, jnp.float64)
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 3), jnp.float64)
     y = jax.random.normal(jax.random.PRNGKey(2), (2, 3), jnp.float64)
-    parts = residual.stack_input_grad_parts(params, x, y, res, activation)
+    parts = residual_unit.stack_input_grad_parts(params, x, y, res, activation)
     _, _, g_inputs = autodiff_stack(params, x, y, res, activation)
-    x_L = residual.stack_forward(params, x, res, activation)
+    x_L = residual_unit.stack_forward(params, x, res, activation)
     above = list(g_inputs[1:]) + [(x_L - y) / 2]
     for l, (branch, shortcut) in enumerate(parts):
-      x_l = residual.stack_forward(params[:l], x, res, activation) if l else x
+      x_l = residual_unit.stack_forward(params[:l], x, res, activation) if l else x
       # branch_l = J_{H_l}(x_l)^T dL/dx_{l+1}, computed here with jax.vjp of the branch alone
-      _, vjp = jax.vjp(lambda v: residual.stack_forward([params[l]], v, False, activation), x_l)
+      _, vjp = jax.vjp(lambda v: residual_unit.stack_forward([params[l]], v, False, activation), x_l)
       assert_close(branch, vjp(above[l])[0], 1e-10, f"branch {l}")
       if res:
         assert_close(shortcut, above[l], 1e-10, f"shortcut {l}")
@@ -239,17 +239,17 @@ def test_stack_input_grad_parts(res):
 def test_float32_agreement(activation):
   from resnet_jax.gradcheck import DEFAULT_RTOL
   rtol = DEFAULT_RTOL["float32"]
-  params = residual.init_stack(jax.random.PRNGKey(0), 50, 3, 4)
+  params = residual_unit.init_stack(jax.random.PRNGKey(0), 50, 3, 4)
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 3))
   y = jax.random.normal(jax.random.PRNGKey(2), (2, 3))
-  manual = residual.manual_grads(params[0], x, y, activation)
-  g_p, g_x = jax.grad(residual.loss, argnums=(0, 1))(params[0], x, y, activation)
+  manual = residual_unit.manual_grads(params[0], x, y, activation)
+  g_p, g_x = jax.grad(residual_unit.loss, argnums=(0, 1))(params[0], x, y, activation)
   for k in KEYS:
     assert manual[k].dtype == jnp.float32
     assert_close(manual[k], g_p[k], rtol, k)
   assert_close(manual["x"], g_x, rtol, "x")
   for res in (True, False):
-    m = residual.manual_stack_grads(params, x, y, res, activation)
+    m = residual_unit.manual_stack_grads(params, x, y, res, activation)
     g_params, g_x, g_inputs = autodiff_stack(params, x, y, res, activation)
     for l in range(50):
       for k in KEYS:
@@ -271,12 +271,12 @@ def _data(dim=3, batch=2, dtype=jnp.float64):
 @pytest.mark.parametrize("res", [True, False], ids=["residual", "plain"])
 def test_residual_unit_custom_vjp_equals_autodiff(activation, res):
   with jax.enable_x64(True):
-    p = residual.init_params(jax.random.PRNGKey(0), 3, 4, jnp.float64)
+    p = residual_unit.init_params(jax.random.PRNGKey(0), 3, 4, jnp.float64)
     x, y = _data()
-    custom = lambda p, x: jnp.sum(jnp.sin(residual.residual_unit(p, x, activation, res)) * y)
-    plain = lambda p, x: jnp.sum(jnp.sin(residual.stack_forward([p], x, res, activation)) * y)
-    np.testing.assert_array_equal(residual.residual_unit(p, x, activation, res),
-                                  residual.stack_forward([p], x, res, activation))
+    custom = lambda p, x: jnp.sum(jnp.sin(residual_unit.hand_derived_unit(p, x, activation, res)) * y)
+    plain = lambda p, x: jnp.sum(jnp.sin(residual_unit.stack_forward([p], x, res, activation)) * y)
+    np.testing.assert_array_equal(residual_unit.hand_derived_unit(p, x, activation, res),
+                                  residual_unit.stack_forward([p], x, res, activation))
     got = jax.grad(custom, argnums=(0, 1))(p, x)
     want = jax.grad(plain, argnums=(0, 1))(p, x)
     for k in KEYS:
@@ -285,10 +285,10 @@ def test_residual_unit_custom_vjp_equals_autodiff(activation, res):
 
 
 def test_residual_unit_uses_the_custom_backward():
-  p = residual.init_params(jax.random.PRNGKey(0), 3, 2)
+  p = residual_unit.init_params(jax.random.PRNGKey(0), 3, 2)
   x, _ = _data(3, 2, jnp.float32)
-  assert "custom_vjp" in str(jax.make_jaxpr(residual.residual_unit)(p, x))
-  assert "custom_vjp" not in str(jax.make_jaxpr(residual.forward)(p, x))
+  assert "custom_vjp" in str(jax.make_jaxpr(residual_unit.hand_derived_unit)(p, x))
+  assert "custom_vjp" not in str(jax.make_jaxpr(residual_unit.forward)(p, x))
 
 
 @pytest.mark.parametrize("make_opt", [lambda: optax.sgd(0.1, momentum=0.9), lambda: optax.adam(0.05)],
@@ -296,16 +296,16 @@ def test_residual_unit_uses_the_custom_backward():
 def test_training_with_custom_vjp_follows_autodiff(make_opt):
   with jax.enable_x64(True):
     depth = 3
-    params = residual.init_stack(jax.random.PRNGKey(0), depth, 3, 4, jnp.float64)
+    params = residual_unit.init_stack(jax.random.PRNGKey(0), depth, 3, 4, jnp.float64)
     x, y = _data()
 
     def loss_custom(params):
       h = x
       for p in params:
-        h = residual.residual_unit(p, h, "tanh")
+        h = residual_unit.hand_derived_unit(p, h, "tanh")
       return 0.5 * jnp.sum(jnp.square(h - y)) / x.shape[0]
 
-    loss_auto = lambda params: residual.stack_loss(params, x, y, True, "tanh")
+    loss_auto = lambda params: residual_unit.stack_loss(params, x, y, True, "tanh")
     trajectories = []
     for loss_fn in (loss_custom, loss_auto):
       opt = make_opt()
@@ -334,24 +334,24 @@ def _step(loss_fn, opt, p, state):
 
 @pytest.mark.parametrize("res", [True, False], ids=["residual", "plain"])
 def test_residual_unit_module_matches_functions(res):
-  unit = residual.ResidualUnit(dim=4, hidden=6, activation="tanh", residual=res)
+  unit = residual_unit.ResidualUnit(dim=4, hidden=6, activation="tanh", residual=res)
   x, _ = _data(4, 3, jnp.float32)
   variables = unit.init(jax.random.PRNGKey(0), x)
   p = variables["params"]
-  ref = residual.init_params(jax.random.PRNGKey(0), 4, 6)
+  ref = residual_unit.init_params(jax.random.PRNGKey(0), 4, 6)
   assert set(p) == set(KEYS)
   chex.assert_trees_all_equal_shapes(dict(p), ref)
-  chex.assert_trees_all_close(unit.apply(variables, x), residual.stack_forward([p], x, res, "tanh"),
+  chex.assert_trees_all_close(unit.apply(variables, x), residual_unit.stack_forward([p], x, res, "tanh"),
                               rtol=1e-6, atol=1e-6)
   # the mapping is the identity: a dict from init_params is the module's params collection
-  chex.assert_trees_all_close(unit.apply({"params": ref}, x), residual.stack_forward([ref], x, res, "tanh"),
+  chex.assert_trees_all_close(unit.apply({"params": ref}, x), residual_unit.stack_forward([ref], x, res, "tanh"),
                               rtol=1e-6, atol=1e-6)
   if res:
-    chex.assert_trees_all_close(unit.apply({"params": ref}, x), residual.forward(ref, x, "tanh"), rtol=1e-6)
+    chex.assert_trees_all_close(unit.apply({"params": ref}, x), residual_unit.forward(ref, x, "tanh"), rtol=1e-6)
 
 
 def test_residual_mlp_is_embed_stack_head():
-  model = residual.ResidualMLP(depth=3, dim=5, hidden=7, num_classes=4, activation="relu")
+  model = residual_unit.ResidualMLP(depth=3, dim=5, hidden=7, num_classes=4, activation="relu")
   images = jax.random.uniform(jax.random.PRNGKey(1), (2, 8, 8, 1))
   variables = jax.jit(lambda k, x: model.init(k, x, train=False))(jax.random.PRNGKey(0), images)
   params = variables["params"]
@@ -359,7 +359,7 @@ def test_residual_mlp_is_embed_stack_head():
   chex.assert_shape(logits, (2, 4))
   flat = images.reshape(2, -1)
   h = flat @ params["embed"]["kernel"] + params["embed"]["bias"]
-  h = residual.stack_forward([params[f"unit{l:03d}"] for l in range(3)], h, True, "relu")
+  h = residual_unit.stack_forward([params[f"unit{l:03d}"] for l in range(3)], h, True, "relu")
   chex.assert_trees_all_close(logits, h @ params["head"]["kernel"] + params["head"]["bias"], rtol=1e-5, atol=1e-5)
   assert sorted(variables["perturbations"]) == ["block00", "block01", "block02"]
 
@@ -369,7 +369,7 @@ def test_residual_mlp_hand_derived_grad_equals_autodiff(res):
   images = jax.random.uniform(jax.random.PRNGKey(1), (3, 4, 4, 1))
   labels = jnp.array([0, 2, 1])
   kw = dict(depth=4, dim=5, hidden=6, num_classes=3, activation="sigmoid", residual=res)
-  auto, hand = residual.ResidualMLP(**kw), residual.ResidualMLP(**kw, hand_derived_grad=True)
+  auto, hand = residual_unit.ResidualMLP(**kw), residual_unit.ResidualMLP(**kw, hand_derived_grad=True)
   variables = jax.jit(auto.init)(jax.random.PRNGKey(0), images)
 
   def loss(model, variables):
@@ -384,11 +384,11 @@ def test_residual_mlp_hand_derived_grad_equals_autodiff(res):
   p = variables["params"]
   units = [p[f"unit{l:03d}"] for l in range(4)]
   x0 = images.reshape(3, -1) @ p["embed"]["kernel"] + p["embed"]["bias"]
-  x_L = residual.stack_forward(units, x0, res, "sigmoid")
+  x_L = residual_unit.stack_forward(units, x0, res, "sigmoid")
   logits = x_L @ p["head"]["kernel"] + p["head"]["bias"]
   g_logits = jax.grad(lambda z: optax.softmax_cross_entropy_with_integer_labels(z, labels).mean())(logits)
   y = x_L - 3 * (g_logits @ p["head"]["kernel"].T)
-  manual = jax.jit(residual.manual_stack_grads, static_argnums=(3, 4))(units, x0, y, res, "sigmoid")
+  manual = jax.jit(residual_unit.manual_stack_grads, static_argnums=(3, 4))(units, x0, y, res, "sigmoid")
   for l in range(4):
     chex.assert_trees_all_close(manual["inputs"][l], g_auto["perturbations"][f"block{l:02d}"],
                                 rtol=1e-4, atol=1e-7)
@@ -400,7 +400,7 @@ def test_residual_mlp_hand_derived_grad_equals_autodiff(res):
 # ---------------------------------------------------------------------------------------------------
 
 def _good():
-  p = residual.init_params(jax.random.PRNGKey(0), 4, 3)
+  p = residual_unit.init_params(jax.random.PRNGKey(0), 4, 3)
   return p, jnp.zeros((2, 4)), jnp.zeros((2, 4))
 
 
@@ -422,52 +422,52 @@ BAD_UNIT = [
 def test_bad_unit_input(fn_name, label, corrupt, needles):
   p, x, y = corrupt(*_good())
   with pytest.raises(ModelError) as e:
-    getattr(residual, fn_name)(p, x, y)
+    getattr(residual_unit, fn_name)(p, x, y)
   assert isinstance(e.value, ValueError)
   for n in needles:
     assert n in str(e.value), (n, str(e.value))
   assert fn_name in str(e.value)
 
 
-@pytest.mark.parametrize("fn", [residual.forward, residual.residual_unit])
+@pytest.mark.parametrize("fn", [residual_unit.forward, residual_unit.hand_derived_unit])
 def test_bad_input_under_jit(fn):
   p, _, _ = _good()
   with pytest.raises(ResNetJaxError, match=r"x has shape \(2, 3\), expected \(batch, dim\) = \(batch, 4\)"):
     jax.jit(fn)(p, jnp.zeros((2, 3)))
 
 
-@pytest.mark.parametrize("fn_name", ["forward", "loss", "manual_grads", "input_grad_parts", "residual_unit",
+@pytest.mark.parametrize("fn_name", ["forward", "loss", "manual_grads", "input_grad_parts", "hand_derived_unit",
                                      "stack_forward", "stack_loss", "manual_stack_grads"])
 def test_unknown_activation(fn_name):
   p, x, y = _good()
   p = [p] if fn_name.startswith(("stack", "manual_stack")) else p
-  args = (p, x) if fn_name in ("forward", "residual_unit", "stack_forward") else (p, x, y)
+  args = (p, x) if fn_name in ("forward", "hand_derived_unit", "stack_forward") else (p, x, y)
   kwargs = {"activation": "selu"}
   with pytest.raises(ModelError, match=r"unknown activation 'selu'; expected one of 'sigmoid', 'tanh', 'relu'"):
-    getattr(residual, fn_name)(*args, **kwargs)
+    getattr(residual_unit, fn_name)(*args, **kwargs)
 
 
 def test_bad_stack_input():
-  params = residual.init_stack(jax.random.PRNGKey(0), 3, 4, 2)
+  params = residual_unit.init_stack(jax.random.PRNGKey(0), 3, 4, 2)
   x = jnp.zeros((2, 4))
   with pytest.raises(ModelError, match=r"params\[2\]\['w1'\] has shape \(2, 5\), expected \(hidden, dim\) = \(2, 4\)"):
-    residual.manual_stack_grads(params[:2] + [residual.init_params(jax.random.PRNGKey(1), 5, 2)], x, x)
+    residual_unit.manual_stack_grads(params[:2] + [residual_unit.init_params(jax.random.PRNGKey(1), 5, 2)], x, x)
   with pytest.raises(ModelError, match="empty list"):
-    residual.stack_forward([], x)
+    residual_unit.stack_forward([], x)
   with pytest.raises(ModelError, match=r"stack_loss: y has shape \(2, 3\), expected \(2, 4\)"):
-    residual.stack_loss(params, x, jnp.zeros((2, 3)))
+    residual_unit.stack_loss(params, x, jnp.zeros((2, 3)))
   with pytest.raises(ModelError, match="list of unit dicts"):
-    residual.stack_forward(params[0], x)
+    residual_unit.stack_forward(params[0], x)
   with pytest.raises(ModelError, match="depth must be >= 1"):
-    residual.init_stack(jax.random.PRNGKey(0), 0, 4, 2)
+    residual_unit.init_stack(jax.random.PRNGKey(0), 0, 4, 2)
 
 
 def test_bad_module_input():
-  unit = residual.ResidualUnit(dim=4, hidden=3)
+  unit = residual_unit.ResidualUnit(dim=4, hidden=3)
   with pytest.raises(ModelError, match=r"ResidualUnit: x has shape \(2, 5\)"):
     unit.init(jax.random.PRNGKey(0), jnp.zeros((2, 5)))
   with pytest.raises(ModelError, match="unknown activation 'gelu'"):
-    residual.ResidualMLP(2, 4, 3, 10, activation="gelu").init(jax.random.PRNGKey(0), jnp.zeros((2, 8, 8, 1)))
+    residual_unit.ResidualMLP(2, 4, 3, 10, activation="gelu").init(jax.random.PRNGKey(0), jnp.zeros((2, 8, 8, 1)))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -487,8 +487,8 @@ def test_scalar_expressions_of_the_derivation_at_batch_1():
   dL_dx = (y_hat - y) * w2 * a1 * (1 - a1) * w1 + (y_hat - y)
   with jax.enable_x64(True):
     p = {"w1": jnp.array([[w1]]), "b1": jnp.array([b1]), "w2": jnp.array([[w2]]), "b2": jnp.array([b2])}
-    g = residual.manual_grads(p, jnp.array([[x]]), jnp.array([[y]]), "sigmoid")
-    branch, shortcut = residual.input_grad_parts(p, jnp.array([[x]]), jnp.array([[y]]), "sigmoid")
+    g = residual_unit.manual_grads(p, jnp.array([[x]]), jnp.array([[y]]), "sigmoid")
+    branch, shortcut = residual_unit.input_grad_parts(p, jnp.array([[x]]), jnp.array([[y]]), "sigmoid")
   np.testing.assert_allclose(float(g["w1"][0, 0]), dL_dw1, rtol=1e-14)
   np.testing.assert_allclose(float(g["x"][0, 0]), dL_dx, rtol=1e-14)
   np.testing.assert_allclose(float(g["w2"][0, 0]), (y_hat - y) * a1, rtol=1e-14)
@@ -514,7 +514,7 @@ def test_vector_expressions_of_the_derivation_at_batch_1():
   dL_dx = W1.T @ delta1 + np.eye(d) @ e
   with jax.enable_x64(True):
     p = {"w1": jnp.asarray(W1), "b1": jnp.asarray(b1[:, 0]), "w2": jnp.asarray(W2), "b2": jnp.asarray(b2[:, 0])}
-    g = residual.manual_grads(p, jnp.asarray(x.T), jnp.asarray(y.T), "sigmoid")
+    g = residual_unit.manual_grads(p, jnp.asarray(x.T), jnp.asarray(y.T), "sigmoid")
   np.testing.assert_allclose(np.asarray(g["w1"]), dL_dW1, rtol=1e-13, atol=1e-15)
   np.testing.assert_allclose(np.asarray(g["x"]), dL_dx.T, rtol=1e-13, atol=1e-15)
   np.testing.assert_allclose(np.asarray(g["w2"]), e @ a1.T, rtol=1e-13, atol=1e-15)
@@ -522,7 +522,7 @@ def test_vector_expressions_of_the_derivation_at_batch_1():
 
 
 def test_relu_derivative_is_zero_at_exactly_zero():
-  assert float(residual.ACTIVATIONS["relu"].sigma_prime(jnp.zeros(3), jnp.zeros(3)).sum()) == 0.0
+  assert float(residual_unit.ACTIVATIONS["relu"].sigma_prime(jnp.zeros(3), jnp.zeros(3)).sum()) == 0.0
   with jax.enable_x64(True):
     # w1 x + b1 = 0.5 * 1.0 - 0.5 = 0 exactly (and 0 * x + 0 for the second hidden unit)
     p = {"w1": jnp.array([[0.5], [0.0]]), "b1": jnp.array([-0.5, 0.0]), "w2": jnp.array([[2.0, -3.0]]),
@@ -530,10 +530,26 @@ def test_relu_derivative_is_zero_at_exactly_zero():
     x, y = jnp.array([[1.0]]), jnp.array([[0.0]])
     z1 = x @ p["w1"].T + p["b1"]
     assert np.all(np.asarray(z1) == 0.0)
-    g = residual.manual_grads(p, x, y, "relu")
+    g = residual_unit.manual_grads(p, x, y, "relu")
     np.testing.assert_array_equal(g["w1"], 0.0)     # relu'(0) = 0: nothing reaches the first layer
     np.testing.assert_array_equal(g["b1"], 0.0)
-    np.testing.assert_array_equal(g["x"], residual.forward(p, x, "relu") - y)  # only the shortcut's e
-    auto = jax.grad(lambda p, x: residual.loss(p, x, y, "relu"), argnums=(0, 1))(p, x)
+    np.testing.assert_array_equal(g["x"], residual_unit.forward(p, x, "relu") - y)  # only the shortcut's e
+    auto = jax.grad(lambda p, x: residual_unit.loss(p, x, y, "relu"), argnums=(0, 1))(p, x)
     np.testing.assert_array_equal(auto[0]["w1"], 0.0)  # jax.nn.relu's derivative at 0 is 0 as well
     np.testing.assert_array_equal(auto[1], g["x"])
+
+
+def test_uniform_fan_in_is_init_params_distribution():
+  init = residual_unit.uniform_fan_in(16)
+  w = init(jax.random.PRNGKey(0), (1000,), jnp.float32)
+  assert float(jnp.max(jnp.abs(w))) <= 0.25 and float(jnp.max(jnp.abs(w))) > 0.24
+  p = residual_unit.init_params(jax.random.PRNGKey(1), dim=16, hidden=4)
+  k1 = jax.random.split(jax.random.PRNGKey(1), 4)[0]
+  np.testing.assert_array_equal(p["w1"], init(k1, (4, 16), jnp.float32))
+
+
+def test_sigma_prime_is_the_hand_written_derivative():
+  z = jnp.linspace(-5.0, 5.0, 11)
+  for name in ACTS:
+    auto = jax.vmap(jax.grad(residual_unit.ACTIVATIONS[name].sigma))(z)
+    np.testing.assert_allclose(residual_unit.sigma_prime(z, name), auto, rtol=1e-6, atol=1e-7)

@@ -1,32 +1,27 @@
 """Gradient flow through plain and residual networks: measured, predicted from the Jacobians, and drawn.
 
-``python -m resnet_jax.gradflow`` answers three questions for a plain network and its residual twin
-(same layers, shortcut switched off):
+usage: python experiments/gradient_flow.py [--out DIR] [--depths 10,20,...] [--skip-conv] [--skip-train]
+           [--explosion | --block-orders] [options: --help]
+
+Answers three questions for a plain network and its residual twin (same layers, shortcut switched off),
+with the mathematics of :mod:`resnet_jax.gradient_flow`:
 
 1. How large is the gradient that reaches every layer at initialisation? For the stacks of the seed's
    residual unit (``x_{l+1} = x_l + H_l(x_l)`` against the plain ``x_{l+1} = H_l(x_l)``) it runs the
-   hand-derived backward pass :func:`resnet_jax.residual.manual_stack_grads` and checks it against
-   ``jax.grad``; for the convolutional CIFAR nets of the registry (``plainN`` against ``resnetN``) it
-   takes ``jax.grad`` with respect to the per-block input perturbations (flax ``Module.perturb``).
-2. What does the algebra predict? The error signal (a row vector ``g`` per example) crosses unit ``l``
-   as ``g -> g J_l`` in the plain stack and ``g -> g (I + J_l)`` in the residual one, with
-   ``J_l = W2_l diag(sigma'(z_l)) W1_l``. Per unit the plain stack therefore multiplies the gradient
-   norm by at most ``||W1_l||_2 ||W2_l||_2 sup sigma'`` (``sup sigmoid' = 1/4``) and typically by
-   ``q_l = ||W1_l||_F ||W2_l||_F rms(sigma'(z_l)) / sqrt(dim * hidden)`` (random-matrix estimate);
-   the residual stack typically by ``sqrt(1 + q_l^2)`` (at least 1 on average, but not a bound either way:
-   ``||I + J_l||_2`` can exceed 1 by ``||J_l||_2``, and the product of L such factors grows exponentially).
+   hand-derived backward pass and checks it against ``jax.grad`` (:func:`resnet_jax.gradient_flow.measure_mlp`);
+   for the convolutional CIFAR nets of the registry (``plainN`` against ``resnetN``) it takes ``jax.grad``
+   with respect to the per-block input perturbations (:func:`resnet_jax.gradient_flow.measure_conv`).
+2. What does the algebra predict? The per-unit factors of the Jacobians ``J_l`` (plain) and ``I + J_l``
+   (residual), their bound and their product (:func:`resnet_jax.gradient_flow.predicted_factors`).
 3. Does it matter for training? Plain and residual MLPs of growing depth are trained on the digits
-   for the same budget; their training and test errors are reported by depth (the degradation
-   problem of He et al. 2015).
+   for the same budget with the library's training step; their training and test errors are reported by
+   depth (the degradation problem of He et al. 2015).
 
 Outputs: a table on stdout, ``OUT/results.json``, ``OUT/grad_norms.png`` and ``OUT/degradation.png``.
 ``--explosion`` runs only the weight-scale study of :mod:`resnet_jax.explosion` (vanishing and explosion
 over a gain axis, and the remedies), writing ``OUT/explosion.json`` and ``OUT/explosion.png``;
 ``--block-orders`` only the bottleneck-ordering ablation on the digits and :func:`xor_halves`
 (``OUT/block_orders.json``).
-Deep plain stacks push the gradient far below the float range (below 10^-550 at 500 sigmoid units),
-so the backward pass runs in float64 over chunks of units, each chunk restarted from a unit-norm
-error with its log10 scale carried along (exact: the backward pass is linear in the error).
 """
 
 from __future__ import annotations
@@ -42,24 +37,37 @@ import tempfile
 import time
 from typing import Any, Sequence
 
-import numpy as np
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # The repository, from a clone.
 
-from resnet_jax.errors import ConfigError, run_cli
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import matplotlib  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from resnet_jax import errors, explosion, train_lib  # noqa: E402
+from resnet_jax.config_check import base_config  # noqa: E402
+from resnet_jax.datasets import digits_split  # noqa: E402
+from resnet_jax.errors import ConfigError, run_cli  # noqa: E402
+from resnet_jax.gradient_flow import SIGMA_PRIME_SUP, log10_norm, measure_conv, measure_mlp  # noqa: E402
+from resnet_jax.models import create_model, zero_perturbations  # noqa: E402
 
 DEFAULT_DEPTHS = (10, 20, 50, 100, 200, 500)
 DEFAULT_CONV_DEPTHS = (20, 56)
 DEFAULT_TRAIN_DEPTHS = (1, 2, 4, 8, 16, 32, 64)
 DEFAULT_GAINS = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0)
 DEFAULT_EXPLOSION_DEPTHS = (10, 50, 100)
-# Upper bound of |sigma'| for each activation: the per-unit factor that no weight scale can change.
-SIGMA_PRIME_SUP = {"sigmoid": 0.25, "tanh": 1.0, "relu": 1.0}
-# Units per backward chunk: the gradient inside one chunk stays far inside float64's range.
-CHUNK = 25
+NUM_CLASSES = 10
+USAGE = ("usage: python experiments/gradient_flow.py [--out DIR] [--depths N,N,...] [--skip-conv] [--skip-train] "
+         "[--explosion | --block-orders] (all options: --help)")
 
 
 @dataclasses.dataclass(frozen=True)
 class GradflowConfig:
-  """Settings of one ``gradflow`` run (see ``python -m resnet_jax.gradflow --help``)."""
+  """Settings of one run of the study (see ``python experiments/gradient_flow.py --help``)."""
   depths: tuple[int, ...] = DEFAULT_DEPTHS
   width: int = 16
   hidden: int = 32
@@ -92,52 +100,44 @@ class GradflowConfig:
 
 
 def _int_list(text: str, flag: str, minimum: int = 1) -> tuple[int, ...]:
-  """Parse ``"10,20,50"`` into positive ints; a bad entry is a ConfigError naming the flag."""
-  items = [t.strip() for t in str(text).split(",") if t.strip()]
-  if not items:
-    raise ConfigError(f"{flag}: expected a comma-separated list of integers, got {text!r}")
-  values = []
-  for item in items:
-    try:
-      value = int(item)
-    except ValueError:
-      raise ConfigError(f"{flag}: {item!r} is not an integer (expected e.g. 10,20,50)") from None
-    if value < minimum:
-      raise ConfigError(f"{flag}: every value must be >= {minimum}, got {value}")
-    values.append(value)
-  return tuple(values)
+  """Parse ``"10,20,50"`` into ints >= ``minimum``; a bad entry is a ConfigError naming the flag."""
+  return _number_list(text, flag, int, ("an integer", "integers", "10,20,50"),
+                      lambda item, value: None if value >= minimum else f">= {minimum}, got {value}")
 
 
 def _float_list(text: str, flag: str) -> tuple[float, ...]:
   """Parse ``"0.5,1,2"`` into positive finite floats; a bad entry is a ConfigError naming the flag."""
+  return _number_list(text, flag, float, ("a number", "numbers", "0.5,1,2"),
+                      lambda item, value: None if value > 0 and math.isfinite(value)
+                      else f"a positive number, got {item}")
+
+
+def _number_list(text: str, flag: str, convert, words: tuple[str, str, str], problem) -> tuple:
+  """Parse a comma-separated list with ``convert``; ``words``: (one, several, an example) for the messages;
+  ``problem(item, value)``: what a valid value must be, or None when it is valid."""
+  one, several, example = words
   items = [t.strip() for t in str(text).split(",") if t.strip()]
   if not items:
-    raise ConfigError(f"{flag}: expected a comma-separated list of numbers, got {text!r}")
+    raise ConfigError(f"{flag}: expected a comma-separated list of {several}, got {text!r}")
   values = []
   for item in items:
     try:
-      value = float(item)
+      value = convert(item)
     except ValueError:
-      raise ConfigError(f"{flag}: {item!r} is not a number (expected e.g. 0.5,1,2)") from None
-    if not (value > 0 and math.isfinite(value)):
-      raise ConfigError(f"{flag}: every value must be a positive number, got {item}")
+      raise ConfigError(f"{flag}: {item!r} is not {one} (expected e.g. {example})") from None
+    must = problem(item, value)
+    if must:
+      raise ConfigError(f"{flag}: every value must be {must}")
     values.append(value)
   return tuple(values)
 
 
-class _Parser(argparse.ArgumentParser):
-  """argparse that raises ConfigError (one line, exit 2 through run_cli) instead of printing usage."""
-
-  def error(self, message: str) -> None:  # type: ignore[override]
-    raise ConfigError(f"gradflow: {message} (see python -m resnet_jax.gradflow --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-  """The command-line parser of ``python -m resnet_jax.gradflow``."""
+  """The command-line parser of ``python experiments/gradient_flow.py``."""
   d = GradflowConfig()
-  p = _Parser(prog="python -m resnet_jax.gradflow",
-              description="Gradient norms by layer in plain vs residual networks, the Jacobian-product "
-                          "prediction, and the degradation problem on the digits.")
+  p = argparse.ArgumentParser(prog="python experiments/gradient_flow.py",
+                              description="Gradient norms by layer in plain vs residual networks, the Jacobian-"
+                                          "product prediction, and the degradation problem on the digits.")
   p.add_argument("--depths", default=",".join(map(str, d.depths)),
                  help="MLP stack depths in residual units (default %(default)s)")
   p.add_argument("--width", type=int, default=d.width, help="dim of x in the MLP stacks (default %(default)s)")
@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Sequence[str] | None = None) -> GradflowConfig:
   """Parse and validate the command line; every bad value raises ConfigError naming the flag."""
-  a = build_parser().parse_args(argv)
+  a = errors.parse_args(build_parser(), argv, USAGE)
   for name in ("activation", "train_activation"):
     value = getattr(a, name)
     if value not in SIGMA_PRIME_SUP:
@@ -229,363 +229,86 @@ def parse_args(argv: Sequence[str] | None = None) -> GradflowConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# The analytic part: per-unit Jacobians of the seed's unit
-
-
-def _sigma(activation: str):
-  """sigma of an activation name, taken from :data:`resnet_jax.residual.ACTIVATIONS`."""
-  from resnet_jax import residual
-  entry = residual.ACTIVATIONS[activation]
-  return entry[0] if isinstance(entry, (tuple, list)) else entry
-
-
-def sigma_prime(z, activation: str):
-  """Elementwise sigma'(z) at pre-activations ``z`` (a forward-mode derivative of sigma itself)."""
-  import jax
-  import jax.numpy as jnp
-  return jax.jvp(_sigma(activation), (z,), (jnp.ones_like(z),))[1]
-
-
-def layer_inputs(params: list[dict], x, residual: bool, activation: str) -> list:
-  """``[x_0, ..., x_L]``: the input of every unit and the stack's output ``x_L = y_hat``.
-
-  Each step is :func:`resnet_jax.residual.stack_forward` on a one-unit stack, so the plain and
-  residual recursions are exactly the library's.
-  """
-  from resnet_jax import residual as res
-  xs = [x]
-  for p in params:
-    xs.append(res.stack_forward([p], xs[-1], residual=residual, activation=activation))
-  return xs
-
-
-def unit_jacobians(p: dict, x, activation: str):
-  """Per-example Jacobian of the branch, ``J = W2 diag(sigma'(z)) W1`` with ``z = x W1^T + 1 b1^T``.
-
-  Shape ``(batch, dim, dim)``. A row-vector error ``g`` at the unit's output becomes ``g J`` at its
-  input through the branch; the unit's full backward map is ``J`` (plain) or ``I + J`` (residual).
-  """
-  import jax.numpy as jnp
-  z = x @ p["w1"].T + p["b1"]
-  s = sigma_prime(z, activation)                       # (B, hidden)
-  return jnp.einsum("dh,bh,hk->bdk", p["w2"], s, p["w1"])
-
-
-def predicted_factors(params: list[dict], xs: list, residual: bool, activation: str) -> dict[str, Any]:
-  """Per-unit factors by which the gradient norm is predicted to change, input side over output side.
-
-  - ``bound``: ``||W1||_2 ||W2||_2 sup|sigma'|`` (plain) or ``1 + that`` (residual): no input can do worse.
-  - ``typical``: ``q = ||W1||_F ||W2||_F rms(sigma'(z)) / sqrt(dim hidden)`` (plain), the gain of a
-    random error direction through iid-like weights; ``sqrt(1 + q^2)`` for the residual unit, whose
-    error keeps its identity path and gains the branch in quadrature.
-  - ``jacobian``: the spectral norm ``||J_l||_2`` (plain) or ``||I + J_l||_2`` (residual), measured per
-    example and averaged in log over the batch.
-  Returns lists (one value per unit, input side first) and their geometric means.
-  """
-  import jax.numpy as jnp
-  sup = SIGMA_PRIME_SUP[activation]
-  bound, typical, jac = [], [], []
-  for p, x in zip(params, xs[:-1]):
-    hidden, dim = p["w1"].shape
-    z = x @ p["w1"].T + p["b1"]
-    rms = jnp.sqrt(jnp.mean(sigma_prime(z, activation) ** 2))
-    spec = jnp.linalg.norm(p["w1"], 2) * jnp.linalg.norm(p["w2"], 2) * sup
-    q = jnp.linalg.norm(p["w1"]) * jnp.linalg.norm(p["w2"]) * rms / math.sqrt(dim * hidden)
-    j = unit_jacobians(p, x, activation)
-    if residual:
-      j = j + jnp.eye(dim, dtype=j.dtype)
-    sv = jnp.linalg.svd(j, compute_uv=False)[:, 0]
-    bound.append(float(1 + spec if residual else spec))
-    typical.append(float(jnp.sqrt(1 + q * q) if residual else q))
-    jac.append(float(jnp.exp(jnp.mean(jnp.log(sv)))))
-
-  def gmean(v: list[float]) -> float:
-    return float(np.exp(np.mean(np.log(np.maximum(v, 1e-300)))))
-  return {"bound": bound, "typical": typical, "jacobian": jac,
-          "bound_gmean": gmean(bound), "typical_gmean": gmean(typical), "jacobian_gmean": gmean(jac)}
-
-
-def log10_product_norm(params: list[dict], xs: list, residual: bool, activation: str,
-                       example: int = 0) -> float:
-  """log10 of ``||J_{L-1} ... J_0||_2`` (plain) or ``||(I+J_{L-1}) ... (I+J_0)||_2`` for one example.
-
-  The product maps the error at the output to the error at the input (row vectors on the left). It is
-  accumulated from the output side with its spectral norm divided out after every unit, so no depth
-  underflows; the log10 scale is carried separately.
-  """
-  import jax.numpy as jnp
-  dim = xs[0].shape[-1]
-  prod = jnp.eye(dim, dtype=xs[0].dtype)
-  scale = 0.0
-  for p, x in reversed(list(zip(params, xs[:-1]))):
-    j = unit_jacobians(p, x[example:example + 1], activation)[0]
-    if residual:
-      j = j + jnp.eye(dim, dtype=j.dtype)
-    prod = prod @ j
-    n = float(jnp.linalg.norm(prod, 2))
-    if n == 0.0:
-      return -math.inf
-    scale += math.log10(n)
-    prod = prod / n
-  return scale + math.log10(float(jnp.linalg.norm(prod, 2)))
-
-
-# ----------------------------------------------------------------------------------------------
-# The measured part: hand-derived backward pass over chunks, checked against jax.grad
-
-
-def _max_rel_diff(a, b) -> float:
-  """max |a - b| / max |b| over a pytree's leaves (leaves with b == 0 everywhere compare absolutely)."""
-  import jax
-  worst = 0.0
-  for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    u, v = np.asarray(u, np.float64), np.asarray(v, np.float64)
-    ref = float(np.max(np.abs(v))) if v.size else 0.0
-    diff = float(np.max(np.abs(u - v))) if v.size else 0.0
-    worst = max(worst, diff / ref if ref > 0 else diff)
-  return worst
-
-
-def stack_gradient_norms(params: list[dict], x, y, residual: bool, activation: str,
-                         chunk: int = CHUNK, check: bool = True) -> dict[str, Any]:
-  """log10 norms of the gradient reaching every unit, from :func:`residual.manual_stack_grads`.
-
-  Returns ``log10_input_grad`` (length L+1: ``||dL/dx_l||`` for l = 0..L-1, then ``||dL/dy_hat||``),
-  ``log10_param_grad`` (length L: ``||dL/d(w1, b1, w2, b2)_l||``), and ``max_rel_diff_vs_jax``: the
-  largest relative difference between the hand-derived gradients (every unit's parameters and the
-  chunk input) and ``jax.grad`` of :func:`residual.stack_loss` on the same chunk (``nan`` if unchecked).
-
-  The stack is walked from the output in chunks of ``chunk`` units. The last chunk gets the real
-  targets ``y``. An earlier chunk ending at ``x_e`` must receive the error ``g`` that reached ``x_e``;
-  since ``stack_loss`` is a mean of ``1/2 ||y_hat - y||^2``, its output error is ``(y_hat - y) / B``,
-  so targets ``y' = x_e - B g / ||g||`` hand it the unit-norm error ``g / ||g||`` and the chunk's
-  gradients come out divided by ``||g||``, whose log10 is added back. The backward pass is linear in
-  the error, so this is exact up to rounding and never underflows.
-  """
-  import jax
-  import jax.numpy as jnp
-  from resnet_jax import residual as res
-  depth = len(params)
-  batch = x.shape[0]
-  xs = layer_inputs(params, x, residual, activation)
-  log_in = [0.0] * (depth + 1)
-  log_par = [0.0] * depth
-  delta = (xs[-1] - y) / batch
-  log_in[depth] = math.log10(float(jnp.linalg.norm(delta)))
-  worst = 0.0
-  grad_fn = jax.grad(res.stack_loss, argnums=(0, 1))
-  targets, scale = y, 0.0
-  end = depth
-  while end > 0:
-    start = max(0, end - chunk)
-    sub = params[start:end]
-    g = res.manual_stack_grads(sub, xs[start], targets, residual=residual, activation=activation)
-    for i, gi in enumerate(g["inputs"]):
-      log_in[start + i] = scale + _log10_norm(gi)
-    for i, gp in enumerate(g["params"]):
-      log_par[start + i] = scale + _log10_norm(jax.tree.leaves(gp))
-    if check:
-      ref_params, ref_x = grad_fn(sub, xs[start], targets, residual=residual, activation=activation)
-      worst = max(worst, _max_rel_diff((g["params"], g["x"]), (ref_params, ref_x)))
-    g0 = g["inputs"][0]
-    n = float(jnp.linalg.norm(g0))
-    if n == 0.0 or not math.isfinite(n):
-      for i in range(start):
-        log_in[i] = -math.inf if n == 0.0 else math.inf
-        log_par[i] = log_in[i]
-      break
-    scale += math.log10(n)
-    targets = xs[start] - batch * (g0 / n)
-    end = start
-  return {"log10_input_grad": log_in, "log10_param_grad": log_par,
-          "max_rel_diff_vs_jax": worst if check else float("nan"), "layer_inputs": xs}
-
-
-def _log10_norm(arrays) -> float:
-  """log10 of the Euclidean norm of one array or a list of arrays (-inf for zero)."""
-  if not isinstance(arrays, (list, tuple)):
-    arrays = [arrays]
-  sq = sum(float(np.sum(np.asarray(a, np.float64) ** 2)) for a in arrays)
-  return 0.5 * math.log10(sq) if sq > 0 else -math.inf
-
-
-def measure_mlp(depth: int, width: int, hidden: int, activation: str, batch: int, seed: int,
-                check: bool = True) -> list[dict[str, Any]]:
-  """Gradient flow through a plain stack of ``depth`` units and its residual twin (same weights).
-
-  Runs in float64 (x64 is enabled inside). Data: ``x, y ~ N(0, 1)`` of shape ``(batch, width)``.
-  Returns two records (plain, residual) with the measured log10 gradient norms per unit, the measured
-  per-unit factor ``(||dL/dx_0|| / ||dL/dy_hat||)^(1/L)``, the predicted factors, the spectral norm of
-  the Jacobian product for one example, and the agreement of the hand-derived gradients with jax.grad.
-  """
-  import jax
-  with jax.enable_x64(True):
-    return _measure_mlp(depth, width, hidden, activation, batch, seed, check)
-
-
-def _measure_mlp(depth: int, width: int, hidden: int, activation: str, batch: int, seed: int,
-                 check: bool) -> list[dict[str, Any]]:
-  """:func:`measure_mlp` under x64."""
-  import jax
-  import jax.numpy as jnp
-  from resnet_jax import residual as res
-  kp, kx, ky = jax.random.split(jax.random.key(seed), 3)
-  params = res.init_stack(kp, depth, width, hidden, dtype=jnp.float64)
-  x = jax.random.normal(kx, (batch, width), jnp.float64)
-  y = jax.random.normal(ky, (batch, width), jnp.float64)
-  records = []
-  for residual in (False, True):
-    t0 = time.perf_counter()
-    g = stack_gradient_norms(params, x, y, residual, activation, check=check)
-    xs = g.pop("layer_inputs")
-    pred = predicted_factors(params, xs, residual, activation)
-    log_in = g["log10_input_grad"]
-    drop = log_in[0] - log_in[-1]
-    records.append({
-        "net": "residual" if residual else "plain", "depth": depth, "width": width, "hidden": hidden,
-        "activation": activation, "batch": batch, "seed": seed,
-        **g,
-        "log10_first_over_last": drop,
-        "measured_factor": 10 ** (drop / depth) if math.isfinite(drop) else 0.0,
-        "predicted_typical_factor": pred["typical_gmean"],
-        "predicted_bound_factor": pred["bound_gmean"],
-        "jacobian_norm_factor": pred["jacobian_gmean"],
-        "predicted_typical_per_unit": pred["typical"],
-        "jacobian_norm_per_unit": pred["jacobian"],
-        "log10_jacobian_product_norm": log10_product_norm(params, xs, residual, activation),
-        "seconds": time.perf_counter() - t0,
-    })
-  return records
-
-
-# ----------------------------------------------------------------------------------------------
-# Conv nets from the registry: jax.grad with respect to the per-block input perturbations
-
-
-def _block_items(tree, prefix: str = "") -> list[tuple[str, Any]]:
-  """(name, array) for every perturbation named ``blockNN`` anywhere in a nested dict, in order."""
-  items = []
-  for key, value in tree.items():
-    if isinstance(value, dict) or hasattr(value, "items"):
-      items.extend(_block_items(value, f"{prefix}{key}/"))
-    elif str(key).startswith("block"):
-      items.append((f"{prefix}{key}", value))
-  return sorted(items, key=lambda kv: kv[0].rsplit("/", 1)[-1])
-
-
-def measure_conv(depth: int, batch: int, size: int, seed: int) -> list[dict[str, Any]]:
-  """Per-block gradient norms ``||dL/d(block input)||`` of ``plain{depth}`` and ``resnet{depth}``.
-
-  Random CIFAR-shaped images (``batch, size, size, 3``) and labels, softmax cross-entropy, BatchNorm
-  in training mode (batch statistics, as in training), ``zero_init_residual=False`` for both so that
-  the two nets have the same weights. The gradients are ``jax.grad`` with respect to the
-  ``perturbations`` collection that each block's input is routed through.
-  """
-  import jax
-  import jax.numpy as jnp
-  import optax
-  from resnet_jax.models import create_model, zero_perturbations
-  kx, ky, kp = jax.random.split(jax.random.key(seed), 3)
-  x = jax.random.normal(kx, (batch, size, size, 3), jnp.float32)
-  labels = jax.random.randint(ky, (batch,), 0, 10)
-  records = []
-  for residual in (False, True):
-    name = f"{'resnet' if residual else 'plain'}{depth}"
-    model = create_model(name, num_classes=10, zero_init_residual=False)
-    variables = model.init(kp, x, train=False)
-    rest = {k: v for k, v in variables.items() if k != "perturbations"}
-    perturbations = zero_perturbations(model, rest, x, train=False)
-    if not _block_items(perturbations):
-      raise ConfigError(f"model {name!r} exposes no 'blockNN' perturbations: its blocks need "
-                        "self.perturb('blockNN', x) to measure per-block gradients")
-
-    def loss_fn(perturbations, rest=rest, model=model):
-      logits, _ = model.apply({**rest, "perturbations": perturbations}, x, train=True,
-                              mutable=["batch_stats"])
-      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-    t0 = time.perf_counter()
-    grads = jax.jit(jax.grad(loss_fn))(perturbations)
-    items = _block_items(grads)
-    log_norms = [_log10_norm(v) for _, v in items]
-    records.append({
-        "model": name, "net": "residual" if residual else "plain", "depth": depth, "batch": batch,
-        "size": size, "seed": seed, "blocks": [k for k, _ in items], "log10_block_input_grad": log_norms,
-        "log10_first_over_last": log_norms[0] - log_norms[-1], "seconds": time.perf_counter() - t0})
-  return records
-
-
-# ----------------------------------------------------------------------------------------------
 # Degradation: plain vs residual MLPs of growing depth trained on the digits for the same budget
+
+
+def batch_indices(rng: np.random.Generator, n: int, batch: int, steps: int) -> list[np.ndarray]:
+  """The example indices of ``steps`` batches of ``batch``: a fresh permutation of the ``n`` examples of
+  ``rng`` whenever the current one has fewer than ``batch`` left (the rest is dropped)."""
+  order, pos, batches = rng.permutation(n), 0, []
+  for _ in range(steps):
+    if pos + batch > n:
+      order, pos = rng.permutation(n), 0
+    batches.append(order[pos:pos + batch])
+    pos += batch
+  return batches
+
+
+def sgd_with_clipping(learning_rate: float) -> optax.GradientTransformation:
+  """The library's SGD (momentum 0.9, no weight decay) at a constant ``learning_rate``, after clipping the
+  gradients to global norm 1."""
+  return optax.chain(optax.clip_by_global_norm(1.0),
+                     train_lib.make_optimizer(_sgd_config(learning_rate), optax.constant_schedule(learning_rate)))
 
 
 def train_digits(depth: int, residual: bool, cfg: GradflowConfig, data=None) -> dict[str, Any]:
   """Train ``residual_mlp`` (depth units, shortcut on or off) on the digits; return its errors.
 
-  SGD with momentum 0.9 at ``cfg.train_lr``, gradients clipped to global norm 1, for ``cfg.train_steps``
-  steps of ``cfg.train_batch`` examples (the same budget, data order and initial weights for the plain
-  and the residual twin), softmax cross-entropy. The errors are measured on the whole training and test
-  sets after the budget; the gradient norms of the input layer (``embed``) and of the classifier
-  (``head``) on the first batch, before any step, show how much signal reaches the bottom at the start.
+  The library's training step (:func:`resnet_jax.train_lib.make_train_step`: softmax cross-entropy) with
+  :func:`sgd_with_clipping` at ``cfg.train_lr``, for ``cfg.train_steps`` steps of ``cfg.train_batch`` examples
+  (the same budget, data order and initial weights for the plain and the residual twin). The errors are
+  measured on the whole training and test sets after the budget; the gradient norms of the input layer
+  (``embed``) and of the classifier (``head``) on the first batch, before any step, show how much signal
+  reaches the bottom at the start.
   """
-  import jax
-  import jax.numpy as jnp
-  import optax
-  from resnet_jax.datasets import digits_split
-  from resnet_jax.models import create_model
   x_tr, y_tr, x_te, y_te = data if data is not None else digits_split(seed=0)
-  model = create_model("residual_mlp", num_classes=10, depth=depth, dim=cfg.train_width,
+  model = create_model("residual_mlp", num_classes=NUM_CLASSES, depth=depth, dim=cfg.train_width,
                        hidden=cfg.train_hidden, activation=cfg.train_activation, residual=residual)
-  key = jax.random.key(cfg.seed)
-  variables = model.init(key, jnp.asarray(x_tr[:2]), train=False)
-  params = variables["params"]
-  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(cfg.train_lr, momentum=0.9))
-  opt_state = tx.init(params)
-
-  def loss_fn(params, xb, yb):
-    logits = model.apply({"params": params}, xb, train=True)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
-
-  @jax.jit
-  def step(params, opt_state, xb, yb):
-    loss, grads = jax.value_and_grad(loss_fn)(params, xb, yb)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  @jax.jit
-  def errors(params, xb, yb):
-    logits = model.apply({"params": params}, xb, train=False)
-    return jnp.mean(jnp.argmax(logits, -1) != yb), optax.softmax_cross_entropy_with_integer_labels(
-        logits, yb).mean()
-
-  rng = np.random.default_rng(cfg.seed)
-  n = len(x_tr)
-  bs = min(cfg.train_batch, n)
+  state = train_lib.create_train_state(model, sgd_with_clipping(cfg.train_lr), x_tr.shape[1:],
+                                       jax.random.key(cfg.seed))
+  step = jax.jit(train_lib.make_train_step(NUM_CLASSES))
   t0 = time.perf_counter()
-  order = rng.permutation(n)
-  init_grads = jax.grad(loss_fn)(params, x_tr[order[:bs]], y_tr[order[:bs]])
-  pos = 0
-  loss = float("nan")
-  for _ in range(cfg.train_steps):
-    if pos + bs > n:
-      order, pos = rng.permutation(n), 0
-    idx = order[pos:pos + bs]
-    pos += bs
-    params, opt_state, loss = step(params, opt_state, x_tr[idx], y_tr[idx])
-  train_err, train_loss = errors(params, x_tr, y_tr)
-  test_err, test_loss = errors(params, x_te, y_te)
+  batches = batch_indices(np.random.default_rng(cfg.seed), len(x_tr), min(cfg.train_batch, len(x_tr)),
+                          max(cfg.train_steps, 1))
+  init_grads = _loss_grads(state, x_tr[batches[0]], y_tr[batches[0]])
+  for idx in batches[:cfg.train_steps]:
+    state, _ = step(state, {"image": x_tr[idx], "label": y_tr[idx]})
+  train_err, train_loss = _errors(state, x_tr, y_tr)
+  test_err, test_loss = _errors(state, x_te, y_te)
   return {"net": "residual" if residual else "plain", "depth": depth, "steps": cfg.train_steps,
-          "train_error": float(train_err), "test_error": float(test_err),
-          "train_loss": float(train_loss), "test_loss": float(test_loss),
-          "log10_embed_grad_at_init": _log10_norm(jax.tree.leaves(init_grads["embed"])),
-          "log10_head_grad_at_init": _log10_norm(jax.tree.leaves(init_grads["head"])),
+          "train_error": train_err, "test_error": test_err, "train_loss": train_loss, "test_loss": test_loss,
+          "log10_embed_grad_at_init": log10_norm(jax.tree.leaves(init_grads["embed"])),
+          "log10_head_grad_at_init": log10_norm(jax.tree.leaves(init_grads["head"])),
           "seconds": time.perf_counter() - t0}
+
+
+def _sgd_config(learning_rate: float):
+  """The training config's optimizer section for plain SGD with momentum 0.9 and no weight decay."""
+  config = base_config()
+  config.optimizer.name, config.optimizer.learning_rate = "sgd", learning_rate
+  config.optimizer.momentum, config.optimizer.weight_decay = 0.9, 0.0
+  return config
+
+
+def _loss_grads(state: train_lib.TrainState, images: np.ndarray, labels: np.ndarray) -> Any:
+  """The gradient of the training step's loss (mean cross-entropy) with respect to the parameters."""
+  def loss_fn(params):
+    logits = state.apply_fn({"params": params}, images, train=True)
+    return train_lib.cross_entropy(logits, labels, NUM_CLASSES).mean()
+  return jax.grad(loss_fn)(state.params)
+
+
+def _errors(state: train_lib.TrainState, images: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+  """(error rate, mean cross-entropy) on a whole set in one batch, with the library's evaluation step."""
+  sums = jax.jit(train_lib.make_eval_step(NUM_CLASSES))(
+      state, {"image": images, "label": labels, "mask": np.ones(len(labels), np.float32)})
+  count = float(sums["count"])
+  return 1.0 - float(sums["correct"]) / count, float(sums["loss"]) / count
 
 
 # ----------------------------------------------------------------------------------------------
 # Block orderings of the bottleneck on the digits: why the ReLUs are not optional
 
-# (block_order, zero_init_residual, task): every ordering from the same initialisation on the digits and on
 # the two-halves XOR task (:func:`xor_halves`), and ReLU-before-add with the last BN's gamma at 0, whose
 # branches then never train (relu'(0) = 0 stops every gradient to them).
 BLOCK_ORDERS = (("v1", False, "digits"), ("relu_before_add", False, "digits"), ("literal_bottleneck", False, "digits"),
@@ -617,16 +340,8 @@ def train_block_order(order: str, steps: int = 300, batch: int = 64, lr: float =
 
   SGD with momentum 0.9, ``steps`` steps of ``batch`` images, the same initial key and data order for every
   ordering (``data``: ``(x_train, y_train, x_test, y_test)``, default the digits); errors on the whole training
-  and test sets in evaluation mode (running BN statistics). Also
-  measures, in evaluation mode, how far the map from the first block's input to the logits is from affine:
-  ``||f(a + b) - f(a) - f(b) + f(0)|| / ||f(a + b) - f(0)||`` for random perturbations ``a, b`` of that input
-  (``jax.grad``-style ``perturbations`` collection), 0 up to rounding for an affine stack.
+  and test sets in evaluation mode (running BN statistics), and :func:`eval_nonlinearity` of the trained net.
   """
-  import jax
-  import jax.numpy as jnp
-  import optax
-  from resnet_jax.datasets import digits_split
-  from resnet_jax.models import create_model, zero_perturbations
   x_tr, y_tr, x_te, y_te = data if data is not None else digits_split(seed=0)
   model = create_model("resnet50", num_classes=10, stem="cifar", num_filters=num_filters, block_order=order,
                        zero_init_residual=zero_init_residual)
@@ -634,7 +349,24 @@ def train_block_order(order: str, steps: int = 300, batch: int = 64, lr: float =
   params, stats = variables["params"], variables["batch_stats"]
   tx = optax.sgd(lr, momentum=0.9)
   opt_state = tx.init(params)
+  step, error = _block_order_steps(model, tx)
+  t0 = time.perf_counter()
+  loss = float("nan")
+  for idx in batch_indices(np.random.default_rng(seed), len(x_tr), batch, steps):
+    params, stats, opt_state, loss = step(params, stats, opt_state, x_tr[idx], y_tr[idx])
+  defect = eval_nonlinearity(model, {"params": params, "batch_stats": stats}, jnp.asarray(x_te[:64]), seed)
+  n_params = sum(int(np.size(v)) for v in jax.tree.leaves(params))
+  return {"order": order, "zero_init_residual": zero_init_residual, "model": "resnet50",
+          "num_filters": num_filters, "parameters": n_params,
+          "steps": steps, "batch": batch, "lr": lr, "seed": seed, "final_batch_loss": float(loss),
+          "train_error": float(error(params, stats, x_tr, y_tr)),
+          "test_error": float(error(params, stats, x_te, y_te)),
+          "eval_nonlinearity": defect, "seconds": time.perf_counter() - t0}
 
+
+def _block_order_steps(model, tx: optax.GradientTransformation):
+  """The jitted SGD step ``(params, stats, opt_state, x, y) -> (params, stats, opt_state, loss)`` of a net
+  with BatchNorm (softmax cross-entropy, batch statistics) and its error rate in evaluation mode."""
   def loss_fn(params, stats, xb, yb):
     logits, upd = model.apply({"params": params, "batch_stats": stats}, xb, train=True, mutable=["batch_stats"])
     return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean(), upd["batch_stats"]
@@ -649,42 +381,27 @@ def train_block_order(order: str, steps: int = 300, batch: int = 64, lr: float =
   def error(params, stats, xb, yb):
     logits = model.apply({"params": params, "batch_stats": stats}, xb, train=False)
     return jnp.mean(jnp.argmax(logits, -1) != yb)
+  return step, error
 
-  rng = np.random.default_rng(seed)
-  n = len(x_tr)
-  t0 = time.perf_counter()
-  order_idx, pos, loss = rng.permutation(n), 0, float("nan")
-  for _ in range(steps):
-    if pos + batch > n:
-      order_idx, pos = rng.permutation(n), 0
-    idx = order_idx[pos:pos + batch]
-    pos += batch
-    params, stats, opt_state, loss = step(params, stats, opt_state, x_tr[idx], y_tr[idx])
-  final = {"params": params, "batch_stats": stats}
-  xb = jnp.asarray(x_te[:64])
-  zeros = zero_perturbations(model, final, xb)
+
+def eval_nonlinearity(model, variables: dict, images: jax.Array, seed: int) -> float:
+  """How far the map from the first block's input to the logits is from affine, in evaluation mode:
+  ``||f(a + b) - f(a) - f(b) + f(0)|| / ||f(a + b) - f(0)||`` for random perturbations ``a, b`` of that input
+  (the ``perturbations`` collection), 0 up to rounding for an affine stack."""
+  zeros = zero_perturbations(model, variables, images)
   first = sorted(zeros)[0]
 
   def logits_at(p):
-    return model.apply({**final, "perturbations": {**zeros, first: p}}, xb, train=False)
+    return model.apply({**variables, "perturbations": {**zeros, first: p}}, images, train=False)
   ka, kb = jax.random.split(jax.random.key(seed + 1))
   shape = zeros[first].shape
   a, b = jax.random.normal(ka, shape), jax.random.normal(kb, shape)
   f0, fa, fb, fab = (logits_at(v) for v in (jnp.zeros(shape), a, b, a + b))
-  defect = float(jnp.linalg.norm(fab - fa - fb + f0) / jnp.linalg.norm(fab - f0))
-  n_params = sum(int(np.size(v)) for v in jax.tree.leaves(params))
-  return {"order": order, "zero_init_residual": zero_init_residual, "model": "resnet50",
-          "num_filters": num_filters, "parameters": n_params,
-          "steps": steps, "batch": batch, "lr": lr, "seed": seed, "final_batch_loss": float(loss),
-          "train_error": float(error(params, stats, x_tr, y_tr)),
-          "test_error": float(error(params, stats, x_te, y_te)),
-          "eval_nonlinearity": defect, "seconds": time.perf_counter() - t0}
+  return float(jnp.linalg.norm(fab - fa - fb + f0) / jnp.linalg.norm(fab - f0))
 
 
 def run_block_orders(out: str, steps: int = 300, seed: int = 0, log=None) -> dict[str, Any]:
   """Every ordering of :data:`BLOCK_ORDERS` trained by :func:`train_block_order`; writes ``block_orders.json``."""
-  import jax
-  from resnet_jax.datasets import digits_split
   log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
   data = {"digits": digits_split(seed=0), "xor": xor_halves(seed=seed)}
   t0 = time.perf_counter()
@@ -780,9 +497,6 @@ def _fmt_ratio(log10_value: float) -> str:
 
 def plot_grad_norms(results: dict[str, Any], path: str) -> None:
   """``grad_norms.png``: log10 gradient norm by layer, one line per depth; plain | residual | conv."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
   panels = 3 if results.get("conv") else 2
   fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.2))
   cfg = results["config"]
@@ -821,9 +535,6 @@ def plot_grad_norms(results: dict[str, Any], path: str) -> None:
 
 def plot_degradation(results: dict[str, Any], path: str) -> None:
   """``degradation.png``: training and test error after the fixed budget, by depth, plain vs residual."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
   cfg = results["config"]
   fig, axes = plt.subplots(1, 3, figsize=(15, 4))
   axes[1].sharey(axes[0])
@@ -878,49 +589,61 @@ def format_explosion_table(results: dict[str, Any]) -> str:
 def plot_explosion(results: dict[str, Any], path: str) -> None:
   """``explosion.png``: first/last gradient ratio over the gain (plain | residual), the remedies' profiles,
   and the ratio over depth; measured as markers and solid lines, the product-norm prediction dashed."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
   cfg = results["config"]
   recs = results["explosion"]
   deepest = max(r["depth"] for r in recs)
   fig, axes = plt.subplots(2, 2, figsize=(12, 9))
-  colors = {"sigmoid": "tab:blue", "tanh": "tab:orange", "relu": "tab:green"}
   for ax, net in zip(axes[0], ("plain", "residual")):
-    for act, color in colors.items():
-      rs = sorted((r for r in recs if r["net"] == net and r["activation"] == act and r["depth"] == deepest),
-                  key=lambda r: r["gain"])
-      if not rs:
-        continue
-      gains = [r["gain"] for r in rs]
-      ax.plot(gains, [_finite(r["log10_first_over_last"]) for r in rs], "o-", color=color, label=f"{act} measured")
-      ax.plot(gains, [_finite(r["log10_product_norm"]) for r in rs], "--", color=color,
-              label=f"{act} ||prod M_l||_2")
-    ax.axhline(0, color="k", lw=0.8)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("gain (W1, W2 = gain x default init)")
-    ax.set_ylabel(f"log10 ||dL/dx_0|| / ||dL/dx_L||, depth {deepest}")
-    ax.set_title(f"{net} stack: {'prod J_l' if net == 'plain' else 'prod (I + J_l)'}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-  ax = axes[1][0]
-  remedy_names = [r["net"] for r in recs if r["gain"] == cfg["remedy_gain"] and r["activation"] == "relu"
-                  and r["depth"] == deepest]
+    _plot_explosion_over_gain(ax, recs, net, deepest)
+  _plot_remedies(axes[1][0], recs, cfg["remedy_gain"], deepest)
+  _plot_explosion_over_depth(axes[1][1], recs)
+  fig.suptitle(f"Vanishing and explosion at initialisation (width {cfg['width']}, hidden {cfg['hidden']}, "
+               f"batch {cfg['explosion_batch']}, seed {cfg['seed']}, float64)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def _plot_explosion_over_gain(ax, recs: list[dict], net: str, deepest: int) -> None:
+  """One panel: the deepest ``net`` stack's ratio over the gain, one colour per activation."""
+  colors = {"sigmoid": "tab:blue", "tanh": "tab:orange", "relu": "tab:green"}
+  for act, color in colors.items():
+    rs = sorted((r for r in recs if r["net"] == net and r["activation"] == act and r["depth"] == deepest),
+                key=lambda r: r["gain"])
+    if not rs:
+      continue
+    gains = [r["gain"] for r in rs]
+    ax.plot(gains, [_finite(r["log10_first_over_last"]) for r in rs], "o-", color=color, label=f"{act} measured")
+    ax.plot(gains, [_finite(r["log10_product_norm"]) for r in rs], "--", color=color,
+            label=f"{act} ||prod M_l||_2")
+  ax.axhline(0, color="k", lw=0.8)
+  ax.set_xscale("log", base=2)
+  ax.set_xlabel("gain (W1, W2 = gain x default init)")
+  ax.set_ylabel(f"log10 ||dL/dx_0|| / ||dL/dx_L||, depth {deepest}")
+  ax.set_title(f"{net} stack: {'prod J_l' if net == 'plain' else 'prod (I + J_l)'}")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+
+
+def _plot_remedies(ax, recs: list[dict], remedy_gain: float, deepest: int) -> None:
+  """One panel: each remedy's profile, unit by unit, at ``remedy_gain`` with ReLU."""
+  at_gain = [r for r in recs if r["gain"] == remedy_gain and r["activation"] == "relu" and r["depth"] == deepest]
   cmap = plt.get_cmap("tab10")
-  for i, name in enumerate(dict.fromkeys(remedy_names)):
-    r = next(r for r in recs if r["net"] == name and r["gain"] == cfg["remedy_gain"]
-             and r["activation"] == "relu" and r["depth"] == deepest)
-    prof = r["profile"]
+  for i, name in enumerate(dict.fromkeys(r["net"] for r in at_gain)):
+    prof = next(r for r in at_gain if r["net"] == name)["profile"]
     dist = np.arange(len(prof["log10_grad"]))[::-1]          # units between x_l and the output
     ax.plot(dist, [_finite(v) for v in prof["log10_grad"]], "-", color=cmap(i), label=name)
     ax.plot(dist, [_finite(v) for v in prof["log10_product"]], "--", color=cmap(i), lw=0.8)
   ax.axhline(0, color="k", lw=0.8)
   ax.set_xlabel("units between x_l and the output (L - l)")
   ax.set_ylabel("log10 ||dL/dx_l|| / ||dL/dx_L||")
-  ax.set_title(f"remedies, ReLU, gain {cfg['remedy_gain']:g}: measured (solid), ||prod||_2 (dashed)")
+  ax.set_title(f"remedies, ReLU, gain {remedy_gain:g}: measured (solid), ||prod||_2 (dashed)")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
-  ax = axes[1][1]
+
+
+def _plot_explosion_over_depth(ax, recs: list[dict]) -> None:
+  """One panel: the ReLU stacks' ratio over depth, one colour per gain."""
   gains = sorted({r["gain"] for r in recs if r["net"] in ("plain", "residual")})
   for i, gain in enumerate(gains):
     for net, style in (("plain", "o--"), ("residual", "s-")):
@@ -935,11 +658,6 @@ def plot_explosion(results: dict[str, Any], path: str) -> None:
   ax.set_title("ReLU over depth: residual (solid), plain (dashed)")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
-  fig.suptitle(f"Vanishing and explosion at initialisation (width {cfg['width']}, hidden {cfg['hidden']}, "
-               f"batch {cfg['explosion_batch']}, seed {cfg['seed']}, float64)")
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
 
 
 def _finite(value):
@@ -949,8 +667,6 @@ def _finite(value):
 
 def run_explosion(cfg: GradflowConfig, log=None) -> dict[str, Any]:
   """The explosion study alone: write ``explosion.json`` and ``explosion.png`` into ``cfg.out``."""
-  import jax
-  from resnet_jax import explosion
   log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
   t_start = time.perf_counter()
   results: dict[str, Any] = {
@@ -975,7 +691,6 @@ def run_explosion(cfg: GradflowConfig, log=None) -> dict[str, Any]:
 
 def run(cfg: GradflowConfig, log=None) -> dict[str, Any]:
   """Run every part of ``cfg``; write ``results.json`` and the plots into ``cfg.out``; return results."""
-  import jax
   log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
   t_start = time.perf_counter()
   results: dict[str, Any] = {
@@ -991,7 +706,6 @@ def run(cfg: GradflowConfig, log=None) -> dict[str, Any]:
       log(f"gradflow: conv nets plain{depth} / resnet{depth}")
       results["conv"] += measure_conv(depth, cfg.conv_batch, cfg.conv_size, cfg.seed)
   if not cfg.skip_train:
-    from resnet_jax.datasets import digits_split
     data = digits_split(seed=0)
     for depth in cfg.train_depths:
       for residual in (False, True):
@@ -1024,7 +738,7 @@ def _json_safe(value):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """``python -m resnet_jax.gradflow``: print the tables and write results.json + the two plots."""
+  """``python experiments/gradient_flow.py``: print the tables and write results.json + the two plots."""
   cfg = parse_args(argv)
   if cfg.block_orders:
     results = run_block_orders(cfg.out, steps=cfg.train_steps, seed=cfg.seed)

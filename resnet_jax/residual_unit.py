@@ -21,7 +21,7 @@ Backward pass (no autodiff; ``docs/residual-unit.md`` derives every line)::
   dL/db1  = sum_n delta1_n                  (hidden,)
   dL/dx   = delta1 w1  +  delta             (batch, dim)      branch term + the original error, untouched
 
-The plain twin (``residual=False``) drops the shortcut: ``y_hat = H(x)`` and ``dL/dx = delta1 w1``.
+The plain twin (``shortcut=False``) drops the shortcut: ``y_hat = H(x)`` and ``dL/dx = delta1 w1``.
 
 Every function checks the shapes of its arguments in Python (shapes are static under ``jax.jit``) and
 raises :class:`resnet_jax.errors.ModelError` (a ``ValueError``) naming the argument, its shape and the
@@ -86,6 +86,12 @@ ACTIVATIONS: Mapping[str, Activation] = types.MappingProxyType({
 })
 
 _KEYS = ("w1", "b1", "w2", "b2")
+
+
+def sigma_prime(z: Array, activation: str) -> Array:
+  """Elementwise ``sigma'(z)`` at pre-activations ``z``, by the hand-written derivative of :data:`ACTIVATIONS`."""
+  act = _activation(activation, "sigma_prime")
+  return act.sigma_prime(z, act.sigma(z))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -162,6 +168,15 @@ def _check_stack(params: Any, where: str, dim: int | None = None) -> int:
 # One unit.
 # ----------------------------------------------------------------------------------------------------
 
+def uniform_fan_in(fan_in: int) -> Callable:
+  """The initialiser ``(key, shape, dtype) -> U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, ``torch.nn.Linear``'s."""
+  bound = float(fan_in) ** -0.5
+
+  def init(key: Array, shape: Sequence[int], dtype: Any = jnp.float32) -> Array:
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
 def init_params(key: Array, dim: int, hidden: int, dtype: Any = jnp.float32) -> Params:
   """Random parameters of one unit, drawn as ``torch.nn.Linear`` does.
 
@@ -174,10 +189,9 @@ def init_params(key: Array, dim: int, hidden: int, dtype: Any = jnp.float32) -> 
   if dim < 1 or hidden < 1:
     raise ModelError(f"init_params: dim and hidden must be >= 1, got dim={dim}, hidden={hidden}")
   k1, k2, k3, k4 = jax.random.split(key, 4)
-  s1, s2 = dim ** -0.5, hidden ** -0.5
-  u = lambda k, shape, s: jax.random.uniform(k, shape, dtype, -s, s)
-  return {"w1": u(k1, (hidden, dim), s1), "b1": u(k2, (hidden,), s1),
-          "w2": u(k3, (dim, hidden), s2), "b2": u(k4, (dim,), s2)}
+  u1, u2 = uniform_fan_in(dim), uniform_fan_in(hidden)
+  return {"w1": u1(k1, (hidden, dim), dtype), "b1": u1(k2, (hidden,), dtype),
+          "w2": u2(k3, (dim, hidden), dtype), "b2": u2(k4, (dim,), dtype)}
 
 
 def _branch(params: Mapping[str, Array], x: Array, act: Activation) -> tuple[Array, Array, Array]:
@@ -278,21 +292,21 @@ def input_grad_parts(params: Mapping[str, Array], x: Array, y: Array,
 # custom_vjp: the unit with the hand-derived backward pass, for training with jax.grad / optax.
 # ----------------------------------------------------------------------------------------------------
 
-def _unit_primal(params, x, activation, residual):
+def _unit_primal(params, x, activation, shortcut):
   H = _branch(params, x, ACTIVATIONS[activation])[2]
-  return H + x if residual else H
+  return H + x if shortcut else H
 
 
-def _unit_vjp_fwd(params, x, activation, residual):
+def _unit_vjp_fwd(params, x, activation, shortcut):
   z1, a1, H = _branch(params, x, ACTIVATIONS[activation])
-  return (H + x if residual else H), (params, x, z1, a1)
+  return (H + x if shortcut else H), (params, x, z1, a1)
 
 
-def _unit_vjp_bwd(activation, residual, res, g):
+def _unit_vjp_bwd(activation, shortcut, res, g):
   params, x, z1, a1 = res
   # The cotangent g (dL/dy_hat for whatever loss is being differentiated) takes the place of delta.
   grads, branch = _backward(params, x, z1, a1, g, ACTIVATIONS[activation])
-  dx = branch + g if residual else branch
+  dx = branch + g if shortcut else branch
   grads = {k: grads[k].astype(params[k].dtype) for k in _KEYS}
   return grads, dx.astype(x.dtype)
 
@@ -301,9 +315,9 @@ _unit_vjp = jax.custom_vjp(_unit_primal, nondiff_argnums=(2, 3))
 _unit_vjp.defvjp(_unit_vjp_fwd, _unit_vjp_bwd)
 
 
-def residual_unit(params: Mapping[str, Array], x: Array, activation: str = "sigmoid",
-                  residual: bool = True) -> Array:
-  """The unit's output (``forward``, or ``H(x)`` if ``residual=False``) with the hand-derived backward pass.
+def hand_derived_unit(params: Mapping[str, Array], x: Array, activation: str = "sigmoid",
+                      shortcut: bool = True) -> Array:
+  """The unit's output (``forward``, or ``H(x)`` if ``shortcut=False``) with the hand-derived backward pass.
 
   A ``jax.custom_vjp`` function: under ``jax.grad`` / ``jax.vjp`` its backward pass is the derivation's,
   with the incoming cotangent ``g`` = dL/dy_hat in place of ``delta``::
@@ -313,10 +327,10 @@ def residual_unit(params: Mapping[str, Array], x: Array, activation: str = "sigm
 
   So any loss built on it (e.g. with optax) trains with the analytic gradients, which equal autodiff's.
   """
-  _activation(activation, "residual_unit")
-  dim, _ = _check_params(params, "residual_unit")
-  x = _check_x(x, dim, "residual_unit")
-  return _unit_vjp({k: params[k] for k in _KEYS}, x, activation, bool(residual))
+  _activation(activation, "hand_derived_unit")
+  dim, _ = _check_params(params, "hand_derived_unit")
+  x = _check_x(x, dim, "hand_derived_unit")
+  return _unit_vjp({k: params[k] for k in _KEYS}, x, activation, bool(shortcut))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -331,30 +345,30 @@ def init_stack(key: Array, depth: int, dim: int, hidden: int, dtype: Any = jnp.f
   return [init_params(k, dim, hidden, dtype) for k in jax.random.split(key, depth)]
 
 
-def stack_forward(params: Sequence[Mapping[str, Array]], x: Array, residual: bool = True,
+def stack_forward(params: Sequence[Mapping[str, Array]], x: Array, shortcut: bool = True,
                   activation: str = "sigmoid") -> Array:
-  """x_{l+1} = H_l(x_l) + x_l for l = 0..L-1 (``residual=False``: x_{l+1} = H_l(x_l)); returns x_L."""
+  """x_{l+1} = H_l(x_l) + x_l for l = 0..L-1 (``shortcut=False``: x_{l+1} = H_l(x_l)); returns x_L."""
   act = _activation(activation, "stack_forward")
   dim = _check_stack(params, "stack_forward")
   x = _check_x(x, dim, "stack_forward")
   for p in params:
     H = _branch(p, x, act)[2]
-    x = H + x if residual else H
+    x = H + x if shortcut else H
   return x
 
 
-def stack_loss(params: Sequence[Mapping[str, Array]], x: Array, y: Array, residual: bool = True,
+def stack_loss(params: Sequence[Mapping[str, Array]], x: Array, y: Array, shortcut: bool = True,
                activation: str = "sigmoid") -> Array:
   """1/batch * sum_n 1/2 ||x_L,n - y_n||^2 for the stack's output x_L."""
   _activation(activation, "stack_loss")
   dim = _check_stack(params, "stack_loss")
   x = _check_x(x, dim, "stack_loss")
   y = _check_y(y, x, "stack_loss")
-  y_hat = stack_forward(params, x, residual, activation)
+  y_hat = stack_forward(params, x, shortcut, activation)
   return 0.5 * jnp.sum(jnp.square(y_hat - y)) / x.shape[0]
 
 
-def manual_stack_grads(params: Sequence[Mapping[str, Array]], x: Array, y: Array, residual: bool = True,
+def manual_stack_grads(params: Sequence[Mapping[str, Array]], x: Array, y: Array, shortcut: bool = True,
                        activation: str = "sigmoid") -> dict[str, Any]:
   """Gradients of :func:`stack_loss`, back-propagated by hand one unit at a time (no autodiff).
 
@@ -368,11 +382,11 @@ def manual_stack_grads(params: Sequence[Mapping[str, Array]], x: Array, y: Array
     ``{"params": [per-unit {"w1","b1","w2","b2"}], "x": dL/dx_0, "inputs": [dL/dx_l for l = 0..L-1]}``
     (``inputs[0]`` is ``x``'s gradient; ``inputs[l]`` is the gradient with respect to unit l's input).
   """
-  grads, inputs, _, _ = _stack_backward(params, x, y, residual, activation, "manual_stack_grads")
+  grads, inputs, _, _ = _stack_backward(params, x, y, shortcut, activation, "manual_stack_grads")
   return {"params": grads, "x": inputs[0], "inputs": inputs}
 
 
-def _stack_backward(params, x, y, residual, activation, where):
+def _stack_backward(params, x, y, shortcut, activation, where):
   """Forward pass keeping z1, a1 and x_l per unit, then the backward loop, one unit at a time.
 
   Returns ``(grads, inputs, branches, delta_L)``: per-unit parameter gradients, dL/dx_l, the branch
@@ -389,7 +403,7 @@ def _stack_backward(params, x, y, residual, activation, where):
     xs.append(x)
     z1s.append(z1)
     a1s.append(a1)
-    x = H + x if residual else H
+    x = H + x if shortcut else H
   delta_L = (x - y) / x.shape[0]                           # dL/dx_L; the 1/batch of the mean enters here
   delta = delta_L
   grads: list[Params] = [{}] * depth
@@ -397,13 +411,13 @@ def _stack_backward(params, x, y, residual, activation, where):
   branches: list[Array] = [delta] * depth
   for l in range(depth - 1, -1, -1):                       # backward, by hand, layer by layer
     grads[l], branches[l] = _backward(params[l], xs[l], z1s[l], a1s[l], delta, act)
-    delta = branches[l] + delta if residual else branches[l]   # delta is now dL/dx_l
+    delta = branches[l] + delta if shortcut else branches[l]   # delta is now dL/dx_l
     inputs[l] = delta
   return grads, inputs, branches, delta_L
 
 
 def stack_input_grad_parts(params: Sequence[Mapping[str, Array]], x: Array, y: Array,
-                           residual: bool = True, activation: str = "sigmoid"
+                           shortcut: bool = True, activation: str = "sigmoid"
                            ) -> list[tuple[Array, Array]]:
   """For each unit l, the two parts of dL/dx_l: ``(branch_l, shortcut_l)``.
 
@@ -411,22 +425,16 @@ def stack_input_grad_parts(params: Sequence[Mapping[str, Array]], x: Array, y: A
   error from above handed down untouched by the identity (zeros for the plain stack). Their sum is
   ``manual_stack_grads(...)["inputs"][l]``.
   """
-  _, inputs, branches, delta_L = _stack_backward(params, x, y, residual, activation,
+  _, inputs, branches, delta_L = _stack_backward(params, x, y, shortcut, activation,
                                                  "stack_input_grad_parts")
   above = inputs[1:] + [delta_L]
-  return [(b, a if residual else jnp.zeros_like(a)) for b, a in zip(branches, above)]
+  return [(b, a if shortcut else jnp.zeros_like(a)) for b, a in zip(branches, above)]
 
 
 # ----------------------------------------------------------------------------------------------------
 # Flax (linen) modules.
 # ----------------------------------------------------------------------------------------------------
 
-def _uniform(scale_dim: int) -> Callable:
-  s = scale_dim ** -0.5
-
-  def init(key, shape, dtype=jnp.float32):
-    return jax.random.uniform(key, shape, dtype, -s, s)
-  return init
 
 
 class ResidualUnit(nn.Module):
@@ -446,7 +454,7 @@ class ResidualUnit(nn.Module):
     hidden: width of the branch's hidden layer.
     activation: a key of :data:`ACTIVATIONS`.
     residual: ``False`` gives the plain twin ``y_hat = H(x)``.
-    hand_derived_grad: ``True`` computes the unit with :func:`residual_unit`, whose backward pass is the
+    hand_derived_grad: ``True`` computes the unit with :func:`hand_derived_unit`, whose backward pass is the
       hand-derived one (same values and gradients as autodiff).
     param_dtype: dtype of the parameters.
   """
@@ -461,12 +469,12 @@ class ResidualUnit(nn.Module):
   def __call__(self, x: Array) -> Array:
     act = _activation(self.activation, "ResidualUnit")
     x = _check_x(x, self.dim, "ResidualUnit")
-    p = {"w1": self.param("w1", _uniform(self.dim), (self.hidden, self.dim), self.param_dtype),
-         "b1": self.param("b1", _uniform(self.dim), (self.hidden,), self.param_dtype),
-         "w2": self.param("w2", _uniform(self.hidden), (self.dim, self.hidden), self.param_dtype),
-         "b2": self.param("b2", _uniform(self.hidden), (self.dim,), self.param_dtype)}
+    p = {"w1": self.param("w1", uniform_fan_in(self.dim), (self.hidden, self.dim), self.param_dtype),
+         "b1": self.param("b1", uniform_fan_in(self.dim), (self.hidden,), self.param_dtype),
+         "w2": self.param("w2", uniform_fan_in(self.hidden), (self.dim, self.hidden), self.param_dtype),
+         "b2": self.param("b2", uniform_fan_in(self.hidden), (self.dim,), self.param_dtype)}
     if self.hand_derived_grad:
-      return residual_unit(p, x, self.activation, self.residual)
+      return hand_derived_unit(p, x, self.activation, self.residual)
     H = _branch(p, x, act)[2]
     return H + x if self.residual else H
 
