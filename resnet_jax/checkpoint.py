@@ -12,23 +12,30 @@ orbax writes each checkpoint into a temporary folder and renames it when complet
 during a write leaves the previous checkpoints intact and the partial one is ignored; the manager
 keeps the last ``keep`` complete checkpoints.
 
-A checkpoint that cannot be read (a damaged or truncated file) raises :class:`CheckpointError` naming
-the file and the earlier checkpoints; ``config.restore_step`` resumes from one of them, and
-:meth:`Checkpointer.set_aside_after` moves the later ones out of the way (nothing is deleted).
+Before any array is read, a restore compares the checkpoint's metadata (orbax's tree metadata of the
+``state`` item: each array's path, shape and dtype) with the target state: a checkpoint of another
+configuration is a :class:`CheckpointError` naming the checkpoint, the arrays, what was stored and
+what was expected. A checkpoint that cannot be read (a damaged, truncated or missing file) raises
+:class:`CheckpointError` naming the checkpoint, the file where it can be told, and the earlier
+checkpoints; ``config.restore_step`` resumes from one of them, and :meth:`Checkpointer.set_aside_after`
+moves the later ones out of the way (nothing is deleted). A write that fails for lack of storage (a
+full disk, a read-only folder, a permission) is a :class:`CheckpointError` with the system's reason.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
-import re
 import shutil
-from typing import Any
+from typing import Any, Self
 
 import jax
+import numpy as np
 
-from resnet_jax.errors import CheckpointError
+from resnet_jax.errors import CheckpointError, stray_async_errors_silenced
 
 
 class Checkpointer:
@@ -41,7 +48,10 @@ class Checkpointer:
     self._ocp = ocp
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=False)
-    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    # The items' handlers, named up front, let the manager read a step's metadata before restoring it.
+    handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler()}
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def all_steps(self) -> list[int]:
     """Steps of the complete checkpoints, oldest first."""
@@ -52,34 +62,42 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def save(self, step: int, state: Any, data_state: dict, meta: dict) -> None:
-    """Write the checkpoint of ``step`` (overwriting nothing; a step saved already is skipped)."""
+    """Write the checkpoint of ``step`` (overwriting nothing; a step saved already is skipped).
+
+    Raises:
+      CheckpointError: the storage refused the write (a full disk, a read-only folder, a permission):
+        the message gives the system's reason; the partial folder is removed, earlier checkpoints stay.
+    """
     ocp = self._ocp
     if step in self._manager.all_steps():
       return
     error = None
-    with _held_stderr() as held:  # orbax's threads log the failure of each write, with tracebacks.
+    with _held_log_records("absl") as held:  # orbax's writer threads log each failed write, with tracebacks.
       try:
-        self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave(data_state),
-            meta=ocp.args.JsonSave(meta)), force=True)
-        self._manager.wait_until_finished()
-      except Exception as e:  # noqa: BLE001 -- orbax and tensorstore raise ValueError, OSError, ...
-        reason = _storage_error(e)
+        with stray_async_errors_silenced():
+          self._manager.save(step, args=ocp.args.Composite(
+              state=ocp.args.StandardSave(state),
+              data=ocp.args.JsonSave(data_state),
+              meta=ocp.args.JsonSave(meta)), force=True)
+          self._manager.wait_until_finished()
+      except Exception as e:  # orbax and tensorstore raise ValueError, OSError, ...
+        reason = _storage_error(e, self.directory, _nbytes(state))
         if reason is None:
-          raise
-        logging.getLogger("asyncio").disabled = True
-        _settle_after_failed_read(self._manager, e)
+          raise  # Not the storage: a bug, with its traceback (and the held records written out).
         held.drop()
-        removed = self._remove_partial(step)
-        earlier = self.all_steps_on_disk()
-        error = CheckpointError(
-            f"cannot write checkpoint {os.path.join(self.directory, str(step))}: {reason}"
-            f"{'; its partial folder was removed' if removed else ''}; "
-            + (f"the earlier checkpoints (steps {earlier}) are intact: free space and run the same "
-               f"command again to resume" if earlier else "no earlier checkpoint was written"))
+        error = self._write_error(step, reason)
     if error is not None:
       raise error
+
+  def _write_error(self, step: int, reason: str) -> CheckpointError:
+    """The CheckpointError of a write of ``step`` refused by the storage; removes its partial folder."""
+    removed = self._remove_partial(step)
+    earlier = self.all_steps_on_disk()
+    return CheckpointError(
+        f"cannot write checkpoint {os.path.join(self.directory, str(step))}: {reason}"
+        f"{'; its partial folder was removed' if removed else ''}; "
+        + (f"the earlier checkpoints (steps {earlier}) are intact: free space and run the same "
+           f"command again to resume" if earlier else "no earlier checkpoint was written"))
 
   def all_steps_on_disk(self) -> list[int]:
     """Steps of the complete checkpoint folders (read from the folder, not the manager)."""
@@ -99,13 +117,16 @@ class Checkpointer:
   def restore(self, target_state: Any, step: int | None = None) -> tuple[Any, dict, dict]:
     """Restore ``(state, data_state, meta)`` of ``step`` (default: the newest complete checkpoint).
 
+    The checkpoint's metadata is compared with ``target_state`` first: a checkpoint of another
+    configuration is refused before any array is read.
+
     Args:
       target_state: a state of the same structure (its shapes, dtypes and shardings are used).
       step: the step to restore.
 
     Raises:
       CheckpointError: no checkpoint, or one that cannot be read or does not fit ``target_state``
-        (the message names the folder).
+        (the message names the folder, and the arrays that do not fit).
     """
     ocp = self._ocp
     step = self.latest_step() if step is None else step
@@ -116,42 +137,43 @@ class Checkpointer:
                             f"checkpoints: steps {self.all_steps()}")
     path = os.path.join(self.directory, str(step))
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
-    error = None
-    with _held_stderr() as held:
-      mismatch = _shape_mismatch(os.path.join(path, "state"), abstract)
-      if mismatch:  # Checked from the metadata, before any array is read.
-        held.drop()
-        raise CheckpointError(f"checkpoint {path} holds a train state of another shape than this "
-                              f"config's model and optimizer ({mismatch}): it belongs to a run of "
-                              f"another configuration; use another --workdir (nothing was changed)")
-      try:
+    mismatch = _mismatch(self._stored_arrays(path, step), abstract)
+    if mismatch:
+      raise CheckpointError(f"checkpoint {path} holds a train state of another shape than this "
+                            f"config's model and optimizer ({mismatch}): it belongs to a run of "
+                            f"another configuration; use another --workdir (nothing was changed)")
+    try:
+      with stray_async_errors_silenced():
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract),
             data=ocp.args.JsonRestore(),
             meta=ocp.args.JsonRestore()))
-      except Exception as e:  # orbax raises many types (ValueError, KeyError, OSError, ...).
-        # The other arrays' reads fail too; their futures would log tracebacks via asyncio when collected.
-        logging.getLogger("asyncio").disabled = True
-        error = self._restore_error(path, step, e)
-        _settle_after_failed_read(self._manager, e)
-        held.drop()
-    if error is not None:
-      raise error
+    except Exception as e:  # noqa: BLE001 -- orbax and tensorstore raise ValueError, OSError, KeyError, ...
+      raise self._damaged(path, step, e, f"in {os.path.join(path, 'state')} (the arrays' files)") from None
     return restored["state"], dict(restored["data"] or {}), dict(restored["meta"] or {})
 
-  def _restore_error(self, path: str, step: int, e: BaseException) -> CheckpointError:
-    """The CheckpointError for a failed restore of ``path``: another configuration, or a damaged file."""
-    text = " ".join(" ".join(str(x) for x in (e, e.__cause__, e.__context__) if x is not None).split())
-    if re.search(r"stored shape|tree structures do not match|dtype mismatch", text):
-      return CheckpointError(f"checkpoint {path} holds a train state of another shape than this config's "
-                             f"model and optimizer ({text[:200]}): it belongs to a run of another "
-                             f"configuration; use another --workdir (nothing was changed)")
+  def _stored_arrays(self, path: str, step: int) -> dict[str, tuple] | None:
+    """``{array name: (shape, dtype)}`` of the train state in the checkpoint of ``step``, read from orbax's
+    tree metadata (no array is read); ``None`` when the checkpoint has no tree metadata."""
+    try:
+      with stray_async_errors_silenced():
+        metadata = self._manager.item_metadata(step)["state"]
+    except Exception as e:  # noqa: BLE001 -- orbax and tensorstore raise ValueError, JSONDecodeError, ...
+      raise self._damaged(path, step, e, f"in {os.path.join(path, 'state')} (the arrays' files)") from None
+    if metadata is None:
+      return None
+    return {_path_name(p): (getattr(m, "shape", None), getattr(m, "dtype", None)) for p, m in
+            jax.tree_util.tree_leaves_with_path(metadata, is_leaf=lambda x: hasattr(x, "shape"))}
+
+  def _damaged(self, path: str, step: int, e: BaseException, where: str) -> CheckpointError:
+    """The CheckpointError of the checkpoint ``path`` that failed to read with ``e``: the file that our
+    own check finds missing or unreadable, else ``where`` (the part whose read failed)."""
     earlier = [s for s in self.all_steps() if s < step]
     hint = (f"; to resume from the previous complete checkpoint, run again with "
             f"--config.restore_step={earlier[-1]} (earlier checkpoints: steps {earlier}; nothing "
             f"was deleted)" if earlier else "; there is no earlier checkpoint (nothing was deleted)")
     detail = " ".join(str(e).split())[:200]
-    return CheckpointError(f"cannot restore checkpoint {path}: damaged file {_damaged_file(path, e)}: "
+    return CheckpointError(f"cannot restore checkpoint {path}: damaged file {_bad_file(path) or where}: "
                            f"{type(e).__name__}: {detail}{hint}")
 
   def set_aside_after(self, step: int, folder: str) -> list[int]:
@@ -180,75 +202,78 @@ class Checkpointer:
     self._manager.close()
 
 
-class _held_stderr:
-  """Hold what is written to file descriptor 2 inside the block; write it out at the end unless dropped.
+class _held_log_records(logging.Filter):
+  """Hold the records of the logger ``name`` inside the block; log them at the end unless dropped.
 
-  When one array of a checkpoint cannot be read, orbax closes its event loop while tensorstore is
-  still finishing the other reads, and their callbacks print "Event loop is closed" tracebacks
-  straight to stderr. Those are noise next to the one error message that follows: a failed restore
-  drops them; a successful one writes out whatever was held (warnings are not lost).
+  orbax's writer threads log every failed write with its traceback through absl's logger. After a write
+  that the storage refused, the one CheckpointError says it all and they are dropped; after a
+  successful save, or a failure that is a bug, they are logged as usual.
   """
 
-  def __enter__(self) -> "_held_stderr":
-    import sys
-    import tempfile
-    sys.stderr.flush()
-    self._file = tempfile.TemporaryFile()
-    self._saved = os.dup(2)
-    os.dup2(self._file.fileno(), 2)
+  def __init__(self, name: str):
+    super().__init__()
+    self._logger = logging.getLogger(name)
+    self._records: list[logging.LogRecord] = []
     self._keep = True
-    return self
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    self._records.append(record)
+    return False
 
   def drop(self) -> None:
     self._keep = False
 
+  def __enter__(self) -> Self:
+    self._logger.addFilter(self)
+    return self
+
   def __exit__(self, *exc) -> None:
-    import sys
-    sys.stderr.flush()
-    os.dup2(self._saved, 2)
-    os.close(self._saved)
+    self._logger.removeFilter(self)
     if self._keep:
-      self._file.seek(0)
-      text = self._file.read().decode(errors="replace")
-      if text:
-        sys.stderr.write(text)
-        sys.stderr.flush()
-    self._file.close()
+      for record in self._records:
+        self._logger.handle(record)
 
 
-def _settle_after_failed_read(manager: Any, error: BaseException, seconds: float = 0.5) -> None:
-  """Close ``manager``, free ``error``'s frames and give the reads still in flight a moment to end.
+def _storage_error(e: BaseException, directory: str, needed: int) -> str | None:
+  """The system's reason when the failed write ``e`` was refused by the storage, e.g. ``No space left on
+  device``; ``None`` for any other failure.
 
-  See :class:`_held_stderr`: this runs while stderr is held.
+  An ``OSError`` among ``e`` and its causes gives it (its ``strerror`` and file). tensorstore reports
+  its writes' failures as ``ValueError``, so otherwise the folder is asked: a read-only file system, a
+  folder this process may not write, less free space than the state's ``needed`` bytes, or a small test
+  write that fails.
   """
-  import gc
-  import time
+  for x in (e, e.__cause__, e.__context__):
+    if isinstance(x, OSError) and x.strerror:
+      return x.strerror + (f" ({x.filename})" if x.filename else "")
   try:
-    manager.close()
-  except Exception:  # noqa: BLE001 -- the restore error is the one to report.
-    pass
-  for x in (error, error.__cause__, error.__context__):
-    if x is not None:
-      x.__traceback__ = None
-  gc.collect()
-  time.sleep(seconds)
+    fs = os.statvfs(directory)
+  except OSError as x:
+    return x.strerror
+  free = fs.f_bavail * fs.f_frsize
+  if fs.f_flag & os.ST_RDONLY:
+    return os.strerror(errno.EROFS)
+  if not os.access(directory, os.W_OK):
+    return f"{os.strerror(errno.EACCES)} ({directory})"
+  if free < needed:
+    return f"{os.strerror(errno.ENOSPC)} ({free} bytes free in {directory}, the train state takes {needed})"
+  probe = os.path.join(directory, f".write-test-{os.getpid()}")
+  try:
+    with open(probe, "wb") as f:
+      f.write(bytes(4096))
+      f.flush()
+      os.fsync(f.fileno())
+  except OSError as x:
+    return x.strerror
+  finally:
+    with contextlib.suppress(OSError):
+      os.unlink(probe)
+  return None
 
 
-_STORAGE = re.compile(r"No space left on device|Read-only file system|Permission denied|Disk quota exceeded|"
-                      r"File too large|Input/output error")
-
-
-def _storage_error(e: BaseException) -> str | None:
-  """The system's reason when ``e`` is a failure of the storage (full disk, read-only, permission),
-  e.g. ``No space left on device (writing .../d/9b8a...)``; ``None`` for any other error."""
-  text = " ".join(" ".join(str(x) for x in (e, e.__cause__, e.__context__) if x is not None).split())
-  if isinstance(e, OSError) and e.strerror:
-    return f"{e.strerror}" + (f" ({e.filename})" if e.filename else "")
-  found = _STORAGE.search(text)
-  if not found:
-    return None
-  files = re.findall(r'(?:Failed writing|local file|file): "([^"]+)"', text)
-  return found.group(0) + (f" (writing {files[-1]})" if files else "")
+def _nbytes(tree: Any) -> int:
+  """Bytes of the arrays of ``tree``."""
+  return sum(int(getattr(a, "nbytes", 0)) for a in jax.tree.leaves(tree))
 
 
 def _path_name(path: tuple) -> str:
@@ -264,20 +289,20 @@ def _path_name(path: tuple) -> str:
   return ".".join(parts)
 
 
-def _shape_mismatch(state_dir: str, abstract: Any) -> str | None:
-  """How the arrays saved in ``state_dir`` differ from ``abstract`` (names, shapes), or ``None``.
+def _describe(shape: Any, dtype: Any) -> str:
+  """``(3, 3) float32``: an array's shape and dtype as a message names them (``?`` where unknown)."""
+  return (f"{tuple(shape)}" if shape is not None else "?") + " " + (
+      np.dtype(dtype).name if dtype is not None else "?")
 
-  ``None`` too when the metadata cannot be read: the restore itself then reports the damage.
-  """
-  import orbax.checkpoint as ocp
-  from etils import epath
-  try:
-    metadata = ocp.StandardCheckpointHandler().metadata(epath.Path(state_dir))
-    saved = {_path_name(p): tuple(m.shape) for p, m in jax.tree_util.tree_leaves_with_path(
-        metadata, is_leaf=lambda x: hasattr(x, "shape"))}
-  except Exception:  # noqa: BLE001 -- unreadable metadata is reported by the restore.
+
+def _mismatch(stored: dict[str, tuple] | None, abstract: Any) -> str | None:
+  """How the arrays of a checkpoint (``stored``: dotted name -> (shape, dtype)) differ from those of
+  ``abstract`` (names, shapes, dtypes), parameters first and at most three named, or ``None`` when they
+  fit or nothing was stored to compare with."""
+  if stored is None:
     return None
-  wanted = {_path_name(p): tuple(a.shape) for p, a in jax.tree_util.tree_leaves_with_path(abstract)}
+  saved = {n: _describe(*v) for n, v in stored.items()}
+  wanted = {_path_name(p): _describe(a.shape, a.dtype) for p, a in jax.tree_util.tree_leaves_with_path(abstract)}
   problems = [f"{n} saved {saved[n]}, expected {wanted[n]}" for n in sorted(set(saved) & set(wanted))
               if saved[n] != wanted[n]]
   problems += [f"{n} not in the checkpoint" for n in sorted(set(wanted) - set(saved))]
@@ -289,27 +314,25 @@ def _shape_mismatch(state_dir: str, abstract: Any) -> str | None:
   return "; ".join(problems[:3]) + more
 
 
-def _damaged_file(step_dir: str, error: BaseException) -> str:
-  """The file of ``step_dir`` that ``error`` points at: a path in the message, else a bad JSON file."""
-  text = str(error)
-  for cause in (error.__cause__, error.__context__):
-    if cause is not None:
-      text += " " + str(cause)
-  named = re.findall(r'local file "([^"]+)"', text)
-  files = [p for p in named if os.path.isfile(p)]
-  if files:
-    return files[-1]
+# The files of a checkpoint folder that must exist, and those that hold JSON.
+_REQUIRED = ("state/_METADATA", "state/manifest.ocdbt", "data/metadata", "meta/metadata")
+_JSON_FILES = ("_METADATA", "metadata", "_CHECKPOINT_METADATA", "_sharding")
+
+
+def _bad_file(step_dir: str) -> str | None:
+  """The first file of the checkpoint ``step_dir`` that is missing, or holds JSON that does not parse;
+  ``None`` when every such file is there and parses (then the arrays' data is the damaged part)."""
+  for name in _REQUIRED:
+    path = os.path.join(step_dir, name)
+    if not os.path.isfile(path):
+      return f"{path} (missing)"
   for root, _, files in sorted(os.walk(step_dir)):
     for name in sorted(files):
-      if name in ("_METADATA", "metadata", "_CHECKPOINT_METADATA", "_sharding"):
+      if name in _JSON_FILES:
         path = os.path.join(root, name)
         try:
-          with open(path) as f:
-            json.load(f)
+          with open(path, "rb") as f:
+            json.loads(f.read().decode("utf-8"))
         except (OSError, ValueError):
           return path
-  folders = [p for p in named if os.path.isdir(p)]
-  arrays = re.findall(r'Error reading "([^"/]+)', text)
-  if folders:
-    return f"in {folders[-1]}" + (f" (array {arrays[-1]})" if arrays else "")
-  return f"(one of the files in {step_dir})"
+  return None

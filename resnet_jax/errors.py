@@ -9,9 +9,11 @@ exits with status 2, instead of a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
-from typing import Callable, NoReturn
+from collections.abc import Callable, Iterator
+from typing import NoReturn
 
 
 class ResNetJaxError(ValueError):
@@ -71,11 +73,56 @@ def parse_args(parser, argv, usage: str):
 def fail(message: str, code: int = EXIT_USER_ERROR) -> NoReturn:
   """Print ``error: message`` as one line on stderr and exit with ``code``."""
   one_line = " ".join(str(message).split())
-  # Concurrent reads that failed alongside the reported one (orbax, tensorstore) would otherwise be logged
-  # by asyncio, with tracebacks, when their futures are collected at exit.
-  logging.getLogger("asyncio").disabled = True
+  silence_stray_async_errors()  # The reads that failed alongside a reported one (see there).
   print(f"error: {one_line}", file=sys.stderr, flush=True)
   raise SystemExit(code)
+
+
+def _drops_closed_loop_errors(previous: Callable) -> Callable:
+  """An unraisable-exception hook that drops ``RuntimeError: Event loop is closed`` and passes every
+  other exception on to ``previous``."""
+  def hook(unraisable) -> None:
+    value = unraisable.exc_value
+    if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+      return
+    previous(unraisable)
+
+  hook.previous = previous
+  return hook
+
+
+def silence_stray_async_errors() -> None:
+  """Keep the reads and writes still in flight after a failed checkpoint operation from printing tracebacks.
+
+  orbax runs a checkpoint's reads and writes on an event loop of its own and closes it when the first
+  one fails. tensorstore then completes the others: their callbacks find the loop closed (``RuntimeError:
+  Event loop is closed``, reported through :func:`sys.unraisablehook`), and asyncio logs the errors of
+  their futures when they are collected. orbax's API offers no way to wait for or cancel them, and the
+  failure has been reported once already: this disables the asyncio logger and installs (once) a hook
+  that drops that one RuntimeError, every other unraisable exception still reaching the previous hook.
+  """
+  logging.getLogger("asyncio").disabled = True
+  if not hasattr(sys.unraisablehook, "previous"):
+    sys.unraisablehook = _drops_closed_loop_errors(sys.unraisablehook)
+
+
+@contextlib.contextmanager
+def stray_async_errors_silenced() -> Iterator[None]:
+  """Around one orbax read or write: when it fails, :func:`silence_stray_async_errors` from then on.
+
+  The hook is installed on entry already (the first stray callbacks may come before the failure has
+  reached the caller) and removed again when the block ends without an error.
+  """
+  previous = sys.unraisablehook
+  if not hasattr(previous, "previous"):
+    sys.unraisablehook = _drops_closed_loop_errors(previous)
+  try:
+    yield
+  except BaseException:
+    silence_stray_async_errors()
+    raise
+  if getattr(sys.unraisablehook, "previous", None) is previous:
+    sys.unraisablehook = previous
 
 
 def describe_os_error(e: OSError) -> str:

@@ -223,23 +223,8 @@ def check_resume(saved: dict, config: Any, counts: dict[str, int], total_steps: 
   old, new = flatten(old_dict), flatten(new_dict)
   changes = [{"key": k, "before": old.get(k), "after": new.get(k)} for k in sorted(set(old) | set(new))
              if k not in NOT_A_SETTING and old.get(k) != new.get(k)]
-  for c in changes:
-    if c["key"] in FIXED:
-      why = WHY_FIXED.get(c["key"]) or WHY_FIXED[c["key"].split(".")[0] + "."]
-      old_flag = (f"--config.{c['key']}={_flag_value(c['before'])}" if not isinstance(c["before"], dict)
-                  else "the old value")
-      raise ConfigError(
-          f"config.{c['key']} = {c['after']!r} differs from {c['before']!r}, the value this run was "
-          f"trained with up to step {step}: it cannot change on resume ({why}); train with the new value "
-          f"in another --workdir, or resume with {old_flag}")
-  for name in ("num_train", "num_test", "num_classes"):
-    if name in saved and saved[name] != counts[name]:
-      raise ConfigError(
-          f"the dataset now has {counts[name]} {name.replace('num_', '')} "
-          f"{'examples' if name != 'num_classes' else ''}, the run was trained with {saved[name]} up "
-          f"to step {step} (config.dataset.data_dir {old.get('dataset.data_dir')!r} -> "
-          f"{new.get('dataset.data_dir')!r}): a resumed run must read the same data; use another "
-          f"--workdir".replace("  ", " "))
+  _refuse_fixed_changes(changes, step)
+  _refuse_other_data(saved, counts, old, new, step)
   old_config = ml_collections.ConfigDict(old_dict)
   new_total = total_steps(config)
   if new_total < step:
@@ -256,6 +241,31 @@ def check_resume(saved: dict, config: Any, counts: dict[str, int], total_steps: 
     if total_steps(old_config) != new_total:
       changes.append({"key": "total_steps", "before": total_steps(old_config), "after": new_total})
   return changes
+
+
+def _refuse_fixed_changes(changes: list[dict], step: int) -> None:
+  """Raise ConfigError for the first of ``changes`` to a setting in FIXED (naming both values and why)."""
+  for c in changes:
+    if c["key"] in FIXED:
+      why = WHY_FIXED.get(c["key"]) or WHY_FIXED[c["key"].split(".")[0] + "."]
+      old_flag = (f"--config.{c['key']}={_flag_value(c['before'])}" if not isinstance(c["before"], dict)
+                  else "the old value")
+      raise ConfigError(
+          f"config.{c['key']} = {c['after']!r} differs from {c['before']!r}, the value this run was "
+          f"trained with up to step {step}: it cannot change on resume ({why}); train with the new value "
+          f"in another --workdir, or resume with {old_flag}")
+
+
+def _refuse_other_data(saved: dict, counts: dict[str, int], old: dict, new: dict, step: int) -> None:
+  """Raise ConfigError when the dataset's example or class counts differ from those of the checkpoint."""
+  for name in ("num_train", "num_test", "num_classes"):
+    if name in saved and saved[name] != counts[name]:
+      raise ConfigError(
+          f"the dataset now has {counts[name]} {name.replace('num_', '')} "
+          f"{'examples' if name != 'num_classes' else ''}, the run was trained with {saved[name]} up "
+          f"to step {step} (config.dataset.data_dir {old.get('dataset.data_dir')!r} -> "
+          f"{new.get('dataset.data_dir')!r}): a resumed run must read the same data; use another "
+          f"--workdir".replace("  ", " "))
 
 
 def _flag_value(value: Any) -> str:

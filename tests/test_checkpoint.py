@@ -1,0 +1,131 @@
+"""Checkpointer on a small pytree: a checkpoint that does not fit the target is refused from its metadata
+(paths, shapes, dtypes) before any array is read; a damaged or missing file is named; the reads left in
+flight by a failed restore print nothing."""
+
+import gc
+import glob
+import os
+import sys
+import time
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from resnet_jax import errors
+from resnet_jax.checkpoint import Checkpointer
+from resnet_jax.errors import CheckpointError
+
+
+def _state(kernel_shape=(4, 3), step_dtype=jnp.int32, extra=False):
+  params = {"dense": {"kernel": jnp.ones(kernel_shape), "bias": jnp.arange(3, dtype=jnp.float32)}}
+  if extra:
+    params["head"] = {"kernel": jnp.zeros((3, 2))}
+  return {"params": params, "step": jnp.asarray(5, step_dtype), "opt": (jnp.ones(2), {"mu": jnp.ones((4, 3))})}
+
+
+@pytest.fixture
+def saved(tmp_path):
+  """A checkpoint folder with steps 2 and 4 of ``_state()``."""
+  folder = str(tmp_path / "checkpoints")
+  ckpt = Checkpointer(folder)
+  for step in (2, 4):
+    ckpt.save(step, _state(), {"position": step}, {"best": 0.5})
+  ckpt.close()
+  return folder
+
+
+def _refused(folder: str, target) -> str:
+  """The message of the CheckpointError of restoring ``target``, checked to come before any array read."""
+  ckpt = Checkpointer(folder)
+
+  def no_read(*args, **kwargs):
+    raise AssertionError("the arrays were read")
+
+  ckpt._manager.restore = no_read
+  with pytest.raises(CheckpointError) as info:
+    ckpt.restore(target)
+  ckpt.close()
+  return str(info.value)
+
+
+def test_restore_round_trip(saved):
+  state, data, meta = Checkpointer(saved).restore(_state())
+  assert data == {"position": 4} and meta == {"best": 0.5}
+  np.testing.assert_array_equal(np.asarray(state["params"]["dense"]["bias"]), np.arange(3))
+
+
+def test_another_shape_names_the_array_what_was_stored_and_what_is_expected(saved):
+  message = _refused(saved, _state(kernel_shape=(5, 3)))
+  assert os.path.join(saved, "4") in message and "another configuration" in message
+  assert "params.dense.kernel saved (4, 3) float32, expected (5, 3) float32" in message
+
+
+def test_another_dtype_is_refused(saved):
+  message = _refused(saved, _state(step_dtype=jnp.float32))
+  assert "step saved () int32, expected () float32" in message
+
+
+def test_another_structure_is_refused(saved):
+  message = _refused(saved, _state(extra=True))
+  assert "params.head.kernel not in the checkpoint" in message
+  target = _state()
+  del target["params"]["dense"]["bias"]
+  assert "params.dense.bias not in this model" in _refused(saved, target)
+
+
+@pytest.mark.parametrize("name", ["data/metadata", "state/manifest.ocdbt"])
+def test_missing_file_is_named(saved, name):
+  os.remove(os.path.join(saved, "4", name))
+  with pytest.raises(CheckpointError) as info:
+    Checkpointer(saved).restore(_state())
+  assert f"{os.path.join(saved, '4', name)} (missing)" in str(info.value)
+  assert "--config.restore_step=2" in str(info.value)
+
+
+def test_garbled_json_file_is_named(saved):
+  path = os.path.join(saved, "4", "meta", "metadata")
+  with open(path, "wb") as f:
+    f.write(b"{\"best\": \xff")
+  with pytest.raises(CheckpointError, match="damaged file " + path):
+    Checkpointer(saved).restore(_state())
+
+
+def _recording_hook():
+  seen = []
+
+  def hook(unraisable):
+    seen.append(unraisable)
+
+  return seen, hook
+
+
+def test_failed_reads_in_flight_print_nothing(tmp_path, monkeypatch):
+  seen, hook = _recording_hook()
+  monkeypatch.setattr(sys, "unraisablehook", hook)
+  folder = str(tmp_path / "checkpoints")
+  state = {f"w{i}": jnp.full((64, 64), i, jnp.float32) for i in range(20)}  # Many reads at once.
+  ckpt = Checkpointer(folder)
+  ckpt.save(1, state, {}, {})
+  ckpt.restore(state)
+  assert sys.unraisablehook is hook  # A restore that succeeds leaves the hook as it was.
+  for path in glob.glob(os.path.join(folder, "1", "state", "**", "d", "*"), recursive=True):
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) - 16)
+  for _ in range(3):  # Whether reads are still in flight when the first fails depends on timing.
+    with pytest.raises(CheckpointError, match=os.path.join(folder, "1")):
+      ckpt.restore(state)
+  ckpt.close()
+  time.sleep(0.5)  # The reads left in flight end (and call back) meanwhile.
+  gc.collect()
+  assert seen == []
+  sys.unraisablehook(type("Args", (), {"exc_value": RuntimeError("another error")})())
+  assert len(seen) == 1  # Every other unraisable exception still reaches the hook before.
+
+
+def test_silenced_block_removes_its_hook_when_it_ends_without_error(monkeypatch):
+  seen, hook = _recording_hook()
+  monkeypatch.setattr(sys, "unraisablehook", hook)
+  with errors.stray_async_errors_silenced():
+    sys.unraisablehook(type("Args", (), {"exc_value": RuntimeError("Event loop is closed")})())
+  assert sys.unraisablehook is hook and seen == []
