@@ -108,9 +108,9 @@ def parse_args(argv: list[str]):
 
 def main(argv: list[str]) -> int:
   config, workdir, print_config = parse_args(argv)
-  from resnet_jax.config_check import validate_config
-  validate_config(config)
-  if print_config:
+  if print_config:  # Training validates the config itself (train_and_evaluate), before any work.
+    from resnet_jax.config_check import validate_config
+    validate_config(config)
     write_out(json.dumps(config.to_dict(), indent=2))
     return 0
   if config.get("host_memory", "default") == "keep":  # before jax starts its backend (resnet_jax.host_memory)
@@ -120,8 +120,8 @@ def main(argv: list[str]) -> int:
     from resnet_jax.distributed_stderr import condense_fatal_errors
     d = config.distributed
     condense_fatal_errors(d.process_id, d.num_processes, d.coordinator_address, d.init_timeout_s)
-  from resnet_jax import train_lib
-  summary = train_lib.train_and_evaluate(config, workdir)
+  from resnet_jax import train_loop
+  summary = train_loop.train_and_evaluate(config, workdir)
   print(f"{summary['model']} on {summary['dataset']}: test accuracy {summary['test_accuracy']:.4f} "
         f"(best {summary['best_test_accuracy']:.4f}) after {summary['steps']} steps, "
         f"{summary['train_time_s']:.1f} s")

@@ -4,8 +4,10 @@
 
 Measures, on synthetic data (random images and labels, generated once):
 
-- training images/s: one jit-compiled step = forward, backward, optax SGD with momentum, BatchNorm statistics
-  update; the state (params, batch_stats, optimizer state) is donated to the step;
+- training images/s: the jit-compiled training step of ``train.py`` (``resnet_jax.train_step``, built by
+  ``resnet_jax.run_setup``) = forward, backward, the optimizer of the default config (SGD with momentum,
+  weight decay on the kernels), BatchNorm statistics update, finiteness checks; the state (params,
+  batch_stats, optimizer state) is donated to the step;
 - inference images/s: forward pass in evaluation mode (running BN statistics);
 - compile time of the first step, split into trace+lower and XLA compile;
 - peak memory: host RSS (``resource.getrusage``) on CPU, the device's ``peak_bytes_in_use`` on GPU;
@@ -52,9 +54,6 @@ from resnet_jax.errors import ConfigError, ModelError, run_cli  # noqa: E402  (n
 # XLA flag that turns off the YNNPACK convolution fusion of jaxlib 0.10's CPU backend (Eigen convs instead).
 EIGEN_CONV_FLAG = "--xla_cpu_experimental_ynn_fusion_type="
 EIGEN_CONV_JAXLIB = ("0.10.", "0.11.", "0.12.")  # jaxlib versions where that flag exists
-
-CIFAR_PREFIXES = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "preact_resnet20",
-                  "preact_resnet32", "preact_resnet44", "preact_resnet56", "preact_resnet110", "plain")
 
 # Forward multiply-accumulates at 224x224, 1000 classes (torchvision's weight metadata, GMACs).
 REFERENCE_GMACS_224 = {"resnet18": 1.814, "resnet34": 3.664, "resnet50": 4.089, "resnet101": 7.801,
@@ -108,14 +107,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
       raise ConfigError(f"--{name} must be at least 1, got {getattr(args, name)}")
   if args.warmup < 0:
     raise ConfigError(f"--warmup must be >= 0, got {args.warmup}")
-  cifar = args.model.startswith(CIFAR_PREFIXES)
+  return args
+
+
+def is_cifar_model(name: str) -> bool:
+  """Whether the registered model ``name`` is a CIFAR net (3x3 stem for 32x32 images), as the model registry
+  builds it."""
+  from resnet_jax import models
+  return getattr(models.create_model(name, num_classes=10), "stem", None) == "cifar"
+
+
+def set_model_defaults(args: argparse.Namespace) -> None:
+  """``--size`` and ``--num-classes`` when not given: 32 and 10 for CIFAR models, 224 and 1000 otherwise."""
+  cifar = is_cifar_model(args.model)
   if args.size is None:
     args.size = 32 if cifar else 224
   if args.num_classes is None:
     args.num_classes = 10 if cifar else 1000
   if args.size < 1 or args.num_classes < 1:
     raise ConfigError(f"--size and --num-classes must be positive, got {args.size} and {args.num_classes}")
-  return args
 
 
 def set_xla_flags(args: argparse.Namespace) -> str:
@@ -243,106 +253,68 @@ def matmul_flops(closed_jaxpr) -> float:
   return total
 
 
+def bench_config(args: argparse.Namespace):
+  """The training config the benchmark builds its model, optimizer and step from: the defaults of
+  ``resnet_jax.config_check.base_config()`` (SGD with momentum 0.9, learning rate 0.1, weight decay 5e-4 on
+  the kernels) at a constant learning rate, with the model, dtype and convolutions of the command line."""
+  from resnet_jax.config_check import base_config
+
+  config = base_config()
+  config.model.name = args.model
+  config.model.dtype = args.dtype
+  config.model.conv_backend = args.conv_backend
+  config.schedule.name = "constant"
+  config.schedule.warmup = 0.0
+  return config
+
+
+def sync(tree):
+  import jax
+  return jax.block_until_ready(tree)
+
+
+def hlo_flops(compiled) -> float | None:
+  """FLOPs of a compiled program by XLA's cost analysis (best effort: on GPU the cuDNN calls are not counted)."""
+  try:
+    ca = compiled.cost_analysis()
+    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+    return float(ca["flops"]) if ca and "flops" in ca else None
+  except Exception:
+    return None
+
+
 def bench_jax(args: argparse.Namespace, schedule: Schedule) -> dict:
-  """Compile and warm up the jax steps, adding them to ``schedule``; the returned dict is filled by it."""
+  """Compile and warm up the jax steps, adding them to ``schedule``; the returned dict is filled by it.
+
+  The model, the train state and the jitted training step are built as training builds them
+  (``resnet_jax.run_setup``: ``build_model``, ``build_optimizer``, ``create_train_state``, ``build_train_step``).
+  """
   import jax
   import jax.numpy as jnp
   import numpy as np
-  import optax
 
-  from resnet_jax import models
+  from resnet_jax import optim, run_setup
+  from resnet_jax.train_step import count_parameters, create_train_state
 
-  dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-  options = {"dtype": dtype} if args.dtype != "float32" else {}  # float32 is every model's default
-  if "conv_backend" in models.model_options(args.model):
-    options["conv_backend"] = args.conv_backend
-  model = models.create_model(args.model, num_classes=args.num_classes, **options)
+  config = bench_config(args)
+  model = run_setup.build_model(config, args.num_classes)
+  tx = run_setup.build_optimizer(config, optim.make_schedule(config, steps_per_epoch=1, total_steps=1))
+  state = create_train_state(model, tx, (args.size, args.size, 3), jax.random.PRNGKey(args.seed))
+  variables = {"params": state.params, "batch_stats": state.batch_stats} if state.batch_stats else {
+      "params": state.params}
   rng = np.random.default_rng(args.seed)
-  x = jnp.asarray(rng.standard_normal((args.batch, args.size, args.size, 3), dtype=np.float32), dtype)
-  y = jnp.asarray(rng.integers(0, args.num_classes, args.batch), jnp.int32)
-  variables = jax.jit(lambda k: model.init(k, x, train=False))(jax.random.PRNGKey(args.seed))
-  variables = {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
-  n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(variables["params"]))
+  images = rng.standard_normal((args.batch, args.size, args.size, 3), dtype=np.float32)
+  labels = rng.integers(0, args.num_classes, args.batch).astype(np.int32)
   dev = jax.devices()[0]
-  out: dict = {"device": f"{dev.platform}:{dev.device_kind}", "params": n_params}
-
-  def sync(tree):
-    return jax.block_until_ready(tree)
-
-  def hlo_flops(compiled) -> float | None:
-    try:  # best effort: on GPU the cuDNN convolution calls are not counted
-      ca = compiled.cost_analysis()
-      ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-      return float(ca["flops"]) if ca and "flops" in ca else None
-    except Exception:
-      return None
-
-  def infer_fn(variables, x):
-    return model.apply(variables, x, train=False)
-
-  infer = jax.jit(infer_fn)
-  t0 = time.perf_counter()
-  infer_lowered = infer.lower(variables, x)
-  t1 = time.perf_counter()
-  infer_compiled = infer_lowered.compile()
-  t2 = time.perf_counter()
-  forward_jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, x)
-  out["forward_flops_per_image"] = matmul_flops(forward_jaxpr) / args.batch
-  fwd_hlo = hlo_flops(infer_compiled)
-  out["forward_hlo_flops_per_image"] = fwd_hlo / args.batch if fwd_hlo else None
-
-  if args.mode in ("infer", "both"):
-    out["infer"] = {"lower_s": t1 - t0, "compile_s": t2 - t1}
-    schedule.add(lambda: infer_compiled(variables, x), sync, out["infer"])
-    out["infer"]["peak_rss_mb"] = peak_rss_mb()
-
+  out: dict = {"device": f"{dev.platform}:{dev.device_kind}", "params": count_parameters(variables["params"])}
+  x = jnp.asarray(images, jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
+  forward = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, x)
+  out["forward_flops_per_image"] = matmul_flops(forward) / args.batch
+  time_infer(args, model, variables, x, schedule, out)
   if args.mode in ("train", "both"):
-    tx = optax.sgd(learning_rate=0.1, momentum=0.9)
-    has_bn = bool(variables.get("batch_stats"))
-
-    def loss_fn(params, batch_stats, x, y):
-      v = {"params": params, "batch_stats": batch_stats} if has_bn else {"params": params}
-      if has_bn:
-        logits, updates = model.apply(v, x, train=True, mutable=["batch_stats"])
-        new_stats = updates["batch_stats"]
-      else:
-        logits, new_stats = model.apply(v, x, train=True), batch_stats
-      loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y).mean()
-      return loss, new_stats
-
-    def train_step(state, x, y):
-      params, batch_stats, opt_state = state
-      (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch_stats, x, y)
-      updates, opt_state = tx.update(grads, opt_state, params)
-      params = optax.apply_updates(params, updates)
-      return (params, batch_stats, opt_state), loss
-
-    step = jax.jit(train_step, donate_argnums=(0,))
-    params = variables["params"]
     # Own copies: the step donates its state, while the inference step keeps using ``variables``.
-    state = jax.tree.map(lambda a: jnp.array(a, copy=True), (params, variables.get("batch_stats", {}), tx.init(params)))
-    t0 = time.perf_counter()
-    lowered = step.lower(state, x, y)
-    t1 = time.perf_counter()
-    compiled = lowered.compile()
-    t2 = time.perf_counter()
-    train_flops = hlo_flops(compiled)
-    holder = {"state": state}
-
-    def run():
-      holder["state"], loss = compiled(holder["state"], x, y)
-      return loss
-
-    t3 = time.perf_counter()
-    first_loss = float(sync(run()))
-    first_step_s = time.perf_counter() - t3
-    if not math.isfinite(first_loss):
-      raise ConfigError(f"training loss of {args.model} is {first_loss} on the first step")
-    out["train"] = {"lower_s": t1 - t0, "compile_s": t2 - t1, "first_step_s": t1 - t0 + t2 - t1 + first_step_s,
-                    "hlo_flops_per_image": train_flops / args.batch if train_flops else None}
-    schedule.add(run, sync, out["train"])
-    out["train"]["peak_rss_mb"] = peak_rss_mb()
-
+    state = jax.tree.map(lambda a: jnp.array(a, copy=True), state)
+    time_train(args, config, state, {"image": images, "label": labels}, schedule, out)
   if dev.platform == "gpu":
     try:
       stats = dev.memory_stats() or {}
@@ -350,6 +322,58 @@ def bench_jax(args: argparse.Namespace, schedule: Schedule) -> dict:
     except Exception:
       out["device_peak_mb"] = None
   return out
+
+
+def time_infer(args: argparse.Namespace, model, variables: dict, x, schedule: Schedule, out: dict) -> None:
+  """Compile the forward pass in evaluation mode (its FLOPs by XLA into ``out``) and, for ``--mode``
+  infer or both, add it to ``schedule`` (``out["infer"]``)."""
+  import jax
+
+  infer = jax.jit(lambda variables, x: model.apply(variables, x, train=False))
+  t0 = time.perf_counter()
+  infer_lowered = infer.lower(variables, x)
+  t1 = time.perf_counter()
+  infer_compiled = infer_lowered.compile()
+  t2 = time.perf_counter()
+  fwd_hlo = hlo_flops(infer_compiled)
+  out["forward_hlo_flops_per_image"] = fwd_hlo / args.batch if fwd_hlo else None
+  if args.mode in ("infer", "both"):
+    out["infer"] = {"lower_s": t1 - t0, "compile_s": t2 - t1}
+    schedule.add(lambda: infer_compiled(variables, x), sync, out["infer"])
+    out["infer"]["peak_rss_mb"] = peak_rss_mb()
+
+
+def time_train(args: argparse.Namespace, config, state, batch: dict, schedule: Schedule, out: dict) -> None:
+  """Compile the training step of ``resnet_jax`` (``run_setup.build_train_step``: the step ``train.py`` runs,
+  on a one-device mesh, its state donated), run it once and add it to ``schedule`` (``out["train"]``)."""
+  import jax
+
+  from resnet_jax import run_setup
+  from resnet_jax.distributed import DataParallel
+
+  dp = DataParallel(devices=jax.devices()[:1])
+  step = run_setup.build_train_step(config, args.num_classes, dp)
+  holder = {"state": dp.replicate(state), "batch": dp.put_batch(batch)}
+  t0 = time.perf_counter()
+  lowered = step.lower(holder["state"], holder["batch"])
+  t1 = time.perf_counter()
+  compiled = lowered.compile()
+  t2 = time.perf_counter()
+  train_flops = hlo_flops(compiled)
+
+  def run():
+    holder["state"], metrics = compiled(holder["state"], holder["batch"])
+    return metrics["loss"]
+
+  t3 = time.perf_counter()
+  first_loss = float(sync(run()))
+  first_step_s = time.perf_counter() - t3
+  if not math.isfinite(first_loss):
+    raise ConfigError(f"training loss of {args.model} is {first_loss} on the first step")
+  out["train"] = {"lower_s": t1 - t0, "compile_s": t2 - t1, "first_step_s": t1 - t0 + t2 - t1 + first_step_s,
+                  "hlo_flops_per_image": train_flops / args.batch if train_flops else None}
+  schedule.add(run, sync, out["train"])
+  out["train"]["peak_rss_mb"] = peak_rss_mb()
 
 
 def utilisation(args: argparse.Namespace, res: dict) -> dict:
@@ -490,6 +514,7 @@ def main(argv: list[str] | None = None) -> int:
   if args.model not in models.list_models():
     models.create_model(args.model)  # raises ModelError naming close matches
     raise ModelError(f"unknown model {args.model!r}")
+  set_model_defaults(args)
   threads = args.threads or cpu_threads()
   res: dict = {
       "machine": {"cpu": cpu_model(), "cpus_usable": cpu_threads(), "platform": platform.platform(),

@@ -76,7 +76,7 @@ def run_config(model: str, options: dict, data_dir: str, epochs: float):
 
 def curves(workdir: str) -> dict[str, Any]:
   """A finished run's curves from its metrics.jsonl and summary.json."""
-  from resnet_jax.train_lib import read_metrics
+  from resnet_jax.metrics import read_metrics
   records = read_metrics(workdir)
   train = [r for r in records if r.get("split") == "train"]
   test = [r for r in records if r.get("split") == "test"]
@@ -200,11 +200,11 @@ def main(argv: list[str] | None = None) -> int:
   if not args.plot_only:
     from resnet_jax.host_memory import keep_host_memory
     keep_host_memory()  # Before jax starts (resnet_jax.host_memory).
-    from resnet_jax import train_lib
+    from resnet_jax import train_loop
     for name in names:
       model, options, _ = RUNS[name]
       print(f"== {name}: {model} {options or ''}", flush=True)
-      summary = train_lib.train_and_evaluate(run_config(model, options, args.data_dir, args.epochs),
+      summary = train_loop.train_and_evaluate(run_config(model, options, args.data_dir, args.epochs),
                                              os.path.join(args.workdir, name))
       print(f"{name}: validation error {1 - summary['test_accuracy']:.4f} after {summary['steps']} steps, "
             f"{summary['wall_time_s']:.0f} s", flush=True)

@@ -48,11 +48,12 @@ import optax  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from resnet_jax import errors, explosion, train_lib  # noqa: E402
+from resnet_jax import errors, explosion, optim, train_step  # noqa: E402
 from resnet_jax.config_check import base_config  # noqa: E402
 from resnet_jax.datasets import digits_split  # noqa: E402
 from resnet_jax.errors import ConfigError, run_cli  # noqa: E402
 from resnet_jax.gradient_flow import SIGMA_PRIME_SUP, log10_norm, measure_conv, measure_mlp  # noqa: E402
+from resnet_jax.metrics import strict_json  # noqa: E402
 from resnet_jax.models import create_model, zero_perturbations  # noqa: E402
 
 DEFAULT_DEPTHS = (10, 20, 50, 100, 200, 500)
@@ -248,13 +249,13 @@ def sgd_with_clipping(learning_rate: float) -> optax.GradientTransformation:
   """The library's SGD (momentum 0.9, no weight decay) at a constant ``learning_rate``, after clipping the
   gradients to global norm 1."""
   return optax.chain(optax.clip_by_global_norm(1.0),
-                     train_lib.make_optimizer(_sgd_config(learning_rate), optax.constant_schedule(learning_rate)))
+                     optim.make_optimizer(_sgd_config(learning_rate), optax.constant_schedule(learning_rate)))
 
 
 def train_digits(depth: int, residual: bool, cfg: GradflowConfig, data=None) -> dict[str, Any]:
   """Train ``residual_mlp`` (depth units, shortcut on or off) on the digits; return its errors.
 
-  The library's training step (:func:`resnet_jax.train_lib.make_train_step`: softmax cross-entropy) with
+  The library's training step (:func:`resnet_jax.train_step.make_train_step`: softmax cross-entropy) with
   :func:`sgd_with_clipping` at ``cfg.train_lr``, for ``cfg.train_steps`` steps of ``cfg.train_batch`` examples
   (the same budget, data order and initial weights for the plain and the residual twin). The errors are
   measured on the whole training and test sets after the budget; the gradient norms of the input layer
@@ -264,9 +265,9 @@ def train_digits(depth: int, residual: bool, cfg: GradflowConfig, data=None) -> 
   x_tr, y_tr, x_te, y_te = data if data is not None else digits_split(seed=0)
   model = create_model("residual_mlp", num_classes=NUM_CLASSES, depth=depth, dim=cfg.train_width,
                        hidden=cfg.train_hidden, activation=cfg.train_activation, residual=residual)
-  state = train_lib.create_train_state(model, sgd_with_clipping(cfg.train_lr), x_tr.shape[1:],
+  state = train_step.create_train_state(model, sgd_with_clipping(cfg.train_lr), x_tr.shape[1:],
                                        jax.random.key(cfg.seed))
-  step = jax.jit(train_lib.make_train_step(NUM_CLASSES))
+  step = jax.jit(train_step.make_train_step(NUM_CLASSES))
   t0 = time.perf_counter()
   batches = batch_indices(np.random.default_rng(cfg.seed), len(x_tr), min(cfg.train_batch, len(x_tr)),
                           max(cfg.train_steps, 1))
@@ -290,17 +291,17 @@ def _sgd_config(learning_rate: float):
   return config
 
 
-def _loss_grads(state: train_lib.TrainState, images: np.ndarray, labels: np.ndarray) -> Any:
+def _loss_grads(state: train_step.TrainState, images: np.ndarray, labels: np.ndarray) -> Any:
   """The gradient of the training step's loss (mean cross-entropy) with respect to the parameters."""
   def loss_fn(params):
     logits = state.apply_fn({"params": params}, images, train=True)
-    return train_lib.cross_entropy(logits, labels, NUM_CLASSES).mean()
+    return train_step.cross_entropy(logits, labels, NUM_CLASSES).mean()
   return jax.grad(loss_fn)(state.params)
 
 
-def _errors(state: train_lib.TrainState, images: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+def _errors(state: train_step.TrainState, images: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
   """(error rate, mean cross-entropy) on a whole set in one batch, with the library's evaluation step."""
-  sums = jax.jit(train_lib.make_eval_step(NUM_CLASSES))(
+  sums = jax.jit(train_step.make_eval_step(NUM_CLASSES))(
       state, {"image": images, "label": labels, "mask": np.ones(len(labels), np.float32)})
   count = float(sums["count"])
   return 1.0 - float(sums["correct"]) / count, float(sums["loss"]) / count
@@ -416,7 +417,7 @@ def run_block_orders(out: str, steps: int = 300, seed: int = 0, log=None) -> dic
              "block_orders": records, "seconds": time.perf_counter() - t0}
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, "block_orders.json"), "w") as f:
-    json.dump(_json_safe(results), f, indent=1, allow_nan=False)
+    json.dump(strict_json(results), f, indent=1, allow_nan=False)
   return results
 
 
@@ -680,7 +681,7 @@ def run_explosion(cfg: GradflowConfig, log=None) -> dict[str, Any]:
   results["seconds"] = time.perf_counter() - t_start
   os.makedirs(cfg.out, exist_ok=True)
   with open(os.path.join(cfg.out, "explosion.json"), "w") as f:
-    json.dump(_json_safe(results), f, indent=1, allow_nan=False)
+    json.dump(strict_json(results), f, indent=1, allow_nan=False)
   plot_explosion(results, os.path.join(cfg.out, "explosion.png"))
   return results
 
@@ -714,27 +715,11 @@ def run(cfg: GradflowConfig, log=None) -> dict[str, Any]:
   results["seconds"] = time.perf_counter() - t_start
   os.makedirs(cfg.out, exist_ok=True)
   with open(os.path.join(cfg.out, "results.json"), "w") as f:
-    json.dump(_json_safe(results), f, indent=1, allow_nan=False)
+    json.dump(strict_json(results), f, indent=1, allow_nan=False)
   plot_grad_norms(results, os.path.join(cfg.out, "grad_norms.png"))
   if results["train"]:
     plot_degradation(results, os.path.join(cfg.out, "degradation.png"))
   return results
-
-
-def _json_safe(value):
-  """A copy of ``value`` that strict JSON accepts: numpy scalars as numbers, non-finite floats as ``null``.
-
-  A ``null`` log10 norm means the gradient was exactly zero (underflowed) or not finite.
-  """
-  if isinstance(value, dict):
-    return {k: _json_safe(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [_json_safe(v) for v in value]
-  if isinstance(value, (np.floating, np.integer)):
-    value = value.item()
-  if isinstance(value, float) and not math.isfinite(value):
-    return None
-  return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:

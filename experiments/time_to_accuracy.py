@@ -38,7 +38,7 @@ def time_to_accuracy(records: list[dict], target: float) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
   from resnet_jax.errors import ConfigError, parse_args
-  from resnet_jax.train_lib import read_metrics
+  from resnet_jax.metrics import read_metrics
   from cifar_effects import machine
   parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
   parser.add_argument("--workdir", required=True, help="a finished train.py run")

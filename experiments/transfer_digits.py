@@ -98,14 +98,14 @@ def main(argv: list[str] | None = None) -> int:
                       f"resnet_jax.finetune --workdir=RUN --out=FILE.safetensors)")
   from resnet_jax.host_memory import keep_host_memory
   keep_host_memory()  # Before jax starts (resnet_jax.host_memory).
-  from resnet_jax import train_lib
+  from resnet_jax import train_loop
   data_dir = write_digits_folder(os.path.join(args.workdir, "digits_png"))
   rows = []
   for size in sizes:
     for arm, weights in (("pretrained", os.path.abspath(args.weights)), ("scratch", "")):
       for seed in seeds:
         config = arm_config(data_dir, args.model, weights, size, args.steps, seed)
-        summary = train_lib.train_and_evaluate(config, os.path.join(args.workdir, f"{arm}_n{size}_s{seed}"),
+        summary = train_loop.train_and_evaluate(config, os.path.join(args.workdir, f"{arm}_n{size}_s{seed}"),
                                                log=lambda *_: None)
         rows.append({"arm": arm, "train_size": size, "seed": seed,
                      "test_accuracy": summary["test_accuracy"],

@@ -5,7 +5,8 @@
 - :mod:`resnet_jax.blocks` / :mod:`resnet_jax.models`: Basic and Bottleneck blocks, ResNet-18..200,
   wide/ResNeXt, pre-activation and CIFAR ResNets (``create_model``, ``list_models``).
 - :mod:`resnet_jax.convert`: torchvision weights in and out.
-- :mod:`resnet_jax.train_lib`, :mod:`resnet_jax.data`: jit-compiled optax training and input pipelines.
+- :mod:`resnet_jax.train_loop` (with :mod:`~resnet_jax.train_step`, :mod:`~resnet_jax.optim`,
+  :mod:`~resnet_jax.metrics`), :mod:`resnet_jax.data`: jit-compiled optax training and input pipelines.
 - :mod:`resnet_jax.gradient_flow`: gradient norms through plain and residual stacks, measured and predicted.
 - :mod:`resnet_jax.finetune`, :mod:`resnet_jax.predict`, :mod:`resnet_jax.export`: starting a run from
   weights, classifying image files, ONNX and StableHLO export.

@@ -2,7 +2,7 @@
 
 Layout: ``WORKDIR/checkpoints/<step>/{state,data,meta}``:
 
-- ``state``: the :class:`~resnet_jax.train_lib.TrainState` pytree (step, params, optimizer state,
+- ``state``: the :class:`~resnet_jax.train_step.TrainState` pytree (step, params, optimizer state,
   BatchNorm statistics), saved with ``orbax.checkpoint.args.StandardSave``;
 - ``data``: the grain iterator state (``iterator.get_state()``, JSON), so a resumed run reads the
   same batches as an uninterrupted one;

@@ -354,10 +354,15 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
     raise ConfigError(f"config.schedule.boundaries {tuple(sch.boundaries)} must be positive and increasing")
   _check_distributed(config.distributed)
   if device_count is not None:
-    for key in ("batch_size", "eval_batch_size"):
-      if config[key] % device_count:
-        raise ConfigError(f"config.{key} = {config[key]} is not divisible by the {device_count} devices "
-                          f"the batch is split over; use a multiple of {device_count}")
+    check_device_count(config, device_count)
+
+
+def check_device_count(config: ml_collections.ConfigDict, device_count: int) -> None:
+  """The global batch sizes must be divisible by ``device_count``, the devices the batch is split over."""
+  for key in ("batch_size", "eval_batch_size"):
+    if config[key] % device_count:
+      raise ConfigError(f"config.{key} = {config[key]} is not divisible by the {device_count} devices "
+                        f"the batch is split over; use a multiple of {device_count}")
 
 
 def _check_distributed(d: ml_collections.ConfigDict) -> None:

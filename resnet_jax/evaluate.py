@@ -68,14 +68,16 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def evaluate_workdir(workdir: str, step: int | None = None) -> dict:
   """Test loss and accuracy of the checkpoint of ``step`` (default: newest) of the run in ``workdir``."""
   import jax
-  from resnet_jax import train_lib
+  from resnet_jax import run_setup
   from resnet_jax.checkpoint import Checkpointer
+  from resnet_jax.config_check import validate_config
 
   config = load_run_config(workdir)
   ckpt_dir = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(ckpt_dir):
     raise CheckpointError(f"no checkpoints folder in {workdir}")
-  setup = train_lib.Setup(config)
+  validate_config(config)
+  setup = run_setup.Setup(config)
   ckpt = Checkpointer(ckpt_dir, keep=config.keep_checkpoints)
   try:
     state, _, _ = ckpt.restore(setup.abstract_state(), step)

@@ -162,7 +162,7 @@ def run_preprocessing(config) -> Preprocessing:
 def load_run(workdir: str):
   """``(config, model, variables)`` of the newest checkpoint of the ``train.py`` run in ``workdir``
   (model in float32 on XLA's convolutions, the head sized from the checkpoint)."""
-  from resnet_jax import finetune, train_lib
+  from resnet_jax import finetune, run_setup
   from resnet_jax.evaluate import load_run_config
 
   config = load_run_config(workdir)
@@ -171,7 +171,7 @@ def load_run(workdir: str):
   num_classes = int(np.shape(variables["params"][head]["kernel"])[-1]) if head else 0
   config.model.dtype = "float32"
   config.model.conv_backend = "xla"
-  model = train_lib.build_model(config, num_classes)
+  model = run_setup.build_model(config, num_classes)
   if not variables["batch_stats"]:
     variables = {"params": variables["params"]}
   return config, model, variables

@@ -363,7 +363,7 @@ def set_aside_run_files(workdir: str, step: int, moved: list[int]) -> str | None
   ``.2``, ... when that exists). Nothing is kept when there was nothing after ``step`` (no checkpoint
   ``moved`` aside, no metrics record or settings change after it).
   """
-  from resnet_jax.train_lib import read_metrics
+  from resnet_jax.metrics import read_metrics
   later = [r for r in read_metrics(workdir) if r["step"] > step]
   history_later = [r for r in read_history(workdir) if r["step"] >= step]
   superseded = os.path.join(workdir, SUPERSEDED)

@@ -3,7 +3,7 @@
 SPEC is a JSON file: ``config`` (a training config as a dict), ``workdir``, ``stop_at_step``, and for
 several processes ``port`` and ``num_processes``. The process joins the run as process ID, reports
 its slices of the first ``batches`` global training batches, the evaluation count and accuracy of the
-initial state, trains (``train_lib.train_and_evaluate``), and reports the train and test records and
+initial state, trains (``train_loop.train_and_evaluate``), and reports the train and test records and
 a digest of every array of the newest checkpoint's state. Without a ``port`` it runs alone: on all
 its devices, or once per entry of ``device_counts`` (on that many, workdir ``WORKDIR/devN``). One ``RESULT
 {json}`` line on stdout.
@@ -20,7 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from resnet_jax import train_lib
+from resnet_jax import distributed, metrics, run_setup, train_loop
 from resnet_jax.checkpoint import Checkpointer
 
 
@@ -35,7 +35,7 @@ def digest(tree) -> str:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, spec: dict, devices=None) -> dict:
-  setup = train_lib.Setup(config, devices)
+  setup = run_setup.Setup(config, devices)
   out = {"process_index": jax.process_index(), "process_count": jax.process_count(),
          "devices": len(setup.dp.devices), "local_devices": jax.local_device_count()}
   if spec.get("batches"):
@@ -50,12 +50,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, spec: dict, devices=Non
     it.close()
   if spec.get("evaluate_init"):
     out["eval_init"] = setup.evaluate(setup.init_state(lambda *_: None))
-  summary = train_lib.train_and_evaluate(config, workdir, log=lambda *_: None,
+  summary = train_loop.train_and_evaluate(config, workdir, log=lambda *_: None,
                                          stop_at_step=spec.get("stop_at_step"), setup=setup)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
   state, data_state, _ = ckpt.restore(setup.abstract_state())
   ckpt.close()
-  records = train_lib.read_metrics(workdir) if jax.process_index() == 0 else []
+  records = metrics.read_metrics(workdir) if jax.process_index() == 0 else []
   out.update({
       "finished": summary is not None,
       "step": int(jax.device_get(state.step.addressable_data(0))),
@@ -79,7 +79,7 @@ def main() -> None:
     d.initialize, d.coordinator_address = True, f"localhost:{spec['port']}"
     d.num_processes, d.process_id = spec["num_processes"], process_id
     d.init_timeout_s, d.heartbeat_timeout_s = spec.get("timeout_s", 60), spec.get("heartbeat_s", 10)
-    train_lib.maybe_initialize_distributed(config)
+    distributed.maybe_initialize_distributed(config)
     out = run(config, spec["workdir"], spec)
   elif "device_counts" in spec:
     out = {str(n): run(config, os.path.join(spec["workdir"], f"dev{n}"), spec, jax.devices()[:n])

@@ -115,6 +115,13 @@ def _import_bench():
   return bench
 
 
+def test_cifar_models_are_read_from_the_model_registry():
+  from resnet_jax import list_models
+  bench = _import_bench()
+  cifar = {name for name in list_models() if bench.is_cifar_model(name)}
+  assert cifar == {f"{kind}{depth}" for kind in ("resnet", "preact_resnet", "plain") for depth in (20, 32, 44, 56, 110)}
+
+
 def test_matmul_flops_counts_convolutions_and_dense_layers_by_hand():
   import jax
   import jax.numpy as jnp

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 import pytest
 
-from resnet_jax import augment, data, datasets, train_lib
+from resnet_jax import augment, data, datasets, metrics, optim, run_setup, train_loop, train_step
 from resnet_jax.config_check import base_config, validate_config
 from resnet_jax.errors import ConfigError, DataError
 from resnet_jax.models import create_model
@@ -101,7 +101,7 @@ def test_linear_schedule_warms_up_then_decays_to_zero_at_the_last_step():
   c = base_config()
   c.optimizer.learning_rate = 0.2
   c.schedule.name, c.schedule.unit, c.schedule.warmup = "linear", "epochs", 2.0
-  sched = train_lib.make_schedule(c, steps_per_epoch=10, total_steps=120)
+  sched = optim.make_schedule(c, steps_per_epoch=10, total_steps=120)
   np.testing.assert_allclose([sched(0), sched(10), sched(20), sched(70), sched(120)],
                              [0.0, 0.1, 0.2, 0.1, 0.0], rtol=1e-6, atol=1e-8)
   values = np.array([sched(i) for i in range(20, 121)])
@@ -110,7 +110,7 @@ def test_linear_schedule_warms_up_then_decays_to_zero_at_the_last_step():
 
 def _eval_state(model, image_shape, seed=0):
   variables = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, *image_shape)), train=False)
-  return train_lib.TrainState.create(apply_fn=model.apply, params=variables["params"],
+  return train_step.TrainState.create(apply_fn=model.apply, params=variables["params"],
                                      batch_stats=variables["batch_stats"], tx=optax.sgd(0.1))
 
 
@@ -125,51 +125,51 @@ def test_eval_flip_scores_the_mean_logits_of_the_image_and_its_mirror_image():
   mean = (plain + mirrored) / 2
   labels = jnp.argmax(mean, -1)
   batch = {"image": images, "label": labels, "mask": jnp.ones(6)}
-  flipped = train_lib.make_eval_step(3, flip=True)(state, batch)
+  flipped = train_step.make_eval_step(3, flip=True)(state, batch)
   assert float(flipped["correct"]) == 6.0  # the labels are the flip-mean's predictions
   loss = -jax.nn.log_softmax(mean)[jnp.arange(6), labels]
   np.testing.assert_allclose(flipped["loss"], jnp.sum(loss), rtol=1e-5)
-  unflipped = train_lib.make_eval_step(3, flip=False)(state, batch)
+  unflipped = train_step.make_eval_step(3, flip=False)(state, batch)
   assert not np.isclose(float(unflipped["loss"]), float(flipped["loss"]), rtol=1e-4)
   # An image equal to its mirror image scores the same with and without the flip.
   symmetric = dict(batch, image=(images + images[:, :, ::-1]) / 2)
-  a = train_lib.make_eval_step(3, flip=True)(state, symmetric)
-  b = train_lib.make_eval_step(3, flip=False)(state, symmetric)
+  a = train_step.make_eval_step(3, flip=True)(state, symmetric)
+  b = train_step.make_eval_step(3, flip=False)(state, symmetric)
   np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
 
 
 def test_grad_norms_are_the_norms_of_each_blocks_gradient():
   model = create_model("resnet20", num_classes=3, num_filters=4, conv_backend="xla")
   variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)), train=False)
-  state = train_lib.TrainState.create(apply_fn=model.apply, params=variables["params"],
+  state = train_step.TrainState.create(apply_fn=model.apply, params=variables["params"],
                                       batch_stats=variables["batch_stats"], tx=optax.sgd(0.1))
   rng = np.random.default_rng(1)
   batch = {"image": jnp.asarray(rng.normal(size=(4, 8, 8, 3)), jnp.float32),
            "label": jnp.asarray([0, 1, 2, 1])}
-  _, metrics = train_lib.make_train_step(3, grad_norms=True)(state, batch)
+  _, metrics = train_step.make_train_step(3, grad_norms=True)(state, batch)
 
   def loss_fn(params):
     logits, _ = model.apply({"params": params, "batch_stats": state.batch_stats}, batch["image"],
                             train=True, mutable=["batch_stats"])
-    return train_lib.cross_entropy(logits, batch["label"], 3).mean()
+    return train_step.cross_entropy(logits, batch["label"], 3).mean()
 
   grads = jax.grad(loss_fn)(state.params)
   assert set(metrics["grad_norm"]) == set(grads) >= {"conv1", "layer1_0", "layer3_2", "fc"}
   for name, g in grads.items():
     np.testing.assert_allclose(metrics["grad_norm"][name], optax.tree.norm(g), rtol=1e-5)
-  _, without = train_lib.make_train_step(3)(state, batch)
+  _, without = train_step.make_train_step(3)(state, batch)
   assert "grad_norm" not in without
 
 
 def test_run_records_grad_norms_per_block_and_its_wall_time_across_a_resume(tmp_path):
   config = tiny_config("resnet20", log_grad_norms=True, eval_flip=True)
   workdir = str(tmp_path / "run")
-  setup = train_lib.Setup(config)
-  assert train_lib.train_and_evaluate(config, workdir, log=lambda *_: None, stop_at_step=4,
+  setup = run_setup.Setup(config)
+  assert train_loop.train_and_evaluate(config, workdir, log=lambda *_: None, stop_at_step=4,
                                       setup=setup) is None
-  first = [r["wall_time_s"] for r in train_lib.read_metrics(workdir) if r["split"] == "test"]
-  summary = train_lib.train_and_evaluate(config, workdir, log=lambda *_: None, setup=setup)
-  records = train_lib.read_metrics(workdir)
+  first = [r["wall_time_s"] for r in metrics.read_metrics(workdir) if r["split"] == "test"]
+  summary = train_loop.train_and_evaluate(config, workdir, log=lambda *_: None, setup=setup)
+  records = metrics.read_metrics(workdir)
   train = [r for r in records if r["split"] == "train"]
   assert all(r["grad_norm/layer1_0"] > 0 and r["grad_norm/fc"] > 0 for r in train)
   assert {k for k in train[0] if k.startswith("grad_norm/")} == {
@@ -188,13 +188,13 @@ def test_cifar10_fast_keeps_the_paper_network_and_trains_on_a_folder_without_fla
   from test_configs import load_config
   c = load_config("cifar10_fast")
   assert (c.model.name, c.model.options.to_dict(), c.dataset.holdout) == ("resnet20", {}, -1)
-  model = train_lib.build_model(c, num_classes=10)
+  model = run_setup.build_model(c, num_classes=10)
   params = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 32, 32, 3)), train=False),
                           jax.random.PRNGKey(0))["params"]
-  assert train_lib.count_parameters(params) == 269_722  # He et al.'s ResNet-20, option A
+  assert train_step.count_parameters(params) == 269_722  # He et al.'s ResNet-20, option A
   c.dataset.data_dir = write_cifar_folder(str(tmp_path / "data"), per_class=4)
   c.num_epochs, c.batch_size, c.eval_batch_size, c.progress_bar = 2.0, 16, 4, False
-  summary = train_lib.train_and_evaluate(c, str(tmp_path / "run"), log=lambda *_: None)
+  summary = train_loop.train_and_evaluate(c, str(tmp_path / "run"), log=lambda *_: None)
   assert summary["steps"] == 4 and np.isfinite(summary["final_train_loss"])
   with open(tmp_path / "run" / "data.json") as f:
     assert json.load(f)["eval_split"] == "holdout"

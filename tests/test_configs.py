@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from resnet_jax import train_lib
+from resnet_jax import optim, train_loop
 from resnet_jax.config_check import base_config, validate_config
 from resnet_jax.errors import ConfigError
 
@@ -59,7 +59,7 @@ def test_cifar10_resnet20_is_the_paper_recipe():
   assert (c.optimizer.learning_rate, c.optimizer.weight_decay) == (0.1, 1e-4)
   assert (c.schedule.name, c.schedule.unit, tuple(c.schedule.boundaries)) == ("step", "steps", (32000, 48000))
   assert (c.dataset.augment, c.dataset.crop_padding, c.model.name) == ("pad_crop_flip", 4, "resnet20")
-  sched = train_lib.make_schedule(c, 390, 64000)
+  sched = optim.make_schedule(c, 390, 64000)
   np.testing.assert_allclose([sched(31999), sched(32000), sched(48000)], [0.1, 0.01, 0.001], rtol=1e-6)
 
 
@@ -87,7 +87,7 @@ def _tiny(name: str, tmp_path) -> ml_collections.ConfigDict:
                                   for n in CONFIGS])
 def test_config_trains_a_few_steps_on_tiny_data(name, tmp_path):
   config = _tiny(name, tmp_path)
-  summary = train_lib.train_and_evaluate(config, str(tmp_path / "run"), log=lambda *_: None)
+  summary = train_loop.train_and_evaluate(config, str(tmp_path / "run"), log=lambda *_: None)
   assert summary["steps"] == 2 and summary["model"] == load_config(name).model.name
   assert math.isfinite(summary["final_train_loss"]) and 0.0 <= summary["test_accuracy"] <= 1.0
   assert os.path.exists(tmp_path / "run" / "summary.json")

@@ -739,7 +739,7 @@ def test_symlink_loops_are_one_error(tmp_path):
 def test_a_run_records_its_data_and_evaluation_uses_the_recorded_normalisation(tmp_path):
   import shutil
   from PIL import Image
-  from resnet_jax import train_lib
+  from resnet_jax import train_loop
   from resnet_jax.evaluate import evaluate_workdir
   root = write_image_folder(str(tmp_path / "data"), classes=("a", "b"), per_class=8, size=(8, 8))
   shutil.rmtree(os.path.join(root, "test"))
@@ -751,7 +751,7 @@ def test_a_run_records_its_data_and_evaluation_uses_the_recorded_normalisation(t
   c.batch_size, c.eval_batch_size, c.num_train_steps = 4, 4, 4
   c.log_every_steps, c.eval_every_steps, c.progress_bar = 2, 4, False
   workdir = str(tmp_path / "run")
-  summary = train_lib.train_and_evaluate(c, workdir, log=lambda *_: None)
+  summary = train_loop.train_and_evaluate(c, workdir, log=lambda *_: None)
   with open(os.path.join(workdir, "data.json")) as f:
     info = json.load(f)
   x, y = folder_arrays(root)

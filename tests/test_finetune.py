@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from resnet_jax import finetune, train_lib
+from resnet_jax import finetune, optim, run_setup, train_loop
 from resnet_jax.config_check import base_config
 from resnet_jax.errors import CheckpointError
 from resnet_jax.models import create_model
@@ -146,7 +146,7 @@ def test_backbone_learning_rate_scale_and_freeze_via_multi_transform():
   for name, overrides in (("plain", {}), ("scaled", {"finetune.backbone_lr_scale": 0.1}),
                           ("frozen", {"finetune.freeze_backbone": True})):
     c = tiny_config("resnet20", **{"optimizer.momentum": 0.0, "optimizer.weight_decay": 0.0, **overrides})
-    tx = finetune.make_optimizer(c, optax.constant_schedule(0.5), train_lib.make_optimizer)
+    tx = finetune.make_optimizer(c, optax.constant_schedule(0.5), optim.make_optimizer)
     updates[name], _ = tx.update(grads, tx.init(params), params)
   np.testing.assert_allclose(updates["plain"]["conv1"]["kernel"], -0.5)
   np.testing.assert_allclose(updates["scaled"]["conv1"]["kernel"], -0.05, rtol=1e-6)
@@ -166,13 +166,13 @@ def test_frozen_parts_stay_bitwise_and_a_resume_does_not_reload_the_weights(sour
                                  "finetune.freeze_batch_stats": True, "dataset.num_classes": 12})
   workdir = str(tmp_path / "run")
   notes = []
-  setup = train_lib.Setup(c)
-  assert train_lib.train_and_evaluate(c, workdir, log=notes.append, stop_at_step=4, setup=setup) is None
+  setup = run_setup.Setup(c)
+  assert train_loop.train_and_evaluate(c, workdir, log=notes.append, stop_at_step=4, setup=setup) is None
   assert any("new head for 12 classes" in n for n in notes)
   with open(weights, "wb") as f:  # a resume that read the weights again would fail on this file
     f.write(b"overwritten")
   notes.clear()
-  summary = train_lib.train_and_evaluate(c, workdir, log=notes.append, setup=setup)
+  summary = train_loop.train_and_evaluate(c, workdir, log=notes.append, setup=setup)
   assert summary["steps"] == 8 and any("resuming" in n for n in notes)
   assert not any("fine-tuning from" in n for n in notes)
   final, _ = finetune.read_run_variables(workdir)

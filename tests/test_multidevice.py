@@ -24,7 +24,7 @@ CHILD = textwrap.dedent("""
     import numpy as np
     sys.path.insert(0, os.path.join({root!r}, "tests"))
     from test_train import tiny_config
-    from resnet_jax import train_lib
+    from resnet_jax import metrics, run_setup, train_loop
     from resnet_jax.checkpoint import Checkpointer
 
     assert jax.device_count() == 4, jax.devices()
@@ -33,16 +33,16 @@ CHILD = textwrap.dedent("""
     out = {{}}
     for n in (1, 4):
       workdir = os.path.join({tmp!r}, f"dev{{n}}")
-      setup = train_lib.Setup(config, devices=jax.devices()[:n])
+      setup = run_setup.Setup(config, devices=jax.devices()[:n])
       batch = setup.dp.put_batch(next(setup.train_iterator()))
       shards = len(batch["image"].addressable_shards)
-      summary = train_lib.train_and_evaluate(config, workdir, log=lambda *_: None, setup=setup)
+      summary = train_loop.train_and_evaluate(config, workdir, log=lambda *_: None, setup=setup)
       state, _, _ = Checkpointer(os.path.join(workdir, "checkpoints")).restore(setup.abstract_state())
       out[n] = {{
           "shards": shards,
           "devices": summary["devices"],
-          "train_loss": [r["loss"] for r in train_lib.read_metrics(workdir) if r["split"] == "train"],
-          "test": [r["accuracy"] for r in train_lib.read_metrics(workdir) if r["split"] == "test"],
+          "train_loss": [r["loss"] for r in metrics.read_metrics(workdir) if r["split"] == "train"],
+          "test": [r["accuracy"] for r in metrics.read_metrics(workdir) if r["split"] == "test"],
           "params": [np.asarray(p).ravel().tolist() for p in jax.tree.leaves(state.params)],
           "batch_stats": [np.asarray(p).ravel().tolist() for p in jax.tree.leaves(state.batch_stats)],
       }}

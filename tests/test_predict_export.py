@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from resnet_jax import data as data_lib
-from resnet_jax import export, finetune, predict, train_lib
+from resnet_jax import export, finetune, predict, train_loop
 from resnet_jax.errors import run_cli
 from resnet_jax.evaluate import load_run_config
 from resnet_jax.models import create_model
@@ -40,14 +40,14 @@ def run(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("e2e")
   pre_data = write_image_folder(str(tmp / "pre"), classes=("a", "b"), per_class=4, test_per_class=2, seed=1)
   pre = str(tmp / "pretrain")
-  train_lib.train_and_evaluate(_folder_config(pre_data), pre, log=lambda *_: None)
+  train_loop.train_and_evaluate(_folder_config(pre_data), pre, log=lambda *_: None)
   weights = str(tmp / "pre.safetensors")
   assert finetune.main(["--workdir", pre, "--out", weights]) == 0
   data = write_image_folder(str(tmp / "own"), classes=("ant", "bee", "cat"), per_class=4, test_per_class=2,
                             size=(23, 17), seed=2)
   workdir = str(tmp / "finetuned")
   notes = []
-  summary = train_lib.train_and_evaluate(
+  summary = train_loop.train_and_evaluate(
       _folder_config(data, **{"finetune.weights": weights, "finetune.backbone_lr_scale": 0.1}), workdir,
       log=notes.append)
   assert any("new head for 3 classes (the weights have 2 classes)" in n for n in notes)

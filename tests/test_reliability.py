@@ -23,7 +23,7 @@ import jax
 import numpy as np
 import pytest
 
-from resnet_jax import train_lib
+from resnet_jax import metrics, run_setup, train_loop
 from resnet_jax.checkpoint import Checkpointer
 from resnet_jax.errors import CheckpointError
 from resnet_jax.evaluate import load_run_config
@@ -74,10 +74,10 @@ def strict_json_lines(path) -> list[dict]:
 
 def comparable_metrics(workdir) -> list[dict]:
   return [{k: v for k, v in r.items() if k not in ("images_per_sec", "wall_time_s")}
-          for r in train_lib.read_metrics(str(workdir))]
+          for r in metrics.read_metrics(str(workdir))]
 
 
-def restore_latest(workdir, setup: train_lib.Setup):
+def restore_latest(workdir, setup: run_setup.Setup):
   return Checkpointer(os.path.join(str(workdir), "checkpoints")).restore(setup.abstract_state())
 
 
@@ -102,7 +102,7 @@ def finished_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def finished_setup(finished_run):
-  return train_lib.Setup(load_run_config(str(finished_run)))
+  return run_setup.Setup(load_run_config(str(finished_run)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,7 +138,7 @@ def test_kill_9_at_a_random_step_then_resume_is_bitwise_identical(tmp_path):
   out, err = uninterrupted.communicate(timeout=300)
   assert uninterrupted.returncode == 0, err[-3000:]
 
-  setup = train_lib.Setup(load_run_config(str(full)))
+  setup = run_setup.Setup(load_run_config(str(full)))
   a, data_a, _ = restore_latest(full, setup)
   b, data_b, _ = restore_latest(killed, setup)
   assert int(a.step) == steps and data_a == data_b, (data_a, data_b)  # The same place in the data.
@@ -147,7 +147,7 @@ def test_kill_9_at_a_random_step_then_resume_is_bitwise_identical(tmp_path):
 
   # Run after run, in another process: the same seed and config give identical metrics.
   again = tmp_path / "again"
-  train_lib.train_and_evaluate(load_run_config(str(full)), str(again), log=lambda *_: None, setup=setup)
+  train_loop.train_and_evaluate(load_run_config(str(full)), str(again), log=lambda *_: None, setup=setup)
   assert comparable_metrics(again) == comparable_metrics(full)
 
 
@@ -291,7 +291,7 @@ def test_nonfinite_steps_are_skipped_by_config_and_every_output_stays_strict_jso
       "schedule.name": "step", "schedule.warmup": 0.0, "schedule.boundaries": (4.0,),
       "schedule.decay_factor": 1e33, "checkpoint_every_steps": 2})
   messages = []
-  summary = train_lib.train_and_evaluate(config, str(tmp_path), log=messages.append)
+  summary = train_loop.train_and_evaluate(config, str(tmp_path), log=messages.append)
   assert summary["steps"] == 8
   warning = next(m for m in messages if "non-finite" in m)
   assert re.search(r"at steps \[\d", warning) and "skipped" in warning

@@ -25,7 +25,7 @@ import numpy as np
 import optax
 import pytest
 
-from resnet_jax import create_model, train_lib
+from resnet_jax import create_model, metrics, optim, run_setup, train_loop, train_step
 from resnet_jax.checkpoint import Checkpointer
 from resnet_jax.config_check import validate_config
 from resnet_jax.errors import CheckpointError, ConfigError, ModelError, WorkdirBusyError
@@ -59,9 +59,9 @@ def _nan_update_optimizer(config, schedule):
 
 def test_nonfinite_update_is_not_applied_by_the_step():
   model = create_model("residual_mlp", num_classes=3, depth=1, dim=4, hidden=4)
-  state = train_lib.create_train_state(model, optax.adam(0.1, b1=1.0), (2, 2, 1), jax.random.PRNGKey(0))
+  state = train_step.create_train_state(model, optax.adam(0.1, b1=1.0), (2, 2, 1), jax.random.PRNGKey(0))
   batch = {"image": jnp.ones((4, 2, 2, 1)), "label": jnp.array([0, 1, 2, 0])}
-  step = jax.jit(train_lib.make_train_step(3, skip_nonfinite=True))
+  step = jax.jit(train_step.make_train_step(3, skip_nonfinite=True))
   new, m = step(state, batch)
   assert np.isfinite(float(m["loss"])) and bool(m["grads_finite"])
   assert not bool(m["state_finite"]) and not bool(m["finite"])
@@ -73,21 +73,21 @@ def test_nonfinite_update_is_not_applied_by_the_step():
 
 
 def test_nonfinite_update_stops_before_any_checkpoint(tmp_path, monkeypatch):
-  monkeypatch.setattr(train_lib, "make_optimizer", _nan_update_optimizer)
-  with pytest.raises(train_lib.TrainingDivergedError) as info:
-    train_lib.train_and_evaluate(tiny_config(), str(tmp_path), log=_quiet)
+  monkeypatch.setattr(optim, "make_optimizer", _nan_update_optimizer)
+  with pytest.raises(train_loop.TrainingDivergedError) as info:
+    train_loop.train_and_evaluate(tiny_config(), str(tmp_path), log=_quiet)
   message = str(info.value)
   assert "after the update of step 1" in message and "no checkpoint was written yet" in message, message
   assert Checkpointer(str(tmp_path / "checkpoints")).all_steps() == []
 
 
 def test_nonfinite_updates_skipped_leave_a_finite_model(tmp_path, monkeypatch):
-  monkeypatch.setattr(train_lib, "make_optimizer", _nan_update_optimizer)
+  monkeypatch.setattr(optim, "make_optimizer", _nan_update_optimizer)
   config = tiny_config(on_nonfinite="skip")
   messages = []
-  summary = train_lib.train_and_evaluate(config, str(tmp_path), log=messages.append)
+  summary = train_loop.train_and_evaluate(config, str(tmp_path), log=messages.append)
   assert summary["steps"] == 8 and any("skipped" in m for m in messages)
-  state, _, _ = restore_latest(tmp_path, train_lib.Setup(config))
+  state, _, _ = restore_latest(tmp_path, run_setup.Setup(config))
   for leaf in jax.tree.leaves((state.params, state.opt_state, state.batch_stats)):
     if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
       assert np.all(np.isfinite(np.asarray(leaf)))
@@ -143,7 +143,7 @@ def test_a_busy_workdir_is_refused_naming_the_holder_and_a_dead_holder_does_not_
                           f"host {socket.gethostname()}", str(workdir))
     assert {k: v for k, v in snapshot(workdir).items() if k != "train.lock"} == before
     with pytest.raises(WorkdirBusyError, match=f"pid {holder.pid}"):  # The library call too.
-      train_lib.train_and_evaluate(load_run_config(str(workdir)), str(workdir), log=_quiet)
+      train_loop.train_and_evaluate(load_run_config(str(workdir)), str(workdir), log=_quiet)
   finally:
     os.kill(holder.pid, signal.SIGKILL)
     holder.wait()
@@ -237,9 +237,9 @@ def test_training_longer_follows_the_schedule_over_the_new_total_and_is_recorded
   assert changes["eval_every_steps"] == [4, 6] and changes["total_steps"] == [8, 12]
   config = load_run_config(str(workdir))  # The settings as they are now.
   assert config.num_train_steps == 12 and config.log_every_steps == 2
-  setup = train_lib.Setup(config)
+  setup = run_setup.Setup(config)
   assert changes["learning_rate_at_step"][1] == pytest.approx(float(setup.schedule(8)))
-  records = [r for r in train_lib.read_metrics(str(workdir)) if r["split"] == "train"]
+  records = [r for r in metrics.read_metrics(str(workdir)) if r["split"] == "train"]
   assert [r["step"] for r in records] == [*range(1, 9), 10, 12]
   # The rate of every step after 8 is the 12-step schedule's (logged at the window's last step).
   assert [r["learning_rate"] for r in records[-2:]] == [pytest.approx(float(setup.schedule(s - 1)))
@@ -251,13 +251,13 @@ def test_training_longer_follows_the_schedule_over_the_new_total_and_is_recorded
 def test_harmless_changes_keep_the_resumed_run_bitwise_identical(tmp_path):
   config = tiny_config()
   full, split = str(tmp_path / "full"), str(tmp_path / "split")
-  setup = train_lib.Setup(config)
-  train_lib.train_and_evaluate(config, full, log=_quiet, setup=setup)
-  assert train_lib.train_and_evaluate(config, split, log=_quiet, stop_at_step=4, setup=setup) is None
+  setup = run_setup.Setup(config)
+  train_loop.train_and_evaluate(config, full, log=_quiet, setup=setup)
+  assert train_loop.train_and_evaluate(config, split, log=_quiet, stop_at_step=4, setup=setup) is None
   changed = tiny_config(log_every_steps=1, eval_every_steps=2, checkpoint_every_steps=2,
                         keep_checkpoints=5, eval_batch_size=4, **{"dataset.num_threads": 2})
   messages = []
-  train_lib.train_and_evaluate(changed, split, log=messages.append)
+  train_loop.train_and_evaluate(changed, split, log=messages.append)
   assert any("settings changed at step 4" in m for m in messages), messages
   a, data_a, _ = restore_latest(full, setup)
   b, data_b, _ = restore_latest(split, setup)
@@ -273,18 +273,18 @@ def test_moved_data_may_resume_from_its_new_folder_other_data_may_not(tmp_path):
   config = tiny_config(**{"dataset.name": "cifar10", "dataset.data_dir": first, "dataset.augment": "none",
                           "num_train_steps": 4})
   workdir = str(tmp_path / "run")
-  train_lib.train_and_evaluate(config, workdir, log=_quiet)
+  train_loop.train_and_evaluate(config, workdir, log=_quiet)
   moved = str(tmp_path / "moved")
   shutil.copytree(first, moved)
   other = write_cifar(str(tmp_path / "other"), per_batch=3, num_test=4)  # 15 training images, not 20.
   before = snapshot(workdir)
   with pytest.raises(ConfigError, match="15 train examples, the run was trained with 20"):
-    train_lib.train_and_evaluate(tiny_config(**{"dataset.name": "cifar10", "dataset.data_dir": other,
+    train_loop.train_and_evaluate(tiny_config(**{"dataset.name": "cifar10", "dataset.data_dir": other,
                                                 "dataset.augment": "none", "num_train_steps": 8}),
                                  workdir, log=_quiet)
   assert snapshot(workdir) == before
   messages = []
-  summary = train_lib.train_and_evaluate(tiny_config(**{"dataset.name": "cifar10", "dataset.data_dir": moved,
+  summary = train_loop.train_and_evaluate(tiny_config(**{"dataset.name": "cifar10", "dataset.data_dir": moved,
                                                         "dataset.augment": "none", "num_train_steps": 8}),
                                          workdir, log=messages.append)
   assert summary["steps"] == 8
@@ -384,11 +384,11 @@ def test_damaged_metrics_lines_do_not_stop_the_run_nor_its_reruns(finished_run, 
     proc = train_cli(workdir, *tiny_args(10))
     assert proc.returncode == 0, proc.stderr[-3000:]
   assert (workdir / "summary.json").exists() and (workdir / "curves.png").exists()
-  rejected = (workdir / train_lib.REJECTED_METRICS).read_bytes()
+  rejected = (workdir / metrics.REJECTED_METRICS).read_bytes()
   assert rejected == b"".join(bad[:4])  # Kept as they were, once.
   records = strict_json_lines(workdir / "metrics.jsonl")
   assert [r["step"] for r in records if r["split"] == "train"] == list(range(1, 11))
-  train_lib.plot_curves([{"step": 1, "split": "train"}, {"step": 2, "split": "test", "loss": None,
+  metrics.plot_curves([{"step": 1, "split": "train"}, {"step": 2, "split": "test", "loss": None,
                                                         "accuracy": "x"}], str(tmp_path / "c.png"))
 
 
@@ -478,7 +478,7 @@ def test_signal_stops_after_the_step_with_a_checkpoint_and_resumes_bitwise(unint
   resumed = train_cli(workdir, *args)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert f"from step {stopped}" in resumed.stdout
-  setup = train_lib.Setup(load_run_config(str(uninterrupted)))
+  setup = run_setup.Setup(load_run_config(str(uninterrupted)))
   a, data_a, _ = restore_latest(uninterrupted, setup)
   b, data_b, _ = restore_latest(workdir, setup)
   assert int(a.step) == SIGNAL_STEPS and data_a == data_b

@@ -1,7 +1,9 @@
-"""Tests of resnet_jax.train_lib: schedules, optimizer masks, loss, steps, outputs, determinism, resume."""
+"""Tests of the training modules (resnet_jax.optim, train_step, metrics, train_loop): schedules, optimizer
+masks, loss, steps, outputs, determinism, resume."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import subprocess
@@ -16,12 +18,13 @@ import optax
 import pytest
 from hypothesis import given, strategies as st
 
-from resnet_jax import train_lib
+from resnet_jax import metrics, optim, run_setup, train_loop, train_step
 from resnet_jax.checkpoint import Checkpointer
 from resnet_jax.config_check import base_config
 from resnet_jax.errors import CheckpointError
 from resnet_jax.evaluate import evaluate_workdir
 from resnet_jax.models import create_model
+from resnet_jax.tensorboard_events import PATTERN, read_events
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,7 +67,7 @@ def _quiet(*_):
 
 def _metrics(workdir):
   return [{k: v for k, v in r.items() if k not in ("images_per_sec", "wall_time_s")}
-          for r in train_lib.read_metrics(workdir)]
+          for r in metrics.read_metrics(workdir)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -76,7 +79,7 @@ def test_step_schedule_with_warmup():
   c.optimizer.learning_rate = 0.1
   c.schedule.name, c.schedule.unit, c.schedule.warmup = "step", "steps", 10.0
   c.schedule.boundaries, c.schedule.decay_factor = (100.0, 150.0), 0.1
-  sched = train_lib.make_schedule(c, steps_per_epoch=7, total_steps=200)
+  sched = optim.make_schedule(c, steps_per_epoch=7, total_steps=200)
   np.testing.assert_allclose([sched(0), sched(5), sched(10), sched(99), sched(100), sched(149), sched(150)],
                              [0.0, 0.05, 0.1, 0.1, 0.01, 0.01, 0.001], rtol=1e-6, atol=1e-9)
 
@@ -85,7 +88,7 @@ def test_cosine_schedule_in_epochs():
   c = base_config()
   c.optimizer.learning_rate = 0.4
   c.schedule.name, c.schedule.unit, c.schedule.warmup = "cosine", "epochs", 2.0
-  sched = train_lib.make_schedule(c, steps_per_epoch=5, total_steps=110)
+  sched = optim.make_schedule(c, steps_per_epoch=5, total_steps=110)
   np.testing.assert_allclose(sched(10), 0.4, rtol=1e-6)
   np.testing.assert_allclose(sched(60), 0.2, rtol=1e-5)   # half way through the 100 cosine steps
   np.testing.assert_allclose(sched(110), 0.0, atol=1e-7)
@@ -95,7 +98,7 @@ def test_decay_mask_skips_batchnorm_and_biases():
   model = create_model("resnet20", num_classes=3, num_filters=4)
   variables = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 8, 8, 1)), train=False),
                              jax.random.PRNGKey(0))
-  mask = train_lib.decay_mask(variables["params"])
+  mask = optim.decay_mask(variables["params"])
   flat = {"/".join(str(getattr(k, "key", k)) for k in path): v
           for path, v in jax.tree_util.tree_flatten_with_path(mask)[0]}
   assert any(flat.values()) and not all(flat.values())
@@ -106,7 +109,7 @@ def test_decay_mask_skips_batchnorm_and_biases():
 def test_sgd_weight_decay_is_added_to_the_gradient_of_kernels_only():
   c = base_config()
   c.optimizer.name, c.optimizer.momentum, c.optimizer.weight_decay = "sgd", 0.0, 0.1
-  tx = train_lib.make_optimizer(c, optax.constant_schedule(0.5))
+  tx = optim.make_optimizer(c, optax.constant_schedule(0.5))
   params = {"kernel": jnp.full((2, 2), 2.0), "bias": jnp.full((2,), 2.0)}
   grads = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones((2,))}
   updates, _ = tx.update(grads, tx.init(params), params)
@@ -118,7 +121,7 @@ def test_sgd_weight_decay_is_added_to_the_gradient_of_kernels_only():
 def test_other_optimizers_update_finitely(name):
   c = base_config()
   c.optimizer.name = name
-  tx = train_lib.make_optimizer(c, optax.constant_schedule(0.1))
+  tx = optim.make_optimizer(c, optax.constant_schedule(0.1))
   params = {"kernel": jnp.full((3, 2), 1.0), "bias": jnp.zeros((2,))}
   updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
   assert all(bool(jnp.all(jnp.isfinite(u))) and bool(jnp.any(u != 0)) for u in jax.tree.leaves(updates))
@@ -133,17 +136,17 @@ def test_cross_entropy_with_label_smoothing(smoothing, seed):
   target = np.full((4, 5), smoothing / 5)
   target[np.arange(4), labels] += 1 - smoothing
   expected = -(target * logp).sum(-1)
-  got = train_lib.cross_entropy(jnp.asarray(logits), jnp.asarray(labels), 5, smoothing)
+  got = train_step.cross_entropy(jnp.asarray(logits), jnp.asarray(labels), 5, smoothing)
   np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_parameters():
   c = tiny_config("resnet20", **{"model.dtype": "bfloat16"})
-  model = train_lib.build_model(c, 10)
-  tx = train_lib.make_optimizer(c, optax.constant_schedule(0.05))
-  state = train_lib.create_train_state(model, tx, (8, 8, 1), jax.random.PRNGKey(0))
-  step = jax.jit(train_lib.make_train_step(10))
+  model = run_setup.build_model(c, 10)
+  tx = optim.make_optimizer(c, optax.constant_schedule(0.05))
+  state = train_step.create_train_state(model, tx, (8, 8, 1), jax.random.PRNGKey(0))
+  step = jax.jit(train_step.make_train_step(10))
   batch = {"image": jax.random.normal(jax.random.PRNGKey(1), (8, 8, 8, 1)), "label": jnp.arange(8) % 10}
   losses = []
   for _ in range(3):
@@ -158,11 +161,11 @@ def test_onednn_conv_backend_trains_like_xla():
   losses = {}
   for backend in ("xla", "onednn"):
     c = tiny_config("resnet20", **{"model.conv_backend": backend})
-    model = train_lib.build_model(c, 10)
+    model = run_setup.build_model(c, 10)
     assert model.conv_backend == backend
-    tx = train_lib.make_optimizer(c, optax.constant_schedule(0.05))
-    state = train_lib.create_train_state(model, tx, (8, 8, 1), jax.random.PRNGKey(0))
-    step = jax.jit(train_lib.make_train_step(10))
+    tx = optim.make_optimizer(c, optax.constant_schedule(0.05))
+    state = train_step.create_train_state(model, tx, (8, 8, 1), jax.random.PRNGKey(0))
+    step = jax.jit(train_step.make_train_step(10))
     batch = {"image": jax.random.normal(jax.random.PRNGKey(1), (8, 8, 8, 1)), "label": jnp.arange(8) % 10}
     losses[backend] = []
     for _ in range(3):
@@ -179,7 +182,7 @@ def test_onednn_conv_backend_trains_like_xla():
 @pytest.fixture(scope="module")
 def mlp_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("mlp_run"))
-  summary = train_lib.train_and_evaluate(tiny_config(), workdir, log=_quiet)
+  summary = train_loop.train_and_evaluate(tiny_config(), workdir, log=_quiet)
   return workdir, summary
 
 
@@ -193,7 +196,7 @@ def test_run_writes_summary_metrics_curves_and_checkpoints(mlp_run):
   assert summary["parameters"] == sum(int(np.prod(p.shape)) for p in jax.tree.leaves(
       create_model("residual_mlp", 10, depth=2, dim=16, hidden=16).init(
           jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)))["params"]))
-  records = train_lib.read_metrics(workdir)
+  records = metrics.read_metrics(workdir)
   assert [r["step"] for r in records if r["split"] == "train"] == [2, 4, 6, 8]
   assert [r["step"] for r in records if r["split"] == "test"] == [4, 8]
   assert summary["best_test_accuracy"] == max(r["accuracy"] for r in records if r["split"] == "test")
@@ -212,27 +215,27 @@ def test_evaluate_reproduces_the_final_test_accuracy(mlp_run):
 
 def test_same_seed_gives_identical_metrics(mlp_run, tmp_path):
   workdir, _ = mlp_run
-  train_lib.train_and_evaluate(tiny_config(), str(tmp_path / "again"), log=_quiet)
+  train_loop.train_and_evaluate(tiny_config(), str(tmp_path / "again"), log=_quiet)
   assert _metrics(str(tmp_path / "again")) == _metrics(workdir)
-  train_lib.train_and_evaluate(tiny_config(seed=1), str(tmp_path / "other"), log=_quiet)
+  train_loop.train_and_evaluate(tiny_config(seed=1), str(tmp_path / "other"), log=_quiet)
   assert _metrics(str(tmp_path / "other")) != _metrics(workdir)
 
 
 def test_workdir_of_another_model_is_refused(mlp_run):
   workdir, _ = mlp_run
   with pytest.raises(CheckpointError, match="residual_mlp"):
-    train_lib.train_and_evaluate(tiny_config("resnet20"), workdir, log=_quiet)
+    train_loop.train_and_evaluate(tiny_config("resnet20"), workdir, log=_quiet)
 
 
 def test_resume_matches_an_uninterrupted_run_bitwise(tmp_path):
   config = tiny_config("resnet20")
   full, split = str(tmp_path / "full"), str(tmp_path / "split")
-  setup = train_lib.Setup(config)  # Shared: one compilation for the three runs.
-  train_lib.train_and_evaluate(config, full, log=_quiet, setup=setup)
-  assert train_lib.train_and_evaluate(config, split, log=_quiet, stop_at_step=4, setup=setup) is None
+  setup = run_setup.Setup(config)  # Shared: one compilation for the three runs.
+  train_loop.train_and_evaluate(config, full, log=_quiet, setup=setup)
+  assert train_loop.train_and_evaluate(config, split, log=_quiet, stop_at_step=4, setup=setup) is None
   assert Checkpointer(os.path.join(split, "checkpoints")).all_steps() == [4]
   messages = []
-  train_lib.train_and_evaluate(config, split, log=messages.append, setup=setup)
+  train_loop.train_and_evaluate(config, split, log=messages.append, setup=setup)
   assert any("resuming" in m and "step 4" in m for m in messages)
   a, data_a, _ = Checkpointer(os.path.join(full, "checkpoints")).restore(setup.abstract_state())
   b, data_b, _ = Checkpointer(os.path.join(split, "checkpoints")).restore(setup.abstract_state())
@@ -244,14 +247,14 @@ def test_resume_matches_an_uninterrupted_run_bitwise(tmp_path):
 
 
 def test_nonfinite_loss_stops_with_the_step_or_is_skipped(tmp_path):
-  from resnet_jax.train_lib import TrainingDivergedError
+  from resnet_jax.train_loop import TrainingDivergedError
   bad = {"optimizer.learning_rate": 1e30, "optimizer.momentum": 0.0, "schedule.warmup": 0.0,
          "schedule.name": "constant"}
   with pytest.raises(TrainingDivergedError, match=r"at step \d"):
-    train_lib.train_and_evaluate(tiny_config(**bad), str(tmp_path / "stop"), log=_quiet)
-  assert train_lib.read_metrics(str(tmp_path / "stop"))  # What was written stays readable.
+    train_loop.train_and_evaluate(tiny_config(**bad), str(tmp_path / "stop"), log=_quiet)
+  assert metrics.read_metrics(str(tmp_path / "stop"))  # What was written stays readable.
   messages = []
-  summary = train_lib.train_and_evaluate(tiny_config(on_nonfinite="skip", **bad), str(tmp_path / "skip"),
+  summary = train_loop.train_and_evaluate(tiny_config(on_nonfinite="skip", **bad), str(tmp_path / "skip"),
                                          log=messages.append)
   assert summary["steps"] == 8 and any("skipped" in m for m in messages)
 
@@ -261,3 +264,45 @@ def test_evaluate_cli_reports_a_missing_run_in_one_line(tmp_path):
                         capture_output=True, text=True, cwd=ROOT, timeout=120)
   assert proc.returncode == 2
   assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ") and "config.json" in proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop's helpers: the periodic actions and the metrics writer.
+
+
+@given(st.integers(1, 200), st.integers(1, 50), st.booleans())
+def test_due_every_n_steps_and_whenever_also(step, every, also):
+  assert train_loop.due(step, every, also) == (also or step % every == 0)
+
+
+def test_strict_json_writes_nan_and_infinity_as_null_and_numpy_scalars_as_numbers():
+  got = metrics.strict_json({"a": float("nan"), "b": [np.float32(1.5), np.int64(3), (float("-inf"),)],
+                             "c": np.float64("inf"), "d": "x", "e": None, "f": True})
+  assert got == {"a": None, "b": [1.5, 3, [None]], "c": None, "d": "x", "e": None, "f": True}
+  assert type(got["b"][0]) is float and type(got["b"][1]) is int
+  json.dumps(got, allow_nan=False)
+
+
+def test_metrics_writer_writes_each_record_to_jsonl_and_tensorboard_and_resumes(tmp_path):
+  workdir = str(tmp_path)
+  with metrics.MetricsWriter(workdir, 0) as writer:
+    for step in (2, 4, 6):
+      writer.write(step, {"split": "train", "loss": float("nan") if step == 4 else 1.0 / step})
+  assert [r["step"] for r in metrics.read_metrics(workdir)] == [2, 4, 6]
+  assert metrics.read_metrics(workdir)[1]["loss"] is None  # NaN is not JSON: null.
+  with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+    f.write("not a record\n")
+  with metrics.MetricsWriter(workdir, 4) as writer:  # A resume from step 4: the later records go.
+    assert writer.rejected == 1 and [r["step"] for r in writer.records] == [2, 4]
+    writer.write(6, {"split": "test", "accuracy": 0.5})
+  assert [(r["step"], r["split"]) for r in metrics.read_metrics(workdir)] == [(2, "train"), (4, "train"),
+                                                                             (6, "test")]
+  steps = sorted(e.step for path in glob.glob(os.path.join(workdir, PATTERN)) for e in read_events(path)[0]
+                 if e.HasField("summary"))
+  assert steps == [2, 4, 6]
+
+
+def test_metrics_writer_disabled_collects_records_and_writes_nothing(tmp_path):
+  with metrics.MetricsWriter(str(tmp_path), 0, enabled=False) as writer:
+    writer.write(1, {"split": "train", "loss": 0.5})
+  assert writer.records == [{"step": 1, "split": "train", "loss": 0.5}] and not os.listdir(tmp_path)

@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 
-from resnet_jax import train_lib
+from resnet_jax import metrics, train_loop
 from resnet_jax.config_check import base_config, describe_config
 from resnet_jax.tensorboard_events import EventWriter
 
@@ -41,7 +41,7 @@ def read_scalars(workdir) -> dict[str, list[tuple[int, float]]]:
 def assert_events_match_metrics(workdir) -> None:
   """Every number of metrics.jsonl is in the event files at its step (float32), each step once, in order."""
   scalars = read_scalars(workdir)
-  records = train_lib.read_metrics(str(workdir))
+  records = metrics.read_metrics(str(workdir))
   for split, keys in (("train", ("loss", "accuracy", "learning_rate", "images_per_sec")),
                       ("test", ("loss", "accuracy"))):
     rs = [r for r in records if r["split"] == split]
@@ -136,9 +136,9 @@ def test_print_config_with_a_bad_override_is_one_line_error(override, needles, t
 
 def test_event_files_hold_the_metrics_and_a_resumed_run_appends(tmp_path):
   config = tiny_config(log_every_steps=1)
-  assert train_lib.train_and_evaluate(config, str(tmp_path), log=lambda *_: None, stop_at_step=5) is None
+  assert train_loop.train_and_evaluate(config, str(tmp_path), log=lambda *_: None, stop_at_step=5) is None
   assert [s for s, _ in read_scalars(tmp_path)["train/loss"]] == [1, 2, 3, 4, 5]
-  train_lib.train_and_evaluate(config, str(tmp_path), log=lambda *_: None)
+  train_loop.train_and_evaluate(config, str(tmp_path), log=lambda *_: None)
   assert len(glob.glob(str(tmp_path / "events.out.tfevents.*"))) == 2  # One file per process, appended.
   assert [s for s, _ in read_scalars(tmp_path)["train/loss"]] == list(range(1, 9))
   assert_events_match_metrics(tmp_path)
@@ -167,7 +167,7 @@ def test_a_resume_cuts_the_events_after_its_step_and_keeps_their_wall_times(tmp_
 
 def test_the_event_writer_does_not_import_torch():
   # tensorboardX would import torch (installed with the test extras) for tensors a run never writes.
-  code = "import sys, resnet_jax.train_lib; print('torch' in sys.modules)"
+  code = "import sys, resnet_jax.train_loop; print('torch' in sys.modules)"
   proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
   assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stdout + proc.stderr[-3000:]
 

@@ -1,0 +1,123 @@
+"""Everything a training run needs, built from its config: :class:`Setup` (device mesh, data, model,
+learning-rate schedule, optimizer, the jitted training and evaluation steps, the initial state) and
+:func:`build_model`. :mod:`resnet_jax.train_loop` trains with it; :mod:`resnet_jax.evaluate` evaluates
+checkpoints with it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from resnet_jax import data as data_lib
+from resnet_jax import finetune, optim
+from resnet_jax.config_check import check_device_count
+from resnet_jax.distributed import DataParallel
+from resnet_jax.errors import ConfigError, ModelError
+from resnet_jax.train_step import TrainState, create_train_state, make_eval_step, make_train_step
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int, device_count: int = 1):
+  """``create_model(config.model.name, num_classes, **config.model.options)`` with the compute dtype and
+  the convolution backend.
+
+  ``conv_backend="auto"`` means XLA's convolutions when the step runs on several devices: a oneDNN custom
+  call is not partitioned by XLA, so each device would gather the whole batch and convolve all of it.
+  """
+  from resnet_jax import models
+
+  options = config.model.options.to_dict() if hasattr(config.model.options, "to_dict") else dict(
+      config.model.options)
+  if config.model.dtype == "bfloat16":
+    options["dtype"] = jnp.bfloat16
+    options.setdefault("param_dtype", jnp.float32)
+  if "conv_backend" in models.model_options(config.model.name):
+    backend = config.model.conv_backend
+    options["conv_backend"] = "xla" if backend == "auto" and device_count > 1 else backend
+  return models.create_model(config.model.name, num_classes=num_classes, **options)
+
+
+def build_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformation:
+  """The optimizer of a run: :func:`resnet_jax.optim.make_optimizer`, split into parameter groups by
+  :func:`resnet_jax.finetune.make_optimizer` when fine-tuning freezes or slows the backbone."""
+  return finetune.make_optimizer(config, schedule, optim.make_optimizer)
+
+
+def build_train_step(config: ml_collections.ConfigDict, num_classes: int, dp: DataParallel) -> Callable:
+  """The jitted training step of a run of ``config`` on the mesh ``dp``: what :class:`Setup` trains with
+  and ``benchmarks/bench.py`` times (:func:`resnet_jax.train_step.make_train_step`, the state donated)."""
+  return dp.jit_train_step(make_train_step(num_classes, float(config.label_smoothing), skip_nonfinite=True,
+                                           grad_norms=bool(config.get("log_grad_norms", False))))
+
+
+def evaluate_state(eval_step: Callable, state: TrainState, ds: data_lib.Dataset, batch_size: int,
+                   dp: DataParallel, num_threads: int = 2) -> dict[str, float]:
+  """Loss and accuracy of ``state`` on the whole test set."""
+  totals = None
+  for batch in data_lib.eval_batches(ds, batch_size, jax.process_index(), jax.process_count(),
+                                     num_threads):
+    out = eval_step(state, dp.put_batch(batch))
+    totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+  totals = jax.device_get(totals)
+  count = max(float(totals["count"]), 1.0)
+  return {"loss": float(totals["loss"]) / count, "accuracy": float(totals["correct"]) / count,
+          "count": int(totals["count"])}
+
+
+class Setup:
+  """Everything a run needs, built from a config (checked by :func:`resnet_jax.config_check.validate_config`):
+  the mesh, data, model, schedule, optimizer and the jitted steps."""
+
+  def __init__(self, config: ml_collections.ConfigDict, devices: list | None = None):
+    self.config = config
+    self.dp = DataParallel(devices)
+    check_device_count(config, len(self.dp.devices))
+    self.data = data_lib.load_dataset(config.dataset, progress=config.progress_bar)
+    self.model = build_model(config, self.data.num_classes, len(self.dp.devices))
+    min_size = getattr(self.model, "min_input_size", None)
+    if min_size and min(self.data.image_shape[:2]) < min_size:
+      raise ModelError(f"model {config.model.name} needs images of at least {min_size}x{min_size}, "
+                       f"the dataset gives {self.data.image_shape[0]}x{self.data.image_shape[1]}")
+    self.steps_per_epoch = self.data.num_train // config.batch_size
+    if self.steps_per_epoch < 1:
+      raise ConfigError(f"config.batch_size = {config.batch_size} exceeds the {self.data.num_train} "
+                        f"training examples of {config.dataset.name}")
+    self.total_steps = optim.total_train_steps(config, self.steps_per_epoch)
+    self.eval_every = (config.eval_every_steps if config.eval_every_steps > 0 else self.steps_per_epoch)
+    self.checkpoint_every = (config.checkpoint_every_steps if config.checkpoint_every_steps > 0
+                             else self.eval_every)
+    self.schedule = optim.make_schedule(config, self.steps_per_epoch, self.total_steps)
+    self.tx = build_optimizer(config, self.schedule)
+    self.apply_fn = finetune.make_apply_fn(config, self.model)
+    self.train_step = build_train_step(config, self.data.num_classes, self.dp)
+    self.eval_step = self.dp.jit_eval_step(make_eval_step(self.data.num_classes,
+                                                          bool(config.get("eval_flip", False))))
+
+  def init_state(self, log: Callable[[str], None] = print) -> TrainState:
+    """The state of step 0: a fresh initialisation, or the weights of ``config.finetune.weights``."""
+    state = create_train_state(self.model, self.tx, self.data.image_shape,
+                               jax.random.PRNGKey(self.config.seed), self.apply_fn)
+    state = finetune.initial_state(self.config, self.model, state, log)
+    return self.dp.replicate(state)
+
+  def abstract_state(self) -> TrainState:
+    """Shapes, dtypes and shardings of the train state, without computing it (a restore target)."""
+    shapes = jax.eval_shape(
+        lambda k: create_train_state(self.model, self.tx, self.data.image_shape, k, self.apply_fn),
+        jax.random.PRNGKey(0))
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.dp.replicated),
+                        shapes)
+
+  def train_iterator(self):
+    c = self.config
+    return iter(data_lib.train_pipeline(
+        self.data, c.batch_size, c.seed, jax.process_index(), jax.process_count(),
+        num_threads=c.dataset.num_threads, num_workers=c.dataset.num_workers))
+
+  def evaluate(self, state: TrainState) -> dict[str, float]:
+    return evaluate_state(self.eval_step, state, self.data, self.config.eval_batch_size, self.dp,
+                          self.config.dataset.num_threads)
