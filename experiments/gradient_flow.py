@@ -339,50 +339,29 @@ def train_block_order(order: str, steps: int = 300, batch: int = 64, lr: float =
                       seed: int = 0, data=None, zero_init_residual: bool = False) -> dict[str, Any]:
   """Train ``resnet50`` (16 bottlenecks, CIFAR stem, ``num_filters``) with ``block_order=order`` on the digits.
 
-  SGD with momentum 0.9, ``steps`` steps of ``batch`` images, the same initial key and data order for every
-  ordering (``data``: ``(x_train, y_train, x_test, y_test)``, default the digits); errors on the whole training
-  and test sets in evaluation mode (running BN statistics), and :func:`eval_nonlinearity` of the trained net.
+  The library's training step (:func:`resnet_jax.train_step.make_train_step`: softmax cross-entropy, batch
+  statistics) with SGD, momentum 0.9, no weight decay, ``steps`` steps of ``batch`` images, the same initial
+  key and data order for every ordering (``data``: ``(x_train, y_train, x_test, y_test)``, default the
+  digits); errors on the whole training and test sets in evaluation mode (running BN statistics), and
+  :func:`eval_nonlinearity` of the trained net.
   """
   x_tr, y_tr, x_te, y_te = data if data is not None else digits_split(seed=0)
-  model = create_model("resnet50", num_classes=10, stem="cifar", num_filters=num_filters, block_order=order,
-                       zero_init_residual=zero_init_residual)
-  variables = model.init(jax.random.key(seed), jnp.asarray(x_tr[:2]), train=False)
-  params, stats = variables["params"], variables["batch_stats"]
-  tx = optax.sgd(lr, momentum=0.9)
-  opt_state = tx.init(params)
-  step, error = _block_order_steps(model, tx)
+  model = create_model("resnet50", num_classes=NUM_CLASSES, stem="cifar", num_filters=num_filters,
+                       block_order=order, zero_init_residual=zero_init_residual)
+  tx = optim.make_optimizer(_sgd_config(lr), optax.constant_schedule(lr))
+  state = train_step.create_train_state(model, tx, x_tr.shape[1:], jax.random.key(seed))
+  step = jax.jit(train_step.make_train_step(NUM_CLASSES, skip_nonfinite=False))
   t0 = time.perf_counter()
-  loss = float("nan")
+  metrics = {"loss": float("nan")}
   for idx in batch_indices(np.random.default_rng(seed), len(x_tr), batch, steps):
-    params, stats, opt_state, loss = step(params, stats, opt_state, x_tr[idx], y_tr[idx])
-  defect = eval_nonlinearity(model, {"params": params, "batch_stats": stats}, jnp.asarray(x_te[:64]), seed)
-  n_params = sum(int(np.size(v)) for v in jax.tree.leaves(params))
+    state, metrics = step(state, {"image": x_tr[idx], "label": y_tr[idx]})
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  defect = eval_nonlinearity(model, variables, jnp.asarray(x_te[:64]), seed)
   return {"order": order, "zero_init_residual": zero_init_residual, "model": "resnet50",
-          "num_filters": num_filters, "parameters": n_params,
-          "steps": steps, "batch": batch, "lr": lr, "seed": seed, "final_batch_loss": float(loss),
-          "train_error": float(error(params, stats, x_tr, y_tr)),
-          "test_error": float(error(params, stats, x_te, y_te)),
+          "num_filters": num_filters, "parameters": train_step.count_parameters(state.params),
+          "steps": steps, "batch": batch, "lr": lr, "seed": seed, "final_batch_loss": float(metrics["loss"]),
+          "train_error": _errors(state, x_tr, y_tr)[0], "test_error": _errors(state, x_te, y_te)[0],
           "eval_nonlinearity": defect, "seconds": time.perf_counter() - t0}
-
-
-def _block_order_steps(model, tx: optax.GradientTransformation):
-  """The jitted SGD step ``(params, stats, opt_state, x, y) -> (params, stats, opt_state, loss)`` of a net
-  with BatchNorm (softmax cross-entropy, batch statistics) and its error rate in evaluation mode."""
-  def loss_fn(params, stats, xb, yb):
-    logits, upd = model.apply({"params": params, "batch_stats": stats}, xb, train=True, mutable=["batch_stats"])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean(), upd["batch_stats"]
-
-  @jax.jit
-  def step(params, stats, opt_state, xb, yb):
-    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, stats, xb, yb)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), stats, opt_state, loss
-
-  @jax.jit
-  def error(params, stats, xb, yb):
-    logits = model.apply({"params": params, "batch_stats": stats}, xb, train=False)
-    return jnp.mean(jnp.argmax(logits, -1) != yb)
-  return step, error
 
 
 def eval_nonlinearity(model, variables: dict, images: jax.Array, seed: int) -> float:

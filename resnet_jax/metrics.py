@@ -19,6 +19,11 @@ import numpy as np
 REJECTED_METRICS = "metrics_rejected_lines.txt"
 
 
+def is_number(v: Any) -> bool:
+  """A finite int or float (not a bool): what a record's ``step`` must be."""
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def strict_json(obj: Any) -> Any:
   """A copy of ``obj`` that strict JSON accepts: numpy scalars as numbers, non-finite floats as ``None``
   (NaN and Infinity are not JSON), tuples as lists."""
@@ -36,7 +41,6 @@ def strict_json(obj: Any) -> Any:
 def _metrics_lines(workdir: str) -> list[tuple[bytes, dict | None]]:
   """Each line of ``WORKDIR/metrics.jsonl`` with its record, or ``None`` where it is not one: not
   UTF-8, not JSON, not an object, or without a finite numeric ``step`` (e.g. a line cut by a kill)."""
-  from resnet_jax.workdir import is_number
   path = os.path.join(workdir, "metrics.jsonl")
   out: list[tuple[bytes, dict | None]] = []
   if os.path.exists(path):

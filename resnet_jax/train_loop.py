@@ -126,7 +126,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], N
   state, data_state, meta, changes, saved_config = _restore(config, workdir, setup, ckpt, log)
   run = _Run(state, meta, int(jax.device_get(state.step)), started)
   if is_main:  # Only once the checkpoint is restored: a failed resume leaves the workdir as it was.
-    workdir_lib.record_settings(workdir, config, run.start_step, changes, write_json, saved_config)
+    workdir_lib.record_settings(workdir, config, run.start_step, changes, saved_config)
     write_json(os.path.join(workdir, "data.json"), setup.data.info)  # Its normalisation, for evaluations.
   if is_main and run.start_step == 0:
     log(f"training {config.model.name} on {config.dataset.name} ({setup.data.num_train} images, "

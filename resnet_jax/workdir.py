@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import math
 import os
 import shutil
 import socket
@@ -27,6 +26,7 @@ import time
 from typing import Any, Callable
 
 from resnet_jax.errors import CheckpointError, ConfigError, WorkdirBusyError
+from resnet_jax.metrics import is_number, read_metrics, write_json
 
 LOCK_NAME = "train.lock"
 HISTORY_NAME = "config_history.jsonl"
@@ -281,7 +281,7 @@ def describe_changes(changes: list[dict]) -> str:
 
 
 def record_settings(workdir: str, config: Any, step: int, changes: list[dict],
-                    write_json: Callable[[str, Any], None], first_config: dict | None = None) -> None:
+                    first_config: dict | None = None) -> None:
   """Write ``config.json`` if the workdir has none; keep the history lines before ``step`` and append
   ``changes`` (if any) as the line of ``step``.
 
@@ -346,10 +346,6 @@ def current_settings(workdir: str, first: dict) -> dict:
   return out
 
 
-def is_number(v: Any) -> bool:
-  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 # ----------------------------------------------------------------------------------------------
 # restore_step: the superseded run's files.
 
@@ -363,7 +359,6 @@ def set_aside_run_files(workdir: str, step: int, moved: list[int]) -> str | None
   ``.2``, ... when that exists). Nothing is kept when there was nothing after ``step`` (no checkpoint
   ``moved`` aside, no metrics record or settings change after it).
   """
-  from resnet_jax.metrics import read_metrics
   later = [r for r in read_metrics(workdir) if r["step"] > step]
   history_later = [r for r in read_history(workdir) if r["step"] >= step]
   superseded = os.path.join(workdir, SUPERSEDED)
