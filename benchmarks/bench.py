@@ -268,6 +268,20 @@ def bench_config(args: argparse.Namespace):
   return config
 
 
+def torch_optimizer(model, config):
+  """PyTorch's counterpart of ``config``'s optimizer (``resnet_jax.optim.make_optimizer``): SGD with momentum,
+  L2 weight decay added to the gradients of the kernels (parameters of >= 2 dims) only, as ``optim.decay_mask``."""
+  import torch
+
+  opt = config.optimizer
+  if opt.name != "sgd":
+    raise ConfigError(f"the PyTorch comparison implements optimizer sgd; the config has {opt.name!r}")
+  params = list(model.parameters())
+  groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": float(opt.weight_decay)},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+  return torch.optim.SGD(groups, lr=float(opt.learning_rate), momentum=float(opt.momentum))
+
+
 def sync(tree):
   import jax
   return jax.block_until_ready(tree)
@@ -440,7 +454,7 @@ def bench_torch(args: argparse.Namespace, threads: int, schedule: Schedule) -> d
     model = torch_models.create_torch_model(args.model, args.num_classes).to(device).to(memory_format=mf)
     x = torch.randn(args.batch, 3, args.size, args.size, device=device).to(memory_format=mf)
     y = torch.randint(0, args.num_classes, (args.batch,), device=device)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt = torch_optimizer(model, bench_config(args))
     loss_fn = torch.nn.CrossEntropyLoss()
     r: dict = {}
     if args.mode in ("train", "both"):
