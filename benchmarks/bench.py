@@ -36,12 +36,12 @@ import argparse
 import json
 import math
 import os
-import platform
 import resource
 import statistics
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 if os.path.dirname(_HERE) not in sys.path:  # run as a script from a checkout
@@ -49,57 +49,83 @@ if os.path.dirname(_HERE) not in sys.path:  # run as a script from a checkout
 if _HERE not in sys.path:
   sys.path.insert(0, _HERE)
 
-from resnet_jax.errors import ConfigError, ModelError, run_cli  # noqa: E402  (no jax import)
+from resnet_jax import machine  # noqa: E402
+from resnet_jax.errors import ConfigError, ModelError, run_cli  # noqa: E402
 
 # XLA flag that turns off the YNNPACK convolution fusion of jaxlib 0.10's CPU backend (Eigen convs instead).
 EIGEN_CONV_FLAG = "--xla_cpu_experimental_ynn_fusion_type="
 EIGEN_CONV_JAXLIB = ("0.10.", "0.11.", "0.12.")  # jaxlib versions where that flag exists
 
 # Forward multiply-accumulates at 224x224, 1000 classes (torchvision's weight metadata, GMACs).
-REFERENCE_GMACS_224 = {"resnet18": 1.814, "resnet34": 3.664, "resnet50": 4.089, "resnet101": 7.801,
-                       "resnet152": 11.514, "resnext50_32x4d": 4.23, "wide_resnet50_2": 11.398}
+REFERENCE_GMACS_224 = {
+  "resnet18": 1.814,
+  "resnet34": 3.664,
+  "resnet50": 4.089,
+  "resnet101": 7.801,
+  "resnet152": 11.514,
+  "resnext50_32x4d": 4.23,
+  "wide_resnet50_2": 11.398,
+}
 
 # Dense peak FLOP/s per device kind substring (first match wins): bfloat16, float32 (TF32 tensor cores).
 PEAK_FLOPS = (
-    ("H100 PCIe", 756e12, 378e12),
-    ("H100", 989e12, 494e12),   # SXM
-    ("H200", 989e12, 494e12),
-    ("A100", 312e12, 156e12),
-    ("L4", 121e12, 60e12),
+  ("H100 PCIe", 756e12, 378e12),
+  ("H100", 989e12, 494e12),  # SXM
+  ("H200", 989e12, 494e12),
+  ("A100", 312e12, 156e12),
+  ("L4", 121e12, 60e12),
 )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--model", default="resnet18", help="registered model name (resnet_jax.list_models())")
   p.add_argument("--batch", type=int, default=16, help="images per step")
-  p.add_argument("--size", type=int, default=None,
-                 help="image height = width (default 32 for CIFAR models, 224 otherwise)")
+  p.add_argument(
+    "--size", type=int, default=None, help="image height = width (default 32 for CIFAR models, 224 otherwise)"
+  )
   p.add_argument("--num-classes", type=int, default=None, help="default 10 for CIFAR models, 1000 otherwise")
-  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                 help="compute dtype (parameters stay float32)")
+  p.add_argument(
+    "--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype (parameters stay float32)"
+  )
   p.add_argument("--mode", choices=("train", "infer", "both"), default="both")
   p.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is reported")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
-  p.add_argument("--min-repeat-seconds", type=float, default=0.5,
-                 help="each repeat runs enough steps to last at least this long")
+  p.add_argument(
+    "--min-repeat-seconds", type=float, default=0.5, help="each repeat runs enough steps to last at least this long"
+  )
   p.add_argument("--json", dest="json_out", default=None, help="write all results to this JSON file")
   p.add_argument("--compare-torch", action="store_true", help="also measure PyTorch (needs torch, torchvision)")
-  p.add_argument("--torch-formats", default="channels_last,contiguous",
-                 help="comma-separated torch memory formats to measure")
-  p.add_argument("--conv-backend", choices=("auto", "xla", "onednn"), default="auto",
-                 help="the models' convolutions: auto (the models' default: oneDNN's where it runs, else XLA's), "
-                      "XLA's (flax nn.Conv) or oneDNN's called from the compiled step (x86-64 CPU only)")
-  p.add_argument("--host-memory", choices=("keep", "default"), default="default",
-                 help="keep: glibc keeps and reuses freed host memory (resnet_jax.host_memory), applied before "
-                      "jax starts; it holds for torch in the same process too")
-  p.add_argument("--cpu-conv", choices=("eigen", "default"), default="default",
-                 help=f"'eigen' adds {EIGEN_CONV_FLAG} to XLA_FLAGS (Eigen convolutions instead of YNNPACK: "
-                      "faster for CIFAR-sized nets, slower at 224x224 here); 'default' leaves XLA's choice")
+  p.add_argument(
+    "--torch-formats", default="channels_last,contiguous", help="comma-separated torch memory formats to measure"
+  )
+  p.add_argument(
+    "--conv-backend",
+    choices=("auto", "xla", "onednn"),
+    default="auto",
+    help="the models' convolutions: auto (the models' default: oneDNN's where it runs, else XLA's), "
+    "XLA's (flax nn.Conv) or oneDNN's called from the compiled step (x86-64 CPU only)",
+  )
+  p.add_argument(
+    "--host-memory",
+    choices=("keep", "default"),
+    default="default",
+    help="keep: glibc keeps and reuses freed host memory (resnet_jax.host_memory), applied before "
+    "jax starts; it holds for torch in the same process too",
+  )
+  p.add_argument(
+    "--cpu-conv",
+    choices=("eigen", "default"),
+    default="default",
+    help=f"'eigen' adds {EIGEN_CONV_FLAG} to XLA_FLAGS (Eigen convolutions instead of YNNPACK: "
+    "faster for CIFAR-sized nets, slower at 224x224 here); 'default' leaves XLA's choice",
+  )
   p.add_argument("--xla-flags", default="", help="extra XLA_FLAGS, appended before jax starts")
-  p.add_argument("--threads", type=int, default=None,
-                 help="threads for torch (default: the CPUs this process may use, as XLA does)")
+  p.add_argument(
+    "--threads", type=int, default=None, help="threads for torch (default: the CPUs this process may use, as XLA does)"
+  )
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
   for name in ("batch", "repeats"):
@@ -114,6 +140,7 @@ def is_cifar_model(name: str) -> bool:
   """Whether the registered model ``name`` is a CIFAR net (3x3 stem for 32x32 images), as the model registry
   builds it."""
   from resnet_jax import models
+
   return getattr(models.create_model(name, num_classes=10), "stem", None) == "cifar"
 
 
@@ -132,17 +159,22 @@ def set_xla_flags(args: argparse.Namespace) -> str:
   """Add the requested flags to XLA_FLAGS; must run before jax is imported."""
   if "jax" in sys.modules and "jax._src.xla_bridge" in sys.modules:
     from jax._src import xla_bridge
+
     if xla_bridge.backends_are_initialized():
       return os.environ.get("XLA_FLAGS", "")  # too late to change: report what is in effect
   flags = os.environ.get("XLA_FLAGS", "").split()
   extra = args.xla_flags.split()
   if args.cpu_conv == "eigen":
     import jaxlib.version  # does not start a backend
+
     if jaxlib.version.__version__.startswith(EIGEN_CONV_JAXLIB):
       extra.insert(0, EIGEN_CONV_FLAG)
     else:  # XLA aborts on flags it does not know: add it only where it was checked
-      print(f"note: --cpu-conv eigen was checked with jaxlib {', '.join(v + 'x' for v in EIGEN_CONV_JAXLIB)} "
-            f"only; jaxlib {jaxlib.version.__version__} keeps its default convolutions", file=sys.stderr)
+      print(
+        f"note: --cpu-conv eigen was checked with jaxlib {', '.join(v + 'x' for v in EIGEN_CONV_JAXLIB)} "
+        f"only; jaxlib {jaxlib.version.__version__} keeps its default convolutions",
+        file=sys.stderr,
+      )
   for f in extra:
     if f not in flags:
       flags.append(f)
@@ -150,29 +182,10 @@ def set_xla_flags(args: argparse.Namespace) -> str:
   return os.environ["XLA_FLAGS"]
 
 
-def cpu_threads() -> int:
-  """CPUs this process may run on (XLA:CPU sizes its thread pool the same way)."""
-  try:
-    return len(os.sched_getaffinity(0))
-  except AttributeError:  # not Linux
-    return os.cpu_count() or 1
-
-
-def cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
-
-
 def peak_rss_mb() -> float:
   """Peak resident set size of this process so far, MiB (Linux reports KiB)."""
   r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-  return r / 1024.0 if sys.platform != "darwin" else r / 2 ** 20
+  return r / 1024.0 if sys.platform != "darwin" else r / 2**20
 
 
 class Schedule:
@@ -213,11 +226,17 @@ class Schedule:
         cpus[i].append((time.process_time() - c0) / n)
     for (_, _, n, dest), w, c in zip(self.items, walls, cpus):
       sec = statistics.median(w)
-      dest.update(images_per_s=self.batch / sec, seconds_per_step=sec, steps_per_repeat=n,
-                  all_seconds_per_step=w, cpu_seconds_per_step=statistics.median(c))
+      dest.update(
+        images_per_s=self.batch / sec,
+        seconds_per_step=sec,
+        steps_per_repeat=n,
+        all_seconds_per_step=w,
+        cpu_seconds_per_step=statistics.median(c),
+      )
 
 
 # ------------------------------------------------------------------------------------------------ JAX
+
 
 def matmul_flops(closed_jaxpr) -> float:
   """FLOPs of the convolutions and matrix products in a jaxpr (2 per multiply-add), sub-jaxprs included.
@@ -277,13 +296,16 @@ def torch_optimizer(model, config):
   if opt.name != "sgd":
     raise ConfigError(f"the PyTorch comparison implements optimizer sgd; the config has {opt.name!r}")
   params = list(model.parameters())
-  groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": float(opt.weight_decay)},
-            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+  groups = [
+    {"params": [p for p in params if p.ndim > 1], "weight_decay": float(opt.weight_decay)},
+    {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+  ]
   return torch.optim.SGD(groups, lr=float(opt.learning_rate), momentum=float(opt.momentum))
 
 
 def sync(tree):
   import jax
+
   return jax.block_until_ready(tree)
 
 
@@ -314,8 +336,9 @@ def bench_jax(args: argparse.Namespace, schedule: Schedule) -> dict:
   model = run_setup.build_model(config, args.num_classes)
   tx = run_setup.build_optimizer(config, optim.make_schedule(config, steps_per_epoch=1, total_steps=1))
   state = create_train_state(model, tx, (args.size, args.size, 3), jax.random.PRNGKey(args.seed))
-  variables = {"params": state.params, "batch_stats": state.batch_stats} if state.batch_stats else {
-      "params": state.params}
+  variables = (
+    {"params": state.params, "batch_stats": state.batch_stats} if state.batch_stats else {"params": state.params}
+  )
   rng = np.random.default_rng(args.seed)
   images = rng.standard_normal((args.batch, args.size, args.size, 3), dtype=np.float32)
   labels = rng.integers(0, args.num_classes, args.batch).astype(np.int32)
@@ -332,7 +355,7 @@ def bench_jax(args: argparse.Namespace, schedule: Schedule) -> dict:
   if dev.platform == "gpu":
     try:
       stats = dev.memory_stats() or {}
-      out["device_peak_mb"] = stats.get("peak_bytes_in_use", 0) / 2 ** 20
+      out["device_peak_mb"] = stats.get("peak_bytes_in_use", 0) / 2**20
     except Exception:
       out["device_peak_mb"] = None
   return out
@@ -384,8 +407,12 @@ def time_train(args: argparse.Namespace, config, state, batch: dict, schedule: S
   first_step_s = time.perf_counter() - t3
   if not math.isfinite(first_loss):
     raise ConfigError(f"training loss of {args.model} is {first_loss} on the first step")
-  out["train"] = {"lower_s": t1 - t0, "compile_s": t2 - t1, "first_step_s": t1 - t0 + t2 - t1 + first_step_s,
-                  "hlo_flops_per_image": train_flops / args.batch if train_flops else None}
+  out["train"] = {
+    "lower_s": t1 - t0,
+    "compile_s": t2 - t1,
+    "first_step_s": t1 - t0 + t2 - t1 + first_step_s,
+    "hlo_flops_per_image": train_flops / args.batch if train_flops else None,
+  }
   schedule.add(run, sync, out["train"])
   out["train"]["peak_rss_mb"] = peak_rss_mb()
 
@@ -415,14 +442,17 @@ def utilisation(args: argparse.Namespace, res: dict) -> dict:
 
 # ---------------------------------------------------------------------------------------------- torch
 
+
 def import_torch():
   """torch and torchvision, or a ConfigError saying how to install them."""
   try:
     import torch
     import torchvision  # noqa: F401
   except ImportError as e:
-    raise ConfigError(f"--compare-torch needs torch and torchvision, which cannot be imported ({e}); "
-                      "install them with: pip install -e '.[torch]', or run without --compare-torch") from None
+    raise ConfigError(
+      f"--compare-torch needs torch and torchvision, which cannot be imported ({e}); "
+      "install them with: pip install -e '.[torch]', or run without --compare-torch"
+    ) from None
   return torch
 
 
@@ -432,8 +462,11 @@ def bench_torch(args: argparse.Namespace, threads: int, schedule: Schedule) -> d
   import torch_models
 
   if not torch_models.has_counterpart(args.model):
-    print(f"note: no PyTorch counterpart for {args.model!r} (known: torchvision ResNets and CIFAR "
-          "resnet/plain 20..110); torch not measured", file=sys.stderr)
+    print(
+      f"note: no PyTorch counterpart for {args.model!r} (known: torchvision ResNets and CIFAR "
+      "resnet/plain 20..110); torch not measured",
+      file=sys.stderr,
+    )
     return {}
   torch.set_num_threads(threads)
   torch.manual_seed(args.seed)
@@ -458,6 +491,7 @@ def bench_torch(args: argparse.Namespace, threads: int, schedule: Schedule) -> d
     loss_fn = torch.nn.CrossEntropyLoss()
     r: dict = {}
     if args.mode in ("train", "both"):
+
       def train_step(model=model, opt=opt, x=x, y=y):
         model.train()
         opt.zero_grad(set_to_none=True)
@@ -470,10 +504,10 @@ def bench_torch(args: argparse.Namespace, threads: int, schedule: Schedule) -> d
       r["train"] = {}
       schedule.add(train_step, sync, r["train"])
     if args.mode in ("infer", "both"):
+
       def infer_step(model=model, x=x):
         model.eval()
-        with torch.inference_mode(), \
-             torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
+        with torch.inference_mode(), torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
           return model(x)
 
       r["infer"] = {}
@@ -484,6 +518,7 @@ def bench_torch(args: argparse.Namespace, threads: int, schedule: Schedule) -> d
 
 
 # ----------------------------------------------------------------------------------------------- main
+
 
 def table(args: argparse.Namespace, res: dict) -> str:
   """Images/s (wall clock) and CPU seconds per training step, jax and torch, with the ratios."""
@@ -496,6 +531,7 @@ def table(args: argparse.Namespace, res: dict) -> str:
     return f"{d['train']['cpu_seconds_per_step']:.3f}" if "train" in d else "-"
 
   from resnet_jax import models
+
   has_convs = "conv_backend" in models.model_options(args.model)
   backend = f", {args.conv_backend} convolutions" if has_convs and args.conv_backend != "xla" else ""
   rows.append((f"jax ({args.dtype}{backend})", cell(res["jax"], "train"), cell(res["jax"], "infer"), cpu(res["jax"])))
@@ -505,8 +541,14 @@ def table(args: argparse.Namespace, res: dict) -> str:
       t = torch_res[fmt]
       rows.append((f"torch {fmt}", cell(t, "train"), cell(t, "infer"), cpu(t)))
   for key, ratio in res.get("ratios", {}).items():
-    rows.append((f"ratio jax/torch {key}", f"{ratio['train']:.2f}" if "train" in ratio else "-",
-                 f"{ratio['infer']:.2f}" if "infer" in ratio else "-", ""))
+    rows.append(
+      (
+        f"ratio jax/torch {key}",
+        f"{ratio['train']:.2f}" if "train" in ratio else "-",
+        f"{ratio['infer']:.2f}" if "infer" in ratio else "-",
+        "",
+      )
+    )
   w0 = max(len(r[0]) for r in rows)
   return "\n".join(f"{r[0]:<{w0}}  {r[1]:>12}  {r[2]:>12}  {r[3]:>16}" for r in rows)
 
@@ -520,25 +562,28 @@ def main(argv: list[str] | None = None) -> int:
   xla_flags = set_xla_flags(args)
   if args.host_memory == "keep":
     from resnet_jax.host_memory import keep_host_memory
+
     keep_host_memory()
 
   import jax
+
   from resnet_jax import models
 
   if args.model not in models.list_models():
     models.create_model(args.model)  # raises ModelError naming close matches
     raise ModelError(f"unknown model {args.model!r}")
   set_model_defaults(args)
-  threads = args.threads or cpu_threads()
+  threads = args.threads or machine.available_cpus()
   res: dict = {
-      "machine": {"cpu": cpu_model(), "cpus_usable": cpu_threads(), "platform": platform.platform(),
-                  "python": platform.python_version(), "jax": jax.__version__,
-                  "xla_flags": xla_flags, "backend": jax.default_backend()},
-      "config": {k: v for k, v in vars(args).items() if k != "json_out"},
+    "machine": {**machine.describe(), "xla_flags": xla_flags},
+    "config": {k: v for k, v in vars(args).items() if k != "json_out"},
   }
-  print(f"{args.model}: batch {args.batch}, {args.size}x{args.size}, {args.dtype}, {args.num_classes} classes, "
-        f"{jax.default_backend()} ({res['machine']['cpu']}, {res['machine']['cpus_usable']} CPUs), "
-        f"XLA_FLAGS={xla_flags!r}", flush=True)
+  print(
+    f"{args.model}: batch {args.batch}, {args.size}x{args.size}, {args.dtype}, {args.num_classes} classes, "
+    f"{jax.default_backend()} ({res['machine']['cpu']}, {res['machine']['cpus']} CPUs), "
+    f"XLA_FLAGS={xla_flags!r}",
+    flush=True,
+  )
   schedule = Schedule(args.batch, args.warmup, args.min_repeat_seconds)
   res["jax"] = bench_jax(args, schedule)
   if args.compare_torch:
@@ -550,20 +595,27 @@ def main(argv: list[str] | None = None) -> int:
     for fmt in ("channels_last", "contiguous"):
       tr = res["torch"].get(fmt)
       if tr:
-        res["ratios"][fmt] = {k: res["jax"][k]["images_per_s"] / tr[k]["images_per_s"]
-                              for k in ("train", "infer") if k in tr and k in res["jax"]}
+        res["ratios"][fmt] = {
+          k: res["jax"][k]["images_per_s"] / tr[k]["images_per_s"]
+          for k in ("train", "infer")
+          if k in tr and k in res["jax"]
+        }
   print(table(args, res))
   j = res["jax"]
   if "train" in j:
     t = j["train"]
-    print(f"jax training step: trace+lower {t['lower_s']:.2f} s, compile {t['compile_s']:.2f} s, "
-          f"first step {t['first_step_s']:.2f} s (incl. compile); peak host RSS {t['peak_rss_mb']:.0f} MiB")
+    print(
+      f"jax training step: trace+lower {t['lower_s']:.2f} s, compile {t['compile_s']:.2f} s, "
+      f"first step {t['first_step_s']:.2f} s (incl. compile); peak host RSS {t['peak_rss_mb']:.0f} MiB"
+    )
   if j.get("device_peak_mb") is not None:
     print(f"peak device memory: {j['device_peak_mb']:.0f} MiB")
   u = res["utilisation"]
   if "train_achieved_tflops" in u:
-    line = (f"training: {u['train_flops_per_image'] / 1e9:.2f} GFLOP/image (3 x forward), "
-            f"{u['train_achieved_tflops'] * 1e3:.1f} GFLOP/s achieved")
+    line = (
+      f"training: {u['train_flops_per_image'] / 1e9:.2f} GFLOP/image (3 x forward), "
+      f"{u['train_achieved_tflops'] * 1e3:.1f} GFLOP/s achieved"
+    )
     if "mfu" in u:
       line += f", MFU {100 * u['mfu']:.1f}% of {u['peak_tflops']:.0f} TFLOP/s"
     print(line)

@@ -18,7 +18,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -31,8 +31,11 @@ PASSES = ("fwd", "dx", "dW")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--shapes", default=DEFAULT_SHAPES, help="B,H,C triples separated by ';' (W = H, C in = C out)")
-  p.add_argument("--backends", default="xla,onednn,torch",
-                 help="comma-separated, of xla, onednn, torch (torch is left out with a note when missing)")
+  p.add_argument(
+    "--backends",
+    default="xla,onednn,torch",
+    help="comma-separated, of xla, onednn, torch (torch is left out with a note when missing)",
+  )
   p.add_argument("--threads", type=int, default=None, help="torch threads (default: the CPUs usable)")
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--min-seconds", type=float, default=0.2, help="shortest timed repeat")
@@ -67,11 +70,15 @@ def time_call(fn: Callable[[], object], min_seconds: float) -> float:
 
 def jax_passes(conv: Callable, x, w, dy) -> dict[str, Callable[[], object]]:
   import jax
+
   fwd = jax.jit(conv)
   dx = jax.jit(lambda x, w, dy: jax.vjp(lambda x: conv(x, w), x)[1](dy)[0])
   dw = jax.jit(lambda x, w, dy: jax.vjp(lambda w: conv(x, w), w)[1](dy)[0])
-  return {"fwd": lambda: fwd(x, w).block_until_ready(), "dx": lambda: dx(x, w, dy).block_until_ready(),
-          "dW": lambda: dw(x, w, dy).block_until_ready()}
+  return {
+    "fwd": lambda: fwd(x, w).block_until_ready(),
+    "dx": lambda: dx(x, w, dy).block_until_ready(),
+    "dW": lambda: dw(x, w, dy).block_until_ready(),
+  }
 
 
 def torch_passes(torch, x, w, dy) -> tuple[dict[str, Callable[[], object]], object]:
@@ -87,8 +94,11 @@ def torch_passes(torch, x, w, dy) -> tuple[dict[str, Callable[[], object]], obje
   def fwd():
     with torch.no_grad():
       return torch.nn.functional.conv2d(tx, tw, padding=1)
-  return ({"fwd": fwd, "dx": lambda: backward([True, False, False]), "dW": lambda: backward([False, True, False])},
-          lambda: fwd().permute(0, 2, 3, 1).numpy())
+
+  return (
+    {"fwd": fwd, "dx": lambda: backward([True, False, False]), "dW": lambda: backward([False, True, False])},
+    lambda: fwd().permute(0, 2, 3, 1).numpy(),
+  )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,20 +112,25 @@ def main(argv: list[str] | None = None) -> int:
   if "torch" in backends:
     try:
       import torch
+
       torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
     except ImportError:
       print("note: torch is not installed; measuring without it", file=sys.stderr)
       backends.remove("torch")
   if "onednn" in backends:
     from resnet_jax import onednn_conv, onednn_lib
+
     onednn_lib.library()  # a one-line error saying how to install oneDNN when it is missing
 
   pad, dn = ((1, 1), (1, 1)), ("NHWC", "HWIO", "NHWC")
   convs = {"xla": lambda x, w: lax.conv_general_dilated(x, w, (1, 1), pad, dimension_numbers=dn)}
   if "onednn" in backends:
     convs["onednn"] = lambda x, w: onednn_conv.conv2d(x, w, (1, 1), pad)
-  print(f"jax {jax.__version__}" + (f", torch {torch.__version__} ({torch.get_num_threads()} threads)" if torch else "")
-        + f", {len(os.sched_getaffinity(0))} CPUs usable, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+  print(
+    f"jax {jax.__version__}"
+    + (f", torch {torch.__version__} ({torch.get_num_threads()} threads)" if torch else "")
+    + f", {len(os.sched_getaffinity(0))} CPUs usable, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
+  )
   print("| B, H, C | " + " | ".join(f"{b} fwd / dx / dW" for b in backends) + " |")
   print("|---|" + "---|" * len(backends))
   results = {}

@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,24 +28,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from resnet_jax import data, datasets, image_files  # noqa: E402
+from resnet_jax import data, datasets, image_files, machine  # noqa: E402
 from resnet_jax.config_check import base_config  # noqa: E402
 from resnet_jax.errors import run_cli  # noqa: E402
 
 
-def cpu_name() -> str:
-  try:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    for line in out.splitlines():
-      if line.startswith("Model name:"):
-        return line.split(":", 1)[1].strip()
-  except (OSError, subprocess.CalledProcessError):
-    pass
-  return platform.processor() or platform.machine()
-
-
 def write_folder(root: str, images: int, size: int, classes: int, quality: int) -> None:
   from PIL import Image
+
   rng = np.random.default_rng(0)
   for i in range(images):
     folder = os.path.join(root, "train", f"class{i % classes:02d}")
@@ -102,8 +90,16 @@ def main(argv: list[str] | None = None) -> int:
 
     def load(in_memory: str) -> data.Dataset:
       cfg = base_config().dataset
-      cfg.update({"name": "image_folder", "data_dir": root, "image_size": args.size, "augment": args.augment,
-                  "holdout": 0.1, "in_memory": in_memory})
+      cfg.update(
+        {
+          "name": "image_folder",
+          "data_dir": root,
+          "image_size": args.size,
+          "augment": args.augment,
+          "holdout": 0.1,
+          "in_memory": in_memory,
+        }
+      )
       return data.load_dataset(cfg, progress=False)
 
     t0 = time.perf_counter()
@@ -116,15 +112,18 @@ def main(argv: list[str] | None = None) -> int:
         rates[name].append(pipeline_rate(ds, args.batch, args.num_threads, args.warmup, args.seconds))
 
   result = {
-      "cpu": cpu_name(), "cpus_usable": image_files.decode_threads(), "images": args.images,
-      "image_size": args.size, "jpeg_quality": args.quality,
-      "decode_s": {k: round(v, 3) for k, v in decode.items()},
-      "decode_cpu_s": {k: round(v, 3) for k, v in decode_cpu.items()},
-      "load_average": [round(v, 2) for v in os.getloadavg()],
-      "load_dataset_in_memory_s": round(load_s, 3),
-      "pipeline": {"augment": args.augment, "batch": args.batch, "grain_threads": args.num_threads},
-      "pipeline_images_per_s": {k: round(statistics.median(v)) for k, v in rates.items()},
-      "pipeline_images_per_s_repeats": {k: [round(x) for x in v] for k, v in rates.items()},
+    "cpu": machine.cpu_name(),
+    "cpus_usable": image_files.decode_threads(),
+    "images": args.images,
+    "image_size": args.size,
+    "jpeg_quality": args.quality,
+    "decode_s": {k: round(v, 3) for k, v in decode.items()},
+    "decode_cpu_s": {k: round(v, 3) for k, v in decode_cpu.items()},
+    "load_average": [round(v, 2) for v in os.getloadavg()],
+    "load_dataset_in_memory_s": round(load_s, 3),
+    "pipeline": {"augment": args.augment, "batch": args.batch, "grain_threads": args.num_threads},
+    "pipeline_images_per_s": {k: round(statistics.median(v)) for k, v in rates.items()},
+    "pipeline_images_per_s_repeats": {k: [round(x) for x in v] for k, v in rates.items()},
   }
   print(json.dumps(result, indent=2))
   if args.json_out:

@@ -14,8 +14,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-TORCHVISION_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2",
-                     "resnext50_32x4d")
+TORCHVISION_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2", "resnext50_32x4d")
 _CIFAR = re.compile(r"^(resnet|plain)(20|32|44|56|110)$")
 
 
@@ -28,6 +27,7 @@ def create_torch_model(name: str, num_classes: int) -> Any:
   """The ``torch.nn.Module`` with the same architecture as ``resnet_jax.create_model(name, num_classes)``."""
   if name in TORCHVISION_NAMES:
     import torchvision
+
     return getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
   m = _CIFAR.match(name)
   if m is None:
@@ -37,8 +37,8 @@ def create_torch_model(name: str, num_classes: int) -> Any:
 
 def _cifar_resnet(depth: int, num_classes: int, residual: bool) -> Any:
   import torch
-  from torch import nn
   import torch.nn.functional as F
+  from torch import nn
 
   class Block(nn.Module):
     """Basic block, v1 ordering: y = ReLU(BN(conv(ReLU(BN(conv(x))))) + S(x)), S option A."""
@@ -54,7 +54,7 @@ def _cifar_resnet(depth: int, num_classes: int, residual: bool) -> Any:
     def forward(self, x):
       out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
       if residual:
-        s = x[:, :, ::self.stride, ::self.stride] if self.stride > 1 else x
+        s = x[:, :, :: self.stride, :: self.stride] if self.stride > 1 else x
         if self.extra:
           s = F.pad(s, (0, 0, 0, 0, 0, self.extra))
         out = out + s

@@ -2,7 +2,8 @@
 
 The network is the paper's ResNet-20 unchanged (option A shortcuts, 269,722 parameters); only the
 training differs from configs/cifar10_resnet20.py: 29 epochs instead of 182, Nesterov momentum, a
-1-epoch linear warmup to 0.2 then a linear decay to 0, and the mean of each test image's and its mirror image's logits. The data stays in memory as uint8 and
+1-epoch linear warmup to 0.2 then a linear decay to 0, and the mean of each test image's and its mirror
+image's logits. The data stays in memory as uint8 and
 is augmented (4-pixel pad, random crop, flip) by the input pipeline; the convolutions run in oneDNN
 on x86-64 CPUs.
 
@@ -24,7 +25,7 @@ def get_config():
   c = base_config()
   c.dataset.name = "cifar10"
   c.dataset.data_dir = ""  # set on the command line
-  c.dataset.holdout = -1   # 10% of train/ when there is no test split
+  c.dataset.holdout = -1  # 10% of train/ when there is no test split
   c.dataset.augment = "pad_crop_flip"
   c.dataset.crop_padding = 4
   c.model.name = "resnet20"

@@ -23,7 +23,7 @@ def get_config():
   c.dataset.augment = "random_resized_crop_flip"
   c.model.name = "resnet18"
   c.model.options.stem = "imagenet"  # cifar: 3x3/1 stem without max-pool, for weights trained on 32x32 images
-  c.finetune.weights = ""            # set --config.finetune.weights=FILE.pth|.safetensors|.npz or a workdir
+  c.finetune.weights = ""  # set --config.finetune.weights=FILE.pth|.safetensors|.npz or a workdir
   c.finetune.backbone_lr_scale = 0.1
   c.batch_size = 32
   c.eval_batch_size = 64

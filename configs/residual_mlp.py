@@ -15,7 +15,8 @@ def get_config():
   c.dataset.augment = "none"
   c.model.name = "residual_mlp"
   c.model.options = ml_collections.ConfigDict(
-      {"depth": 8, "dim": 64, "hidden": 64, "activation": "relu", "residual": True})
+    {"depth": 8, "dim": 64, "hidden": 64, "activation": "relu", "residual": True}
+  )
   c.batch_size = 64
   c.eval_batch_size = 360
   c.num_epochs = 30.0

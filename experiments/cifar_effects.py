@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 from typing import Any
 
@@ -34,13 +33,16 @@ sys.path.insert(0, os.path.dirname(HERE))  # The repository, when run from a clo
 
 # name: (model, model options, which studies it belongs to)
 RUNS: dict[str, tuple[str, dict, tuple[str, ...]]] = {
-    "plain20": ("plain20", {}, ("degradation",)),
-    "plain56": ("plain56", {}, ("degradation",)),
-    "resnet20": ("resnet20", {"zero_init_residual": False}, ("degradation", "orderings")),
-    "resnet56": ("resnet56", {"zero_init_residual": False}, ("degradation",)),
-    "resnet20_v2": ("preact_resnet20", {"zero_init_residual": False}, ("orderings",)),
-    "resnet20_relu_before_add": ("resnet20", {"zero_init_residual": False,
-                                              "block_order": "relu_before_add"}, ("orderings",)),
+  "plain20": ("plain20", {}, ("degradation",)),
+  "plain56": ("plain56", {}, ("degradation",)),
+  "resnet20": ("resnet20", {"zero_init_residual": False}, ("degradation", "orderings")),
+  "resnet56": ("resnet56", {"zero_init_residual": False}, ("degradation",)),
+  "resnet20_v2": ("preact_resnet20", {"zero_init_residual": False}, ("orderings",)),
+  "resnet20_relu_before_add": (
+    "resnet20",
+    {"zero_init_residual": False, "block_order": "relu_before_add"},
+    ("orderings",),
+  ),
 }
 STUDIES = ("degradation", "orderings")
 
@@ -48,6 +50,7 @@ STUDIES = ("degradation", "orderings")
 def run_config(model: str, options: dict, data_dir: str, epochs: float):
   """The training config every run of the study shares; only the model differs."""
   from resnet_jax.config_check import base_config
+
   c = base_config()
   c.dataset.name = "cifar10"
   c.dataset.data_dir = data_dir
@@ -77,25 +80,25 @@ def run_config(model: str, options: dict, data_dir: str, epochs: float):
 def curves(workdir: str) -> dict[str, Any]:
   """A finished run's curves from its metrics.jsonl and summary.json."""
   from resnet_jax.metrics import read_metrics
+
   records = read_metrics(workdir)
   train = [r for r in records if r.get("split") == "train"]
   test = [r for r in records if r.get("split") == "test"]
-  blocks = sorted({k.split("/", 1)[1] for r in train for k in r if k.startswith("grad_norm/")},
-                  key=_block_order)
+  blocks = sorted({k.split("/", 1)[1] for r in train for k in r if k.startswith("grad_norm/")}, key=_block_order)
   with open(os.path.join(workdir, "summary.json")) as f:
     summary = json.load(f)
   return {
-      "steps": [r["step"] for r in train],
-      "train_error": [1 - r["accuracy"] for r in train],
-      "train_loss": [r["loss"] for r in train],
-      "eval_steps": [r["step"] for r in test],
-      "val_error": [1 - r["accuracy"] for r in test],
-      "grad_norm": {b: [r.get(f"grad_norm/{b}") for r in train] for b in blocks},
-      "parameters": summary["parameters"],
-      "images_per_sec": summary["images_per_sec"],
-      "wall_time_s": summary.get("wall_time_s"),
-      "final_train_error": _mean_tail([1 - r["accuracy"] for r in train], 5),
-      "final_val_error": 1 - summary["test_accuracy"],
+    "steps": [r["step"] for r in train],
+    "train_error": [1 - r["accuracy"] for r in train],
+    "train_loss": [r["loss"] for r in train],
+    "eval_steps": [r["step"] for r in test],
+    "val_error": [1 - r["accuracy"] for r in test],
+    "grad_norm": {b: [r.get(f"grad_norm/{b}") for r in train] for b in blocks},
+    "parameters": summary["parameters"],
+    "images_per_sec": summary["images_per_sec"],
+    "wall_time_s": summary.get("wall_time_s"),
+    "final_train_error": _mean_tail([1 - r["accuracy"] for r in train], 5),
+    "final_val_error": 1 - summary["test_accuracy"],
   }
 
 
@@ -115,13 +118,16 @@ def _mean_tail(values: list[float], n: int) -> float:
 def plot(results: dict[str, Any], out: str) -> list[str]:
   """The three figures; returns their paths."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   runs, paths = results["runs"], []
   budget = f"{results['epochs']:g} epochs, CIFAR-10 ({results['machine']})"
   for study, names, title in (
-      ("degradation", ("plain20", "plain56", "resnet20", "resnet56"), "plain vs residual"),
-      ("orderings", ("resnet20", "resnet20_v2", "resnet20_relu_before_add"), "ResNet-20 block orderings")):
+    ("degradation", ("plain20", "plain56", "resnet20", "resnet56"), "plain vs residual"),
+    ("orderings", ("resnet20", "resnet20_v2", "resnet20_relu_before_add"), "ResNet-20 block orderings"),
+  ):
     names = [n for n in names if n in runs]
     if study not in results.get("studies", STUDIES) or not names:
       continue
@@ -129,11 +135,13 @@ def plot(results: dict[str, Any], out: str) -> list[str]:
     for name in names:
       r = runs[name]
       style = "--" if name.startswith("plain") else "-"
-      line, = axes[0].plot(r["steps"], [100 * e for e in r["train_error"]], style, label=name)
-      axes[1].plot(r["eval_steps"], [100 * e for e in r["val_error"]], style + "o", ms=3,
-                   color=line.get_color(), label=name)
-    for ax, what in zip(axes, ("training error (augmented batches, 50-step mean)",
-                               "validation error (5,000 held-out images)")):
+      (line,) = axes[0].plot(r["steps"], [100 * e for e in r["train_error"]], style, label=name)
+      axes[1].plot(
+        r["eval_steps"], [100 * e for e in r["val_error"]], style + "o", ms=3, color=line.get_color(), label=name
+      )
+    for ax, what in zip(
+      axes, ("training error (augmented batches, 50-step mean)", "validation error (5,000 held-out images)")
+    ):
       ax.set_xlabel("step (batch 128)")
       ax.set_title(what)
       ax.grid(alpha=0.3)
@@ -166,30 +174,29 @@ def plot(results: dict[str, Any], out: str) -> list[str]:
   return paths
 
 
-def machine() -> str:
-  """The CPU model and the number of CPUs this process may use."""
-  name = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo") as f:
-      name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-  except (OSError, StopIteration):
-    pass
-  return f"{name}, {len(os.sched_getaffinity(0))} CPUs"
-
-
 def main(argv: list[str] | None = None) -> int:
+  from resnet_jax import machine
   from resnet_jax.errors import ConfigError, parse_args
+
   parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
   parser.add_argument("--data_dir", required=True, help="CIFAR-10: pickle release or train/<class>/ images")
   parser.add_argument("--epochs", type=float, default=3.0, help="the budget of every run (default 3)")
   parser.add_argument("--runs", default="degradation,orderings", help="comma-separated studies")
-  parser.add_argument("--workdir", default=os.path.join("runs", "cifar_effects"),
-                      help="one train.py workdir per run (resumed when present)")
-  parser.add_argument("--out", default=os.path.join("docs", "figures", "cifar"),
-                      help="where effects.json and the figures go")
+  parser.add_argument(
+    "--workdir",
+    default=os.path.join("runs", "cifar_effects"),
+    help="one train.py workdir per run (resumed when present)",
+  )
+  parser.add_argument(
+    "--out", default=os.path.join("docs", "figures", "cifar"), help="where effects.json and the figures go"
+  )
   parser.add_argument("--plot_only", action="store_true", help="redraw from the finished runs")
-  args = parse_args(parser, argv, "usage: python experiments/cifar_effects.py --data_dir DIR "
-                                  "[--epochs E] [--runs degradation,orderings] [--workdir W] [--out O]")
+  args = parse_args(
+    parser,
+    argv,
+    "usage: python experiments/cifar_effects.py --data_dir DIR "
+    "[--epochs E] [--runs degradation,orderings] [--workdir W] [--out O]",
+  )
   studies = [s for s in args.runs.split(",") if s]
   unknown = [s for s in studies if s not in STUDIES]
   if unknown or not studies:
@@ -199,34 +206,47 @@ def main(argv: list[str] | None = None) -> int:
   names = [n for n, (_, _, s) in RUNS.items() if set(s) & set(studies)]
   if not args.plot_only:
     from resnet_jax.host_memory import keep_host_memory
+
     keep_host_memory()  # Before jax starts (resnet_jax.host_memory).
     from resnet_jax import train_loop
+
     for name in names:
       model, options, _ = RUNS[name]
       print(f"== {name}: {model} {options or ''}", flush=True)
-      summary = train_loop.train_and_evaluate(run_config(model, options, args.data_dir, args.epochs),
-                                             os.path.join(args.workdir, name))
-      print(f"{name}: validation error {1 - summary['test_accuracy']:.4f} after {summary['steps']} steps, "
-            f"{summary['wall_time_s']:.0f} s", flush=True)
+      summary = train_loop.train_and_evaluate(
+        run_config(model, options, args.data_dir, args.epochs), os.path.join(args.workdir, name)
+      )
+      print(
+        f"{name}: validation error {1 - summary['test_accuracy']:.4f} after {summary['steps']} steps, "
+        f"{summary['wall_time_s']:.0f} s",
+        flush=True,
+      )
   missing = [n for n in names if not os.path.isfile(os.path.join(args.workdir, n, "summary.json"))]
   if missing:
-    raise ConfigError(f"--plot_only: no finished run for {', '.join(missing)} in {args.workdir} (run "
-                      f"without --plot_only first)")
-  results = {"epochs": args.epochs, "machine": machine(), "studies": studies,
-             "command": f"python experiments/cifar_effects.py --data_dir CIFAR10_DIR --epochs {args.epochs:g} "
-                        f"--runs {','.join(studies)}",
-             "runs": {n: curves(os.path.join(args.workdir, n)) for n in names}}
+    raise ConfigError(
+      f"--plot_only: no finished run for {', '.join(missing)} in {args.workdir} (run without --plot_only first)"
+    )
+  results = {
+    "epochs": args.epochs,
+    "machine": machine.one_line(),
+    "studies": studies,
+    "command": f"python experiments/cifar_effects.py --data_dir CIFAR10_DIR --epochs {args.epochs:g} "
+    f"--runs {','.join(studies)}",
+    "runs": {n: curves(os.path.join(args.workdir, n)) for n in names},
+  }
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, "effects.json"), "w") as f:
     json.dump(results, f, indent=1)
   for path in plot(results, args.out):
     print(f"wrote {path}")
   for n, r in results["runs"].items():
-    print(f"{n:<26} train error {100 * r['final_train_error']:5.1f}%  "
-          f"validation error {100 * r['final_val_error']:5.1f}%")
+    print(
+      f"{n:<26} train error {100 * r['final_train_error']:5.1f}%  validation error {100 * r['final_val_error']:5.1f}%"
+    )
   return 0
 
 
 if __name__ == "__main__":
   from resnet_jax.errors import run_cli
+
   run_cli(main)

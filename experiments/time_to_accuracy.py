@@ -26,27 +26,31 @@ def time_to_accuracy(records: list[dict], target: float) -> dict:
   evals = [r for r in records if r.get("split") == "test" and "wall_time_s" in r]
   reached = next((r for r in evals if r["accuracy"] >= target), None)
   return {
-      "wall_time_s": [r["wall_time_s"] for r in evals],
-      "epoch": [r.get("epoch") for r in evals],
-      "step": [r["step"] for r in evals],
-      "accuracy": [r["accuracy"] for r in evals],
-      "target": target,
-      "target_reached_s": reached["wall_time_s"] if reached else None,
-      "target_reached_epoch": reached.get("epoch") if reached else None,
+    "wall_time_s": [r["wall_time_s"] for r in evals],
+    "epoch": [r.get("epoch") for r in evals],
+    "step": [r["step"] for r in evals],
+    "accuracy": [r["accuracy"] for r in evals],
+    "target": target,
+    "target_reached_s": reached["wall_time_s"] if reached else None,
+    "target_reached_epoch": reached.get("epoch") if reached else None,
   }
 
 
 def main(argv: list[str] | None = None) -> int:
+  from resnet_jax import machine
   from resnet_jax.errors import ConfigError, parse_args
   from resnet_jax.metrics import read_metrics
-  from cifar_effects import machine
+
   parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
   parser.add_argument("--workdir", required=True, help="a finished train.py run")
   parser.add_argument("--target", type=float, default=0.91, help="accuracy to reach (default 0.91)")
   parser.add_argument("--out", default=os.path.join("docs", "figures", "cifar"))
   parser.add_argument("--name", default="", help="file name (default: the workdir's name)")
-  args = parse_args(parser, argv, "usage: python experiments/time_to_accuracy.py --workdir DIR "
-                                  "[--target 0.91] [--out DIR] [--name NAME]")
+  args = parse_args(
+    parser,
+    argv,
+    "usage: python experiments/time_to_accuracy.py --workdir DIR [--target 0.91] [--out DIR] [--name NAME]",
+  )
   summary_path = os.path.join(args.workdir, "summary.json")
   if not os.path.isfile(summary_path):
     raise ConfigError(f"{summary_path} not found: --workdir must be a finished train.py run")
@@ -59,21 +63,34 @@ def main(argv: list[str] | None = None) -> int:
     raise ConfigError(f"{args.workdir}/metrics.jsonl has no evaluation with wall_time_s")
   name = args.name or os.path.basename(os.path.normpath(args.workdir))
   result = {
-      "name": name, "machine": machine(), "model": summary["model"],
-      "parameters": summary["parameters"], "steps": summary["steps"], "epochs": summary["epochs"],
-      "final_accuracy": summary["test_accuracy"], "best_accuracy": summary["best_test_accuracy"],
-      "total_wall_time_s": summary.get("wall_time_s"), "train_images_per_sec": summary["images_per_sec"],
-      "recipe": {k: summary["config"].get(k) for k in ("batch_size", "num_epochs", "optimizer", "schedule",
-                                                      "label_smoothing", "eval_flip")},
-      "eval_split": "5,000 images held out of the training set" if summary["config"]["dataset"].get(
-          "holdout") else "test", **curve}
+    "name": name,
+    "machine": machine.one_line(),
+    "model": summary["model"],
+    "parameters": summary["parameters"],
+    "steps": summary["steps"],
+    "epochs": summary["epochs"],
+    "final_accuracy": summary["test_accuracy"],
+    "best_accuracy": summary["best_test_accuracy"],
+    "total_wall_time_s": summary.get("wall_time_s"),
+    "train_images_per_sec": summary["images_per_sec"],
+    "recipe": {
+      k: summary["config"].get(k)
+      for k in ("batch_size", "num_epochs", "optimizer", "schedule", "label_smoothing", "eval_flip")
+    },
+    "eval_split": "5,000 images held out of the training set"
+    if summary["config"]["dataset"].get("holdout")
+    else "test",
+    **curve,
+  }
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, f"{name}.json"), "w") as f:
     json.dump(result, f, indent=1)
 
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   fig, ax = plt.subplots(figsize=(7, 4.2))
   minutes = [t / 60 for t in curve["wall_time_s"]]
   ax.plot(minutes, [100 * a for a in curve["accuracy"]], "o-", ms=3, label=f"{summary['model']}")
@@ -81,20 +98,28 @@ def main(argv: list[str] | None = None) -> int:
   ax.set_xlabel("wall time (minutes, everything included)")
   ax.set_ylabel("validation accuracy (%)")
   ax.set_ylim(max(0, 100 * min(curve["accuracy"]) - 5), 100)
-  ax.set_title(f"{name}: {100 * summary['test_accuracy']:.2f}% in {minutes[-1]:.1f} min\n"
-               f"({result['machine']})", fontsize=10)
+  ax.set_title(
+    f"{name}: {100 * summary['test_accuracy']:.2f}% in {minutes[-1]:.1f} min\n({result['machine']})", fontsize=10
+  )
   ax.grid(alpha=0.3)
   ax.legend(loc="lower right")
   fig.tight_layout()
   fig.savefig(os.path.join(args.out, f"{name}.png"), dpi=100)
   plt.close(fig)
-  print(f"{name}: {100 * summary['test_accuracy']:.2f}% after {minutes[-1]:.1f} min; "
-        f"{100 * args.target:g}% " + (f"first reached at {curve['target_reached_s'] / 60:.1f} min"
-                                       if curve["target_reached_s"] is not None else "not reached"))
+  print(
+    f"{name}: {100 * summary['test_accuracy']:.2f}% after {minutes[-1]:.1f} min; "
+    f"{100 * args.target:g}% "
+    + (
+      f"first reached at {curve['target_reached_s'] / 60:.1f} min"
+      if curve["target_reached_s"] is not None
+      else "not reached"
+    )
+  )
   print(f"wrote {os.path.join(args.out, name + '.json')} and {name}.png")
   return 0
 
 
 if __name__ == "__main__":
   from resnet_jax.errors import run_cli
+
   run_cli(main)

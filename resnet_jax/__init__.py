@@ -10,10 +10,23 @@
 - :mod:`resnet_jax.gradient_flow`: gradient norms through plain and residual stacks, measured and predicted.
 - :mod:`resnet_jax.finetune`, :mod:`resnet_jax.predict`, :mod:`resnet_jax.export`: starting a run from
   weights, classifying image files, ONNX and StableHLO export.
+
+The modules form groups that import only the groups below them: see docs/architecture.md.
 """
 
-from resnet_jax.errors import ResNetJaxError, ConfigError, DataError, CheckpointError, ModelError
 from resnet_jax import residual_unit
+from resnet_jax.errors import CheckpointError, ConfigError, DataError, ModelError, ResNetJaxError
 from resnet_jax.models import create_model, list_models
 
 __version__ = "0.1.0"
+
+__all__ = [
+  "CheckpointError",
+  "ConfigError",
+  "DataError",
+  "ModelError",
+  "ResNetJaxError",
+  "create_model",
+  "list_models",
+  "residual_unit",
+]

@@ -38,8 +38,9 @@ NORMALIZATIONS = ("default", "dataset")
 EVAL_CROP_FRACTION = 0.875
 
 
-def pad_crop_flip(images: np.ndarray, rng: np.random.Generator, padding: int, flip: bool,
-                  part: slice = slice(None)) -> np.ndarray:
+def pad_crop_flip(
+  images: np.ndarray, rng: np.random.Generator, padding: int, flip: bool, part: slice = slice(None)
+) -> np.ndarray:
   """Zero-pad ``padding`` pixels per side, crop a random window of the original size, maybe flip.
 
   ``images`` is NHWC; each image gets its own offsets and flip. The random draws are made for all of
@@ -49,8 +50,9 @@ def pad_crop_flip(images: np.ndarray, rng: np.random.Generator, padding: int, fl
   return pad_crop_flip_part(images[part], rng, images.shape[0], part, padding, flip)
 
 
-def pad_crop_flip_part(out: np.ndarray, rng: np.random.Generator, n: int, part: slice, padding: int,
-                   flip: bool) -> np.ndarray:
+def pad_crop_flip_part(
+  out: np.ndarray, rng: np.random.Generator, n: int, part: slice, padding: int, flip: bool
+) -> np.ndarray:
   """:func:`pad_crop_flip` of ``out``, the ``part`` of a batch of ``n`` images (draws made for all ``n``).
 
   One slice copy per image (a window of the padded image, read backwards when flipped): several times
@@ -63,15 +65,17 @@ def pad_crop_flip_part(out: np.ndarray, rng: np.random.Generator, n: int, part: 
   padded = np.pad(out, ((0, 0), (padding, padding), (padding, padding), (0, 0))) if padding else out
   result = np.empty_like(out)
   for i in range(out.shape[0]):
-    window = padded[i, dy[i]:dy[i] + h, dx[i]:dx[i] + w]
+    window = padded[i, dy[i] : dy[i] + h, dx[i] : dx[i] + w]
     result[i] = window[:, ::-1] if flip and mirror[i] else window
   return result
 
 
-def random_resized_crop(img, size: int, rng: np.random.Generator, scale=(0.08, 1.0),
-                        ratio=(3 / 4, 4 / 3)) -> np.ndarray:
+def random_resized_crop(
+  img, size: int, rng: np.random.Generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)
+) -> np.ndarray:
   """torchvision's RandomResizedCrop on a PIL image: a random area/aspect window resized to ``size``."""
   from PIL import Image
+
   width, height = img.size
   area = width * height
   for _ in range(10):
@@ -99,6 +103,7 @@ def random_resized_crop(img, size: int, rng: np.random.Generator, scale=(0.08, 1
 def center_crop(img, size: int, crop_fraction: float = EVAL_CROP_FRACTION) -> np.ndarray:
   """Resize the shorter side to ``size / crop_fraction`` (bilinear), then crop the centre ``size`` square."""
   from PIL import Image
+
   width, height = img.size
   short = max(size, int(round(size / crop_fraction)))
   if width <= height:

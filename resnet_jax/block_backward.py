@@ -39,8 +39,9 @@ _HI = lax.Precision.HIGHEST
 
 def conv(x: Array, w: Array, stride: int, pad: int) -> Array:
   """torch-style convolution: NHWC input, HWIO kernel, symmetric padding ``pad``."""
-  return lax.conv_general_dilated(x, w, (stride, stride), ((pad, pad), (pad, pad)), dimension_numbers=_DN,
-                                  precision=_HI)
+  return lax.conv_general_dilated(
+    x, w, (stride, stride), ((pad, pad), (pad, pad)), dimension_numbers=_DN, precision=_HI
+  )
 
 
 def conv_backward(x: Array, w: Array, delta: Array, stride: int, pad: int) -> tuple[Array, Array]:
@@ -50,12 +51,14 @@ def conv_backward(x: Array, w: Array, delta: Array, stride: int, pad: int) -> tu
   lo = k - 1 - pad
   hi_h, hi_w = h - 1 + pad - (ho - 1) * stride, wd - 1 + pad - (wo - 1) * stride
   w_t = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
-  dx = lax.conv_general_dilated(delta, w_t, (1, 1), ((lo, hi_h), (lo, hi_w)), lhs_dilation=(stride, stride),
-                                dimension_numbers=_DN, precision=_HI)
+  dx = lax.conv_general_dilated(
+    delta, w_t, (1, 1), ((lo, hi_h), (lo, hi_w)), lhs_dilation=(stride, stride), dimension_numbers=_DN, precision=_HI
+  )
   xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  xp = xp[:, :(ho - 1) * stride + k, :(wo - 1) * stride + k, :]
-  dw = lax.conv_general_dilated(xp, delta, (1, 1), "VALID", rhs_dilation=(stride, stride),
-                                dimension_numbers=("CHWN", "IHWO", "HWNC"), precision=_HI)
+  xp = xp[:, : (ho - 1) * stride + k, : (wo - 1) * stride + k, :]
+  dw = lax.conv_general_dilated(
+    xp, delta, (1, 1), "VALID", rhs_dilation=(stride, stride), dimension_numbers=("CHWN", "IHWO", "HWNC"), precision=_HI
+  )
   return dx, dw
 
 
@@ -90,8 +93,9 @@ def _shortcut_kind(params: dict, x: Array, out_features: int, stride: int) -> st
   return "identity"
 
 
-def basic_block_forward(params: dict, x: Array, stride: int = 1, order: str = "v1", eps: float = 1e-5,
-                        residual: bool = True) -> tuple[Array, dict]:
+def basic_block_forward(
+  params: dict, x: Array, stride: int = 1, order: str = "v1", eps: float = 1e-5, residual: bool = True
+) -> tuple[Array, dict]:
   """The BasicBlock in training mode as a pure function; returns ``(y, cache)``."""
   w1, w2 = params["conv1"]["kernel"], params["conv2"]["kernel"]
   c: dict = {"x": x}
@@ -124,15 +128,15 @@ def basic_block_forward(params: dict, x: Array, stride: int = 1, order: str = "v
     elif order == "v2":
       s = conv(inp, params["downsample_conv"]["kernel"], stride, 0)
     else:
-      s, c["bnd"] = batch_norm(conv(x, params["downsample_conv"]["kernel"], stride, 0),
-                               params["downsample_bn"], eps)
+      s, c["bnd"] = batch_norm(conv(x, params["downsample_conv"]["kernel"], stride, 0), params["downsample_bn"], eps)
     f = f + s
   c["t"] = f
   return (relu(f) if order == "v1" else f), c
 
 
-def basic_block_backward(params: dict, x: Array, delta: Array, stride: int = 1, order: str = "v1",
-                         eps: float = 1e-5, residual: bool = True) -> dict:
+def basic_block_backward(
+  params: dict, x: Array, delta: Array, stride: int = 1, order: str = "v1", eps: float = 1e-5, residual: bool = True
+) -> dict:
   """Gradients of ``sum(delta * y)`` for ``y = basic_block_forward(params, x, ...)``, by hand.
 
   Returns ``{"params": <same tree as params>, "x": dL/dx}``.
@@ -158,7 +162,7 @@ def basic_block_backward(params: dict, x: Array, delta: Array, stride: int = 1, 
     if kind == "identity":
       g_x = g_x + g_t
     elif kind == "A":
-      g_x = g_x.at[:, ::stride, ::stride, :].add(g_t[..., :x.shape[-1]])
+      g_x = g_x.at[:, ::stride, ::stride, :].add(g_t[..., : x.shape[-1]])
     elif order == "v2":
       g_p, dwd = conv_backward(c["inp"], params["downsample_conv"]["kernel"], g_t, stride, 0)
       g_inp = g_inp + g_p

@@ -57,7 +57,8 @@ Padding is torch's everywhere: 3x3 convs pad 1 on each side, 1x1 convs pad 0.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -104,7 +105,7 @@ class _Block(nn.Module):
   strides: int = 1
   order: str = "v1"
   shortcut: str = "B"
-  shortcut_changes_shape: bool = False   # stride or width changes: S is a projection (B) or option A, not x
+  shortcut_changes_shape: bool = False  # stride or width changes: S is a projection (B) or option A, not x
   residual: bool = True
   zero_init_last: bool = False  # gamma of the branch's last BN starts at 0, so F(x) = 0 at init
   expansion: int = 1
@@ -173,8 +174,10 @@ class BasicBlock(_Block):
 
   def _setup_branch(self) -> None:
     if self.order == "literal_bottleneck":
-      raise ModelError("block order 'literal_bottleneck' exists only for Bottleneck blocks "
-                       "(ResNet-50 and deeper); BasicBlock takes v1, v2 or relu_before_add")
+      raise ModelError(
+        "block order 'literal_bottleneck' exists only for Bottleneck blocks "
+        "(ResNet-50 and deeper); BasicBlock takes v1, v2 or relu_before_add"
+      )
     s = (self.strides, self.strides)
     self.conv1 = self.conv(self.filters, (3, 3), s, padding=_PAD3)
     self.conv2 = self.conv(self.filters, (3, 3), padding=_PAD3)

@@ -46,11 +46,13 @@ class Checkpointer:
 
     self.directory = os.path.abspath(directory)
     self._ocp = ocp
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=False)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
     # The items' handlers, named up front, let the manager read a step's metadata before restoring it.
-    handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
-                "meta": ocp.JsonCheckpointHandler()}
+    handlers = {
+      "state": ocp.StandardCheckpointHandler(),
+      "data": ocp.JsonCheckpointHandler(),
+      "meta": ocp.JsonCheckpointHandler(),
+    }
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def all_steps(self) -> list[int]:
@@ -75,10 +77,13 @@ class Checkpointer:
     with _held_log_records("absl") as held:  # orbax's writer threads log each failed write, with tracebacks.
       try:
         with stray_async_errors_silenced():
-          self._manager.save(step, args=ocp.args.Composite(
-              state=ocp.args.StandardSave(state),
-              data=ocp.args.JsonSave(data_state),
-              meta=ocp.args.JsonSave(meta)), force=True)
+          self._manager.save(
+            step,
+            args=ocp.args.Composite(
+              state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)
+            ),
+            force=True,
+          )
           self._manager.wait_until_finished()
       except Exception as e:  # orbax and tensorstore raise ValueError, OSError, ...
         reason = _storage_error(e, self.directory, _nbytes(state))
@@ -94,10 +99,14 @@ class Checkpointer:
     removed = self._remove_partial(step)
     earlier = self.all_steps_on_disk()
     return CheckpointError(
-        f"cannot write checkpoint {os.path.join(self.directory, str(step))}: {reason}"
-        f"{'; its partial folder was removed' if removed else ''}; "
-        + (f"the earlier checkpoints (steps {earlier}) are intact: free space and run the same "
-           f"command again to resume" if earlier else "no earlier checkpoint was written"))
+      f"cannot write checkpoint {os.path.join(self.directory, str(step))}: {reason}"
+      f"{'; its partial folder was removed' if removed else ''}; "
+      + (
+        f"the earlier checkpoints (steps {earlier}) are intact: free space and run the same command again to resume"
+        if earlier
+        else "no earlier checkpoint was written"
+      )
+    )
 
   def all_steps_on_disk(self) -> list[int]:
     """Steps of the complete checkpoint folders (read from the folder, not the manager)."""
@@ -133,21 +142,26 @@ class Checkpointer:
     if step is None:
       raise CheckpointError(f"no complete checkpoint in {self.directory}")
     if step not in self.all_steps():
-      raise CheckpointError(f"no complete checkpoint of step {step} in {self.directory}; complete "
-                            f"checkpoints: steps {self.all_steps()}")
+      raise CheckpointError(
+        f"no complete checkpoint of step {step} in {self.directory}; complete checkpoints: steps {self.all_steps()}"
+      )
     path = os.path.join(self.directory, str(step))
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
     mismatch = _mismatch(self._stored_arrays(path, step), abstract)
     if mismatch:
-      raise CheckpointError(f"checkpoint {path} holds a train state of another shape than this "
-                            f"config's model and optimizer ({mismatch}): it belongs to a run of "
-                            f"another configuration; use another --workdir (nothing was changed)")
+      raise CheckpointError(
+        f"checkpoint {path} holds a train state of another shape than this "
+        f"config's model and optimizer ({mismatch}): it belongs to a run of "
+        f"another configuration; use another --workdir (nothing was changed)"
+      )
     try:
       with stray_async_errors_silenced():
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract),
-            data=ocp.args.JsonRestore(),
-            meta=ocp.args.JsonRestore()))
+        restored = self._manager.restore(
+          step,
+          args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()
+          ),
+        )
     except Exception as e:  # noqa: BLE001 -- orbax and tensorstore raise ValueError, OSError, KeyError, ...
       raise self._damaged(path, step, e, f"in {os.path.join(path, 'state')} (the arrays' files)") from None
     return restored["state"], dict(restored["data"] or {}), dict(restored["meta"] or {})
@@ -162,19 +176,26 @@ class Checkpointer:
       raise self._damaged(path, step, e, f"in {os.path.join(path, 'state')} (the arrays' files)") from None
     if metadata is None:
       return None
-    return {_path_name(p): (getattr(m, "shape", None), getattr(m, "dtype", None)) for p, m in
-            jax.tree_util.tree_leaves_with_path(metadata, is_leaf=lambda x: hasattr(x, "shape"))}
+    return {
+      _path_name(p): (getattr(m, "shape", None), getattr(m, "dtype", None))
+      for p, m in jax.tree_util.tree_leaves_with_path(metadata, is_leaf=lambda x: hasattr(x, "shape"))
+    }
 
   def _damaged(self, path: str, step: int, e: BaseException, where: str) -> CheckpointError:
     """The CheckpointError of the checkpoint ``path`` that failed to read with ``e``: the file that our
     own check finds missing or unreadable, else ``where`` (the part whose read failed)."""
     earlier = [s for s in self.all_steps() if s < step]
-    hint = (f"; to resume from the previous complete checkpoint, run again with "
-            f"--config.restore_step={earlier[-1]} (earlier checkpoints: steps {earlier}; nothing "
-            f"was deleted)" if earlier else "; there is no earlier checkpoint (nothing was deleted)")
+    hint = (
+      f"; to resume from the previous complete checkpoint, run again with "
+      f"--config.restore_step={earlier[-1]} (earlier checkpoints: steps {earlier}; nothing "
+      f"was deleted)"
+      if earlier
+      else "; there is no earlier checkpoint (nothing was deleted)"
+    )
     detail = " ".join(str(e).split())[:200]
-    return CheckpointError(f"cannot restore checkpoint {path}: damaged file {_bad_file(path) or where}: "
-                           f"{type(e).__name__}: {detail}{hint}")
+    return CheckpointError(
+      f"cannot restore checkpoint {path}: damaged file {_bad_file(path) or where}: {type(e).__name__}: {detail}{hint}"
+    )
 
   def set_aside_after(self, step: int, folder: str) -> list[int]:
     """Move the checkpoints later than ``step`` into ``folder/<step>`` (kept, not deleted).
@@ -291,8 +312,7 @@ def _path_name(path: tuple) -> str:
 
 def _describe(shape: Any, dtype: Any) -> str:
   """``(3, 3) float32``: an array's shape and dtype as a message names them (``?`` where unknown)."""
-  return (f"{tuple(shape)}" if shape is not None else "?") + " " + (
-      np.dtype(dtype).name if dtype is not None else "?")
+  return (f"{tuple(shape)}" if shape is not None else "?") + " " + (np.dtype(dtype).name if dtype is not None else "?")
 
 
 def _mismatch(stored: dict[str, tuple] | None, abstract: Any) -> str | None:
@@ -303,8 +323,9 @@ def _mismatch(stored: dict[str, tuple] | None, abstract: Any) -> str | None:
     return None
   saved = {n: _describe(*v) for n, v in stored.items()}
   wanted = {_path_name(p): _describe(a.shape, a.dtype) for p, a in jax.tree_util.tree_leaves_with_path(abstract)}
-  problems = [f"{n} saved {saved[n]}, expected {wanted[n]}" for n in sorted(set(saved) & set(wanted))
-              if saved[n] != wanted[n]]
+  problems = [
+    f"{n} saved {saved[n]}, expected {wanted[n]}" for n in sorted(set(saved) & set(wanted)) if saved[n] != wanted[n]
+  ]
   problems += [f"{n} not in the checkpoint" for n in sorted(set(wanted) - set(saved))]
   problems += [f"{n} not in this model" for n in sorted(set(saved) - set(wanted))]
   if not problems:

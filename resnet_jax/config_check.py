@@ -14,7 +14,8 @@ import math
 import re
 import textwrap
 import tokenize
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import ml_collections
 
@@ -34,117 +35,118 @@ NONFINITE = ("stop", "skip")
 def base_config() -> ml_collections.ConfigDict:
   """Every training key with its default value (the digits run of ``python train.py``)."""
   c = ml_collections.ConfigDict()
-  c.seed = 0                         # initial parameters and the order of the training data
+  c.seed = 0  # initial parameters and the order of the training data
 
   c.dataset = ml_collections.ConfigDict()  # the data and its input pipeline
-  c.dataset.name = "digits"          # digits | cifar10 | cifar100 | image_folder
-  c.dataset.data_dir = ""            # cifar*/image_folder: the local folder (no download)
-  c.dataset.image_size = 224         # image_folder: crop size fed to the model
-  c.dataset.num_classes = -1         # -1: from the dataset
-  c.dataset.test_fraction = 0.2      # digits: fraction held out (stratified, fixed)
-  c.dataset.augment = "none"         # none | pad_crop | pad_crop_flip | random_resized_crop_flip
-  c.dataset.crop_padding = 4         # pad_crop*: zero padding per side before the random crop
-  c.dataset.normalize = "default"    # default: the dataset's usual statistics (docs/training.md) |
-                                     # dataset: mean / std of the training images (not the held-out ones)
-  c.dataset.mean = ()                # per-channel normalisation; () = as `normalize` says
-  c.dataset.std = ()                 # per-channel divisor after the mean; () = as `normalize` says
-  c.dataset.holdout = 0.0            # >0: hold out of the training images, as the evaluation split, a
-                                     # fraction in (0, 1) or a count >= 1 (stratified, fixed per seed);
-                                     # -1: 10% when the data has no test split, else none
-  c.dataset.holdout_seed = 0         # which images holdout takes (resnet_jax.datasets.holdout_mask)
-  c.dataset.in_memory = "auto"       # image_folder: auto (decode once into memory when the images are
-                                     # image_size square and fit in in_memory_max_mb) | always | never
+  c.dataset.name = "digits"  # digits | cifar10 | cifar100 | image_folder
+  c.dataset.data_dir = ""  # cifar*/image_folder: the local folder (no download)
+  c.dataset.image_size = 224  # image_folder: crop size fed to the model
+  c.dataset.num_classes = -1  # -1: from the dataset
+  c.dataset.test_fraction = 0.2  # digits: fraction held out (stratified, fixed)
+  c.dataset.augment = "none"  # none | pad_crop | pad_crop_flip | random_resized_crop_flip
+  c.dataset.crop_padding = 4  # pad_crop*: zero padding per side before the random crop
+  c.dataset.normalize = "default"  # default: the dataset's usual statistics (docs/training.md) |
+  # dataset: mean / std of the training images (not the held-out ones)
+  c.dataset.mean = ()  # per-channel normalisation; () = as `normalize` says
+  c.dataset.std = ()  # per-channel divisor after the mean; () = as `normalize` says
+  c.dataset.holdout = 0.0  # >0: hold out of the training images, as the evaluation split, a
+  # fraction in (0, 1) or a count >= 1 (stratified, fixed per seed);
+  # -1: 10% when the data has no test split, else none
+  c.dataset.holdout_seed = 0  # which images holdout takes (resnet_jax.datasets.holdout_mask)
+  c.dataset.in_memory = "auto"  # image_folder: auto (decode once into memory when the images are
+  # image_size square and fit in in_memory_max_mb) | always | never
   c.dataset.in_memory_max_mb = 4096  # image_folder, in_memory=auto: most decoded MB held in memory
-  c.dataset.num_threads = 2          # grain read threads
-  c.dataset.num_workers = 0          # grain worker processes (0: none)
+  c.dataset.num_threads = 2  # grain read threads
+  c.dataset.num_workers = 0  # grain worker processes (0: none)
   c.dataset.max_train_examples = -1  # >0: train on a fixed subset (quick runs, tests)
-  c.dataset.max_test_examples = -1   # >0: evaluate on a fixed subset
+  c.dataset.max_test_examples = -1  # >0: evaluate on a fixed subset
   c.dataset.on_corrupt_image = "stop"  # image_folder, an unreadable file: stop | skip (each file is
-                                       # checked once at load time, the bad ones left out and counted)
+  # checked once at load time, the bad ones left out and counted)
 
   c.model = ml_collections.ConfigDict()  # the network (resnet_jax.create_model)
-  c.model.name = "resnet20"          # any name of resnet_jax.list_models()
-  c.model.dtype = "float32"          # compute dtype: float32 | bfloat16 (parameters stay float32)
-  c.model.conv_backend = "auto"      # conv models: auto (oneDNN where it runs, else XLA) | xla | onednn
+  c.model.name = "resnet20"  # any name of resnet_jax.list_models()
+  c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
+  c.model.conv_backend = "auto"  # conv models: auto (oneDNN where it runs, else XLA) | xla | onednn
   c.model.options = ml_collections.ConfigDict()  # extra keyword options of create_model
 
   c.finetune = ml_collections.ConfigDict()  # start from weights (resnet_jax.finetune, docs/finetune.md)
-  c.finetune.weights = ""            # a torchvision .pth/.pt/.safetensors/.npz file or a train.py workdir;
-                                     # "" = random init. Read at step 0 only (a resume never reloads it)
-  c.finetune.reset_head = False      # new head even when the class counts agree (always when they differ)
+  c.finetune.weights = ""  # a torchvision .pth/.pt/.safetensors/.npz file or a train.py workdir;
+  # "" = random init. Read at step 0 only (a resume never reloads it)
+  c.finetune.reset_head = False  # new head even when the class counts agree (always when they differ)
   c.finetune.freeze_backbone = False  # train the head only
   c.finetune.freeze_batch_stats = False  # BatchNorm on its running statistics, which stay as loaded
   c.finetune.backbone_lr_scale = 1.0  # the backbone's learning rate = the schedule's x this
 
-  c.batch_size = 128                 # global batch, over all devices and hosts
-  c.eval_batch_size = 256            # global batch of the evaluation
-  c.num_epochs = 30.0                # length of training in passes over the training set
-  c.num_train_steps = -1             # >0 overrides num_epochs
+  c.batch_size = 128  # global batch, over all devices and hosts
+  c.eval_batch_size = 256  # global batch of the evaluation
+  c.num_epochs = 30.0  # length of training in passes over the training set
+  c.num_train_steps = -1  # >0 overrides num_epochs
 
   c.optimizer = ml_collections.ConfigDict()  # optax optimizer
-  c.optimizer.name = "sgd"           # sgd | nesterov | adamw | lars
-  c.optimizer.learning_rate = 0.1    # peak learning rate
-  c.optimizer.momentum = 0.9         # sgd/nesterov/lars momentum; adamw: b1
-  c.optimizer.b2 = 0.999             # adamw
-  c.optimizer.eps = 1e-8             # adamw
-  c.optimizer.weight_decay = 5e-4    # on conv/dense kernels only (not BN, not biases)
+  c.optimizer.name = "sgd"  # sgd | nesterov | adamw | lars
+  c.optimizer.learning_rate = 0.1  # peak learning rate
+  c.optimizer.momentum = 0.9  # sgd/nesterov/lars momentum; adamw: b1
+  c.optimizer.b2 = 0.999  # adamw
+  c.optimizer.eps = 1e-8  # adamw
+  c.optimizer.weight_decay = 5e-4  # on conv/dense kernels only (not BN, not biases)
   c.optimizer.lars_trust_coefficient = 0.001  # lars: the trust ratio's coefficient
 
   c.schedule = ml_collections.ConfigDict()  # learning-rate schedule
-  c.schedule.name = "cosine"         # constant | step | cosine | linear (to 0 at the last step)
-  c.schedule.unit = "epochs"         # unit of warmup and boundaries: steps | epochs
-  c.schedule.warmup = 1.0            # linear warmup from 0 to the peak
-  c.schedule.boundaries = ()         # step: multiply the rate by decay_factor at each boundary
-  c.schedule.decay_factor = 0.1      # step: the factor applied at each boundary
+  c.schedule.name = "cosine"  # constant | step | cosine | linear (to 0 at the last step)
+  c.schedule.unit = "epochs"  # unit of warmup and boundaries: steps | epochs
+  c.schedule.warmup = 1.0  # linear warmup from 0 to the peak
+  c.schedule.boundaries = ()  # step: multiply the rate by decay_factor at each boundary
+  c.schedule.decay_factor = 0.1  # step: the factor applied at each boundary
 
-  c.label_smoothing = 0.0            # e: the targets are (1 - e) one-hot + e / classes
-  c.eval_flip = False                # evaluate on the mean logits of each image and its mirror image
-  c.log_every_steps = 20             # a train record (metrics.jsonl, TensorBoard) every N steps
-  c.log_grad_norms = False           # train records: "grad_norm/<module>", the window's mean L2 norm of
-                                     # the gradient of each top-level module (stem, each block, head)
-  c.eval_every_steps = -1            # -1: once per epoch (and always at the end)
-  c.checkpoint_every_steps = -1      # -1: at each evaluation (and always at the end)
-  c.keep_checkpoints = 3             # the newest K checkpoints are kept
-  c.progress_bar = True              # tqdm progress bar on stderr
-  c.on_nonfinite = "stop"            # a non-finite loss: stop | skip (the step is not applied)
-  c.host_memory = "default"          # keep: glibc keeps and reuses freed host memory (one malloc arena),
-                                     # no page faults every step: CPU steps of CIFAR size and up ~20%
-                                     # faster, tiny ones (digits) slower (resnet_jax.host_memory) | default
-  c.restore_step = -1                # resume from: -1 = the newest checkpoint; N = checkpoint N (later
-                                     # ones are moved to WORKDIR/checkpoints_superseded/)
+  c.label_smoothing = 0.0  # e: the targets are (1 - e) one-hot + e / classes
+  c.eval_flip = False  # evaluate on the mean logits of each image and its mirror image
+  c.log_every_steps = 20  # a train record (metrics.jsonl, TensorBoard) every N steps
+  c.log_grad_norms = False  # train records: "grad_norm/<module>", the window's mean L2 norm of
+  # the gradient of each top-level module (stem, each block, head)
+  c.eval_every_steps = -1  # -1: once per epoch (and always at the end)
+  c.checkpoint_every_steps = -1  # -1: at each evaluation (and always at the end)
+  c.keep_checkpoints = 3  # the newest K checkpoints are kept
+  c.progress_bar = True  # tqdm progress bar on stderr
+  c.on_nonfinite = "stop"  # a non-finite loss: stop | skip (the step is not applied)
+  c.host_memory = "default"  # keep: glibc keeps and reuses freed host memory (one malloc arena),
+  # no page faults every step: CPU steps of CIFAR size and up ~20%
+  # faster, tiny ones (digits) slower (resnet_jax.host_memory) | default
+  c.restore_step = -1  # resume from: -1 = the newest checkpoint; N = checkpoint N (later
+  # ones are moved to WORKDIR/checkpoints_superseded/)
 
   c.distributed = ml_collections.ConfigDict()  # multi-host runs
-  c.distributed.initialize = False   # call jax.distributed.initialize (multi-host)
+  c.distributed.initialize = False  # call jax.distributed.initialize (multi-host)
   c.distributed.coordinator_address = ""  # "" = auto-detect (cluster environments)
-  c.distributed.num_processes = -1   # with coordinator_address: the number of processes
-  c.distributed.process_id = -1      # with coordinator_address: the index of this process
+  c.distributed.num_processes = -1  # with coordinator_address: the number of processes
+  c.distributed.process_id = -1  # with coordinator_address: the index of this process
   c.distributed.init_timeout_s = 300  # seconds to wait for every process to connect
   c.distributed.heartbeat_timeout_s = 100  # seconds without a heartbeat after which a process counts as
-                                           # dead and the others stop (where the installed jax takes the setting)
+  # dead and the others stop (where the installed jax takes the setting)
   return c
 
 
 def describe_config() -> list[tuple[str, Any, str]]:
   """``(key, default, description)`` for every key and group of :func:`base_config`, in its order.
 
-  The descriptions are the comments of ``base_config``'s source (a comment continued on the lines
-  below, at the same column, joined into one line), so that they are written in one place only.
+  The descriptions are the comments of ``base_config``'s source (a key's comment continued on the
+  comment-only lines right below it joined into one line), so that they are written in one place only.
   Keys are dotted (``"optimizer.learning_rate"``); a group's default is its ConfigDict.
   """
   lines = textwrap.dedent(inspect.getsource(base_config)).splitlines()
-  comments = {tok.start[0] - 1: (tok.start[1], tok.string.lstrip("#").strip())
-              for tok in tokenize.generate_tokens(iter(line + "\n" for line in lines).__next__)
-              if tok.type == tokenize.COMMENT}
+  comments = {
+    tok.start[0] - 1: tok.string.lstrip("#").strip()
+    for tok in tokenize.generate_tokens(iter(line + "\n" for line in lines).__next__)
+    if tok.type == tokenize.COMMENT
+  }
   described: dict[str, list[str]] = {}
-  key = column = None
+  key = None
   for row, line in enumerate(lines):
     assigned = re.match(r"\s*c\.([\w.]+)\s*=", line)
     if assigned:
       key = assigned.group(1)
-      column, text = comments.get(row, (None, ""))
-      described[key] = [text] if text else []
-    elif key and row in comments and line.lstrip().startswith("#") and comments[row][0] == column:
-      described[key].append(comments[row][1])  # The comment goes on below its key.
+      described[key] = [comments[row]] if row in comments else []
+    elif key and described[key] and row in comments and line.lstrip().startswith("#"):
+      described[key].append(comments[row])  # The comment goes on below its key.
     else:
       key = None
   defaults = base_config()
@@ -157,9 +159,11 @@ def describe_config() -> list[tuple[str, Any, str]]:
   return out
 
 
-def _num(lo: float | None = None, hi: float | None = None, lo_open: bool = False,
-         integer: bool = False) -> Callable[[Any], str | None]:
+def _num(
+  lo: float | None = None, hi: float | None = None, lo_open: bool = False, integer: bool = False
+) -> Callable[[Any], str | None]:
   """A check that a value is a number (an int where ``integer``) in the given range."""
+
   def check(v: Any) -> str | None:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not isinstance(v, int)):
       return "an integer" if integer else "a number"
@@ -170,6 +174,7 @@ def _num(lo: float | None = None, hi: float | None = None, lo_open: bool = False
     if hi is not None and v > hi:
       return f"<= {hi}"
     return None
+
   return check
 
 
@@ -186,12 +191,14 @@ def _pos_int_or_auto(v: Any) -> str | None:
 def _choice(options: tuple[str, ...]) -> Callable[[Any], str | None]:
   def check(v: Any) -> str | None:
     return None if isinstance(v, str) and v in options else f"one of {', '.join(options)}"
+
   return check
 
 
 def _type(t: type, what: str) -> Callable[[Any], str | None]:
   def check(v: Any) -> str | None:
     return None if isinstance(v, t) and not (t is int and isinstance(v, bool)) else what
+
   return check
 
 
@@ -205,88 +212,86 @@ def _holdout(v: Any) -> str | None:
 
 
 def _floats(v: Any) -> str | None:
-  if not isinstance(v, (tuple, list)) or any(
-      isinstance(x, bool) or not isinstance(x, (int, float)) for x in v):
+  if not isinstance(v, (tuple, list)) or any(isinstance(x, bool) or not isinstance(x, (int, float)) for x in v):
     return "a tuple of numbers"
   return None
 
 
 SCHEMA: dict[str, Any] = {
-    "seed": _num(0, 2**31 - 1, integer=True),
-    "dataset": {
-        "name": _choice(DATASETS),
-        "data_dir": _type(str, "a string (a folder path)"),
-        "image_size": _pos_int,
-        "num_classes": _pos_int_or_auto,
-        "test_fraction": lambda v: _num(0.0, 1.0, lo_open=True)(v) or (
-            "< 1" if v >= 1.0 else None),
-        "augment": _choice(AUGMENTATIONS),
-        "crop_padding": _num(0, integer=True),
-        "normalize": _choice(NORMALIZATIONS),
-        "mean": _floats,
-        "std": _floats,
-        "holdout": _holdout,
-        "holdout_seed": _num(0, 2**31 - 1, integer=True),
-        "in_memory": _choice(IN_MEMORY),
-        "in_memory_max_mb": _num(0, integer=True),
-        "num_threads": _pos_int,
-        "num_workers": _num(0, integer=True),
-        "max_train_examples": _pos_int_or_auto,
-        "max_test_examples": _pos_int_or_auto,
-        "on_corrupt_image": _choice(("stop", "skip")),
-    },
-    "model": {
-        "name": _type(str, "a model name (see resnet_jax.list_models())"),
-        "dtype": _choice(DTYPES),
-        "conv_backend": _choice(CONV_BACKENDS),
-        "options": None,  # Free-form: checked by create_model (ModelError).
-    },
-    "finetune": {
-        "weights": _type(str, "a string (a weights file or a train.py workdir)"),
-        "reset_head": _type(bool, "True or False"),
-        "freeze_backbone": _type(bool, "True or False"),
-        "freeze_batch_stats": _type(bool, "True or False"),
-        "backbone_lr_scale": _num(0.0, lo_open=True),
-    },
-    "batch_size": _pos_int,
-    "eval_batch_size": _pos_int,
-    "num_epochs": _num(0.0, lo_open=True),
-    "num_train_steps": _pos_int_or_auto,
-    "optimizer": {
-        "name": _choice(OPTIMIZERS),
-        "learning_rate": _num(0.0, lo_open=True),
-        "momentum": _num(0.0, 1.0),
-        "b2": _num(0.0, 1.0),
-        "eps": _num(0.0, lo_open=True),
-        "weight_decay": _num(0.0),
-        "lars_trust_coefficient": _num(0.0, lo_open=True),
-    },
-    "schedule": {
-        "name": _choice(SCHEDULES),
-        "unit": _choice(UNITS),
-        "warmup": _num(0.0),
-        "boundaries": _floats,
-        "decay_factor": _num(0.0, lo_open=True),
-    },
-    "label_smoothing": _num(0.0, 1.0),
-    "eval_flip": _type(bool, "True or False"),
-    "log_grad_norms": _type(bool, "True or False"),
-    "log_every_steps": _pos_int,
-    "eval_every_steps": _pos_int_or_auto,
-    "checkpoint_every_steps": _pos_int_or_auto,
-    "keep_checkpoints": _pos_int,
-    "progress_bar": _type(bool, "True or False"),
-    "on_nonfinite": _choice(NONFINITE),
-    "host_memory": _choice(("keep", "default")),
-    "restore_step": _num(-1, integer=True),
-    "distributed": {
-        "initialize": _type(bool, "True or False"),
-        "coordinator_address": _type(str, "a string host:port"),
-        "num_processes": _pos_int_or_auto,
-        "process_id": _num(-1, integer=True),
-        "init_timeout_s": _pos_int,
-        "heartbeat_timeout_s": _pos_int,
-    },
+  "seed": _num(0, 2**31 - 1, integer=True),
+  "dataset": {
+    "name": _choice(DATASETS),
+    "data_dir": _type(str, "a string (a folder path)"),
+    "image_size": _pos_int,
+    "num_classes": _pos_int_or_auto,
+    "test_fraction": lambda v: _num(0.0, 1.0, lo_open=True)(v) or ("< 1" if v >= 1.0 else None),
+    "augment": _choice(AUGMENTATIONS),
+    "crop_padding": _num(0, integer=True),
+    "normalize": _choice(NORMALIZATIONS),
+    "mean": _floats,
+    "std": _floats,
+    "holdout": _holdout,
+    "holdout_seed": _num(0, 2**31 - 1, integer=True),
+    "in_memory": _choice(IN_MEMORY),
+    "in_memory_max_mb": _num(0, integer=True),
+    "num_threads": _pos_int,
+    "num_workers": _num(0, integer=True),
+    "max_train_examples": _pos_int_or_auto,
+    "max_test_examples": _pos_int_or_auto,
+    "on_corrupt_image": _choice(("stop", "skip")),
+  },
+  "model": {
+    "name": _type(str, "a model name (see resnet_jax.list_models())"),
+    "dtype": _choice(DTYPES),
+    "conv_backend": _choice(CONV_BACKENDS),
+    "options": None,  # Free-form: checked by create_model (ModelError).
+  },
+  "finetune": {
+    "weights": _type(str, "a string (a weights file or a train.py workdir)"),
+    "reset_head": _type(bool, "True or False"),
+    "freeze_backbone": _type(bool, "True or False"),
+    "freeze_batch_stats": _type(bool, "True or False"),
+    "backbone_lr_scale": _num(0.0, lo_open=True),
+  },
+  "batch_size": _pos_int,
+  "eval_batch_size": _pos_int,
+  "num_epochs": _num(0.0, lo_open=True),
+  "num_train_steps": _pos_int_or_auto,
+  "optimizer": {
+    "name": _choice(OPTIMIZERS),
+    "learning_rate": _num(0.0, lo_open=True),
+    "momentum": _num(0.0, 1.0),
+    "b2": _num(0.0, 1.0),
+    "eps": _num(0.0, lo_open=True),
+    "weight_decay": _num(0.0),
+    "lars_trust_coefficient": _num(0.0, lo_open=True),
+  },
+  "schedule": {
+    "name": _choice(SCHEDULES),
+    "unit": _choice(UNITS),
+    "warmup": _num(0.0),
+    "boundaries": _floats,
+    "decay_factor": _num(0.0, lo_open=True),
+  },
+  "label_smoothing": _num(0.0, 1.0),
+  "eval_flip": _type(bool, "True or False"),
+  "log_grad_norms": _type(bool, "True or False"),
+  "log_every_steps": _pos_int,
+  "eval_every_steps": _pos_int_or_auto,
+  "checkpoint_every_steps": _pos_int_or_auto,
+  "keep_checkpoints": _pos_int,
+  "progress_bar": _type(bool, "True or False"),
+  "on_nonfinite": _choice(NONFINITE),
+  "host_memory": _choice(("keep", "default")),
+  "restore_step": _num(-1, integer=True),
+  "distributed": {
+    "initialize": _type(bool, "True or False"),
+    "coordinator_address": _type(str, "a string host:port"),
+    "num_processes": _pos_int_or_auto,
+    "process_id": _num(-1, integer=True),
+    "init_timeout_s": _pos_int,
+    "heartbeat_timeout_s": _pos_int,
+  },
 }
 
 
@@ -298,12 +303,12 @@ def _walk(cfg: Any, schema: dict[str, Any], prefix: str) -> None:
     if key not in schema:
       close = difflib.get_close_matches(key, list(schema), n=3)
       hint = f"; did you mean {', '.join(prefix + c for c in close)}?" if close else ""
-      raise ConfigError(f"unknown config key config.{prefix}{key}{hint} "
-                        f"(known keys here: {', '.join(sorted(schema))})")
+      raise ConfigError(f"unknown config key config.{prefix}{key}{hint} (known keys here: {', '.join(sorted(schema))})")
   for key, rule in schema.items():
     if key not in keys:
-      raise ConfigError(f"config.{prefix}{key} is missing; start config files from "
-                        f"resnet_jax.config_check.base_config()")
+      raise ConfigError(
+        f"config.{prefix}{key} is missing; start config files from resnet_jax.config_check.base_config()"
+      )
     value = cfg[key]
     if isinstance(rule, dict):
       _walk(value, rule, f"{prefix}{key}.")
@@ -313,8 +318,7 @@ def _walk(cfg: Any, schema: dict[str, Any], prefix: str) -> None:
     else:
       expected = rule(value)
       if expected is not None:
-        raise ConfigError(f"config.{prefix}{key} = {value!r} ({type(value).__name__}) is invalid: "
-                          f"expected {expected}")
+        raise ConfigError(f"config.{prefix}{key} = {value!r} ({type(value).__name__}) is invalid: expected {expected}")
 
 
 def validate_config(config: ml_collections.ConfigDict, device_count: int | None = None) -> None:
@@ -328,28 +332,37 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
   _walk(config, SCHEMA, "")
   ds = config.dataset
   if ds.name in ("cifar10", "cifar100", "image_folder") and not ds.data_dir:
-    raise ConfigError(f"config.dataset.data_dir is empty: dataset {ds.name!r} is read from a local "
-                      f"folder (set --config.dataset.data_dir=DIR)")
+    raise ConfigError(
+      f"config.dataset.data_dir is empty: dataset {ds.name!r} is read from a local "
+      f"folder (set --config.dataset.data_dir=DIR)"
+    )
   if len(ds.mean) != len(ds.std):
-    raise ConfigError(f"config.dataset.mean {tuple(ds.mean)} and config.dataset.std {tuple(ds.std)} "
-                      f"must have the same length")
+    raise ConfigError(
+      f"config.dataset.mean {tuple(ds.mean)} and config.dataset.std {tuple(ds.std)} must have the same length"
+    )
   if any(s <= 0 for s in ds.std):
     raise ConfigError(f"config.dataset.std must be positive, got {tuple(ds.std)}")
   if ds.augment == "random_resized_crop_flip" and ds.name != "image_folder":
-    raise ConfigError(f"config.dataset.augment='random_resized_crop_flip' works on image folders "
-                      f"only, not on {ds.name!r} (use pad_crop_flip)")
+    raise ConfigError(
+      f"config.dataset.augment='random_resized_crop_flip' works on image folders "
+      f"only, not on {ds.name!r} (use pad_crop_flip)"
+    )
   if ds.augment == "random_resized_crop_flip" and ds.in_memory == "always":
-    raise ConfigError("config.dataset.augment='random_resized_crop_flip' crops full-size images, read "
-                      "at each step; it does not apply to config.dataset.in_memory='always' (images held "
-                      "at the model size): use pad_crop_flip, or in_memory='auto' or 'never'")
+    raise ConfigError(
+      "config.dataset.augment='random_resized_crop_flip' crops full-size images, read "
+      "at each step; it does not apply to config.dataset.in_memory='always' (images held "
+      "at the model size): use pad_crop_flip, or in_memory='auto' or 'never'"
+    )
   if ds.in_memory == "never" and ds.name != "image_folder":
-    raise ConfigError(f"config.dataset.in_memory='never' applies to image folders only; {ds.name!r} is "
-                      f"always held in memory")
+    raise ConfigError(
+      f"config.dataset.in_memory='never' applies to image folders only; {ds.name!r} is always held in memory"
+    )
   _check_optimizer(config)
   sch = config.schedule
   if sch.name == "step" and not len(sch.boundaries):
-    raise ConfigError("config.schedule.name='step' needs config.schedule.boundaries (in "
-                      f"{sch.unit}), e.g. (32000, 48000)")
+    raise ConfigError(
+      f"config.schedule.name='step' needs config.schedule.boundaries (in {sch.unit}), e.g. (32000, 48000)"
+    )
   if list(sch.boundaries) != sorted(sch.boundaries) or any(b <= 0 for b in sch.boundaries):
     raise ConfigError(f"config.schedule.boundaries {tuple(sch.boundaries)} must be positive and increasing")
   _check_distributed(config.distributed)
@@ -361,8 +374,10 @@ def check_device_count(config: ml_collections.ConfigDict, device_count: int) -> 
   """The global batch sizes must be divisible by ``device_count``, the devices the batch is split over."""
   for key in ("batch_size", "eval_batch_size"):
     if config[key] % device_count:
-      raise ConfigError(f"config.{key} = {config[key]} is not divisible by the {device_count} devices "
-                        f"the batch is split over; use a multiple of {device_count}")
+      raise ConfigError(
+        f"config.{key} = {config[key]} is not divisible by the {device_count} devices "
+        f"the batch is split over; use a multiple of {device_count}"
+      )
 
 
 def _check_distributed(d: ml_collections.ConfigDict) -> None:
@@ -371,20 +386,26 @@ def _check_distributed(d: ml_collections.ConfigDict) -> None:
     return
   if not d.coordinator_address:
     if d.num_processes != -1 or d.process_id != -1:
-      raise ConfigError(f"config.distributed.num_processes = {d.num_processes} and process_id = "
-                        f"{d.process_id} are given without a coordinator_address: set all three "
-                        f"(--config.distributed.coordinator_address=HOST:PORT), or none of them on a "
-                        f"cluster that jax.distributed.initialize detects (SLURM, Cloud TPU, Kubernetes)")
+      raise ConfigError(
+        f"config.distributed.num_processes = {d.num_processes} and process_id = "
+        f"{d.process_id} are given without a coordinator_address: set all three "
+        f"(--config.distributed.coordinator_address=HOST:PORT), or none of them on a "
+        f"cluster that jax.distributed.initialize detects (SLURM, Cloud TPU, Kubernetes)"
+      )
     return
   host, sep, port = d.coordinator_address.rpartition(":")
   if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-    raise ConfigError(f"config.distributed.coordinator_address = {d.coordinator_address!r} is invalid: "
-                      f"expected HOST:PORT with a port in 1..65535, e.g. 10.0.0.1:1234 (process 0's host)")
+    raise ConfigError(
+      f"config.distributed.coordinator_address = {d.coordinator_address!r} is invalid: "
+      f"expected HOST:PORT with a port in 1..65535, e.g. 10.0.0.1:1234 (process 0's host)"
+    )
   if d.num_processes < 1 or not 0 <= d.process_id < d.num_processes:
-    raise ConfigError(f"config.distributed.process_id = {d.process_id} with num_processes = "
-                      f"{d.num_processes}: with a coordinator_address, set num_processes >= 1 (the same on "
-                      f"every process) and a process_id in [0, num_processes), a different one on each "
-                      f"process")
+    raise ConfigError(
+      f"config.distributed.process_id = {d.process_id} with num_processes = "
+      f"{d.num_processes}: with a coordinator_address, set num_processes >= 1 (the same on "
+      f"every process) and a process_id in [0, num_processes), a different one on each "
+      f"process"
+    )
 
 
 FLOAT32_MAX = 3.4028234663852886e38  # numpy.finfo(numpy.float32).max: parameters and updates are float32.
@@ -397,19 +418,25 @@ def _check_optimizer(config: ml_collections.ConfigDict) -> None:
     for key, value in (("momentum", opt.momentum), ("b2", opt.b2)):
       if value >= 1.0:
         what = "b1 (config.optimizer.momentum)" if key == "momentum" else "b2"
-        raise ConfigError(f"config.optimizer.{key} = {value!r} is invalid for adamw: its {what} must be < 1 "
-                          f"(adam's bias correction divides by 1 - {what.split()[0]}**step, which is 0 "
-                          f"at 1); typical values are 0.9 and 0.999")
+        raise ConfigError(
+          f"config.optimizer.{key} = {value!r} is invalid for adamw: its {what} must be < 1 "
+          f"(adam's bias correction divides by 1 - {what.split()[0]}**step, which is 0 "
+          f"at 1); typical values are 0.9 and 0.999"
+        )
   for key in ("learning_rate", "weight_decay", "eps", "lars_trust_coefficient"):
     if abs(opt[key]) > FLOAT32_MAX:
-      raise ConfigError(f"config.optimizer.{key} = {opt[key]!r} is not finite in float32 (largest "
-                        f"{FLOAT32_MAX:.4g}), the dtype of the parameters and updates")
+      raise ConfigError(
+        f"config.optimizer.{key} = {opt[key]!r} is not finite in float32 (largest "
+        f"{FLOAT32_MAX:.4g}), the dtype of the parameters and updates"
+      )
   sch = config.schedule
   peak = rate = float(opt.learning_rate)
   if sch.name == "step":
     for b in sch.boundaries:
       rate *= float(sch.decay_factor)
       if rate > FLOAT32_MAX:
-        raise ConfigError(f"config.schedule.decay_factor = {sch.decay_factor!r}: the learning rate "
-                          f"{peak!r} times the decay factor at boundary {b} is {rate:.4g}, not finite "
-                          f"in float32 (largest {FLOAT32_MAX:.4g})")
+        raise ConfigError(
+          f"config.schedule.decay_factor = {sch.decay_factor!r}: the learning rate "
+          f"{peak!r} times the decay factor at boundary {b} is {rate:.4g}, not finite "
+          f"in float32 (largest {FLOAT32_MAX:.4g})"
+        )

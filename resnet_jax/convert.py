@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -88,12 +89,14 @@ def _layout(name: str, num_classes: int) -> tuple[tuple[str, str, tuple[str, ...
   """(torch key, collection, flax path, flax shape) for every tensor of model ``name``, without running it."""
   if name not in TORCHVISION_LAYOUT:
     create_model(name)  # an unknown name raises ModelError with close names
-    raise CheckpointError(f"model {name!r} has no torchvision layout; convertible models: "
-                          f"{', '.join(TORCHVISION_LAYOUT)}")
+    raise CheckpointError(
+      f"model {name!r} has no torchvision layout; convertible models: {', '.join(TORCHVISION_LAYOUT)}"
+    )
   model = create_model(name, num_classes=num_classes)
   size = model.min_input_size
-  shapes = jax.eval_shape(lambda k, x: model.init(k, x, train=False), jax.random.key(0),
-                          jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
+  shapes = jax.eval_shape(
+    lambda k, x: model.init(k, x, train=False), jax.random.key(0), jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+  )
   rows = []
   for collection in ("params", "batch_stats"):
     for path, leaf in traverse_util.flatten_dict(shapes[collection]).items():
@@ -119,14 +122,16 @@ def _as_numpy(value: Any) -> np.ndarray:
 def _strip_prefix(state_dict: Mapping[str, Any]) -> dict[str, Any]:
   keys = list(state_dict)
   if keys and all(k.startswith("module.") for k in keys):  # saved from DataParallel / DDP
-    return {k[len("module."):]: v for k, v in state_dict.items()}
+    return {k[len("module.") :]: v for k, v in state_dict.items()}
   return dict(state_dict)
 
 
 def _num_classes(state_dict: Mapping[str, Any], name: str) -> int:
   if "fc.weight" not in state_dict:
-    raise CheckpointError(f"state dict for {name!r} has no 'fc.weight' (is it a torchvision ResNet state dict? "
-                          f"first keys: {', '.join(list(state_dict)[:5])})")
+    raise CheckpointError(
+      f"state dict for {name!r} has no 'fc.weight' (is it a torchvision ResNet state dict? "
+      f"first keys: {', '.join(list(state_dict)[:5])})"
+    )
   shape = np.shape(_as_numpy(state_dict["fc.weight"]))
   if len(shape) != 2:
     raise CheckpointError(f"'fc.weight' should be (num_classes, features), got shape {shape}")
@@ -137,8 +142,11 @@ def _problems(shapes: Mapping[str, tuple[int, ...]], name: str, num_classes: int
   expected = {key: _torch_shape(shape, path[-1]) for key, _, path, shape in _layout(name, num_classes)}
   missing = [k for k in expected if k not in shapes]
   unexpected = [k for k in shapes if k not in expected and not k.endswith("num_batches_tracked")]
-  misshaped = [f"{k} {tuple(shapes[k])} (expected {expected[k]})" for k in expected
-               if k in shapes and tuple(shapes[k]) != expected[k]]
+  misshaped = [
+    f"{k} {tuple(shapes[k])} (expected {expected[k]})"
+    for k in expected
+    if k in shapes and tuple(shapes[k]) != expected[k]
+  ]
   return missing, unexpected, misshaped
 
 
@@ -173,8 +181,11 @@ def from_torchvision(state_dict: Mapping[str, Any], name: str) -> dict[str, dict
   arrays = {k: _as_numpy(v) for k, v in state_dict.items()}
   missing, unexpected, misshaped = _problems({k: a.shape for k, a in arrays.items()}, name, num_classes)
   if missing or unexpected or misshaped:
-    parts = [_listing(label, keys) for label, keys in
-             (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped", misshaped)) if keys]
+    parts = [
+      _listing(label, keys)
+      for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped", misshaped))
+      if keys
+    ]
     guess = guess_architecture(arrays)
     hint = f"; it looks like a {guess} state dict" if guess and guess != name else ""
     raise CheckpointError(f"state dict does not fit {name!r}: {'; '.join(parts)}{hint}")
@@ -194,19 +205,27 @@ def to_torchvision(variables: Mapping[str, Any], name: str) -> dict[str, np.ndar
   try:
     num_classes = int(np.shape(variables["params"]["fc"]["kernel"])[1])
   except (KeyError, TypeError, IndexError) as e:
-    raise CheckpointError(f"variables for {name!r} need params/fc/kernel (got top-level keys "
-                          f"{sorted(variables) if isinstance(variables, Mapping) else type(variables)})") from e
+    raise CheckpointError(
+      f"variables for {name!r} need params/fc/kernel (got top-level keys "
+      f"{sorted(variables) if isinstance(variables, Mapping) else type(variables)})"
+    ) from e
   out: dict[str, np.ndarray] = {}
   flat = {c: traverse_util.flatten_dict(dict(variables[c])) for c in ("params", "batch_stats") if c in variables}
   expected = {(collection, path): (key, shape) for key, collection, path, shape in _layout(name, num_classes)}
   have = {(c, p) for c, f in flat.items() for p in f}
   missing = ["/".join((c,) + p) for c, p in expected if (c, p) not in have]
   unexpected = ["/".join((c,) + p) for c, p in have if (c, p) not in expected]
-  misshaped = [f"{'/'.join((c,) + p)} {tuple(np.shape(flat[c][p]))} (expected {expected[c, p][1]})"
-               for c, p in expected if (c, p) in have and tuple(np.shape(flat[c][p])) != expected[c, p][1]]
+  misshaped = [
+    f"{'/'.join((c,) + p)} {tuple(np.shape(flat[c][p]))} (expected {expected[c, p][1]})"
+    for c, p in expected
+    if (c, p) in have and tuple(np.shape(flat[c][p])) != expected[c, p][1]
+  ]
   if missing or unexpected or misshaped:
-    parts = [_listing(label, keys) for label, keys in
-             (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if keys]
+    parts = [
+      _listing(label, keys)
+      for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
+      if keys
+    ]
     raise CheckpointError(f"variables do not fit {name!r}: {'; '.join(parts)}")
   for (collection, path), (key, _) in expected.items():
     # a writable, contiguous copy (torch.from_numpy warns on the read-only views of jax arrays)
@@ -220,8 +239,9 @@ def _read_pth(path: str) -> Mapping[str, Any]:
   try:
     import torch  # only needed for .pth files
   except ImportError as e:
-    raise CheckpointError(f"reading {path} needs PyTorch: pip install 'resnet_jax[torch]', or convert the "
-                          "file to .safetensors / .npz") from e
+    raise CheckpointError(
+      f"reading {path} needs PyTorch: pip install 'resnet_jax[torch]', or convert the file to .safetensors / .npz"
+    ) from e
   obj = torch.load(path, map_location="cpu", weights_only=True)
   for wrapper in ("state_dict", "model"):
     if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
@@ -246,6 +266,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
       state_dict = _read_pth(path)
     elif ext == ".safetensors":
       from safetensors.numpy import load_file
+
       state_dict = load_file(path)
     elif ext == ".npz":
       with np.load(path, allow_pickle=False) as f:
@@ -282,6 +303,7 @@ def write_state_dict(tensors: Mapping[str, np.ndarray], path: str | os.PathLike)
   ext = os.path.splitext(path)[1].lower()
   if ext == ".safetensors":
     from safetensors.numpy import save_file
+
     save_file(tensors, path)
   elif ext == ".npz":
     np.savez(path, **tensors)
@@ -289,5 +311,12 @@ def write_state_dict(tensors: Mapping[str, np.ndarray], path: str | os.PathLike)
     raise CheckpointError(f"cannot write {path}: expected a .safetensors or .npz file name")
 
 
-__all__ = ["from_torchvision", "to_torchvision", "load_checkpoint", "read_state_dict", "save_checkpoint",
-           "guess_architecture", "TORCHVISION_LAYOUT"]
+__all__ = [
+  "from_torchvision",
+  "to_torchvision",
+  "load_checkpoint",
+  "read_state_dict",
+  "save_checkpoint",
+  "guess_architecture",
+  "TORCHVISION_LAYOUT",
+]

@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from typing import Any, Callable, ClassVar, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -43,8 +44,8 @@ from resnet_jax.errors import ConfigError, DataError
 from resnet_jax.image_files import ImageFiles, decode_images, unreadable_images
 
 IN_MEMORY = ("auto", "always", "never")
-HEADER_SAMPLE = 64     # in_memory='auto': image headers read to check that the images are image_size.
-STATS_SAMPLE = 5000    # normalize='dataset' on a streamed folder: training images the statistics use.
+HEADER_SAMPLE = 64  # in_memory='auto': image headers read to check that the images are image_size.
+STATS_SAMPLE = 5000  # normalize='dataset' on a streamed folder: training images the statistics use.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +70,7 @@ class Dataset:
     info: what a run records about its data (``WORKDIR/data.json``): the normalisation used and where
       it came from, the evaluation split, the held-out images, the storage, what the scan skipped.
   """
+
   in_memory: ClassVar[bool] = True
 
   name: str
@@ -94,8 +96,9 @@ class Dataset:
   def num_test(self) -> int:
     return int(self.test_y.shape[0])
 
-  def train_batch(self, indices: np.ndarray, rng: np.random.Generator, part: slice = slice(None)
-                  ) -> dict[str, np.ndarray]:
+  def train_batch(
+    self, indices: np.ndarray, rng: np.random.Generator, part: slice = slice(None)
+  ) -> dict[str, np.ndarray]:
     """Load, augment and normalise the training examples ``indices[part]``.
 
     The augmentation of an example depends on ``rng`` and its position in ``indices`` only, so each
@@ -125,8 +128,7 @@ class ArrayDataset(Dataset):
   in_memory: ClassVar[bool] = True
 
   @staticmethod
-  def training_stats(x: np.ndarray, skip_unreadable: bool, progress: bool
-                     ) -> tuple[np.ndarray, np.ndarray, str]:
+  def training_stats(x: np.ndarray, skip_unreadable: bool, progress: bool) -> tuple[np.ndarray, np.ndarray, str]:
     """``(mean, std, where they come from)`` of every training image."""
     mean, std = channel_stats(x)
     return mean, std, f"mean / std of the {len(x)} training images"
@@ -147,12 +149,12 @@ class FileDataset(Dataset):
     return self.train_x.random_resized_crops(rows, seeds)
 
   @staticmethod
-  def training_stats(x: ImageFiles, skip_unreadable: bool, progress: bool
-                     ) -> tuple[np.ndarray, np.ndarray, str]:
+  def training_stats(x: ImageFiles, skip_unreadable: bool, progress: bool) -> tuple[np.ndarray, np.ndarray, str]:
     """``(mean, std, where they come from)`` of :data:`STATS_SAMPLE` training images spread over the list."""
     pick = np.unique(np.linspace(0, len(x) - 1, min(STATS_SAMPLE, len(x))).astype(int))
-    sample, _ = decode_images([x.paths[int(i)] for i in pick], x.size, skip_unreadable, progress,
-                              desc="normalisation statistics")
+    sample, _ = decode_images(
+      [x.paths[int(i)] for i in pick], x.size, skip_unreadable, progress, desc="normalisation statistics"
+    )
     mean, std = channel_stats(sample)
     return mean, std, f"mean / std of {len(sample)} training images spread over the list, at the model size"
 
@@ -170,8 +172,7 @@ def _stderr(message: str) -> None:
   print(message, file=sys.stderr, flush=True)
 
 
-def _use_memory(cfg: Any, train: Sequence[str], test: Sequence[str], size: int, log: Callable[[str], None]
-                ) -> bool:
+def _use_memory(cfg: Any, train: Sequence[str], test: Sequence[str], size: int, log: Callable[[str], None]) -> bool:
   """Whether an image folder is decoded once into memory (see the module docstring)."""
   mode = cfg.get("in_memory", "auto")
   if mode != "auto":
@@ -181,10 +182,13 @@ def _use_memory(cfg: Any, train: Sequence[str], test: Sequence[str], size: int, 
   nbytes = (len(train) + len(test)) * size * size * 3
   limit_mb = cfg.get("in_memory_max_mb", 4096)
   if nbytes > limit_mb * 2**20:
-    log(f"image folder {cfg.data_dir}: streamed (decoded {nbytes / 2**20:.0f} MB would exceed "
-        f"config.dataset.in_memory_max_mb = {limit_mb})")
+    log(
+      f"image folder {cfg.data_dir}: streamed (decoded {nbytes / 2**20:.0f} MB would exceed "
+      f"config.dataset.in_memory_max_mb = {limit_mb})"
+    )
     return False
   from PIL import Image
+
   sample = [train[int(i)] for i in np.unique(np.linspace(0, len(train) - 1, HEADER_SAMPLE).astype(int))]
   for path in sample:
     try:
@@ -196,16 +200,16 @@ def _use_memory(cfg: Any, train: Sequence[str], test: Sequence[str], size: int, 
   return True
 
 
-def _store_folder(cfg: Any, train: Split, test: Split, size: int, progress: bool, log: Callable[[str], None]
-                  ) -> tuple[type[Dataset], Split, Split, list[str]]:
+def _store_folder(
+  cfg: Any, train: Split, test: Split, size: int, progress: bool, log: Callable[[str], None]
+) -> tuple[type[Dataset], Split, Split, list[str]]:
   """An image folder's splits decoded into memory (:class:`ArrayDataset`) or as :class:`ImageFiles`
   (:class:`FileDataset`); and the files left out."""
   skip = cfg.get("on_corrupt_image", "stop") == "skip"
   if _use_memory(cfg, train.x, test.x, size, log):
     splits, skipped = [], []
     for label, split in (("train", train), ("evaluation", test)):
-      images, bad = decode_images(split.x, size, skip, progress,
-                                  desc=f"decoding the {label} images of {cfg.data_dir}")
+      images, bad = decode_images(split.x, size, skip, progress, desc=f"decoding the {label} images of {cfg.data_dir}")
       skipped += [split.x[i] for i in bad]
       kept = split.take(np.setdiff1d(np.arange(len(split.x)), bad))
       splits.append(Split(images, kept.y, kept.keys))
@@ -217,12 +221,17 @@ def _store_folder(cfg: Any, train: Split, test: Split, size: int, progress: bool
     skipped = [p for p in paths if p in bad]
     train = train.take([i for i, p in enumerate(train.x) if p not in bad])
     test = test.take([i for i, p in enumerate(test.x) if p not in bad])
-  return (FileDataset, Split(ImageFiles(tuple(train.x), size), train.y, train.keys),
-          Split(ImageFiles(tuple(test.x), size), test.y, test.keys), skipped)
+  return (
+    FileDataset,
+    Split(ImageFiles(tuple(train.x), size), train.y, train.keys),
+    Split(ImageFiles(tuple(test.x), size), test.y, test.keys),
+    skipped,
+  )
 
 
-def _normalization(cfg: Any, raw: Splits, kind: type[Dataset], train: Split, progress: bool
-                   ) -> tuple[np.ndarray, np.ndarray, str]:
+def _normalization(
+  cfg: Any, raw: Splits, kind: type[Dataset], train: Split, progress: bool
+) -> tuple[np.ndarray, np.ndarray, str]:
   """``(mean, std, where they come from)``: the config's, the training images', or the default."""
   channels = raw.shape[-1]
   if len(cfg.mean):
@@ -250,10 +259,12 @@ def _evaluation_split(raw: Splits, seed: int) -> tuple[Split, Split, dict | None
   held = np.flatnonzero(mask)
   test = train.take(held)
   record = {
-      "images": int(held.size), "seed": seed,
-      "rule": "per class, the images whose sha256('SEED:KEY') is smallest (resnet_jax.datasets.holdout_mask)",
-      "key": "path below train/" if raw.folder else "index in the training set",
-      "keys": test.keys}
+    "images": int(held.size),
+    "seed": seed,
+    "rule": "per class, the images whose sha256('SEED:KEY') is smallest (resnet_jax.datasets.holdout_mask)",
+    "key": "path below train/" if raw.folder else "index in the training set",
+    "keys": test.keys,
+  }
   return train.take(np.flatnonzero(~mask)), test, record
 
 
@@ -264,17 +275,29 @@ def _num_classes(cfg: Any, raw: Splits, train: Split, test: Split) -> int:
   if cfg.num_classes > 0:
     for split, y in (("train", train.y), ("evaluation", test.y)):
       if y.size and y.max() >= cfg.num_classes:
-        raise DataError(f"{cfg.name} {split} labels reach {int(y.max())}, but config.dataset.num_classes is "
-                        f"{cfg.num_classes} (labels must lie in [0, num_classes))")
+        raise DataError(
+          f"{cfg.name} {split} labels reach {int(y.max())}, but config.dataset.num_classes is "
+          f"{cfg.num_classes} (labels must lie in [0, num_classes))"
+        )
     num_classes = int(cfg.num_classes)
   if train.y.size == 0 or test.y.size == 0:
-    raise DataError(f"{cfg.name}: the train split has {train.y.size} and the evaluation split "
-                    f"{test.y.size} examples; both need at least one")
+    raise DataError(
+      f"{cfg.name}: the train split has {train.y.size} and the evaluation split "
+      f"{test.y.size} examples; both need at least one"
+    )
   return num_classes
 
 
-def _info(cfg: Any, raw: Splits, kind: type[Dataset], held_out: dict | None, normalization: tuple,
-          sizes: tuple[int, int], num_classes: int, skipped: list[str]) -> dict[str, Any]:
+def _info(
+  cfg: Any,
+  raw: Splits,
+  kind: type[Dataset],
+  held_out: dict | None,
+  normalization: tuple,
+  sizes: tuple[int, int],
+  num_classes: int,
+  skipped: list[str],
+) -> dict[str, Any]:
   """What a run records about its data (:attr:`Dataset.info`, ``WORKDIR/data.json``)."""
   mean, std, source = normalization
   info: dict[str, Any] = {"dataset": cfg.name, "eval_split": "test" if held_out is None else "holdout"}
@@ -284,8 +307,9 @@ def _info(cfg: Any, raw: Splits, kind: type[Dataset], held_out: dict | None, nor
   if raw.scan_skipped:
     info["scan_skipped"] = raw.scan_skipped
   info["normalization"] = {"mean": mean.tolist(), "std": std.tolist(), "source": source}
-  info.update({"train_images": sizes[0], "eval_images": sizes[1], "num_classes": num_classes,
-               "image_shape": list(raw.shape)})
+  info.update(
+    {"train_images": sizes[0], "eval_images": sizes[1], "num_classes": num_classes, "image_shape": list(raw.shape)}
+  )
   if raw.classes is not None:
     info["classes"] = raw.classes
   if skipped:
@@ -326,24 +350,44 @@ def load_dataset(cfg: Any, progress: bool = True, log: Callable[[str], None] | N
     kind, train, test, skipped = _store_folder(cfg, train, test, raw.shape[0], progress, log)
   if kind.in_memory and cfg.augment not in ARRAY_AUGMENTATIONS:
     raise ConfigError(
-        f"config.dataset.augment={cfg.augment!r} needs full-size images read at each step, but "
-        f"{cfg.name} is held in memory at the model size: use one of {', '.join(ARRAY_AUGMENTATIONS)}"
-        + (", or --config.dataset.in_memory=never" if raw.folder else ""))
+      f"config.dataset.augment={cfg.augment!r} needs full-size images read at each step, but "
+      f"{cfg.name} is held in memory at the model size: use one of {', '.join(ARRAY_AUGMENTATIONS)}"
+      + (", or --config.dataset.in_memory=never" if raw.folder else "")
+    )
   normalization = _normalization(cfg, raw, kind, train, progress)
   num_classes = _num_classes(cfg, raw, train, test)
-  info = _info(cfg, raw, kind, held_out, normalization, (int(train.y.size), int(test.y.size)), num_classes,
-               skipped)
-  return kind(cfg.name, num_classes, raw.shape, normalization[0], normalization[1], train.x, train.y, test.x,
-              test.y, augment=cfg.augment, crop_padding=int(cfg.crop_padding), classes=raw.classes,
-              skipped_files=skipped, info=info)
+  info = _info(cfg, raw, kind, held_out, normalization, (int(train.y.size), int(test.y.size)), num_classes, skipped)
+  return kind(
+    cfg.name,
+    num_classes,
+    raw.shape,
+    normalization[0],
+    normalization[1],
+    train.x,
+    train.y,
+    test.x,
+    test.y,
+    augment=cfg.augment,
+    crop_padding=int(cfg.crop_padding),
+    classes=raw.classes,
+    skipped_files=skipped,
+    info=info,
+  )
 
 
 # ----------------------------------------------------------------------------------------------
 # grain pipelines.
 
 
-def train_pipeline(ds: Dataset, global_batch: int, seed: int, process_index: int = 0,
-                   process_count: int = 1, num_threads: int = 2, num_workers: int = 0):
+def train_pipeline(
+  ds: Dataset,
+  global_batch: int,
+  seed: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  num_threads: int = 2,
+  num_workers: int = 0,
+):
   """The training batches as a grain ``IterDataset``: an endless sequence of global batches.
 
   Each process loads its ``global_batch / process_count`` slice of every global batch. The order
@@ -363,31 +407,35 @@ def train_pipeline(ds: Dataset, global_batch: int, seed: int, process_index: int
   if global_batch % process_count:
     raise DataError(f"global batch {global_batch} is not divisible by the {process_count} processes")
   if ds.num_train < global_batch:
-    raise DataError(f"{ds.name}: the training set has {ds.num_train} examples, fewer than one batch "
-                    f"of {global_batch}")
+    raise DataError(f"{ds.name}: the training set has {ds.num_train} examples, fewer than one batch of {global_batch}")
   local = global_batch // process_count
   lo = process_index * local
 
   def load(indices: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
     return ds.train_batch(np.asarray(indices), rng, slice(lo, lo + local))
 
-  pipeline = (grain.MapDataset.range(ds.num_train)
-              .shuffle(seed=seed)
-              .repeat()
-              .batch(global_batch, drop_remainder=True)
-              .random_map(load, seed=seed + 1))
-  iter_ds = pipeline.to_iter_dataset(grain.ReadOptions(num_threads=max(1, num_threads),
-                                                       prefetch_buffer_size=max(2, 2 * num_threads)))
+  pipeline = (
+    grain.MapDataset.range(ds.num_train)
+    .shuffle(seed=seed)
+    .repeat()
+    .batch(global_batch, drop_remainder=True)
+    .random_map(load, seed=seed + 1)
+  )
+  iter_ds = pipeline.to_iter_dataset(
+    grain.ReadOptions(num_threads=max(1, num_threads), prefetch_buffer_size=max(2, 2 * num_threads))
+  )
   if num_workers > 0:
     from absl import flags
+
     if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags (their defaults here).
       flags.FLAGS.mark_as_parsed()
     iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   return iter_ds
 
 
-def eval_batches(ds: Dataset, batch_size: int, process_index: int = 0, process_count: int = 1,
-                 num_threads: int = 2) -> Iterator[dict[str, np.ndarray]]:
+def eval_batches(
+  ds: Dataset, batch_size: int, process_index: int = 0, process_count: int = 1, num_threads: int = 2
+) -> Iterator[dict[str, np.ndarray]]:
   """The test set in order, in batches of ``batch_size`` padded to full size.
 
   Each batch carries ``mask`` (1 for real examples, 0 for padding) so that a jit-compiled evaluation
@@ -401,12 +449,13 @@ def eval_batches(ds: Dataset, batch_size: int, process_index: int = 0, process_c
   lo = process_index * local
 
   def load(b: int) -> dict[str, np.ndarray]:
-    idx = np.arange(b * batch_size, (b + 1) * batch_size)[lo:lo + local]
+    idx = np.arange(b * batch_size, (b + 1) * batch_size)[lo : lo + local]
     mask = (idx < n).astype(np.float32)
     batch = ds.test_batch(np.minimum(idx, n - 1))
     batch["mask"] = mask
     return batch
 
   pipeline = grain.MapDataset.range(num_batches).map(load)
-  yield from pipeline.to_iter_dataset(grain.ReadOptions(num_threads=max(1, num_threads),
-                                                        prefetch_buffer_size=max(2, 2 * num_threads)))
+  yield from pipeline.to_iter_dataset(
+    grain.ReadOptions(num_threads=max(1, num_threads), prefetch_buffer_size=max(2, 2 * num_threads))
+  )

@@ -35,33 +35,38 @@ import dataclasses
 import hashlib
 import os
 import pickle
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
-from resnet_jax.augment import (CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, IMAGENET_MEAN,
-                                IMAGENET_STD)
+from resnet_jax.augment import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, IMAGENET_MEAN, IMAGENET_STD
 from resnet_jax.errors import DataError
 
 DATASETS = ("digits", "cifar10", "cifar100", "image_folder")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".ppm", ".tif", ".tiff", ".webp")
-AUTO_HOLDOUT = 0.1     # holdout=-1: the fraction of train/ held out when a folder has no test/.
+AUTO_HOLDOUT = 0.1  # holdout=-1: the fraction of train/ held out when a folder has no test/.
 
 CIFAR_LAYOUT = {
-    "cifar10": ("cifar-10-batches-py",
-                "DATA_DIR/cifar-10-batches-py/{data_batch_1..data_batch_5, test_batch} (the python "
-                "pickle release, cifar-10-python.tar.gz unpacked), or the images as "
-                "DATA_DIR/train/<class>/*.png|jpg"),
-    "cifar100": ("cifar-100-python",
-                 "DATA_DIR/cifar-100-python/{train, test} (the python pickle release, "
-                 "cifar-100-python.tar.gz unpacked), or the images as DATA_DIR/train/<class>/*.png|jpg"),
+  "cifar10": (
+    "cifar-10-batches-py",
+    "DATA_DIR/cifar-10-batches-py/{data_batch_1..data_batch_5, test_batch} (the python "
+    "pickle release, cifar-10-python.tar.gz unpacked), or the images as "
+    "DATA_DIR/train/<class>/*.png|jpg",
+  ),
+  "cifar100": (
+    "cifar-100-python",
+    "DATA_DIR/cifar-100-python/{train, test} (the python pickle release, "
+    "cifar-100-python.tar.gz unpacked), or the images as DATA_DIR/train/<class>/*.png|jpg",
+  ),
 }
-IMAGE_FOLDER_LAYOUT = ("DATA_DIR/train/<class>/*.jpg|png and DATA_DIR/test/<class>/*.jpg|png "
-                       "(one sub-folder per class, the same class names in both)")
+IMAGE_FOLDER_LAYOUT = (
+  "DATA_DIR/train/<class>/*.jpg|png and DATA_DIR/test/<class>/*.jpg|png "
+  "(one sub-folder per class, the same class names in both)"
+)
 
 
-def digits_split(seed: int = 0, test_fraction: float = 0.2
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def digits_split(seed: int = 0, test_fraction: float = 0.2) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
   """scikit-learn's handwritten digits (1,797 8x8 images, 10 classes) as a fixed stratified split.
 
   Pixels are divided by 16 so that images lie in [0, 1].
@@ -81,10 +86,13 @@ def digits_split(seed: int = 0, test_fraction: float = 0.2
   digits = load_digits()
   x = (digits.images.astype(np.float32) / 16.0)[..., None]
   y = digits.target.astype(np.int32)
-  x_train, x_test, y_train, y_test = train_test_split(
-      x, y, test_size=test_fraction, random_state=seed, stratify=y)
-  return (np.ascontiguousarray(x_train), np.ascontiguousarray(y_train),
-          np.ascontiguousarray(x_test), np.ascontiguousarray(y_test))
+  x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=test_fraction, random_state=seed, stratify=y)
+  return (
+    np.ascontiguousarray(x_train),
+    np.ascontiguousarray(y_train),
+    np.ascontiguousarray(x_test),
+    np.ascontiguousarray(y_test),
+  )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -108,8 +116,9 @@ def _cifar_folder(data_dir: str, name: str) -> str:
       return candidate
   where = os.path.abspath(data_dir) if data_dir else "(config.dataset.data_dir is empty)"
   raise DataError(
-      f"{name} not found in {where}: expected {layout.replace('DATA_DIR', data_dir or 'DATA_DIR')}; "
-      f"set --config.dataset.data_dir to the folder that holds it (no download is attempted)")
+    f"{name} not found in {where}: expected {layout.replace('DATA_DIR', data_dir or 'DATA_DIR')}; "
+    f"set --config.dataset.data_dir to the folder that holds it (no download is attempted)"
+  )
 
 
 def _read_cifar_file(path: str, name: str, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
@@ -122,8 +131,11 @@ def _read_cifar_file(path: str, name: str, label_key: bytes) -> tuple[np.ndarray
     raise DataError(f"{name}: {path} lacks the keys b'data' and {label_key!r}; {expected}")
   data = d[b"data"]
   if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-    what = (f"an array of shape {data.shape} and dtype {data.dtype}" if isinstance(data, np.ndarray)
-            else f"a {type(data).__name__}")
+    what = (
+      f"an array of shape {data.shape} and dtype {data.dtype}"
+      if isinstance(data, np.ndarray)
+      else f"a {type(data).__name__}"
+    )
     raise DataError(f"{name}: {path} b'data' is {what}, expected a uint8 array of shape (N, 3072)")
   raw = d[label_key]
   labels = None
@@ -133,17 +145,19 @@ def _read_cifar_file(path: str, name: str, label_key: bytes) -> tuple[np.ndarray
     except (ValueError, TypeError):
       labels = None
   if labels is None or labels.ndim != 1 or (labels.size and labels.dtype.kind not in "iu"):
-    what = (f"an array of shape {labels.shape} and dtype {labels.dtype}" if labels is not None
-            else f"a {type(raw).__name__}")
+    what = (
+      f"an array of shape {labels.shape} and dtype {labels.dtype}" if labels is not None else f"a {type(raw).__name__}"
+    )
     raise DataError(f"{name}: {path} {label_key!r} is {what}, expected a list of N integers")
   if labels.shape[0] != data.shape[0]:
-    raise DataError(f"{name}: {path} holds {data.shape[0]} images but {labels.shape[0]} labels "
-                    f"({label_key!r}); they must match one to one")
+    raise DataError(
+      f"{name}: {path} holds {data.shape[0]} images but {labels.shape[0]} labels "
+      f"({label_key!r}); they must match one to one"
+    )
   return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels.astype(np.int32)
 
 
-def load_cifar(data_dir: str, name: str = "cifar10"
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def load_cifar(data_dir: str, name: str = "cifar10") -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
   """CIFAR-10 or CIFAR-100 from the official python-pickle release in ``data_dir``.
 
   Returns:
@@ -180,8 +194,9 @@ def load_cifar(data_dir: str, name: str = "cifar10"
   num_classes = 10 if name == "cifar10" else 100
   for split, y in (("train", y_train), ("test", y_test)):
     if y.size and (y.min() < 0 or y.max() >= num_classes):
-      raise DataError(f"{name} {split} labels lie in [{y.min()}, {y.max()}], expected [0, {num_classes - 1}]"
-                      f" (folder {folder})")
+      raise DataError(
+        f"{name} {split} labels lie in [{y.min()}, {y.max()}], expected [0, {num_classes - 1}] (folder {folder})"
+      )
   return x_train, y_train, x_test, y_test
 
 
@@ -198,6 +213,7 @@ class FolderScan:
     hidden: hidden entries skipped (names starting with ``.``; a hidden folder is one entry).
     not_images: files without an image extension, skipped.
   """
+
   root: str
   paths: list[str]
   labels: np.ndarray
@@ -208,8 +224,10 @@ class FolderScan:
   def report(self) -> str | None:
     """One line that says what was skipped, or ``None`` when nothing was."""
     parts = []
-    for one, many, items in (("hidden entry", "hidden entries", self.hidden),
-                             ("non-image file", "non-image files", self.not_images)):
+    for one, many, items in (
+      ("hidden entry", "hidden entries", self.hidden),
+      ("non-image file", "non-image files", self.not_images),
+    ):
       if items:
         shown = ", ".join(os.path.basename(p) for p in items[:3]) + (", ..." if len(items) > 3 else "")
         parts.append(f"{len(items)} {one if len(items) == 1 else many} ({shown})")
@@ -223,8 +241,10 @@ def _stat_entry(entry: os.DirEntry) -> bool:
   try:
     return entry.is_dir()
   except OSError as e:
-    raise DataError(f"cannot read {entry.path}: {e.strerror or e} (a symbolic link loop or a broken "
-                    f"entry in the image folder; remove it)") from None
+    raise DataError(
+      f"cannot read {entry.path}: {e.strerror or e} (a symbolic link loop or a broken "
+      f"entry in the image folder; remove it)"
+    ) from None
 
 
 def _walk_class(folder: str, hidden: list[str], not_images: list[str]) -> list[str]:
@@ -238,8 +258,10 @@ def _walk_class(folder: str, hidden: list[str], not_images: list[str]) -> list[s
       st = os.stat(current)
       key = (st.st_dev, st.st_ino)
       if key in seen:
-        raise DataError(f"image folder {current} is the folder {seen[key]} read already (a symbolic "
-                        f"link loop or a second link to it); remove the link")
+        raise DataError(
+          f"image folder {current} is the folder {seen[key]} read already (a symbolic "
+          f"link loop or a second link to it); remove the link"
+        )
       seen[key] = current
       entries = sorted(os.scandir(current), key=lambda e: e.name)
     except OSError as e:
@@ -272,8 +294,10 @@ def scan_folder(data_dir: str, split: str, classes: Sequence[str] | None = None)
   root = os.path.join(data_dir, split)
   if not data_dir or not os.path.isdir(root):
     where = os.path.abspath(root) if data_dir else "(config.dataset.data_dir is empty)"
-    raise DataError(f"image folder split {split!r} not found at {where}: expected the layout "
-                    f"{IMAGE_FOLDER_LAYOUT.replace('DATA_DIR', data_dir or 'DATA_DIR')}")
+    raise DataError(
+      f"image folder split {split!r} not found at {where}: expected the layout "
+      f"{IMAGE_FOLDER_LAYOUT.replace('DATA_DIR', data_dir or 'DATA_DIR')}"
+    )
   hidden: list[str] = []
   try:
     entries = sorted(os.scandir(root), key=lambda e: e.name)
@@ -300,15 +324,17 @@ def scan_folder(data_dir: str, split: str, classes: Sequence[str] | None = None)
       continue  # A test split may lack a class.
     files = _walk_class(folder, hidden, not_images)
     if not files:
-      raise DataError(f"class folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}, "
-                      f"in it or its sub-folders)")
+      raise DataError(
+        f"class folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}, in it or its sub-folders)"
+      )
     paths.extend(files)
     labels.extend([label] * len(files))
   return FolderScan(root, paths, np.asarray(labels, dtype=np.int32), list(classes), hidden, not_images)
 
 
-def scan_image_folder(data_dir: str, split: str, classes: Sequence[str] | None = None
-                      ) -> tuple[list[str], np.ndarray, list[str]]:
+def scan_image_folder(
+  data_dir: str, split: str, classes: Sequence[str] | None = None
+) -> tuple[list[str], np.ndarray, list[str]]:
   """``(paths, labels int32, classes)`` of ``data_dir/split`` (see :func:`scan_folder`)."""
   scan = scan_folder(data_dir, split, classes)
   return scan.paths, scan.labels, scan.classes
@@ -336,18 +362,21 @@ def holdout_mask(labels: np.ndarray, keys: Sequence[str], amount: float, seed: i
   if amount < 1 and count == 0 and amount > 0:
     count = 1
   if not 0 < count < n:
-    raise DataError(f"config.dataset.holdout = {amount!r} asks for {count} of the {n} training examples; "
-                    f"hold out at least 1 and fewer than {n}")
+    raise DataError(
+      f"config.dataset.holdout = {amount!r} asks for {count} of the {n} training examples; "
+      f"hold out at least 1 and fewer than {n}"
+    )
   classes, sizes = np.unique(labels, return_counts=True)
   quotas = [count * int(s) // n for s in sizes]
   remainders = [count * int(s) % n for s in sizes]
-  for c in sorted(range(len(classes)), key=lambda c: (-remainders[c], c))[:count - sum(quotas)]:
+  for c in sorted(range(len(classes)), key=lambda c: (-remainders[c], c))[: count - sum(quotas)]:
     quotas[c] += 1
   mask = np.zeros(n, dtype=bool)
   for cls, size, quota in zip(classes, sizes, quotas):
     if quota >= size:
-      raise DataError(f"config.dataset.holdout = {amount!r} would hold out all {size} examples of class "
-                      f"{int(cls)}; hold out fewer")
+      raise DataError(
+        f"config.dataset.holdout = {amount!r} would hold out all {size} examples of class {int(cls)}; hold out fewer"
+      )
     members = np.flatnonzero(labels == cls)
     order = sorted(members, key=lambda i: hashlib.sha256(f"{seed}:{keys[i]}".encode()).digest())
     mask[np.asarray(order[:quota], dtype=np.int64)] = True
@@ -364,6 +393,7 @@ class Split:
 
   ``x`` is an array of images, or an object array of image file paths; both are indexed alike.
   """
+
   x: np.ndarray
   y: np.ndarray
   keys: list[str]
@@ -397,6 +427,7 @@ class Splits:
     folder: whether the images are files (an image folder) rather than arrays.
     holdout: the held-out amount that applies (0: none).
   """
+
   train: Split
   test: Split
   num_classes: int
@@ -435,9 +466,11 @@ def _folder_splits(cfg: Any, holdout: float, size: int, log: Callable[[str], Non
     test = Split(np.empty(0, dtype=object), np.zeros(0, np.int32), [])
   else:
     if not has_test:
-      raise DataError(f"image folder {os.path.abspath(cfg.data_dir)} has no test/ split: add "
-                      f"test/<class>/ folders, or hold out part of train/ with "
-                      f"--config.dataset.holdout=0.1 (a fraction) or =5000 (a count)")
+      raise DataError(
+        f"image folder {os.path.abspath(cfg.data_dir)} has no test/ split: add "
+        f"test/<class>/ folders, or hold out part of train/ with "
+        f"--config.dataset.holdout=0.1 (a fraction) or =5000 (a count)"
+      )
     scans.append(scan_folder(cfg.data_dir, "test", train.classes))
     test = Split(_paths(scans[1].paths), scans[1].labels, [])
   skipped = {}
@@ -448,8 +481,18 @@ def _folder_splits(cfg: Any, holdout: float, size: int, log: Callable[[str], Non
       skipped[scan.root] = {"hidden": len(scan.hidden), "not_images": len(scan.not_images)}
   root = os.path.join(cfg.data_dir, "train")
   keys = [os.path.relpath(p, root).replace(os.sep, "/") for p in train.paths]
-  return Splits(Split(_paths(train.paths), train.labels, keys), test, len(train.classes), (size, size, 3),
-                train.classes, (IMAGENET_MEAN, IMAGENET_STD), "the ImageNet statistics", skipped, True, holdout)
+  return Splits(
+    Split(_paths(train.paths), train.labels, keys),
+    test,
+    len(train.classes),
+    (size, size, 3),
+    train.classes,
+    (IMAGENET_MEAN, IMAGENET_STD),
+    "the ImageNet statistics",
+    skipped,
+    True,
+    holdout,
+  )
 
 
 def _paths(paths: list[str]) -> np.ndarray:
@@ -468,12 +511,24 @@ def _cifar_splits(cfg: Any, holdout: float, log: Callable[[str], None]) -> Split
   if _cifar_as_folder(cfg.data_dir, name):  # The images as files: train/<class>/*.png|jpg.
     raw = _folder_splits(cfg, holdout, 32, log)
     if raw.num_classes != num_classes:
-      raise DataError(f"{name}: {os.path.abspath(os.path.join(cfg.data_dir, 'train'))} has "
-                      f"{raw.num_classes} class folders, expected {num_classes}")
+      raise DataError(
+        f"{name}: {os.path.abspath(os.path.join(cfg.data_dir, 'train'))} has "
+        f"{raw.num_classes} class folders, expected {num_classes}"
+      )
     return dataclasses.replace(raw, default_stats=stats, default_source=source)
   x_train, y_train, x_test, y_test = load_cifar(cfg.data_dir, name)
-  return Splits(Split(x_train, y_train, _index_keys(len(y_train))), Split(x_test, y_test, []), num_classes,
-                (32, 32, 3), None, stats, source, {}, False, max(holdout, 0.0))
+  return Splits(
+    Split(x_train, y_train, _index_keys(len(y_train))),
+    Split(x_test, y_test, []),
+    num_classes,
+    (32, 32, 3),
+    None,
+    stats,
+    source,
+    {},
+    False,
+    max(holdout, 0.0),
+  )
 
 
 def load_splits(cfg: Any, holdout: float, log: Callable[[str], None]) -> Splits:
@@ -485,8 +540,18 @@ def load_splits(cfg: Any, holdout: float, log: Callable[[str], None]) -> Splits:
   name = cfg.name
   if name == "digits":
     x_train, y_train, x_test, y_test = digits_split(seed=0, test_fraction=cfg.test_fraction)
-    return Splits(Split(x_train, y_train, _index_keys(len(y_train))), Split(x_test, y_test, []), 10,
-                  (8, 8, 1), None, None, "mean / std of the training images", {}, False, max(holdout, 0.0))
+    return Splits(
+      Split(x_train, y_train, _index_keys(len(y_train))),
+      Split(x_test, y_test, []),
+      10,
+      (8, 8, 1),
+      None,
+      None,
+      "mean / std of the training images",
+      {},
+      False,
+      max(holdout, 0.0),
+    )
   if name in ("cifar10", "cifar100"):
     return _cifar_splits(cfg, holdout, log)
   if name == "image_folder":

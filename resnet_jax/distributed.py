@@ -15,12 +15,14 @@ import contextlib
 import json
 import os
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from resnet_jax.errors import DistributedError, Interrupted, ResNetJaxError
 
@@ -49,19 +51,19 @@ def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
   if "heartbeat_timeout_seconds" in inspect.signature(jax.distributed.initialize).parameters:
     kwargs["heartbeat_timeout_seconds"] = int(d.heartbeat_timeout_s)
   if d.coordinator_address:
-    kwargs.update(coordinator_address=d.coordinator_address, num_processes=d.num_processes,
-                  process_id=d.process_id)
-    where = (f"process {d.process_id} of {d.num_processes}, coordinator {d.coordinator_address}")
+    kwargs.update(coordinator_address=d.coordinator_address, num_processes=d.num_processes, process_id=d.process_id)
+    where = f"process {d.process_id} of {d.num_processes}, coordinator {d.coordinator_address}"
   else:
     where = "addresses auto-detected from the cluster environment"
   try:
     jax.distributed.initialize(**kwargs)
   except Exception as e:  # noqa: BLE001 -- jax raises RuntimeError, ValueError or its runtime error.
     raise DistributedError(
-        f"jax.distributed.initialize failed ({where}; config.distributed.init_timeout_s = "
-        f"{d.init_timeout_s}): {_first_line(e)}; every process needs the same "
-        f"coordinator_address (process 0's host and a free port) and num_processes, and its own "
-        f"process_id in [0, num_processes)") from None
+      f"jax.distributed.initialize failed ({where}; config.distributed.init_timeout_s = "
+      f"{d.init_timeout_s}): {_first_line(e)}; every process needs the same "
+      f"coordinator_address (process 0's host and a free port) and num_processes, and its own "
+      f"process_id in [0, num_processes)"
+    ) from None
   try:
     check_same_config(config)
   except DistributedError:
@@ -74,9 +76,9 @@ def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
 def _lost_a_process(e: BaseException) -> bool:
   """Whether ``e`` is a collective or coordination failure (another process died or is unreachable)."""
   text = " ".join(str(x) for x in (e, e.__cause__, e.__context__) if x is not None)
-  return isinstance(e, getattr(jax.errors, "JaxRuntimeError", ())) or bool(re.search(
-      r"[Gg]loo|Connection (closed|reset) by peer|DEADLINE_EXCEEDED|UNAVAILABLE|coordination service",
-      text))
+  return isinstance(e, getattr(jax.errors, "JaxRuntimeError", ())) or bool(
+    re.search(r"[Gg]loo|Connection (closed|reset) by peer|DEADLINE_EXCEEDED|UNAVAILABLE|coordination service", text)
+  )
 
 
 def _first_line(e: BaseException) -> str:
@@ -87,6 +89,7 @@ def _first_line(e: BaseException) -> str:
 def check_same_config(config: ml_collections.ConfigDict) -> None:
   """Every process of a multi-host run must train the same config (all but ``distributed.process_id``)."""
   import zlib
+
   from jax.experimental import multihost_utils
 
   plain = json.loads(json.dumps(config.to_dict(), default=str))
@@ -95,16 +98,17 @@ def check_same_config(config: ml_collections.ConfigDict) -> None:
   local = np.asarray([fingerprint, config.distributed.num_processes], np.int32)
   gathered = np.asarray(multihost_utils.process_allgather(local)).reshape(jax.process_count(), 2)
   n = jax.process_count()
-  if len(set(gathered[:, 1].tolist())) > 1 or (config.distributed.coordinator_address
-                                               and int(gathered[0, 1]) != n):
+  if len(set(gathered[:, 1].tolist())) > 1 or (config.distributed.coordinator_address and int(gathered[0, 1]) != n):
     raise DistributedError(
-        f"config.distributed.num_processes differs between the processes (process 0..{n - 1} gave "
-        f"{gathered[:, 1].tolist()}; {n} connected): give every process the same num_processes")
+      f"config.distributed.num_processes differs between the processes (process 0..{n - 1} gave "
+      f"{gathered[:, 1].tolist()}; {n} connected): give every process the same num_processes"
+    )
   differ = [i for i in range(n) if gathered[i, 0] != gathered[0, 0]]
   if differ:
     raise DistributedError(
-        f"the config of process(es) {differ} differs from process 0's: every process of a run must "
-        f"get the same config and flags (only config.distributed.process_id differs)")
+      f"the config of process(es) {differ} differs from process 0's: every process of a run must "
+      f"get the same config and flags (only config.distributed.process_id differs)"
+    )
 
 
 def check_shared_checkpoints(ckpt: Any) -> None:
@@ -112,14 +116,19 @@ def check_shared_checkpoints(ckpt: Any) -> None:
   if jax.process_count() == 1:
     return
   from jax.experimental import multihost_utils
+
   latest = ckpt.latest_step()
-  seen = np.asarray(multihost_utils.process_allgather(np.asarray(-1 if latest is None else latest,
-                                                                 np.int32))).ravel().tolist()
+  seen = (
+    np.asarray(multihost_utils.process_allgather(np.asarray(-1 if latest is None else latest, np.int32)))
+    .ravel()
+    .tolist()
+  )
   if len(set(seen)) > 1:
     raise DistributedError(
-        f"the processes see different newest checkpoints in {ckpt.directory} (process 0..{len(seen) - 1}: "
-        f"steps {[s if s >= 0 else None for s in seen]}): --workdir must be one folder on storage that "
-        f"every host shares (a network file system or a bucket)")
+      f"the processes see different newest checkpoints in {ckpt.directory} (process 0..{len(seen) - 1}: "
+      f"steps {[s if s >= 0 else None for s in seen]}): --workdir must be one folder on storage that "
+      f"every host shares (a network file system or a bucket)"
+    )
 
 
 def agree_on_signal(signals: Any) -> int | None:
@@ -132,6 +141,7 @@ def agree_on_signal(signals: Any) -> int | None:
   if jax.process_count() == 1:
     return signals.received
   from jax.experimental import multihost_utils
+
   got = int(np.max(multihost_utils.process_allgather(np.asarray(signals.received or 0, np.int32)))) or None
   if got is not None and signals.received is None:
     signals.received = got
@@ -155,8 +165,12 @@ class DataParallel:
     return jax.device_put(tree, self.replicated)
 
   def jit_train_step(self, step: Callable) -> Callable:
-    return jax.jit(step, in_shardings=(self.replicated, self.batch),
-                   out_shardings=(self.replicated, self.replicated), donate_argnums=(0,))
+    return jax.jit(
+      step,
+      in_shardings=(self.replicated, self.batch),
+      out_shardings=(self.replicated, self.replicated),
+      donate_argnums=(0,),
+    )
 
   def jit_eval_step(self, step: Callable) -> Callable:
     return jax.jit(step, in_shardings=(self.replicated, self.batch), out_shardings=self.replicated)
@@ -181,7 +195,9 @@ def end_process_on_error():
   except BaseException as e:  # noqa: BLE001 -- every error ends the process.
     import sys
     import traceback
+
     from resnet_jax.errors import describe_os_error
+
     where = f"process {jax.process_index()} of {jax.process_count()}"
     code = 1
     if isinstance(e, ResNetJaxError):
@@ -189,9 +205,11 @@ def end_process_on_error():
     elif isinstance(e, OSError):
       line, code = f"{where}: cannot read or write {describe_os_error(e)}", 2
     elif _lost_a_process(e):
-      line = (f"{where}: a computation across the processes failed: another process stopped or cannot be "
-              f"reached ({_first_line(e)}); start every process again with the same command to resume "
-              f"from the newest complete checkpoint")
+      line = (
+        f"{where}: a computation across the processes failed: another process stopped or cannot be "
+        f"reached ({_first_line(e)}); start every process again with the same command to resume "
+        f"from the newest complete checkpoint"
+      )
     elif isinstance(e, KeyboardInterrupt):
       line, code = f"{where}: interrupted", 130
     elif isinstance(e, SystemExit):

@@ -30,32 +30,38 @@ def condense_fatal_errors(process_id: int, num_processes: int, coordinator: str,
   sys.stderr.flush()
   original = os.dup(2)
   r, w = os.pipe()
-  subprocess.Popen([sys.executable, "-u", os.path.abspath(__file__), str(process_id),
-                    str(num_processes), coordinator, str(timeout_s)],
-                   stdin=r, stdout=original, stderr=subprocess.DEVNULL, close_fds=True)
+  subprocess.Popen(
+    [sys.executable, "-u", os.path.abspath(__file__), str(process_id), str(num_processes), coordinator, str(timeout_s)],
+    stdin=r,
+    stdout=original,
+    stderr=subprocess.DEVNULL,
+    close_fds=True,
+  )
   os.close(r)
   os.dup2(w, 2)
   os.close(w)
   os.close(original)
 
 
-def describe_fatal(text: bytes, process_id: int, num_processes: int, coordinator: str,
-                   timeout_s: int) -> str:
+def describe_fatal(text: bytes, process_id: int, num_processes: int, coordinator: str, timeout_s: int) -> str:
   """The one line for jax's fatal message ``text`` (the MARK line and what followed it)."""
   s = text.decode(errors="replace")
   status = re.search(r"absl::Status: ([A-Z_]+)", s)
   rpc = re.search(r"RPC: (\S+)", s)
-  what = ", ".join(x for x in ((status.group(1) if status else ""),
-                               (f"RPC {rpc.group(1)}" if rpc else "")) if x)
-  where = (f"process {process_id} of {num_processes}" if process_id >= 0 else "this process")
+  what = ", ".join(x for x in ((status.group(1) if status else ""), (f"RPC {rpc.group(1)}" if rpc else "")) if x)
+  where = f"process {process_id} of {num_processes}" if process_id >= 0 else "this process"
   if rpc and rpc.group(1).endswith(("RegisterTask", "WaitForAllTasks")) or "RegisterTask" in s:
-    why = (f"not every process connected to the coordinator {coordinator or '(auto-detected)'} within "
-           f"config.distributed.init_timeout_s = {timeout_s} s: start every process with the "
-           f"same coordinator_address (process 0's host and port) and num_processes, and its own "
-           f"process_id in [0, num_processes)")
+    why = (
+      f"not every process connected to the coordinator {coordinator or '(auto-detected)'} within "
+      f"config.distributed.init_timeout_s = {timeout_s} s: start every process with the "
+      f"same coordinator_address (process 0's host and port) and num_processes, and its own "
+      f"process_id in [0, num_processes)"
+    )
   else:
-    why = ("another process stopped or cannot be reached: start every process again with the same "
-           "command (the run resumes from its newest complete checkpoint)")
+    why = (
+      "another process stopped or cannot be reached: start every process again with the same "
+      "command (the run resumes from its newest complete checkpoint)"
+    )
   return f"error: {where}: jax's distributed runtime ended this process ({what or 'fatal error'}): {why}"
 
 

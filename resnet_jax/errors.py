@@ -63,6 +63,7 @@ def parse_args(parser, argv, usage: str):
   """``parser.parse_args(argv)`` where a bad command line is a :class:`ConfigError` saying what argparse
   found wrong and ``usage`` (one line through :func:`run_cli`) instead of argparse's several lines and
   exit; ``--help`` still prints and exits 0."""
+
   def error(message: str) -> NoReturn:
     raise ConfigError(f"{message}; {usage}")
 
@@ -81,6 +82,7 @@ def fail(message: str, code: int = EXIT_USER_ERROR) -> NoReturn:
 def _drops_closed_loop_errors(previous: Callable) -> Callable:
   """An unraisable-exception hook that drops ``RuntimeError: Event loop is closed`` and passes every
   other exception on to ``previous``."""
+
   def hook(unraisable) -> None:
     value = unraisable.exc_value
     if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
@@ -128,6 +130,7 @@ def stray_async_errors_silenced() -> Iterator[None]:
 def describe_os_error(e: OSError) -> str:
   """``PATH: reason (ERRNO_NAME)`` for an OSError: the file it is about and what the system said."""
   import errno as errno_lib
+
   paths = [str(p) for p in (e.filename, e.filename2) if p is not None]
   reason = e.strerror or (str(e.args[0]) if e.args else type(e).__name__)
   code = f" ({errno_lib.errorcode.get(e.errno, e.errno)})" if e.errno is not None else ""

@@ -25,11 +25,13 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   """The config of the run in ``workdir`` as it is now: ``WORKDIR/config.json`` (its start) with the
   setting changes of ``WORKDIR/config_history.jsonl`` applied."""
   from resnet_jax.workdir import current_settings, read_json_object
+
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
     raise CheckpointError(f"{path} not found: --workdir must be the output folder of a train.py run")
   raw = current_settings(workdir, read_json_object(path, "the config of a train.py run"))
   from resnet_jax.config_check import base_config
+
   config = base_config()
   try:
     config.update_from_flattened_dict(_flatten(raw))
@@ -49,8 +51,7 @@ def _use_recorded_normalization(workdir: str, config: ml_collections.ConfigDict)
       norm = json.load(f)["normalization"]
     mean, std = tuple(float(v) for v in norm["mean"]), tuple(float(v) for v in norm["std"])
   except (OSError, ValueError, KeyError, TypeError) as e:
-    raise CheckpointError(f"cannot read the normalisation recorded in {path}: {type(e).__name__}: {e}"
-                          ) from None
+    raise CheckpointError(f"cannot read the normalisation recorded in {path}: {type(e).__name__}: {e}") from None
   config.dataset.mean, config.dataset.std = mean, std
 
 
@@ -60,14 +61,16 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     if isinstance(v, dict) and k != "options":
       out.update(_flatten(v, f"{prefix}{k}."))
     else:
-      out[f"{prefix}{k}"] = ml_collections.ConfigDict(v) if isinstance(v, dict) else (
-          tuple(v) if isinstance(v, list) else v)
+      out[f"{prefix}{k}"] = (
+        ml_collections.ConfigDict(v) if isinstance(v, dict) else (tuple(v) if isinstance(v, list) else v)
+      )
   return out
 
 
 def evaluate_workdir(workdir: str, step: int | None = None) -> dict:
   """Test loss and accuracy of the checkpoint of ``step`` (default: newest) of the run in ``workdir``."""
   import jax
+
   from resnet_jax import run_setup
   from resnet_jax.checkpoint import Checkpointer
   from resnet_jax.config_check import validate_config
@@ -84,9 +87,15 @@ def evaluate_workdir(workdir: str, step: int | None = None) -> dict:
   finally:
     ckpt.close()
   result = setup.evaluate(state)
-  return {"workdir": os.path.abspath(workdir), "step": int(jax.device_get(state.step)),
-          "model": config.model.name, "dataset": config.dataset.name,
-          "test_loss": result["loss"], "test_accuracy": result["accuracy"], "examples": result["count"]}
+  return {
+    "workdir": os.path.abspath(workdir),
+    "step": int(jax.device_get(state.step)),
+    "model": config.model.name,
+    "dataset": config.dataset.name,
+    "test_loss": result["loss"],
+    "test_accuracy": result["accuracy"],
+    "examples": result["count"],
+  }
 
 
 def main(argv: list[str]) -> int:

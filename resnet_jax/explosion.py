@@ -40,8 +40,9 @@ from resnet_jax import residual_unit
 BN_EPS = 1e-5
 
 
-def stack_params(key, depth: int, width: int, hidden: int, gain: float = 1.0, branch_scale: float = 1.0,
-                 dtype=None) -> list[dict]:
+def stack_params(
+  key, depth: int, width: int, hidden: int, gain: float = 1.0, branch_scale: float = 1.0, dtype=None
+) -> list[dict]:
   """:func:`resnet_jax.residual_unit.init_stack` with ``W1 *= gain`` and ``W2 *= gain * branch_scale``."""
   params = residual_unit.init_stack(key, depth, width, hidden, dtype=dtype or jnp.float64)
   return [{**p, "w1": p["w1"] * gain, "w2": p["w2"] * (gain * branch_scale)} for p in params]
@@ -64,8 +65,16 @@ def unit(p: dict, x, activation: str, residual: bool, norm: bool = False, gamma:
   return x + h if residual else h
 
 
-def measure(params: list[dict], x, y, activation: str, residual: bool, norm: bool = False,
-            gamma: float = 1.0, jacobians: bool = True) -> dict[str, Any]:
+def measure(
+  params: list[dict],
+  x,
+  y,
+  activation: str,
+  residual: bool,
+  norm: bool = False,
+  gamma: float = 1.0,
+  jacobians: bool = True,
+) -> dict[str, Any]:
   """Measured and predicted gradient growth through the stack ``params`` on the batch ``x``, targets ``y``.
 
   The loss is ``1/(2B) ||x_L - y||^2``, so the output error is ``(x_L - y) / B``. Returns lists indexed by
@@ -84,13 +93,14 @@ def measure(params: list[dict], x, y, activation: str, residual: bool, norm: boo
     return _measure(params, x, y, activation, residual, norm, gamma, jacobians)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled(activation: str, residual: bool, norm: bool, gamma: float):
   """Jitted forward, backward (vjp) and Jacobian blocks of one unit, built once per kind of unit.
 
   The Jacobian ``d x_{l+1} / d x_l`` is returned as blocks: ``(B, dim, dim)``, one per example, without BN
   (the batch Jacobian is block-diagonal), ``(1, B*dim, B*dim)`` with BN (which couples the examples).
   """
+
   def f(p, v):
     return unit(p, v, activation, residual, norm, gamma)
 
@@ -102,6 +112,7 @@ def _compiled(activation: str, residual: bool, norm: bool, gamma: float):
       n = v.size
       return jax.jacfwd(lambda u: f(p, u.reshape(v.shape)).reshape(n))(v.reshape(n))[None]
     return jax.vmap(lambda u: jax.jacfwd(lambda w: f(p, w[None])[0])(u))(v)
+
   return jax.jit(f), jax.jit(bwd), jax.jit(blocks)
 
 
@@ -117,7 +128,7 @@ def _measure(params, x, y, activation, residual, norm, gamma, jacobians):
   g = (xs[-1] - jnp.asarray(y, jnp.float64)) / batch
   top = math.log10(float(jnp.linalg.norm(g)))
   grad, scale = [0.0] * (depth + 1), top
-  g = g / 10 ** top
+  g = g / 10**top
   bound, product, typical = [0.0] * (depth + 1), [0.0] * (depth + 1), [0.0] * (depth + 1)
   prod, prod_scale = None, 0.0
   for l in range(depth - 1, -1, -1):
@@ -125,17 +136,17 @@ def _measure(params, x, y, activation, residual, norm, gamma, jacobians):
       g = bwd(params[l], xs[l], g)
       size = float(jnp.linalg.norm(g))
       if size == 0.0 or not math.isfinite(size):
-        grad[:l + 1] = [-math.inf if size == 0.0 else math.inf] * (l + 1)
+        grad[: l + 1] = [-math.inf if size == 0.0 else math.inf] * (l + 1)
         g = None
       else:
         scale += math.log10(size)
         g = g / size
         grad[l] = scale - top
     if jacobians:
-      m = np.asarray(jac(params[l], xs[l]))                   # blocks of d x_{l+1} / d x_l
+      m = np.asarray(jac(params[l], xs[l]))  # blocks of d x_{l+1} / d x_l
       bound[l] = bound[l + 1] + _log10(_spectral(m))
       typical[l] = typical[l + 1] + _log10(math.sqrt(float(np.sum(m * m)) / n))
-      prod = m if prod is None else prod @ m                  # g_l = g_L M_{L-1} ... M_l
+      prod = m if prod is None else prod @ m  # g_l = g_L M_{L-1} ... M_l
       s = _spectral(prod)
       prod_scale += _log10(s)
       product[l] = prod_scale
@@ -144,9 +155,13 @@ def _measure(params, x, y, activation, residual, norm, gamma, jacobians):
     elif g is None:
       break
   rms = lambda v: float(jnp.sqrt(jnp.mean(jnp.square(v))))
-  return {"log10_grad": grad, "log10_bound": bound if jacobians else None,
-          "log10_product": product if jacobians else None, "log10_typical": typical if jacobians else None,
-          "log10_forward": _log10(rms(xs[-1])) - _log10(rms(xs[0]))}
+  return {
+    "log10_grad": grad,
+    "log10_bound": bound if jacobians else None,
+    "log10_product": product if jacobians else None,
+    "log10_typical": typical if jacobians else None,
+    "log10_forward": _log10(rms(xs[-1])) - _log10(rms(xs[0])),
+  }
 
 
 def _spectral(blocks: np.ndarray) -> float:
@@ -161,19 +176,28 @@ def _log10(value: float) -> float:
 # The remedies, measured at one exploding setting: (name, residual, norm, last BN gamma, branch scale).
 # A branch scale of None means 1/L: the branch of a depth-L stack starts L times smaller.
 REMEDIES = (
-    ("plain", False, False, 1.0, 1.0),
-    ("residual", True, False, 1.0, 1.0),
-    ("plain + BN", False, True, 1.0, 1.0),
-    ("residual + BN", True, True, 1.0, 1.0),
-    ("residual + BN, last gamma 0", True, True, 0.0, 1.0),
-    ("residual, branch x 0.1", True, False, 1.0, 0.1),
-    ("residual, branch x 1/L", True, False, 1.0, None),
+  ("plain", False, False, 1.0, 1.0),
+  ("residual", True, False, 1.0, 1.0),
+  ("plain + BN", False, True, 1.0, 1.0),
+  ("residual + BN", True, True, 1.0, 1.0),
+  ("residual + BN, last gamma 0", True, True, 0.0, 1.0),
+  ("residual, branch x 0.1", True, False, 1.0, 0.1),
+  ("residual, branch x 1/L", True, False, 1.0, None),
 )
 
 
-def study(gains, depths, width: int, hidden: int, batch: int, seed: int,
-          activations=("sigmoid", "tanh", "relu"), remedy_gain: float = 3.0, remedy_activation: str = "relu",
-          log=None) -> list[dict[str, Any]]:
+def study(
+  gains,
+  depths,
+  width: int,
+  hidden: int,
+  batch: int,
+  seed: int,
+  activations=("sigmoid", "tanh", "relu"),
+  remedy_gain: float = 3.0,
+  remedy_activation: str = "relu",
+  log=None,
+) -> list[dict[str, Any]]:
   """Every (activation, gain, plain/residual, depth) and every remedy at ``remedy_gain``: one record each.
 
   The stacks of every depth are the first ``depth`` units of one stack of ``max(depths)`` units (same
@@ -186,10 +210,15 @@ def study(gains, depths, width: int, hidden: int, batch: int, seed: int,
   with jax.enable_x64(True):
     x = jax.random.normal(kx, (batch, width), jnp.float64)
     y = jax.random.normal(ky, (batch, width), jnp.float64)
-  settings = [(a, g, "plain" if not r else "residual", r, False, 1.0, 1.0)
-              for a in activations for g in gains for r in (False, True)]
-  settings += [(remedy_activation, remedy_gain, name, r, bn, gamma, scale)
-               for name, r, bn, gamma, scale in REMEDIES[2:]]
+  settings = [
+    (a, g, "plain" if not r else "residual", r, False, 1.0, 1.0)
+    for a in activations
+    for g in gains
+    for r in (False, True)
+  ]
+  settings += [
+    (remedy_activation, remedy_gain, name, r, bn, gamma, scale) for name, r, bn, gamma, scale in REMEDIES[2:]
+  ]
   records = []
   for activation, gain, name, residual, norm, gamma, scale in settings:
     log(f"explosion: {activation}, gain {gain}, {name}")
@@ -198,12 +227,25 @@ def study(gains, depths, width: int, hidden: int, batch: int, seed: int,
       with jax.enable_x64(True):
         params = stack_params(kp, max(depths), width, hidden, gain, branch_scale)[:depth]
       m = measure(params, x, y, activation, residual, norm, gamma)
-      rec = {"activation": activation, "gain": gain, "net": name, "residual": residual, "norm": norm,
-             "last_gamma": gamma, "branch_scale": branch_scale, "depth": depth, "width": width,
-             "hidden": hidden, "batch": batch, "seed": seed,
-             "log10_first_over_last": m["log10_grad"][0], "log10_product_norm": m["log10_product"][0],
-             "log10_bound": m["log10_bound"][0], "log10_typical": m["log10_typical"][0],
-             "log10_forward": m["log10_forward"]}
+      rec = {
+        "activation": activation,
+        "gain": gain,
+        "net": name,
+        "residual": residual,
+        "norm": norm,
+        "last_gamma": gamma,
+        "branch_scale": branch_scale,
+        "depth": depth,
+        "width": width,
+        "hidden": hidden,
+        "batch": batch,
+        "seed": seed,
+        "log10_first_over_last": m["log10_grad"][0],
+        "log10_product_norm": m["log10_product"][0],
+        "log10_bound": m["log10_bound"][0],
+        "log10_typical": m["log10_typical"][0],
+        "log10_forward": m["log10_forward"],
+      }
       if depth == max(depths):
         rec["profile"] = {k: m[k] for k in ("log10_grad", "log10_product", "log10_bound", "log10_typical")}
       records.append(rec)

@@ -25,7 +25,8 @@ import contextlib
 import io
 import os
 import sys
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -49,6 +50,7 @@ def inference_function(model: Any, variables: dict) -> Callable:
 
   def f(x):
     return jnp.asarray(model.apply(variables, x, train=False), jnp.float32)
+
   return f
 
 
@@ -58,6 +60,7 @@ def inference_function(model: Any, variables: dict) -> Callable:
 
 def _jax2onnx():
   import logging
+
   # jax2onnx logs a warning with a traceback for each optional plugin it cannot load (dm_pix's).
   logging.getLogger("jax2onnx").setLevel(logging.ERROR)
   try:
@@ -68,8 +71,7 @@ def _jax2onnx():
   return jax2onnx
 
 
-def to_onnx(model: Any, variables: dict, image_shape: Sequence[int], batch: int | None = None,
-            opset: int = 23):
+def to_onnx(model: Any, variables: dict, image_shape: Sequence[int], batch: int | None = None, opset: int = 23):
   """The ONNX ``ModelProto`` of the model's evaluation-mode logits (input ``image`` NHWC, output ``logits``).
 
   ``batch=None`` gives a dynamic batch dimension ``B``. The model is traced with jit inlined
@@ -88,8 +90,15 @@ def to_onnx(model: Any, variables: dict, image_shape: Sequence[int], batch: int 
 
   shape = ("B" if batch is None else int(batch), *[int(d) for d in image_shape])
   with contextlib.redirect_stdout(io.StringIO()), _without_linen_plugins():
-    proto = jax2onnx.to_onnx(inlined, inputs=[shape], model_name="resnet_jax", opset=opset,
-                             return_mode="proto", input_names=["image"], output_names=["logits"])
+    proto = jax2onnx.to_onnx(
+      inlined,
+      inputs=[shape],
+      model_name="resnet_jax",
+      opset=opset,
+      return_mode="proto",
+      input_names=["image"],
+      output_names=["logits"],
+    )
   return proto
 
 
@@ -111,9 +120,14 @@ def _plain_layers(next_fun, args, kwargs, context):
     strides = module.strides or (1,) * (x.ndim - 2)
     strides = (strides,) * (x.ndim - 2) if isinstance(strides, int) else tuple(strides)
     padding = module.padding if isinstance(module.padding, str) else tuple(tuple(p) for p in module.padding)
-    y = lax.conv_general_dilated(jnp.asarray(x, kernel.dtype), kernel, strides, padding,
-                                 dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                 feature_group_count=module.feature_group_count)
+    y = lax.conv_general_dilated(
+      jnp.asarray(x, kernel.dtype),
+      kernel,
+      strides,
+      padding,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=module.feature_group_count,
+    )
     return y + params["bias"] if module.use_bias else y
   if isinstance(module, nn.BatchNorm):
     stats = module.variables["batch_stats"]
@@ -168,8 +182,9 @@ def check_onnx(path_or_bytes: str | bytes, model: Any, variables: dict, images: 
 # StableHLO.
 
 
-def to_stablehlo(model: Any, variables: dict, image_shape: Sequence[int], batch: int | None = None,
-                 platforms: Sequence[str] = ("cpu",)) -> bytes:
+def to_stablehlo(
+  model: Any, variables: dict, image_shape: Sequence[int], batch: int | None = None, platforms: Sequence[str] = ("cpu",)
+) -> bytes:
   """Serialized ``jax.export.Exported`` of the model's evaluation-mode logits (batch ``b`` when ``None``)."""
   import jax
   from jax import export as jax_export
@@ -187,6 +202,7 @@ def to_stablehlo(model: Any, variables: dict, image_shape: Sequence[int], batch:
 def run_stablehlo(blob: bytes, images: np.ndarray) -> np.ndarray:
   """Deserialize a :func:`to_stablehlo` artifact and run it on ``images``."""
   from jax import export as jax_export
+
   exported = jax_export.deserialize(bytearray(blob))
   return np.asarray(exported.call(np.asarray(images, np.float32)))
 
@@ -195,8 +211,16 @@ def run_stablehlo(blob: bytes, images: np.ndarray) -> np.ndarray:
 # The command line.
 
 
-def export(model: Any, variables: dict, image_shape: Sequence[int], fmt: str, out: str,
-           batch: int | None = None, check: bool = True, seed: int = 0) -> float | None:
+def export(
+  model: Any,
+  variables: dict,
+  image_shape: Sequence[int],
+  fmt: str,
+  out: str,
+  batch: int | None = None,
+  check: bool = True,
+  seed: int = 0,
+) -> float | None:
   """Write the ``fmt`` artifact to ``out``; with ``check``, return the largest logit difference between the
   reloaded artifact and the JAX model on a random batch of 2 (or ``batch``)."""
   if fmt not in FORMATS:
@@ -224,6 +248,7 @@ def export(model: Any, variables: dict, image_shape: Sequence[int], fmt: str, ou
 
 def main(argv: list[str]) -> int:
   import argparse
+
   parser = argparse.ArgumentParser(prog="python -m resnet_jax.export", description=__doc__.split("\n")[0])
   parser.add_argument("--workdir", help="output folder of a train.py run")
   parser.add_argument("--weights", help="a torchvision state dict (.pth/.pt/.safetensors/.npz)")
@@ -234,25 +259,36 @@ def main(argv: list[str]) -> int:
   parser.add_argument("--batch", type=int, default=None, help="fixed batch size (default: dynamic)")
   parser.add_argument("--platforms", default="cpu", help="stablehlo: comma-separated, e.g. cpu,cuda")
   parser.add_argument("--no-check", action="store_true", help="do not reload and compare the artifact")
-  args = parse_args(parser, argv, "usage: python -m resnet_jax.export (--workdir=RUN | --weights=FILE --model=NAME) "
-                        "--format=onnx|stablehlo --out=FILE")
+  args = parse_args(
+    parser,
+    argv,
+    "usage: python -m resnet_jax.export (--workdir=RUN | --weights=FILE --model=NAME) "
+    "--format=onnx|stablehlo --out=FILE",
+  )
   if args.format not in FORMATS:
     raise ConfigError(f"unknown export format {args.format!r}: expected one of {', '.join(FORMATS)}")
   if args.batch is not None and args.batch < 1:
     raise ConfigError(f"--batch must be positive, got {args.batch}")
   from resnet_jax import predict
+
   predictor = predict.load_predictor(args.workdir, args.weights, args.model, args.image_size)
   prep = predictor.preprocessing
   image_shape = (prep.size, prep.size, prep.channels)
   if args.format == "stablehlo" and args.platforms != "cpu":
-    blob = to_stablehlo(predictor.model, predictor.variables, image_shape, args.batch,
-                        [p.strip() for p in args.platforms.split(",") if p.strip()])
+    blob = to_stablehlo(
+      predictor.model,
+      predictor.variables,
+      image_shape,
+      args.batch,
+      [p.strip() for p in args.platforms.split(",") if p.strip()],
+    )
     with open(args.out, "wb") as f:
       f.write(blob)
     print(f"wrote {args.out} ({len(blob) / 1e6:.1f} MB, platforms {args.platforms}; not checked here)")
     return 0
-  diff = export(predictor.model, predictor.variables, image_shape, args.format, args.out, args.batch,
-                check=not args.no_check)
+  diff = export(
+    predictor.model, predictor.variables, image_shape, args.format, args.out, args.batch, check=not args.no_check
+  )
   batch = "dynamic batch" if args.batch is None else f"batch {args.batch}"
   size = os.path.getsize(args.out) / 1e6
   checked = "" if diff is None else f"; reloaded and compared: max |logit difference| {diff:.2e}"

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -39,8 +40,7 @@ WEIGHT_FILE_EXTENSIONS = (".pth", ".pt", ".safetensors", ".npz")
 
 def _settings(config) -> dict:
   ft = config.get("finetune", None)
-  defaults = dict(weights="", reset_head=False, freeze_backbone=False, freeze_batch_stats=False,
-                  backbone_lr_scale=1.0)
+  defaults = dict(weights="", reset_head=False, freeze_backbone=False, freeze_batch_stats=False, backbone_lr_scale=1.0)
   if ft is None:
     return defaults
   return {k: ft.get(k, v) for k, v in defaults.items()}
@@ -61,9 +61,9 @@ def param_labels(params: Any) -> Any:
 # The optimizer and the apply function of a fine-tuning run.
 
 
-def make_optimizer(config, schedule: optax.Schedule,
-                   base: Callable[[Any, optax.Schedule], optax.GradientTransformation]
-                   ) -> optax.GradientTransformation:
+def make_optimizer(
+  config, schedule: optax.Schedule, base: Callable[[Any, optax.Schedule], optax.GradientTransformation]
+) -> optax.GradientTransformation:
   """``base(config, schedule)``, split by ``optax.multi_transform`` when the backbone is frozen or slower.
 
   Without ``freeze_backbone`` and with ``backbone_lr_scale == 1`` it is ``base(config, schedule)`` itself,
@@ -93,6 +93,7 @@ def make_apply_fn(config, model) -> Callable:
       y, state = out
       return y, {**state, "batch_stats": variables.get("batch_stats", {})}
     return out
+
   return apply
 
 
@@ -132,8 +133,7 @@ def _from_state_dict(path: str, target: dict, model_label: str) -> tuple[dict, t
       if tuple(a.shape) != expected:
         continue  # Another number of classes: the head is replaced (checked by the caller).
     elif tuple(a.shape) != expected:
-      bad.append(f"{key!r} has shape {_shape_text(a.shape)} in the file, the model expects "
-                 f"{_shape_text(expected)}")
+      bad.append(f"{key!r} has shape {_shape_text(a.shape)} in the file, the model expects {_shape_text(expected)}")
       continue
     out[flax_path] = convert._to_flax_layout(a, len(leaf.shape), rest[-1])
   target_has_head = any(_is_head_key(p) for p in target)
@@ -150,12 +150,17 @@ def _from_state_dict(path: str, target: dict, model_label: str) -> tuple[dict, t
 def latest_run_checkpoint(workdir: str) -> tuple[str, int]:
   """``(path of the saved state, step)`` of the newest complete checkpoint of the run in ``workdir``."""
   folder = os.path.join(workdir, "checkpoints")
-  steps = sorted(int(n) for n in (os.listdir(folder) if os.path.isdir(folder) else ())
-                 if n.isdigit() and os.path.isdir(os.path.join(folder, n, "state")))
+  steps = sorted(
+    int(n)
+    for n in (os.listdir(folder) if os.path.isdir(folder) else ())
+    if n.isdigit() and os.path.isdir(os.path.join(folder, n, "state"))
+  )
   if not steps:
-    raise CheckpointError(f"weights {workdir} is a folder without a complete checkpoint in {folder}: "
-                          f"expected the workdir of a train.py run, or a weights file "
-                          f"({', '.join(WEIGHT_FILE_EXTENSIONS)})")
+    raise CheckpointError(
+      f"weights {workdir} is a folder without a complete checkpoint in {folder}: "
+      f"expected the workdir of a train.py run, or a weights file "
+      f"({', '.join(WEIGHT_FILE_EXTENSIONS)})"
+    )
   return os.path.join(folder, str(steps[-1]), "state"), steps[-1]
 
 
@@ -173,8 +178,9 @@ def read_run_variables(workdir: str) -> tuple[dict, dict]:
   try:
     restored = ocp.StandardCheckpointer().restore(os.path.abspath(state_path))
   except Exception as e:  # orbax raises many types on damaged files
-    raise CheckpointError(f"cannot read the checkpoint of step {step} in {workdir}: {type(e).__name__}: "
-                          f"{' '.join(str(e).split())[:200]}") from None
+    raise CheckpointError(
+      f"cannot read the checkpoint of step {step} in {workdir}: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
+    ) from None
   if not isinstance(restored, dict) or "params" not in restored:
     raise CheckpointError(f"{state_path} does not hold a train state with params")
   variables = {"params": restored["params"], "batch_stats": restored.get("batch_stats") or {}}
@@ -198,22 +204,32 @@ def _from_workdir(workdir: str, target: dict, model_label: str) -> tuple[dict, t
       continue
     if tuple(flat[p].shape) != tuple(leaf.shape):
       if not _is_head_key(p):
-        bad.append(f"{name} has shape {_shape_text(flat[p].shape)} in the run, the model expects "
-                   f"{_shape_text(leaf.shape)}")
+        bad.append(
+          f"{name} has shape {_shape_text(flat[p].shape)} in the run, the model expects {_shape_text(leaf.shape)}"
+        )
       continue
     out[p] = flat[p]
   target_has_head = any(_is_head_key(p) for p in target)
-  bad += [f"{'/'.join(p)} in the run is not a variable of the model" for p in flat
-          if p not in target and (target_has_head or not _is_head_key(p))]
+  bad += [
+    f"{'/'.join(p)} in the run is not a variable of the model"
+    for p in flat
+    if p not in target and (target_has_head or not _is_head_key(p))
+  ]
   if bad:
     more = f" ({len(bad) - 1} more keys differ)" if len(bad) > 1 else ""
-    raise CheckpointError(f"weights of the run in {workdir} (model {run_model}) do not fit {model_label}: "
-                          f"first bad key {bad[0]}{more}")
+    raise CheckpointError(
+      f"weights of the run in {workdir} (model {run_model}) do not fit {model_label}: first bad key {bad[0]}{more}"
+    )
   return out, head_shape
 
 
-def load_initial_variables(source: str, variables: dict, model_label: str = "the model",
-                           reset_head: bool = False, log: Callable[[str], None] = print) -> dict:
+def load_initial_variables(
+  source: str,
+  variables: dict,
+  model_label: str = "the model",
+  reset_head: bool = False,
+  log: Callable[[str], None] = print,
+) -> dict:
   """``variables`` (a fresh initialisation) with every tensor replaced by the one of ``source``.
 
   Args:
@@ -238,12 +254,16 @@ def load_initial_variables(source: str, variables: dict, model_label: str = "the
     loaded, head_shape = _from_workdir(source, flat_target, model_label)
   elif os.path.isfile(source):
     if os.path.splitext(source)[1].lower() not in WEIGHT_FILE_EXTENSIONS:
-      raise CheckpointError(f"weights {source}: unknown format {os.path.splitext(source)[1]!r}, expected a "
-                            f"file ending in {', '.join(WEIGHT_FILE_EXTENSIONS)} or a train.py workdir")
+      raise CheckpointError(
+        f"weights {source}: unknown format {os.path.splitext(source)[1]!r}, expected a "
+        f"file ending in {', '.join(WEIGHT_FILE_EXTENSIONS)} or a train.py workdir"
+      )
     loaded, head_shape = _from_state_dict(source, flat_target, model_label)
   else:
-    raise CheckpointError(f"weights {source} not found: expected a file ({', '.join(WEIGHT_FILE_EXTENSIONS)}) "
-                          f"or the workdir of a train.py run")
+    raise CheckpointError(
+      f"weights {source} not found: expected a file ({', '.join(WEIGHT_FILE_EXTENSIONS)}) "
+      f"or the workdir of a train.py run"
+    )
   head_keys = [p for p in flat_target if _is_head_key(p)]
   target_kernel = next((tuple(flat_target[p].shape) for p in head_keys if p[-1] == "kernel"), None)
   replace_head = bool(head_keys) and (reset_head or head_shape != target_kernel)
@@ -301,6 +321,7 @@ def torchvision_state_dict(variables: dict) -> dict[str, np.ndarray]:
 def save_weights(variables: dict, path: str) -> None:
   """Write :func:`torchvision_state_dict` of ``variables`` to a ``.safetensors`` or ``.npz`` file."""
   from resnet_jax.convert import write_state_dict
+
   write_state_dict(torchvision_state_dict(variables), path)
 
 
@@ -309,9 +330,12 @@ def main(argv: list[str]) -> int:
   import argparse
 
   from resnet_jax.errors import parse_args
-  parser = argparse.ArgumentParser(prog="python -m resnet_jax.finetune",
-                                   description="write the newest checkpoint's weights of a train.py run as "
-                                               "a torchvision state dict (.safetensors or .npz)")
+
+  parser = argparse.ArgumentParser(
+    prog="python -m resnet_jax.finetune",
+    description="write the newest checkpoint's weights of a train.py run as "
+    "a torchvision state dict (.safetensors or .npz)",
+  )
   parser.add_argument("--workdir", required=True, help="output folder of a train.py run")
   parser.add_argument("--out", required=True, help="file to write (.safetensors or .npz)")
   args = parse_args(parser, argv, "usage: python -m resnet_jax.finetune --workdir=RUN --out=FILE.safetensors")
@@ -325,4 +349,5 @@ if __name__ == "__main__":
   import sys
 
   from resnet_jax.errors import run_cli
+
   run_cli(main, sys.argv[1:])

@@ -25,7 +25,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -35,8 +36,10 @@ from resnet_jax import errors, residual_unit
 from resnet_jax.errors import ConfigError, run_cli
 
 DEFAULT_RTOL = {"float32": 1e-4, "float64": 1e-10}
-USAGE = ("usage: python -m resnet_jax.gradcheck [--depth N] [--width N] [--hidden N] [--activation NAME] "
-         "[--batch N] [--dtype float64|float32] [--seed N] [--rtol X]")
+USAGE = (
+  "usage: python -m resnet_jax.gradcheck [--depth N] [--width N] [--hidden N] [--activation NAME] "
+  "[--batch N] [--dtype float64|float32] [--seed N] [--rtol X]"
+)
 
 
 def error_floor(dtype: Any) -> float:
@@ -58,8 +61,9 @@ def rel_error(a: Any, b: Any, floor: float) -> float:
   return abs_error(a, b) / scale
 
 
-def autodiff_stack_grads(params: Sequence[dict], x: Any, y: Any, shortcut: bool = True,
-                         activation: str = "sigmoid") -> dict[str, Any]:
+def autodiff_stack_grads(
+  params: Sequence[dict], x: Any, y: Any, shortcut: bool = True, activation: str = "sigmoid"
+) -> dict[str, Any]:
   """The reference: :func:`residual_unit.manual_stack_grads`' result computed with ``jax.grad``.
 
   The gradient with respect to unit l's input is the gradient with respect to a zero perturbation
@@ -70,7 +74,7 @@ def autodiff_stack_grads(params: Sequence[dict], x: Any, y: Any, shortcut: bool 
   def perturbed_loss(params, eps):
     h = x
     for p, e in zip(params, eps):
-      h = residual_unit.stack_forward([p], h + e, shortcut, activation)   # one unit, residual or plain
+      h = residual_unit.stack_forward([p], h + e, shortcut, activation)  # one unit, residual or plain
     return 0.5 * jnp.sum(jnp.square(h - y)) / x.shape[0]
 
   eps = [jnp.zeros_like(x) for _ in params]
@@ -82,6 +86,7 @@ def autodiff_stack_grads(params: Sequence[dict], x: Any, y: Any, shortcut: bool 
 @dataclasses.dataclass(frozen=True)
 class Row:
   """One line of the table: the largest errors of one gradient (over units, for a stack)."""
+
   model: str
   name: str
   abs_err: float
@@ -93,8 +98,16 @@ class Row:
     return bool(np.isfinite(self.rel_err)) and self.rel_err <= self.rtol
 
 
-def check(depth: int = 20, width: int = 8, hidden: int = 16, activation: str = "sigmoid",
-          batch: int = 4, dtype: str = "float64", seed: int = 0, rtol: float | None = None) -> list[Row]:
+def check(
+  depth: int = 20,
+  width: int = 8,
+  hidden: int = 16,
+  activation: str = "sigmoid",
+  batch: int = 4,
+  dtype: str = "float64",
+  seed: int = 0,
+  rtol: float | None = None,
+) -> list[Row]:
   """Computes every comparison of the table and returns its rows (x64 must be on for float64).
 
   Rows: for ``unit``, ``w1 b1 w2 b2 x``; for ``residual stack`` and ``plain stack`` (``depth`` units),
@@ -132,8 +145,7 @@ def check(depth: int = 20, width: int = 8, hidden: int = 16, activation: str = "
 
 
 def _worst(model: str, name: str, pairs: list, floor: float, rtol: float) -> Row:
-  return Row(model, name, max(abs_error(a, b) for a, b in pairs),
-             max(rel_error(a, b, floor) for a, b in pairs), rtol)
+  return Row(model, name, max(abs_error(a, b) for a, b in pairs), max(rel_error(a, b, floor) for a, b in pairs), rtol)
 
 
 def format_table(rows: Sequence[Row]) -> str:
@@ -141,8 +153,9 @@ def format_table(rows: Sequence[Row]) -> str:
   head = f"{'model':<15} {'gradient':<17} {'max abs diff':>12} {'max rel diff':>12} {'tolerance':>9}  result"
   lines = [head, "-" * len(head)]
   for r in rows:
-    lines.append(f"{r.model:<15} {r.name:<17} {r.abs_err:>12.2e} {r.rel_err:>12.2e} {r.rtol:>9.0e}  "
-                 f"{'PASS' if r.ok else 'FAIL'}")
+    lines.append(
+      f"{r.model:<15} {r.name:<17} {r.abs_err:>12.2e} {r.rel_err:>12.2e} {r.rtol:>9.0e}  {'PASS' if r.ok else 'FAIL'}"
+    )
   return "\n".join(lines)
 
 
@@ -175,22 +188,34 @@ def _int(text: str) -> int:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   """The command line of ``python -m resnet_jax.gradcheck``."""
-  ap = argparse.ArgumentParser(prog="python -m resnet_jax.gradcheck",
-                               description="Compare the hand-derived gradients of the residual unit, of a "
-                                           "deep residual stack and of its plain twin with jax.grad; exit 1 if "
-                                           "any exceeds its tolerance.")
+  ap = argparse.ArgumentParser(
+    prog="python -m resnet_jax.gradcheck",
+    description="Compare the hand-derived gradients of the residual unit, of a "
+    "deep residual stack and of its plain twin with jax.grad; exit 1 if "
+    "any exceeds its tolerance.",
+  )
   ap.add_argument("--depth", type=_positive_int, default=20, help="units in the stacks (default 20)")
-  ap.add_argument("--width", "--dim", dest="width", type=_positive_int, default=8,
-                  help="dim, the width of x (default 8)")
+  ap.add_argument(
+    "--width", "--dim", dest="width", type=_positive_int, default=8, help="dim, the width of x (default 8)"
+  )
   ap.add_argument("--hidden", type=_positive_int, default=16, help="hidden width of each branch (default 16)")
-  ap.add_argument("--activation", choices=sorted(residual_unit.ACTIVATIONS), default="sigmoid",
-                  help="sigma (default sigmoid)")
+  ap.add_argument(
+    "--activation", choices=sorted(residual_unit.ACTIVATIONS), default="sigmoid", help="sigma (default sigmoid)"
+  )
   ap.add_argument("--batch", type=_positive_int, default=4, help="rows of x (default 4)")
-  ap.add_argument("--dtype", choices=sorted(DEFAULT_RTOL), default="float64",
-                  help="float64 (default; enables 64-bit JAX for this run) or float32")
+  ap.add_argument(
+    "--dtype",
+    choices=sorted(DEFAULT_RTOL),
+    default="float64",
+    help="float64 (default; enables 64-bit JAX for this run) or float32",
+  )
   ap.add_argument("--seed", type=_int, default=0, help="PRNG seed of parameters and data (default 0)")
-  ap.add_argument("--rtol", type=_positive_float, default=None,
-                  help="relative tolerance (default 1e-10 for float64, 1e-4 for float32)")
+  ap.add_argument(
+    "--rtol",
+    type=_positive_float,
+    default=None,
+    help="relative tolerance (default 1e-10 for float64, 1e-4 for float32)",
+  )
   return errors.parse_args(ap, argv, USAGE)
 
 
@@ -198,12 +223,15 @@ def main(argv: Sequence[str] | None = None) -> int:
   """Prints the table; returns 0 if every gradient is within tolerance, else 1."""
   args = parse_args(argv)
   with jax.enable_x64(args.dtype == "float64"):
-    rows = check(args.depth, args.width, args.hidden, args.activation, args.batch, args.dtype,
-                 args.seed, args.rtol)
-  print(f"hand-derived gradients vs jax.grad: depth={args.depth} width={args.width} hidden={args.hidden} "
-        f"activation={args.activation} batch={args.batch} dtype={args.dtype} seed={args.seed}")
-  print(f"rel diff = max|manual - jax.grad| / max(max|jax.grad|, {error_floor(args.dtype):.1e}) per tensor; "
-        f"stacks: worst unit")
+    rows = check(args.depth, args.width, args.hidden, args.activation, args.batch, args.dtype, args.seed, args.rtol)
+  print(
+    f"hand-derived gradients vs jax.grad: depth={args.depth} width={args.width} hidden={args.hidden} "
+    f"activation={args.activation} batch={args.batch} dtype={args.dtype} seed={args.seed}"
+  )
+  print(
+    f"rel diff = max|manual - jax.grad| / max(max|jax.grad|, {error_floor(args.dtype):.1e}) per tensor; "
+    f"stacks: worst unit"
+  )
   print(format_table(rows))
   failed = [r for r in rows if not r.ok]
   if failed:

@@ -67,7 +67,7 @@ def unit_jacobians(p: dict, x, activation: str):
   input through the branch; the unit's full backward map is ``J`` (plain) or ``I + J`` (residual).
   """
   z = x @ p["w1"].T + p["b1"]
-  s = sigma_prime(z, activation)                       # (B, hidden)
+  s = sigma_prime(z, activation)  # (B, hidden)
   return jnp.einsum("dh,bh,hk->bdk", p["w2"], s, p["w1"])
 
 
@@ -100,12 +100,18 @@ def predicted_factors(params: list[dict], xs: list, shortcut: bool, activation: 
 
   def gmean(v: list[float]) -> float:
     return float(np.exp(np.mean(np.log(np.maximum(v, 1e-300)))))
-  return {"bound": bound, "typical": typical, "jacobian": jac,
-          "bound_gmean": gmean(bound), "typical_gmean": gmean(typical), "jacobian_gmean": gmean(jac)}
+
+  return {
+    "bound": bound,
+    "typical": typical,
+    "jacobian": jac,
+    "bound_gmean": gmean(bound),
+    "typical_gmean": gmean(typical),
+    "jacobian_gmean": gmean(jac),
+  }
 
 
-def log10_product_norm(params: list[dict], xs: list, shortcut: bool, activation: str,
-                       example: int = 0) -> float:
+def log10_product_norm(params: list[dict], xs: list, shortcut: bool, activation: str, example: int = 0) -> float:
   """log10 of ``||J_{L-1} ... J_0||_2`` (plain) or ``||(I+J_{L-1}) ... (I+J_0)||_2`` for one example.
 
   The product maps the error at the output to the error at the input (row vectors on the left). It is
@@ -116,7 +122,7 @@ def log10_product_norm(params: list[dict], xs: list, shortcut: bool, activation:
   prod = jnp.eye(dim, dtype=xs[0].dtype)
   scale = 0.0
   for p, x in reversed(list(zip(params, xs[:-1]))):
-    j = unit_jacobians(p, x[example:example + 1], activation)[0]
+    j = unit_jacobians(p, x[example : example + 1], activation)[0]
     if shortcut:
       j = j + jnp.eye(dim, dtype=j.dtype)
     prod = prod @ j
@@ -138,8 +144,9 @@ def max_rel_error(a, b) -> float:
   return max((rel_error(u, v, floor) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b))), default=0.0)
 
 
-def stack_gradient_norms(params: list[dict], x, y, shortcut: bool, activation: str,
-                         chunk: int = CHUNK, check: bool = True) -> dict[str, Any]:
+def stack_gradient_norms(
+  params: list[dict], x, y, shortcut: bool, activation: str, chunk: int = CHUNK, check: bool = True
+) -> dict[str, Any]:
   """log10 norms of the gradient reaching every unit, from :func:`residual_unit.manual_stack_grads`.
 
   Returns ``log10_input_grad`` (length L+1: ``||dL/dx_l||`` for l = 0..L-1, then ``||dL/dy_hat||``),
@@ -186,8 +193,12 @@ def stack_gradient_norms(params: list[dict], x, y, shortcut: bool, activation: s
     scale += math.log10(n)
     targets = xs[start] - batch * (g0 / n)
     end = start
-  return {"log10_input_grad": log_in, "log10_param_grad": log_par,
-          "max_rel_diff_vs_jax": worst if check else float("nan"), "layer_inputs": xs}
+  return {
+    "log10_input_grad": log_in,
+    "log10_param_grad": log_par,
+    "max_rel_diff_vs_jax": worst if check else float("nan"),
+    "layer_inputs": xs,
+  }
 
 
 def log10_norm(arrays) -> float:
@@ -198,8 +209,9 @@ def log10_norm(arrays) -> float:
   return 0.5 * math.log10(sq) if sq > 0 else -math.inf
 
 
-def measure_mlp(depth: int, width: int, hidden: int, activation: str, batch: int, seed: int,
-                check: bool = True) -> list[dict[str, Any]]:
+def measure_mlp(
+  depth: int, width: int, hidden: int, activation: str, batch: int, seed: int, check: bool = True
+) -> list[dict[str, Any]]:
   """Gradient flow through a plain stack of ``depth`` units and its residual twin (same weights).
 
   Runs in float64 (x64 is enabled inside). Data: ``x, y ~ N(0, 1)`` of shape ``(batch, width)``.
@@ -211,8 +223,9 @@ def measure_mlp(depth: int, width: int, hidden: int, activation: str, batch: int
     return _measure_mlp(depth, width, hidden, activation, batch, seed, check)
 
 
-def _measure_mlp(depth: int, width: int, hidden: int, activation: str, batch: int, seed: int,
-                 check: bool) -> list[dict[str, Any]]:
+def _measure_mlp(
+  depth: int, width: int, hidden: int, activation: str, batch: int, seed: int, check: bool
+) -> list[dict[str, Any]]:
   """:func:`measure_mlp` under x64."""
   kp, kx, ky = jax.random.split(jax.random.key(seed), 3)
   params = residual_unit.init_stack(kp, depth, width, hidden, dtype=jnp.float64)
@@ -226,9 +239,15 @@ def _measure_mlp(depth: int, width: int, hidden: int, activation: str, batch: in
     pred = predicted_factors(params, xs, shortcut, activation)
     log_in = g["log10_input_grad"]
     drop = log_in[0] - log_in[-1]
-    records.append({
-        "net": "residual" if shortcut else "plain", "depth": depth, "width": width, "hidden": hidden,
-        "activation": activation, "batch": batch, "seed": seed,
+    records.append(
+      {
+        "net": "residual" if shortcut else "plain",
+        "depth": depth,
+        "width": width,
+        "hidden": hidden,
+        "activation": activation,
+        "batch": batch,
+        "seed": seed,
         **g,
         "log10_first_over_last": drop,
         "measured_factor": 10 ** (drop / depth) if math.isfinite(drop) else 0.0,
@@ -239,7 +258,8 @@ def _measure_mlp(depth: int, width: int, hidden: int, activation: str, batch: in
         "jacobian_norm_per_unit": pred["jacobian"],
         "log10_jacobian_product_norm": log10_product_norm(params, xs, shortcut, activation),
         "seconds": time.perf_counter() - t0,
-    })
+      }
+    )
   return records
 
 
@@ -277,20 +297,31 @@ def measure_conv(depth: int, batch: int, size: int, seed: int) -> list[dict[str,
     rest = {k: v for k, v in variables.items() if k != "perturbations"}
     perturbations = zero_perturbations(model, rest, x, train=False)
     if not _block_items(perturbations):
-      raise ConfigError(f"model {name!r} exposes no 'blockNN' perturbations: its blocks need "
-                        "self.perturb('blockNN', x) to measure per-block gradients")
+      raise ConfigError(
+        f"model {name!r} exposes no 'blockNN' perturbations: its blocks need "
+        "self.perturb('blockNN', x) to measure per-block gradients"
+      )
 
     def loss_fn(perturbations, rest=rest, model=model):
-      logits, _ = model.apply({**rest, "perturbations": perturbations}, x, train=True,
-                              mutable=["batch_stats"])
+      logits, _ = model.apply({**rest, "perturbations": perturbations}, x, train=True, mutable=["batch_stats"])
       return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
     t0 = time.perf_counter()
     grads = jax.jit(jax.grad(loss_fn))(perturbations)
     items = _block_items(grads)
     log_norms = [log10_norm(v) for _, v in items]
-    records.append({
-        "model": name, "net": "residual" if shortcut else "plain", "depth": depth, "batch": batch,
-        "size": size, "seed": seed, "blocks": [k for k, _ in items], "log10_block_input_grad": log_norms,
-        "log10_first_over_last": log_norms[0] - log_norms[-1], "seconds": time.perf_counter() - t0})
+    records.append(
+      {
+        "model": name,
+        "net": "residual" if shortcut else "plain",
+        "depth": depth,
+        "batch": batch,
+        "size": size,
+        "seed": seed,
+        "blocks": [k for k, _ in items],
+        "log10_block_input_grad": log_norms,
+        "log10_first_over_last": log_norms[0] - log_norms[-1],
+        "seconds": time.perf_counter() - t0,
+      }
+    )
   return records

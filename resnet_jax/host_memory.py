@@ -27,7 +27,7 @@ from resnet_jax.errors import ConfigError
 
 # mallopt parameters (glibc's malloc.h).
 M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
-_SETTINGS = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2 ** 31 - 1))
+_SETTINGS = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def _backend_started() -> bool:
@@ -35,6 +35,7 @@ def _backend_started() -> bool:
     return False
   try:
     from jax._src import xla_bridge
+
     return bool(xla_bridge.backends_are_initialized())
   except (ImportError, AttributeError):  # a jax without this private function: assume not started
     return False
@@ -48,8 +49,10 @@ def keep_host_memory() -> bool:
   for XLA's threads.
   """
   if _backend_started():
-    raise ConfigError("host memory reuse must be set before jax starts its backend (before the first jax "
-                      "array or computation): call resnet_jax.host_memory.keep_host_memory() first")
+    raise ConfigError(
+      "host memory reuse must be set before jax starts its backend (before the first jax "
+      "array or computation): call resnet_jax.host_memory.keep_host_memory() first"
+    )
   if not sys.platform.startswith("linux"):
     return False
   try:

@@ -11,7 +11,7 @@ import concurrent.futures
 import dataclasses
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -24,6 +24,7 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 def open_rgb(path: str):
   """The image at ``path`` as an 8-bit RGB PIL image; 16-bit greyscale scaled by 255 / 65535."""
   from PIL import Image
+
   hint = "(set config.dataset.on_corrupt_image='skip' to leave unreadable files out)"
   try:
     with Image.open(path) as im:
@@ -31,15 +32,16 @@ def open_rgb(path: str):
         wide = np.clip(np.asarray(im).astype(np.int64), 0, 65535)
         return Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8)).convert("RGB")
       if im.mode in ("I", "F"):
-        raise DataError(f"cannot decode image {path}: its pixels are 32-bit "
-                        f"{'integers' if im.mode == 'I' else 'floats'} (mode {im.mode}), which have no "
-                        f"defined 8-bit scale; store it with 8 or 16 bits per channel {hint}")
+        raise DataError(
+          f"cannot decode image {path}: its pixels are 32-bit "
+          f"{'integers' if im.mode == 'I' else 'floats'} (mode {im.mode}), which have no "
+          f"defined 8-bit scale; store it with 8 or 16 bits per channel {hint}"
+        )
       return im.convert("RGB")
   except DataError:
     raise
   except Image.DecompressionBombError as e:
-    raise DataError(f"cannot decode image {path}: {e} (Pillow's limit, PIL.Image.MAX_IMAGE_PIXELS) "
-                    f"{hint}") from None
+    raise DataError(f"cannot decode image {path}: {e} (Pillow's limit, PIL.Image.MAX_IMAGE_PIXELS) {hint}") from None
   except (OSError, ValueError, SyntaxError) as e:
     raise DataError(f"cannot decode image {path}: {e} {hint}") from None
 
@@ -47,6 +49,7 @@ def open_rgb(path: str):
 def unreadable_images(paths: Sequence[str]) -> list[str]:
   """The files of ``paths`` that Pillow cannot identify or whose data fails its integrity check."""
   from PIL import Image
+
   bad = []
   for path in paths:
     try:
@@ -65,9 +68,14 @@ def decode_threads() -> int:
   return max(1, min(32, cpus))
 
 
-def decode_images(paths: Sequence[str], size: int, skip_unreadable: bool = False,
-                  progress: bool = True, desc: str = "decoding images", threads: int | None = None
-                  ) -> tuple[np.ndarray, list[int]]:
+def decode_images(
+  paths: Sequence[str],
+  size: int,
+  skip_unreadable: bool = False,
+  progress: bool = True,
+  desc: str = "decoding images",
+  threads: int | None = None,
+) -> tuple[np.ndarray, list[int]]:
   """Decode ``paths`` once, in parallel (a thread pool), into one uint8 array at the model size.
 
   Each image goes through :func:`fit_to_size`. Pillow decodes with the GIL released, so the threads
@@ -106,8 +114,9 @@ def decode_images(paths: Sequence[str], size: int, skip_unreadable: bool = False
 
   pool = concurrent.futures.ThreadPoolExecutor(threads or decode_threads())
   try:
-    with tqdm(total=n, desc=desc, unit="img", disable=not progress or n == 0, dynamic_ncols=True,
-              file=sys.stderr) as bar:
+    with tqdm(
+      total=n, desc=desc, unit="img", disable=not progress or n == 0, dynamic_ncols=True, file=sys.stderr
+    ) as bar:
       for done in pool.map(work, range(0, n, chunk)):
         bar.update(done)
   finally:
@@ -124,6 +133,7 @@ class ImageFiles:
   ``array[indices]`` of an in-memory dataset; :meth:`random_resized_crops` is the streamed-only
   augmentation.
   """
+
   paths: tuple[str, ...]
   size: int
 

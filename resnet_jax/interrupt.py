@@ -39,7 +39,7 @@ class StopOnSignal:
     for s, previous in self._previous.items():  # A second signal acts as it would have.
       signal.signal(s, previous)
 
-  def __enter__(self) -> "StopOnSignal":
+  def __enter__(self) -> StopOnSignal:
     if threading.current_thread() is threading.main_thread():
       for s in self.signals:
         self._previous[s] = signal.signal(s, self._handle)

@@ -69,8 +69,7 @@ def rewrite_metrics(workdir: str, upto_step: int) -> tuple[list[dict], int]:
   """
   lines = _metrics_lines(workdir)
   records = [r for _, r in lines if r is not None and r["step"] <= upto_step]
-  rejected = [line for i, (line, r) in enumerate(lines)
-              if r is None and (line.endswith(b"\n") or i < len(lines) - 1)]
+  rejected = [line for i, (line, r) in enumerate(lines) if r is None and (line.endswith(b"\n") or i < len(lines) - 1)]
   path = os.path.join(workdir, "metrics.jsonl")
   if rejected:
     with open(os.path.join(workdir, REJECTED_METRICS), "ab") as f:
@@ -95,6 +94,7 @@ def _number(v: Any) -> float:
 def plot_curves(records: list[dict], path: str, title: str = "") -> None:
   """Loss and accuracy against step, train and test, into ``path`` (matplotlib, Agg backend)."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -167,7 +167,7 @@ class MetricsWriter:
       self._events.write(rec)
     return rec
 
-  def __enter__(self) -> "MetricsWriter":
+  def __enter__(self) -> MetricsWriter:
     return self
 
   def __exit__(self, *exc) -> None:

@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import difflib
 import functools
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -56,6 +57,7 @@ def _conv_class(backend: str) -> type[nn.Conv]:
   if backend == "xla":
     return nn.Conv
   from resnet_jax import onednn_conv
+
   if backend == "auto":
     return onednn_conv.AutoConv
   onednn_conv.library()  # a ModelError saying how to install oneDNN, before any tracing
@@ -120,8 +122,10 @@ class ResNet(nn.Module):
     if self.block_cls is BasicBlock and (self.groups != 1 or self.width_per_group != 64):
       raise ModelError("BasicBlock supports only groups=1 and width_per_group=64 (use a bottleneck model)")
     if self.zero_init_residual and not self.residual:
-      raise ModelError("zero_init_residual=True with residual=False would make every block output zero: "
-                       "use zero_init_residual=False for plain networks")
+      raise ModelError(
+        "zero_init_residual=True with residual=False would make every block output zero: "
+        "use zero_init_residual=False for plain networks"
+      )
     super().__post_init__()
 
   @property
@@ -130,16 +134,16 @@ class ResNet(nn.Module):
     stem = 4 if self.stem == "imagenet" else 1
     out = {"stem": stem}
     for i in range(len(self.stage_sizes)):
-      out[f"stage{i + 1}"] = stem * 2 ** i
+      out[f"stage{i + 1}"] = stem * 2**i
     return out
 
   @property
   def feature_channels(self) -> dict[str, int]:
     """Channels of each feature map of ``return_features=True`` and of ``pre_logits``."""
-    expansion = 4 if self.block_cls is Bottleneck else 1
+    expansion = self.block_cls.expansion
     out = {"stem": self.num_filters}
     for i in range(len(self.stage_sizes)):
-      out[f"stage{i + 1}"] = self.num_filters * 2 ** i * expansion
+      out[f"stage{i + 1}"] = self.num_filters * 2**i * expansion
     out["pre_logits"] = out[f"stage{len(self.stage_sizes)}"]
     return out
 
@@ -154,8 +158,10 @@ class ResNet(nn.Module):
     h, w = x.shape[1], x.shape[2]
     m = self.min_input_size
     if h < m or w < m:
-      raise ModelError(f"input of {h}x{w} pixels is too small for this network: it downsamples by {m}, "
-                       f"so images must be at least {m}x{m}")
+      raise ModelError(
+        f"input of {h}x{w} pixels is too small for this network: it downsamples by {m}, "
+        f"so images must be at least {m}x{m}"
+      )
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False, return_features: bool = False) -> Array | dict:
@@ -166,51 +172,90 @@ class ResNet(nn.Module):
     BN + ReLU, i.e. it is the map that is pooled into ``pre_logits``.
     """
     self._check_input(x)
-    zero_init = self.residual if self.zero_init_residual is None else self.zero_init_residual
-    conv = functools.partial(_conv_class(self.conv_backend), use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                             kernel_init=conv_kernel_init)
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
-                             epsilon=self.bn_epsilon, dtype=self.dtype, param_dtype=self.param_dtype)
-    v2 = self.block_order == "v2"
-    x = jnp.asarray(x, self.dtype)
+    conv, norm = self._layers(train)
+    features = {"stem": self._stem(jnp.asarray(x, self.dtype), conv, norm)}
+    x = self._stages(features, conv, norm)
+    out_dtype = jnp.promote_types(self.dtype, jnp.float32)
+    x = jnp.mean(x, axis=(1, 2))  # global average pool
+    features["pre_logits"] = jnp.asarray(x, out_dtype)
+    if self.num_classes == 0:  # headless backbone
+      return features if return_features else features["pre_logits"]
+    x = nn.Dense(
+      self.num_classes,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      kernel_init=dense_kernel_init,
+      bias_init=uniform_fan_in(x.shape[-1]),
+      name="fc",
+    )(x)
+    features["logits"] = jnp.asarray(x, out_dtype)
+    return features if return_features else features["logits"]
+
+  def _layers(self, train: bool) -> tuple[ModuleDef, ModuleDef]:
+    """The ``conv`` and ``norm`` partials every layer of the net is built from."""
+    conv = functools.partial(
+      _conv_class(self.conv_backend),
+      use_bias=False,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      kernel_init=conv_kernel_init,
+    )
+    norm = functools.partial(
+      nn.BatchNorm,
+      use_running_average=not train,
+      momentum=self.bn_momentum,
+      epsilon=self.bn_epsilon,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+    )
+    return conv, norm
+
+  def _stem(self, x: Array, conv: ModuleDef, norm: ModuleDef) -> Array:
+    """ImageNet: 7x7/2 conv, BN, ReLU, 3x3/2 max-pool; CIFAR: 3x3 conv, BN, ReLU (v2: the conv alone)."""
     if self.stem == "imagenet":
       x = conv(self.num_filters, (7, 7), (2, 2), padding=((3, 3), (3, 3)), name="conv1")(x)
     else:
       x = conv(self.num_filters, (3, 3), padding=((1, 1), (1, 1)), name="conv1")(x)
-    if not v2:
+    if self.block_order != "v2":
       x = self.act(norm(name="bn1")(x))
     if self.stem == "imagenet":
       x = max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))  # pads with -inf; fast gradient on the CPU
-    features = {"stem": x}
+    return x
+
+  def _stages(self, features: dict, conv: ModuleDef, norm: ModuleDef) -> Array:
+    """The blocks, stage by stage (the first block of every stage after the first has stride 2); adds each
+    stage's output to ``features`` and returns the last (v2: after the final BN + ReLU)."""
+    zero_init = self.residual if self.zero_init_residual is None else self.zero_init_residual
     extra = {}
     if self.block_cls is Bottleneck:
       extra = dict(groups=self.groups, width_per_group=self.width_per_group, stride_in_1x1=self.stride_in_1x1)
-    index = 0
+    x, index = features["stem"], 0
     for i, num_blocks in enumerate(self.stage_sizes):
-      filters = self.num_filters * 2 ** i
+      filters = self.num_filters * 2**i
       for j in range(num_blocks):
         stride = 2 if i > 0 and j == 0 else 1
-        out_features = filters * (4 if self.block_cls is Bottleneck else 1)
         if not self.is_initializing():
           x = self.perturb(f"block{index:02d}", x)
         x = self.block_cls(
-            filters, conv=conv, norm=norm, act=self.act, strides=stride, order=self.block_order,
-            shortcut=self.shortcut, shortcut_changes_shape=stride != 1 or x.shape[-1] != out_features,
-            residual=self.residual, zero_init_last=zero_init, name=f"layer{i + 1}_{j}", **extra)(x)
+          filters,
+          conv=conv,
+          norm=norm,
+          act=self.act,
+          strides=stride,
+          order=self.block_order,
+          shortcut=self.shortcut,
+          shortcut_changes_shape=stride != 1 or x.shape[-1] != filters * self.block_cls.expansion,
+          residual=self.residual,
+          zero_init_last=zero_init,
+          name=f"layer{i + 1}_{j}",
+          **extra,
+        )(x)
         index += 1
       features[f"stage{i + 1}"] = x
-    if v2:
+    if self.block_order == "v2":
       x = self.act(norm(name="bn_final")(x))
       features[f"stage{len(self.stage_sizes)}"] = x
-    out_dtype = jnp.promote_types(self.dtype, jnp.float32)
-    x = jnp.mean(x, axis=(1, 2))
-    features["pre_logits"] = jnp.asarray(x, out_dtype)
-    if self.num_classes == 0:  # headless backbone
-      return features if return_features else features["pre_logits"]
-    x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
-                 kernel_init=dense_kernel_init, bias_init=uniform_fan_in(x.shape[-1]), name="fc")(x)
-    features["logits"] = jnp.asarray(x, out_dtype)
-    return features if return_features else features["logits"]
+    return x
 
 
 def zero_perturbations(model: nn.Module, variables: dict, x: Array, **kwargs) -> dict:
@@ -219,9 +264,11 @@ def zero_perturbations(model: nn.Module, variables: dict, x: Array, **kwargs) ->
   Use as ``model.apply({**variables, "perturbations": p}, x)`` and take ``jax.grad`` with respect to ``p``
   to get dL/d(block input) for every block.
   """
+
   def run(v, x):
     _, state = model.apply(v, x, mutable=["perturbations"], **kwargs)
     return state["perturbations"]
+
   shapes = jax.eval_shape(run, variables, x)
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
@@ -229,21 +276,42 @@ def zero_perturbations(model: nn.Module, variables: dict, x: Array, **kwargs) ->
 # ---------------------------------------------------------------------------------------------------------
 # Registry
 
-IMAGENET_STAGES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3),
-                   152: (3, 8, 36, 3), 200: (3, 24, 36, 3)}
+IMAGENET_STAGES = {
+  18: (2, 2, 2, 2),
+  34: (3, 4, 6, 3),
+  50: (3, 4, 6, 3),
+  101: (3, 4, 23, 3),
+  152: (3, 8, 36, 3),
+  200: (3, 24, 36, 3),
+}
 CIFAR_DEPTHS = (20, 32, 44, 56, 110)
 
 # Options of the conv models that users may set (the rest defines the architecture named).
-CONV_OPTIONS = ("dtype", "param_dtype", "zero_init_residual", "residual", "bn_momentum", "bn_epsilon",
-                "block_order", "shortcut", "stride_in_1x1", "groups", "width_per_group", "num_filters", "act",
-                "stem", "conv_backend")
+CONV_OPTIONS = (
+  "dtype",
+  "param_dtype",
+  "zero_init_residual",
+  "residual",
+  "bn_momentum",
+  "bn_epsilon",
+  "block_order",
+  "shortcut",
+  "stride_in_1x1",
+  "groups",
+  "width_per_group",
+  "num_filters",
+  "act",
+  "stem",
+  "conv_backend",
+)
 MLP_OPTIONS = ("depth", "dim", "hidden", "activation", "residual")
 
 _REGISTRY: dict[str, tuple[Callable[..., nn.Module], dict, tuple[str, ...], str]] = {}
 
 
-def _register(name: str, factory: Callable[..., nn.Module], defaults: dict, options: Sequence[str],
-              summary: str) -> None:
+def _register(
+  name: str, factory: Callable[..., nn.Module], defaults: dict, options: Sequence[str], summary: str
+) -> None:
   _REGISTRY[name] = (factory, dict(defaults), tuple(options), summary)
 
 
@@ -263,29 +331,62 @@ for _d in IMAGENET_STAGES:
   _where = "torchvision's" if _d != 200 else "torchvision layout (not in torchvision)"
   _register(f"resnet{_d}", ResNet, _imagenet(_d), CONV_OPTIONS, f"ResNet-{_d} ({_what}), {_where}")
   if _d != 200:
-    _register(f"preact_resnet{_d}", ResNet, dict(_imagenet(_d), block_order="v2"), CONV_OPTIONS,
-              f"pre-activation ResNet-{_d} (v2, {_kind} blocks)")
-_register("wide_resnet50_2", ResNet, dict(_imagenet(50), width_per_group=128), CONV_OPTIONS,
-          "Wide ResNet-50-2: bottleneck twice as wide inside")
-_register("resnext50_32x4d", ResNet, dict(_imagenet(50), groups=32, width_per_group=4), CONV_OPTIONS,
-          "ResNeXt-50 32x4d: grouped 3x3 convs")
+    _register(
+      f"preact_resnet{_d}",
+      ResNet,
+      dict(_imagenet(_d), block_order="v2"),
+      CONV_OPTIONS,
+      f"pre-activation ResNet-{_d} (v2, {_kind} blocks)",
+    )
+_register(
+  "wide_resnet50_2",
+  ResNet,
+  dict(_imagenet(50), width_per_group=128),
+  CONV_OPTIONS,
+  "Wide ResNet-50-2: bottleneck twice as wide inside",
+)
+_register(
+  "resnext50_32x4d",
+  ResNet,
+  dict(_imagenet(50), groups=32, width_per_group=4),
+  CONV_OPTIONS,
+  "ResNeXt-50 32x4d: grouped 3x3 convs",
+)
 for _d in CIFAR_DEPTHS:
-  _register(f"resnet{_d}", ResNet, _cifar(_d), CONV_OPTIONS,
-            f"CIFAR ResNet-{_d} (16/32/64 filters, option A shortcuts)")
-  _register(f"preact_resnet{_d}", ResNet, dict(_cifar(_d), block_order="v2"), CONV_OPTIONS,
-            f"CIFAR pre-activation ResNet-{_d} (option A shortcuts)")
-  _register(f"plain{_d}", ResNet, dict(_cifar(_d), residual=False), CONV_OPTIONS,
-            f"CIFAR plain-{_d}: ResNet-{_d} without shortcuts")
+  _register(
+    f"resnet{_d}", ResNet, _cifar(_d), CONV_OPTIONS, f"CIFAR ResNet-{_d} (16/32/64 filters, option A shortcuts)"
+  )
+  _register(
+    f"preact_resnet{_d}",
+    ResNet,
+    dict(_cifar(_d), block_order="v2"),
+    CONV_OPTIONS,
+    f"CIFAR pre-activation ResNet-{_d} (option A shortcuts)",
+  )
+  _register(
+    f"plain{_d}",
+    ResNet,
+    dict(_cifar(_d), residual=False),
+    CONV_OPTIONS,
+    f"CIFAR plain-{_d}: ResNet-{_d} without shortcuts",
+  )
 
 
-def _residual_mlp(num_classes: int, depth: int = 8, dim: int = 64, hidden: int = 64,
-                  activation: str = "relu", residual: bool = True) -> nn.Module:
-  return ResidualMLP(depth=depth, dim=dim, hidden=hidden, num_classes=num_classes, activation=activation,
-                     residual=residual)
+def _residual_mlp(
+  num_classes: int, depth: int = 8, dim: int = 64, hidden: int = 64, activation: str = "relu", residual: bool = True
+) -> nn.Module:
+  return ResidualMLP(
+    depth=depth, dim=dim, hidden=hidden, num_classes=num_classes, activation=activation, residual=residual
+  )
 
 
-_register("residual_mlp", _residual_mlp, {}, MLP_OPTIONS,
-          "flatten -> Dense(dim) -> depth residual units -> Dense (defaults depth 8, dim 64, hidden 64)")
+_register(
+  "residual_mlp",
+  _residual_mlp,
+  {},
+  MLP_OPTIONS,
+  "flatten -> Dense(dim) -> depth residual units -> Dense (defaults depth 8, dim 64, hidden 64)",
+)
 
 
 def list_models() -> list[str]:
@@ -355,8 +456,10 @@ def _check_options(name: str, options: dict) -> None:
         raise ModelError(f"model {name!r}: option {key}={v!r} is invalid: expected an integer >= {lo}")
   for key in _CALLABLE_OPTIONS:
     if key in options and not callable(options[key]):
-      raise ModelError(f"model {name!r}: option {key}={options[key]!r} is invalid: expected a function "
-                       f"such as flax.linen.relu (a callable, not a name)")
+      raise ModelError(
+        f"model {name!r}: option {key}={options[key]!r} is invalid: expected a function "
+        f"such as flax.linen.relu (a callable, not a name)"
+      )
   for key in _BOOL_OPTIONS:
     if key in options and not isinstance(options[key], (bool, np.bool_)):
       raise ModelError(f"model {name!r}: option {key}={options[key]!r} is invalid: expected True or False")

@@ -1,4 +1,4 @@
-"""2-D convolutions computed by oneDNN on the CPU, callable from jitted JAX code (opt-in fast path).
+"""2-D convolutions computed by oneDNN on the CPU, callable from jitted JAX code (the default on x86-64 CPUs).
 
 XLA:CPU (jaxlib 0.10.2) computes convolutions with Eigen or YNNPACK, which on AVX-512 CPUs run well behind
 oneDNN, the library PyTorch uses, above all for the weight gradient. This module is the JAX layer: it calls
@@ -38,7 +38,8 @@ import functools
 import platform
 import sys
 import threading
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -61,8 +62,12 @@ class _FfiInternalExtension(ctypes.Structure):
 
 
 class _FfiApiVersion(ctypes.Structure):
-  _fields_ = [("struct_size", ctypes.c_size_t), ("extension_start", ctypes.c_void_p),
-              ("major_version", ctypes.c_int), ("minor_version", ctypes.c_int)]
+  _fields_ = [
+    ("struct_size", ctypes.c_size_t),
+    ("extension_start", ctypes.c_void_p),
+    ("major_version", ctypes.c_int),
+    ("minor_version", ctypes.c_int),
+  ]
 
 
 class _FfiMetadata(ctypes.Structure):
@@ -74,22 +79,36 @@ class _FfiMetadataExtension(ctypes.Structure):
 
 
 class _FfiErrorCreateArgs(ctypes.Structure):
-  _fields_ = [("struct_size", ctypes.c_size_t), ("extension_start", ctypes.c_void_p),
-              ("message", ctypes.c_char_p), ("errc", ctypes.c_int)]
+  _fields_ = [
+    ("struct_size", ctypes.c_size_t),
+    ("extension_start", ctypes.c_void_p),
+    ("message", ctypes.c_char_p),
+    ("errc", ctypes.c_int),
+  ]
 
 
 _FFI_ERROR_CREATE = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.POINTER(_FfiErrorCreateArgs))
 
 
 class _FfiApi(ctypes.Structure):
-  _fields_ = [("struct_size", ctypes.c_size_t), ("extension_start", ctypes.c_void_p),
-              ("api_version", _FfiApiVersion), ("internal_api", ctypes.c_void_p),
-              ("error_create", _FFI_ERROR_CREATE)]
+  _fields_ = [
+    ("struct_size", ctypes.c_size_t),
+    ("extension_start", ctypes.c_void_p),
+    ("api_version", _FfiApiVersion),
+    ("internal_api", ctypes.c_void_p),
+    ("error_create", _FFI_ERROR_CREATE),
+  ]
 
 
 class _FfiBuffer(ctypes.Structure):
-  _fields_ = [("struct_size", ctypes.c_size_t), ("extension_start", ctypes.c_void_p), ("dtype", ctypes.c_int),
-              ("data", ctypes.c_void_p), ("rank", ctypes.c_int64), ("dims", ctypes.POINTER(ctypes.c_int64))]
+  _fields_ = [
+    ("struct_size", ctypes.c_size_t),
+    ("extension_start", ctypes.c_void_p),
+    ("dtype", ctypes.c_int),
+    ("data", ctypes.c_void_p),
+    ("rank", ctypes.c_int64),
+    ("dims", ctypes.POINTER(ctypes.c_int64)),
+  ]
 
 
 class _FfiByteSpan(ctypes.Structure):
@@ -97,20 +116,38 @@ class _FfiByteSpan(ctypes.Structure):
 
 
 class _FfiList(ctypes.Structure):  # XLA_FFI_Args and XLA_FFI_Rets
-  _fields_ = [("struct_size", ctypes.c_size_t), ("extension_start", ctypes.c_void_p), ("size", ctypes.c_int64),
-              ("types", ctypes.POINTER(ctypes.c_int)), ("ptrs", ctypes.POINTER(ctypes.c_void_p))]
+  _fields_ = [
+    ("struct_size", ctypes.c_size_t),
+    ("extension_start", ctypes.c_void_p),
+    ("size", ctypes.c_int64),
+    ("types", ctypes.POINTER(ctypes.c_int)),
+    ("ptrs", ctypes.POINTER(ctypes.c_void_p)),
+  ]
 
 
 class _FfiAttrs(ctypes.Structure):
-  _fields_ = [("struct_size", ctypes.c_size_t), ("extension_start", ctypes.c_void_p), ("size", ctypes.c_int64),
-              ("types", ctypes.POINTER(ctypes.c_int)), ("names", ctypes.POINTER(ctypes.POINTER(_FfiByteSpan))),
-              ("attrs", ctypes.POINTER(ctypes.c_void_p))]
+  _fields_ = [
+    ("struct_size", ctypes.c_size_t),
+    ("extension_start", ctypes.c_void_p),
+    ("size", ctypes.c_int64),
+    ("types", ctypes.POINTER(ctypes.c_int)),
+    ("names", ctypes.POINTER(ctypes.POINTER(_FfiByteSpan))),
+    ("attrs", ctypes.POINTER(ctypes.c_void_p)),
+  ]
 
 
 class _FfiCallFrame(ctypes.Structure):
-  _fields_ = [("struct_size", ctypes.c_size_t), ("extension_start", ctypes.POINTER(_FfiInternalExtension)),
-              ("api", ctypes.POINTER(_FfiApi)), ("ctx", ctypes.c_void_p), ("stage", ctypes.c_int),
-              ("args", _FfiList), ("rets", _FfiList), ("attrs", _FfiAttrs), ("future", ctypes.c_void_p)]
+  _fields_ = [
+    ("struct_size", ctypes.c_size_t),
+    ("extension_start", ctypes.POINTER(_FfiInternalExtension)),
+    ("api", ctypes.POINTER(_FfiApi)),
+    ("ctx", ctypes.c_void_p),
+    ("stage", ctypes.c_int),
+    ("args", _FfiList),
+    ("rets", _FfiList),
+    ("attrs", _FfiAttrs),
+    ("future", ctypes.c_void_p),
+  ]
 
 
 _FFI_HANDLER = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.POINTER(_FfiCallFrame))
@@ -129,9 +166,12 @@ def _ffi_metadata(frame: _FfiCallFrame) -> None:
   """
   metadata = ctypes.cast(frame.extension_start, ctypes.POINTER(_FfiMetadataExtension)).contents.metadata.contents
   version = frame.api.contents.api_version if frame.api else None
-  metadata.api_version = _FfiApiVersion(ctypes.sizeof(_FfiApiVersion), None,
-                                        version.major_version if version else 0,
-                                        version.minor_version if version else 1)
+  metadata.api_version = _FfiApiVersion(
+    ctypes.sizeof(_FfiApiVersion),
+    None,
+    version.major_version if version else 0,
+    version.minor_version if version else 1,
+  )
   metadata.traits = 0
   return None
 
@@ -226,9 +266,14 @@ def _conv_bwd(spec: ConvSpec, transport: str, residuals: tuple[Array, Array], dy
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
-def conv2d(x: Array, kernel: Array, strides: int | Sequence[int] = (1, 1),
-           padding: Sequence[Sequence[int]] = ((0, 0), (0, 0)), feature_group_count: int = 1,
-           transport: str = "custom_call") -> Array:
+def conv2d(
+  x: Array,
+  kernel: Array,
+  strides: int | Sequence[int] = (1, 1),
+  padding: Sequence[Sequence[int]] = ((0, 0), (0, 0)),
+  feature_group_count: int = 1,
+  transport: str = "custom_call",
+) -> Array:
   """2-D convolution by oneDNN, differentiable (custom VJP), usable under ``jit``, ``grad`` and ``vmap``.
 
   Equals ``lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
@@ -252,22 +297,32 @@ def conv2d(x: Array, kernel: Array, strides: int | Sequence[int] = (1, 1),
   if transport not in TRANSPORTS:
     raise ModelError(f"unknown transport {transport!r}: expected one of {', '.join(TRANSPORTS)}")
   if transport == "custom_call" and jax.default_backend() != "cpu":
-    raise ModelError(f"the oneDNN custom call runs on the CPU backend only, the default backend is "
-                     f"{jax.default_backend()!r}: set JAX_PLATFORMS=cpu, or use conv_backend='xla'")
+    raise ModelError(
+      f"the oneDNN custom call runs on the CPU backend only, the default backend is "
+      f"{jax.default_backend()!r}: set JAX_PLATFORMS=cpu, or use conv_backend='xla'"
+    )
   x, kernel = jnp.asarray(x), jnp.asarray(kernel)
   spec = make_spec(x.shape, kernel.shape, x.dtype, strides, padding, feature_group_count, kernel.dtype)
   primitives(spec)  # built (or refused) now, at trace time, never inside the compiled program
   return _conv(spec, transport, x, kernel)
 
 
-_NHWC_DIMENSION_NUMBERS = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1),
-                                                   out_spec=(0, 3, 1, 2))
+_NHWC_DIMENSION_NUMBERS = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
 
 
-def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], padding: Any,
-                         lhs_dilation: Sequence[int] | None = None, rhs_dilation: Sequence[int] | None = None,
-                         dimension_numbers: Any = None, feature_group_count: int = 1, batch_group_count: int = 1,
-                         precision: Any = None, preferred_element_type: Any = None) -> Array:
+def conv_general_dilated(
+  lhs: Array,
+  rhs: Array,
+  window_strides: Sequence[int],
+  padding: Any,
+  lhs_dilation: Sequence[int] | None = None,
+  rhs_dilation: Sequence[int] | None = None,
+  dimension_numbers: Any = None,
+  feature_group_count: int = 1,
+  batch_group_count: int = 1,
+  precision: Any = None,
+  preferred_element_type: Any = None,
+) -> Array:
   """``lax.conv_general_dilated``'s signature, computed by :func:`conv2d` (what ``flax.linen.Conv`` calls).
 
   Only the NHWC/HWIO/NHWC case without dilation, batch groups or a preferred element type is supported;
@@ -275,19 +330,38 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
   the input dtype with float32 accumulation). Anything else raises :class:`ModelError`.
   """
   del precision
-  padding = _explicit_padding(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-                              batch_group_count, preferred_element_type)
+  padding = _explicit_padding(
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation,
+    rhs_dilation,
+    dimension_numbers,
+    batch_group_count,
+    preferred_element_type,
+  )
   return conv2d(lhs, rhs, window_strides, padding, feature_group_count)
 
 
-def _explicit_padding(lhs: Array, rhs: Array, window_strides: Sequence[int], padding: Any,
-                      lhs_dilation: Sequence[int] | None, rhs_dilation: Sequence[int] | None,
-                      dimension_numbers: Any, batch_group_count: int, preferred_element_type: Any) -> Any:
+def _explicit_padding(
+  lhs: Array,
+  rhs: Array,
+  window_strides: Sequence[int],
+  padding: Any,
+  lhs_dilation: Sequence[int] | None,
+  rhs_dilation: Sequence[int] | None,
+  dimension_numbers: Any,
+  batch_group_count: int,
+  preferred_element_type: Any,
+) -> Any:
   """The padding pairs of a ``lax.conv_general_dilated`` call that :func:`conv2d` can compute (NHWC/HWIO,
   no dilation, batch groups or preferred element type); :class:`ModelError` for any other call."""
   if jnp.ndim(lhs) != 4 or jnp.ndim(rhs) != 4:
-    raise ModelError(f"the oneDNN convolution is 2-D: expected rank-4 NHWC input and HWIO kernel, got shapes "
-                     f"{jnp.shape(lhs)} and {jnp.shape(rhs)}")
+    raise ModelError(
+      f"the oneDNN convolution is 2-D: expected rank-4 NHWC input and HWIO kernel, got shapes "
+      f"{jnp.shape(lhs)} and {jnp.shape(rhs)}"
+    )
   dn = lax.conv_dimension_numbers(jnp.shape(lhs), jnp.shape(rhs), dimension_numbers)
   if dn != _NHWC_DIMENSION_NUMBERS:
     raise ModelError(f"the oneDNN convolution supports NHWC inputs with HWIO kernels only, got {dimension_numbers!r}")
@@ -312,10 +386,18 @@ def notice(message: str, key: str | None = None) -> None:
     print(f"note: {message}", file=sys.stderr)
 
 
-def unsupported_reason(lhs: Array, rhs: Array, window_strides: Sequence[int], padding: Any,
-                       lhs_dilation: Sequence[int] | None = None, rhs_dilation: Sequence[int] | None = None,
-                       dimension_numbers: Any = None, feature_group_count: int = 1, batch_group_count: int = 1,
-                       preferred_element_type: Any = None) -> str | None:
+def unsupported_reason(
+  lhs: Array,
+  rhs: Array,
+  window_strides: Sequence[int],
+  padding: Any,
+  lhs_dilation: Sequence[int] | None = None,
+  rhs_dilation: Sequence[int] | None = None,
+  dimension_numbers: Any = None,
+  feature_group_count: int = 1,
+  batch_group_count: int = 1,
+  preferred_element_type: Any = None,
+) -> str | None:
   """Why oneDNN cannot compute this ``lax.conv_general_dilated`` call here, or None when it can.
 
   The empty string means "not applicable, nothing to say": a non-CPU default backend (GPU, TPU) or a
@@ -330,10 +412,26 @@ def unsupported_reason(lhs: Array, rhs: Array, window_strides: Sequence[int], pa
   except ModelError as e:
     return f"oneDNN is not available ({e})"
   try:  # the checks of conv_general_dilated and conv2d themselves
-    padding = _explicit_padding(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-                                batch_group_count, preferred_element_type)
-    spec = make_spec(jnp.shape(lhs), jnp.shape(rhs), jnp.result_type(lhs), window_strides, padding,
-                     feature_group_count, jnp.result_type(rhs))
+    padding = _explicit_padding(
+      lhs,
+      rhs,
+      window_strides,
+      padding,
+      lhs_dilation,
+      rhs_dilation,
+      dimension_numbers,
+      batch_group_count,
+      preferred_element_type,
+    )
+    spec = make_spec(
+      jnp.shape(lhs),
+      jnp.shape(rhs),
+      jnp.result_type(lhs),
+      window_strides,
+      padding,
+      feature_group_count,
+      jnp.result_type(rhs),
+    )
   except ModelError as e:
     return str(e).split(": use ")[0]
   try:
@@ -343,19 +441,32 @@ def unsupported_reason(lhs: Array, rhs: Array, window_strides: Sequence[int], pa
   return None
 
 
-def auto_conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], padding: Any,
-                              lhs_dilation: Sequence[int] | None = None, rhs_dilation: Sequence[int] | None = None,
-                              dimension_numbers: Any = None, feature_group_count: int = 1,
-                              batch_group_count: int = 1, precision: Any = None,
-                              preferred_element_type: Any = None) -> Array:
+def auto_conv_general_dilated(
+  lhs: Array,
+  rhs: Array,
+  window_strides: Sequence[int],
+  padding: Any,
+  lhs_dilation: Sequence[int] | None = None,
+  rhs_dilation: Sequence[int] | None = None,
+  dimension_numbers: Any = None,
+  feature_group_count: int = 1,
+  batch_group_count: int = 1,
+  precision: Any = None,
+  preferred_element_type: Any = None,
+) -> Array:
   """``lax.conv_general_dilated`` by oneDNN where :func:`unsupported_reason` allows it, else by XLA.
 
   The choice is made per convolution at trace time; a fallback for a reason worth knowing (oneDNN missing, a
   dtype or primitive this CPU's oneDNN lacks) prints one ``note:`` line on stderr, once per reason.
   """
-  kwargs = dict(lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-                feature_group_count=feature_group_count, batch_group_count=batch_group_count,
-                preferred_element_type=preferred_element_type)
+  kwargs = dict(
+    lhs_dilation=lhs_dilation,
+    rhs_dilation=rhs_dilation,
+    dimension_numbers=dimension_numbers,
+    feature_group_count=feature_group_count,
+    batch_group_count=batch_group_count,
+    preferred_element_type=preferred_element_type,
+  )
   reason = unsupported_reason(lhs, rhs, window_strides, padding, **kwargs)
   if reason is None:
     return conv_general_dilated(lhs, rhs, window_strides, padding, precision=precision, **kwargs)

@@ -27,15 +27,18 @@ import os
 import platform
 import sys
 import threading
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import ml_dtypes
 import numpy as np
 
 from resnet_jax.errors import ModelError
 
-INSTALL_HINT = ("install oneDNN with `pip install onednn-cpu-gomp==2023.2.0` (x86-64 Linux), or use "
-                "conv_backend='xla' (flax's nn.Conv)")
+INSTALL_HINT = (
+  "install oneDNN with `pip install onednn-cpu-gomp==2023.2.0` (x86-64 Linux), or use "
+  "conv_backend='xla' (flax's nn.Conv)"
+)
 LIBRARY_NAME = "libdnnl.so.3"
 LIBRARY_ENV = "RESNET_JAX_ONEDNN_LIBRARY"  # path of the library file, when it is not where pip puts it
 
@@ -112,8 +115,11 @@ class ConvSpec:
   def encode(self) -> str:
     """Self-contained text form (the custom call's opaque string): ``"float32 2,9,9,4 3,3,4,6 1,1 1,1,1,1 1"``."""
     pad = (*self.padding[0], *self.padding[1])
-    return " ".join([self.dtype] + [",".join(map(str, v)) for v in (self.x_shape, self.kernel_shape, self.strides, pad)]
-                    + [str(self.groups)])
+    return " ".join(
+      [self.dtype]
+      + [",".join(map(str, v)) for v in (self.x_shape, self.kernel_shape, self.strides, pad)]
+      + [str(self.groups)]
+    )
 
   @classmethod
   def decode(cls, text: str) -> ConvSpec:
@@ -131,26 +137,32 @@ class _Library:
     vp, ci = ctypes.c_void_p, ctypes.c_int
     pvp = ctypes.POINTER(ctypes.c_void_p)
     status = [
-        ("dnnl_engine_create", [pvp, ci, ctypes.c_size_t]),
-        ("dnnl_stream_create", [pvp, vp, ctypes.c_uint]),
-        ("dnnl_stream_wait", [vp]),
-        ("dnnl_memory_desc_create_with_strides", [pvp, ci, _DIMS, ci, _DIMS]),
-        ("dnnl_memory_desc_create_with_tag", [pvp, ci, _DIMS, ci, ci]),
-        ("dnnl_memory_desc_destroy", [vp]),
-        ("dnnl_primitive_attr_create", [pvp]),
-        ("dnnl_primitive_attr_set_scratchpad_mode", [vp, ci]),
-        ("dnnl_convolution_forward_primitive_desc_create",
-         [pvp, vp, ci, ci, vp, vp, vp, vp, _DIMS, _DIMS, _DIMS, _DIMS, vp]),
-        ("dnnl_convolution_backward_data_primitive_desc_create",
-         [pvp, vp, ci, vp, vp, vp, _DIMS, _DIMS, _DIMS, _DIMS, vp, vp]),
-        ("dnnl_convolution_backward_weights_primitive_desc_create",
-         [pvp, vp, ci, vp, vp, vp, vp, _DIMS, _DIMS, _DIMS, _DIMS, vp, vp]),
-        ("dnnl_reorder_primitive_desc_create", [pvp, vp, vp, vp, vp, vp]),
-        ("dnnl_primitive_desc_query", [vp, ci, ci, vp]),
-        ("dnnl_primitive_create", [pvp, vp]),
-        ("dnnl_primitive_execute", [vp, vp, ci, ctypes.POINTER(_ExecArg)]),
-        ("dnnl_memory_create", [pvp, vp, vp, vp]),
-        ("dnnl_memory_destroy", [vp]),
+      ("dnnl_engine_create", [pvp, ci, ctypes.c_size_t]),
+      ("dnnl_stream_create", [pvp, vp, ctypes.c_uint]),
+      ("dnnl_stream_wait", [vp]),
+      ("dnnl_memory_desc_create_with_strides", [pvp, ci, _DIMS, ci, _DIMS]),
+      ("dnnl_memory_desc_create_with_tag", [pvp, ci, _DIMS, ci, ci]),
+      ("dnnl_memory_desc_destroy", [vp]),
+      ("dnnl_primitive_attr_create", [pvp]),
+      ("dnnl_primitive_attr_set_scratchpad_mode", [vp, ci]),
+      (
+        "dnnl_convolution_forward_primitive_desc_create",
+        [pvp, vp, ci, ci, vp, vp, vp, vp, _DIMS, _DIMS, _DIMS, _DIMS, vp],
+      ),
+      (
+        "dnnl_convolution_backward_data_primitive_desc_create",
+        [pvp, vp, ci, vp, vp, vp, _DIMS, _DIMS, _DIMS, _DIMS, vp, vp],
+      ),
+      (
+        "dnnl_convolution_backward_weights_primitive_desc_create",
+        [pvp, vp, ci, vp, vp, vp, vp, _DIMS, _DIMS, _DIMS, _DIMS, vp, vp],
+      ),
+      ("dnnl_reorder_primitive_desc_create", [pvp, vp, vp, vp, vp, vp]),
+      ("dnnl_primitive_desc_query", [vp, ci, ci, vp]),
+      ("dnnl_primitive_create", [pvp, vp]),
+      ("dnnl_primitive_execute", [vp, vp, ci, ctypes.POINTER(_ExecArg)]),
+      ("dnnl_memory_create", [pvp, vp, vp, vp]),
+      ("dnnl_memory_destroy", [vp]),
     ]
     for name, argtypes in status:
       fn = getattr(cdll, name)
@@ -203,11 +215,13 @@ class _Library:
       return p
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load() -> _Library:
   if platform.machine().lower() not in ("x86_64", "amd64"):
-    raise ModelError(f"the oneDNN convolutions need an x86-64 CPU, this is {platform.machine()!r}: "
-                     "use conv_backend='xla' (flax's nn.Conv)")
+    raise ModelError(
+      f"the oneDNN convolutions need an x86-64 CPU, this is {platform.machine()!r}: "
+      "use conv_backend='xla' (flax's nn.Conv)"
+    )
   problems = []
   for path in _library_paths():
     try:
@@ -221,11 +235,12 @@ def _load() -> _Library:
     except AttributeError as e:  # a symbol of the 3.x C API is missing
       raise ModelError(f"{path} is not oneDNN 3.x ({e}): {INSTALL_HINT}") from None
   if problems:
-    raise ModelError(f"oneDNN library found but not loadable ({'; '.join(problems)}); the usual cause is a "
-                     "missing GCC OpenMP runtime libgomp.so.1 (Debian/Ubuntu: apt-get install libgomp1), or use "
-                     "conv_backend='xla'")
-  raise ModelError(f"oneDNN library {LIBRARY_NAME} not found (tried {', '.join(_library_paths())}): "
-                   f"{INSTALL_HINT}")
+    raise ModelError(
+      f"oneDNN library found but not loadable ({'; '.join(problems)}); the usual cause is a "
+      "missing GCC OpenMP runtime libgomp.so.1 (Debian/Ubuntu: apt-get install libgomp1), or use "
+      "conv_backend='xla'"
+    )
+  raise ModelError(f"oneDNN library {LIBRARY_NAME} not found (tried {', '.join(_library_paths())}): {INSTALL_HINT}")
 
 
 def library() -> _Library:
@@ -241,6 +256,7 @@ def available() -> bool:
     return False
   return True
 
+
 # ---------------------------------------------------------------------------------------------------------
 # Primitives
 
@@ -249,8 +265,12 @@ def _nhwc_md(lib: _Library, shape: Sequence[int], dt: int) -> ctypes.c_void_p:
   """Memory descriptor of an NHWC array; oneDNN's logical order is (N, C, H, W)."""
   n, h, w, c = shape
   md = ctypes.c_void_p()
-  lib.check(lib.cdll.dnnl_memory_desc_create_with_strides(
-      ctypes.byref(md), 4, _dims((n, c, h, w)), dt, _dims((h * w * c, 1, w * c, c))), "NHWC descriptor")
+  lib.check(
+    lib.cdll.dnnl_memory_desc_create_with_strides(
+      ctypes.byref(md), 4, _dims((n, c, h, w)), dt, _dims((h * w * c, 1, w * c, c))
+    ),
+    "NHWC descriptor",
+  )
   return md
 
 
@@ -263,8 +283,10 @@ def _hwio_md(lib: _Library, shape: Sequence[int], groups: int, dt: int) -> ctype
   else:
     og = o // groups  # output channel g * og + k of the HWIO kernel
     dims, strides = (groups, og, i, kh, kw), (og, 1, o, kw * i * o, i * o)
-  lib.check(lib.cdll.dnnl_memory_desc_create_with_strides(
-      ctypes.byref(md), len(dims), _dims(dims), dt, _dims(strides)), "HWIO descriptor")
+  lib.check(
+    lib.cdll.dnnl_memory_desc_create_with_strides(ctypes.byref(md), len(dims), _dims(dims), dt, _dims(strides)),
+    "HWIO descriptor",
+  )
   return md
 
 
@@ -329,8 +351,10 @@ class ConvPrimitives:
     self._attr = ctypes.c_void_p()
     lib.check(lib.cdll.dnnl_primitive_attr_create(ctypes.byref(self._attr)), "attributes")
     lib.check(lib.cdll.dnnl_primitive_attr_set_scratchpad_mode(self._attr, _SCRATCHPAD_USER), "scratchpad mode")
-    what = (f"convolution of {spec.x_shape} by {spec.kernel_shape} ({spec.dtype}, strides {spec.strides}, "
-            f"padding {spec.padding}, groups {g})")
+    what = (
+      f"convolution of {spec.x_shape} by {spec.kernel_shape} ({spec.dtype}, strides {spec.strides}, "
+      f"padding {spec.padding}, groups {g})"
+    )
 
     def create(fn: Callable, *args: Any) -> ctypes.c_void_p:
       pd = ctypes.c_void_p()
@@ -340,15 +364,43 @@ class ConvPrimitives:
       return pd
 
     w_any = ctypes.c_void_p()
-    lib.check(lib.cdll.dnnl_memory_desc_create_with_tag(ctypes.byref(w_any), len(w_dims), _dims(w_dims), dt,
-                                                        _FORMAT_ANY), "weights descriptor")
+    lib.check(
+      lib.cdll.dnnl_memory_desc_create_with_tag(ctypes.byref(w_any), len(w_dims), _dims(w_dims), dt, _FORMAT_ANY),
+      "weights descriptor",
+    )
     conv = (strides, dilates, pad_l, pad_r)
-    fwd_pd = create(lib.cdll.dnnl_convolution_forward_primitive_desc_create, _FORWARD_TRAINING,
-                    _CONVOLUTION_DIRECT, self.x_md, w_any, None, self.y_md, *conv, self._attr)
-    bwd_data_pd = create(lib.cdll.dnnl_convolution_backward_data_primitive_desc_create, _CONVOLUTION_DIRECT,
-                         self.x_md, w_any, self.y_md, *conv, fwd_pd, self._attr)
-    bwd_weights_pd = create(lib.cdll.dnnl_convolution_backward_weights_primitive_desc_create,
-                            _CONVOLUTION_DIRECT, self.x_md, w_any, None, self.y_md, *conv, fwd_pd, self._attr)
+    fwd_pd = create(
+      lib.cdll.dnnl_convolution_forward_primitive_desc_create,
+      _FORWARD_TRAINING,
+      _CONVOLUTION_DIRECT,
+      self.x_md,
+      w_any,
+      None,
+      self.y_md,
+      *conv,
+      self._attr,
+    )
+    bwd_data_pd = create(
+      lib.cdll.dnnl_convolution_backward_data_primitive_desc_create,
+      _CONVOLUTION_DIRECT,
+      self.x_md,
+      w_any,
+      self.y_md,
+      *conv,
+      fwd_pd,
+      self._attr,
+    )
+    bwd_weights_pd = create(
+      lib.cdll.dnnl_convolution_backward_weights_primitive_desc_create,
+      _CONVOLUTION_DIRECT,
+      self.x_md,
+      w_any,
+      None,
+      self.y_md,
+      *conv,
+      fwd_pd,
+      self._attr,
+    )
     lib.cdll.dnnl_memory_desc_destroy(w_any)
     self.forward_p = _Primitive(lib, fwd_pd, "forward")
     self.backward_data_p = _Primitive(lib, bwd_data_pd, "backward-data")
@@ -364,8 +416,10 @@ class ConvPrimitives:
       return md, None, 0
     src, dst = (self.w_md, md) if into else (md, self.w_md)
     pd = ctypes.c_void_p()
-    lib.check(lib.cdll.dnnl_reorder_primitive_desc_create(ctypes.byref(pd), src, lib.engine, dst, lib.engine,
-                                                          self._attr), "weights reorder")
+    lib.check(
+      lib.cdll.dnnl_reorder_primitive_desc_create(ctypes.byref(pd), src, lib.engine, dst, lib.engine, self._attr),
+      "weights reorder",
+    )
     return md, _Primitive(lib, pd, "reorder"), int(lib.cdll.dnnl_memory_desc_get_size(md))
 
   def _run_with_weights(self, p: _Primitive, layout: tuple, w_ptr: int, args: list) -> None:
@@ -382,15 +436,21 @@ class ConvPrimitives:
 
   def backward_data_ptr(self, dy: int, w: int, dx: int) -> None:
     """dx = conv_transpose(dy, w): the gradient with respect to the input, on raw buffers."""
-    self._run_with_weights(self.backward_data_p, self._bwd_data_w, w,
-                           [(_ARG_DIFF_DST, self.y_md, dy), (_ARG_DIFF_SRC, self.x_md, dx)])
+    self._run_with_weights(
+      self.backward_data_p, self._bwd_data_w, w, [(_ARG_DIFF_DST, self.y_md, dy), (_ARG_DIFF_SRC, self.x_md, dx)]
+    )
 
   def backward_weights_ptr(self, x: int, dy: int, dw: int) -> None:
     """dW = corr(x, dy): the gradient with respect to the HWIO kernel, on raw buffers."""
     md, reorder, nbytes = self._bwd_weights_w
     buf = None if reorder is None else self.lib.buffer("weights", nbytes)
-    self.backward_weights_p.execute([(_ARG_SRC, self.x_md, x), (_ARG_DIFF_DST, self.y_md, dy),
-                                     (_ARG_DIFF_WEIGHTS, md, dw if buf is None else buf.ctypes.data)])
+    self.backward_weights_p.execute(
+      [
+        (_ARG_SRC, self.x_md, x),
+        (_ARG_DIFF_DST, self.y_md, dy),
+        (_ARG_DIFF_WEIGHTS, md, dw if buf is None else buf.ctypes.data),
+      ]
+    )
     if buf is not None:
       reorder.execute([(_ARG_FROM, md, buf.ctypes.data), (_ARG_TO, self.w_md, dw)])
 
@@ -434,23 +494,31 @@ def _pair(value: int | Sequence[int], what: str) -> tuple[int, int]:
   return value  # type: ignore[return-value]
 
 
-def make_spec(x_shape: Sequence[int], kernel_shape: Sequence[int], dtype: Any, strides: int | Sequence[int],
-              padding: Sequence[Sequence[int]], feature_group_count: int = 1,
-              kernel_dtype: Any = None) -> ConvSpec:
+def make_spec(
+  x_shape: Sequence[int],
+  kernel_shape: Sequence[int],
+  dtype: Any,
+  strides: int | Sequence[int],
+  padding: Sequence[Sequence[int]],
+  feature_group_count: int = 1,
+  kernel_dtype: Any = None,
+) -> ConvSpec:
   """Check the arguments of :func:`conv2d` and describe the convolution; :class:`ModelError` if unsupported.
 
   ``dtype`` is the input's; ``kernel_dtype`` (default: the same) must equal it.
   """
   x_shape, kernel_shape = tuple(int(d) for d in x_shape), tuple(int(d) for d in kernel_shape)
   if len(x_shape) != 4 or len(kernel_shape) != 4:
-    raise ModelError(f"the oneDNN convolution takes an NHWC input and an HWIO kernel (rank 4), got shapes "
-                     f"{x_shape} and {kernel_shape}")
+    raise ModelError(
+      f"the oneDNN convolution takes an NHWC input and an HWIO kernel (rank 4), got shapes {x_shape} and {kernel_shape}"
+    )
   dtype = np.dtype(dtype)
   if kernel_dtype is not None and np.dtype(kernel_dtype) != dtype:
     raise ModelError(f"input and kernel must have the same dtype, got {dtype.name} and {np.dtype(kernel_dtype).name}")
   if dtype not in _DTYPES:
-    raise ModelError(f"the oneDNN convolution supports float32 and bfloat16, got {dtype.name}: use "
-                     "dtype=float32 or conv_backend='xla'")
+    raise ModelError(
+      f"the oneDNN convolution supports float32 and bfloat16, got {dtype.name}: use dtype=float32 or conv_backend='xla'"
+    )
   strides = _pair(strides, "strides")
   try:
     padding = tuple((int(lo), int(hi)) for lo, hi in padding)
@@ -463,8 +531,10 @@ def make_spec(x_shape: Sequence[int], kernel_shape: Sequence[int], dtype: Any, s
   g = int(feature_group_count)
   kh, kw, i, o = kernel_shape
   if g < 1 or x_shape[3] != i * g or o % g:
-    raise ModelError(f"input channels {x_shape[3]} must equal kernel input channels {i} x feature_group_count {g}, "
-                     f"and kernel output channels {o} must be divisible by {g}")
+    raise ModelError(
+      f"input channels {x_shape[3]} must equal kernel input channels {i} x feature_group_count {g}, "
+      f"and kernel output channels {o} must be divisible by {g}"
+    )
   spec = ConvSpec(x_shape, kernel_shape, strides, padding, g, dtype.name)  # type: ignore[arg-type]
   if min(spec.out_shape) < 1:
     raise ModelError(f"a {kh}x{kw} kernel with padding {padding} does not fit the {x_shape[1]}x{x_shape[2]} input")

@@ -18,8 +18,7 @@ import optax
 from resnet_jax.errors import ConfigError
 
 
-def make_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int
-                  ) -> optax.Schedule:
+def make_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
   """The learning-rate schedule: linear warmup from 0, then constant, step decay, cosine or linear to 0.
 
   ``config.schedule.warmup`` and ``boundaries`` are in ``config.schedule.unit`` (steps or epochs).
@@ -58,20 +57,24 @@ def decay_mask(params: Any) -> Any:
   return jax.tree.map(lambda p: jnp.ndim(p) > 1, params)
 
 
-def make_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule
-                   ) -> optax.GradientTransformation:
+def make_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformation:
   """sgd / nesterov (L2 weight decay added to the gradient, torch style), adamw (decoupled), lars."""
   opt = config.optimizer
   wd = float(opt.weight_decay)
   if opt.name in ("sgd", "nesterov"):
     return optax.chain(
-        optax.add_decayed_weights(wd, mask=decay_mask),
-        optax.sgd(schedule, momentum=opt.momentum or None, nesterov=opt.name == "nesterov"))
+      optax.add_decayed_weights(wd, mask=decay_mask),
+      optax.sgd(schedule, momentum=opt.momentum or None, nesterov=opt.name == "nesterov"),
+    )
   if opt.name == "adamw":
-    return optax.adamw(schedule, b1=opt.momentum, b2=opt.b2, eps=opt.eps, weight_decay=wd,
-                       mask=decay_mask)
+    return optax.adamw(schedule, b1=opt.momentum, b2=opt.b2, eps=opt.eps, weight_decay=wd, mask=decay_mask)
   if opt.name == "lars":
-    return optax.lars(schedule, weight_decay=wd, weight_decay_mask=decay_mask,
-                      trust_coefficient=opt.lars_trust_coefficient, trust_ratio_mask=decay_mask,
-                      momentum=opt.momentum)
+    return optax.lars(
+      schedule,
+      weight_decay=wd,
+      weight_decay_mask=decay_mask,
+      trust_coefficient=opt.lars_trust_coefficient,
+      trust_ratio_mask=decay_mask,
+      momentum=opt.momentum,
+    )
   raise ConfigError(f"config.optimizer.name={opt.name!r}: expected sgd, nesterov, adamw or lars")

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,8 +27,7 @@ from jax import lax
 Array = Any
 
 
-def max_pool(x: Array, window: Sequence[int], strides: Sequence[int],
-             padding: Sequence[tuple[int, int]]) -> Array:
+def max_pool(x: Array, window: Sequence[int], strides: Sequence[int], padding: Sequence[tuple[int, int]]) -> Array:
   """``nn.max_pool(x, window, strides, padding)`` on NHWC ``x`` with explicit padding (padded with -inf).
 
   On the CPU the gradient comes from the window's taps (module docstring); elsewhere from XLA.
@@ -56,8 +56,9 @@ def export_friendly():
     _EXPORTING[0] = old
 
 
-def _max_over_taps(x: Array, window: tuple[int, int], strides: tuple[int, int],
-                   padding: tuple[tuple[int, int], tuple[int, int]]) -> Array:
+def _max_over_taps(
+  x: Array, window: tuple[int, int], strides: tuple[int, int], padding: tuple[tuple[int, int], tuple[int, int]]
+) -> Array:
   (pt, pb), (pl, pr) = padding
   (kh, kw), (sh, sw) = window, strides
   xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)), constant_values=-jnp.inf)
@@ -66,21 +67,23 @@ def _max_over_taps(x: Array, window: tuple[int, int], strides: tuple[int, int],
   y = None
   for i in range(kh):
     for j in range(kw):
-      tap = xp[:, i:i + (oh - 1) * sh + 1:sh, j:j + (ow - 1) * sw + 1:sw, :]
+      tap = xp[:, i : i + (oh - 1) * sh + 1 : sh, j : j + (ow - 1) * sw + 1 : sw, :]
       y = tap if y is None else jnp.maximum(y, tap)
   return y
 
 
-def _reduce_max(x: Array, window: tuple[int, int], strides: tuple[int, int],
-                padding: tuple[tuple[int, int], tuple[int, int]]) -> Array:
+def _reduce_max(
+  x: Array, window: tuple[int, int], strides: tuple[int, int], padding: tuple[tuple[int, int], tuple[int, int]]
+) -> Array:
   """What ``nn.max_pool`` computes (``lax.reduce_window`` of max from -inf), written out: exporters that
   replace ``flax.linen.max_pool`` (jax2onnx) see the plain ``reduce_window_max`` instead."""
   return lax.reduce_window(x, -jnp.inf, lax.max, (1, *window, 1), (1, *strides, 1), ((0, 0), *padding, (0, 0)))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def _max_pool_taps(x: Array, window: tuple[int, int], strides: tuple[int, int],
-                   padding: tuple[tuple[int, int], tuple[int, int]]) -> Array:
+def _max_pool_taps(
+  x: Array, window: tuple[int, int], strides: tuple[int, int], padding: tuple[tuple[int, int], tuple[int, int]]
+) -> Array:
   return _reduce_max(x, window, strides, padding)
 
 
@@ -106,9 +109,12 @@ def _bwd(window, strides, padding, residuals, g):
       first = (tap == y) & ~taken  # this tap holds the window's maximum, and no earlier tap did
       taken = taken | first
       # Back to the padded input's grid: tap (p, q) sits at (i + sh*p, j + sw*q).
-      dxp = dxp + lax.pad(jnp.where(first, g, zero), zero,
-                          ((0, 0, 0), (i, hp - 1 - last_h, sh - 1), (j, wp - 1 - last_w, sw - 1), (0, 0, 0)))
-  return (dxp[:, pt:hp - pb, pl:wp - pr, :],)
+      dxp = dxp + lax.pad(
+        jnp.where(first, g, zero),
+        zero,
+        ((0, 0, 0), (i, hp - 1 - last_h, sh - 1), (j, wp - 1 - last_w, sw - 1), (0, 0, 0)),
+      )
+  return (dxp[:, pt : hp - pb, pl : wp - pr, :],)
 
 
 _max_pool_taps.defvjp(_fwd, _bwd)

@@ -20,7 +20,8 @@ import dataclasses
 import json
 import os
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -39,6 +40,7 @@ class Preprocessing:
     size: the model's input height and width.
     mean / std: per-channel normalisation of pixels in [0, 1].
   """
+
   kind: str
   size: int
   mean: np.ndarray
@@ -51,6 +53,7 @@ class Preprocessing:
   def load(self, path: str) -> np.ndarray:
     """The normalised ``(H, W, C)`` float32 input for the image file ``path``."""
     from PIL import Image
+
     if not os.path.isfile(path):
       raise DataError(f"image not found: {path}")
     try:
@@ -73,6 +76,7 @@ class Preprocessing:
 @dataclasses.dataclass
 class Predictor:
   """A model with its variables, preprocessing and class names. Build one with :func:`load_predictor`."""
+
   model: Any
   variables: dict
   preprocessing: Preprocessing
@@ -81,13 +85,14 @@ class Predictor:
 
   def __post_init__(self):
     import jax
+
     self._apply = jax.jit(lambda v, x: jax.nn.softmax(self.model.apply(v, x, train=False).astype("float32")))
 
   def probabilities(self, images: np.ndarray) -> np.ndarray:
     """Class probabilities ``(N, classes)`` of preprocessed images ``(N, H, W, C)`` (in batches)."""
     out = []
     for i in range(0, len(images), self.batch_size):
-      out.append(np.asarray(self._apply(self.variables, images[i:i + self.batch_size])))
+      out.append(np.asarray(self._apply(self.variables, images[i : i + self.batch_size])))
     return np.concatenate(out) if out else np.zeros((0, len(self.class_names)), np.float32)
 
   def predict(self, paths: Sequence[str]) -> np.ndarray:
@@ -112,8 +117,12 @@ def expand_paths(items: Sequence[str]) -> list[str]:
   paths = []
   for item in items:
     if os.path.isdir(item):
-      found = sorted(os.path.join(root, f) for root, _, files in os.walk(item) for f in files
-                     if f.lower().endswith(datasets.IMAGE_EXTENSIONS))
+      found = sorted(
+        os.path.join(root, f)
+        for root, _, files in os.walk(item)
+        for f in files
+        if f.lower().endswith(datasets.IMAGE_EXTENSIONS)
+      )
       if not found:
         raise DataError(f"folder {item} holds no image files ({', '.join(datasets.IMAGE_EXTENSIONS)})")
       paths.extend(found)
@@ -144,8 +153,11 @@ def run_preprocessing(config) -> Preprocessing:
     kind, size, mean, std = "center_crop", int(ds.image_size), augment.IMAGENET_MEAN, augment.IMAGENET_STD
   elif ds.name in ("cifar10", "cifar100"):
     kind, size = "resize", 32
-    mean, std = ((augment.CIFAR10_MEAN, augment.CIFAR10_STD) if ds.name == "cifar10"
-                 else (augment.CIFAR100_MEAN, augment.CIFAR100_STD))
+    mean, std = (
+      (augment.CIFAR10_MEAN, augment.CIFAR10_STD)
+      if ds.name == "cifar10"
+      else (augment.CIFAR100_MEAN, augment.CIFAR100_STD)
+    )
   else:  # digits: the training split's statistics, as data.load_dataset computes them
     x_train = datasets.digits_split(seed=0, test_fraction=ds.test_fraction)[0]
     kind, size, mean, std = "digits", 8, (float(x_train.mean()),), (float(x_train.std()),)
@@ -180,14 +192,20 @@ def load_run(workdir: str):
 def load_weights_file(weights: str, model_name: str):
   """``(model, variables)`` from a torchvision state dict file for the registered ``model_name``."""
   from resnet_jax import convert, models
+
   variables = convert.load_checkpoint(weights, model_name)
   num_classes = int(np.shape(variables["params"]["fc"]["kernel"])[-1])
   return models.create_model(model_name, num_classes=num_classes), variables
 
 
-def load_predictor(workdir: str | None = None, weights: str | None = None, model: str | None = None,
-                   image_size: int | None = None, labels: Sequence[str] | None = None,
-                   batch_size: int = 32) -> Predictor:
+def load_predictor(
+  workdir: str | None = None,
+  weights: str | None = None,
+  model: str | None = None,
+  image_size: int | None = None,
+  labels: Sequence[str] | None = None,
+  batch_size: int = 32,
+) -> Predictor:
   """A :class:`Predictor` for a run (``workdir``) or a weights file (``weights`` + ``model``)."""
   if bool(workdir) == bool(weights):
     raise ConfigError("give either a run's workdir or a weights file (with its model name), not both")
@@ -202,8 +220,12 @@ def load_predictor(workdir: str | None = None, weights: str | None = None, model
     if not model:
       raise ConfigError("a weights file needs its model name (--model=NAME, e.g. resnet50)")
     net, variables = load_weights_file(weights, model)
-    prep = Preprocessing("center_crop", int(image_size or 224), np.asarray(augment.IMAGENET_MEAN, np.float32),
-                         np.asarray(augment.IMAGENET_STD, np.float32))
+    prep = Preprocessing(
+      "center_crop",
+      int(image_size or 224),
+      np.asarray(augment.IMAGENET_MEAN, np.float32),
+      np.asarray(augment.IMAGENET_STD, np.float32),
+    )
     num_classes = net.num_classes
     names = [f"class {i}" for i in range(num_classes)]
   if labels is not None:
@@ -216,6 +238,7 @@ def load_predictor(workdir: str | None = None, weights: str | None = None, model
 
 def main(argv: list[str]) -> int:
   import argparse
+
   parser = argparse.ArgumentParser(prog="python -m resnet_jax.predict", description=__doc__.split("\n")[0])
   parser.add_argument("images", nargs="+", help="image files and folders")
   parser.add_argument("--workdir", help="output folder of a train.py run")
@@ -226,8 +249,11 @@ def main(argv: list[str]) -> int:
   parser.add_argument("--top-k", type=int, default=5)
   parser.add_argument("--batch-size", type=int, default=32)
   parser.add_argument("--json", action="store_true", help="one JSON object per image")
-  args = parse_args(parser, argv, "usage: python -m resnet_jax.predict (--workdir=RUN | --weights=FILE --model=NAME) "
-                        "IMAGE_OR_FOLDER ...")
+  args = parse_args(
+    parser,
+    argv,
+    "usage: python -m resnet_jax.predict (--workdir=RUN | --weights=FILE --model=NAME) IMAGE_OR_FOLDER ...",
+  )
   if args.top_k < 1 or args.batch_size < 1:
     raise ConfigError("--top-k and --batch-size must be positive")
   labels = None

@@ -31,7 +31,8 @@ expected one; an unknown activation name raises the same error listing the known
 from __future__ import annotations
 
 import types
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -57,6 +58,7 @@ class Activation(NamedTuple):
   ``sigma_prime(z1, a1)`` returns ``sigma'(z1)`` elementwise, given both the pre-activation ``z1`` and
   the activation ``a1 = sigma(z1)`` (the sigmoid's and tanh's derivatives are cheapest from ``a1``).
   """
+
   sigma: Callable[[Array], Array]
   sigma_prime: Callable[[Array, Array], Array]
 
@@ -79,11 +81,13 @@ def _relu_prime(z1: Array, a1: Array) -> Array:
   return (z1 > 0).astype(z1.dtype)
 
 
-ACTIVATIONS: Mapping[str, Activation] = types.MappingProxyType({
+ACTIVATIONS: Mapping[str, Activation] = types.MappingProxyType(
+  {
     "sigmoid": Activation(jax.nn.sigmoid, _sigmoid_prime),
     "tanh": Activation(jnp.tanh, _tanh_prime),
     "relu": Activation(jax.nn.relu, _relu_prime),
-})
+  }
+)
 
 _KEYS = ("w1", "b1", "w2", "b2")
 
@@ -97,6 +101,7 @@ def sigma_prime(z: Array, activation: str) -> Array:
 # ----------------------------------------------------------------------------------------------------
 # Validation (Python level: shapes are static, so these checks also run, once, under jax.jit).
 # ----------------------------------------------------------------------------------------------------
+
 
 def _activation(activation: str, where: str) -> Activation:
   if not isinstance(activation, str) or activation not in ACTIVATIONS:
@@ -112,25 +117,31 @@ def _shape(a: Any) -> tuple[int, ...]:
 def _check_params(params: Any, where: str, name: str = "params", dim: int | None = None) -> tuple[int, int]:
   """Checks one unit's parameter dict and returns ``(dim, hidden)``."""
   if not isinstance(params, Mapping):
-    raise ModelError(f"{where}: {name} must be a dict with keys w1, b1, w2, b2 (see init_params), "
-                     f"got {type(params).__name__}")
+    raise ModelError(
+      f"{where}: {name} must be a dict with keys w1, b1, w2, b2 (see init_params), got {type(params).__name__}"
+    )
   missing = [k for k in _KEYS if k not in params]
   if missing:
-    raise ModelError(f"{where}: {name} is missing {', '.join(missing)}; expected a dict with keys "
-                     f"w1 (hidden, dim), b1 (hidden,), w2 (dim, hidden), b2 (dim,) (see init_params)")
+    raise ModelError(
+      f"{where}: {name} is missing {', '.join(missing)}; expected a dict with keys "
+      f"w1 (hidden, dim), b1 (hidden,), w2 (dim, hidden), b2 (dim,) (see init_params)"
+    )
   w1 = _shape(params["w1"])
   if len(w1) != 2:
     raise ModelError(f"{where}: {name}['w1'] has shape {w1}, expected a matrix (hidden, dim)")
   hidden, d = w1
   if dim is not None and d != dim:
-    raise ModelError(f"{where}: {name}['w1'] has shape {w1}, expected (hidden, dim) = ({hidden}, {dim}) "
-                     f"to match the input width {dim}")
+    raise ModelError(
+      f"{where}: {name}['w1'] has shape {w1}, expected (hidden, dim) = ({hidden}, {dim}) to match the input width {dim}"
+    )
   expected = {"b1": (hidden,), "w2": (d, hidden), "b2": (d,)}
   for k, want in expected.items():
     got = _shape(params[k])
     if got != want:
-      raise ModelError(f"{where}: {name}['{k}'] has shape {got}, expected {want} to match "
-                       f"{name}['w1'] of shape {w1} (hidden={hidden}, dim={d})")
+      raise ModelError(
+        f"{where}: {name}['{k}'] has shape {got}, expected {want} to match "
+        f"{name}['w1'] of shape {w1} (hidden={hidden}, dim={d})"
+      )
   return d, hidden
 
 
@@ -138,8 +149,10 @@ def _check_x(x: Any, dim: int, where: str, name: str = "x") -> Array:
   x = jnp.asarray(x)
   if x.ndim != 2 or x.shape[1] != dim:
     hint = " (a single example is x[None, :])" if x.ndim == 1 else ""
-    raise ModelError(f"{where}: {name} has shape {tuple(x.shape)}, expected (batch, dim) = (batch, {dim}) "
-                     f"with the width of the parameters{hint}")
+    raise ModelError(
+      f"{where}: {name} has shape {tuple(x.shape)}, expected (batch, dim) = (batch, {dim}) "
+      f"with the width of the parameters{hint}"
+    )
   if x.shape[0] < 1:
     raise ModelError(f"{where}: {name} has shape {tuple(x.shape)}, expected at least one row (batch >= 1)")
   return x
@@ -168,12 +181,14 @@ def _check_stack(params: Any, where: str, dim: int | None = None) -> int:
 # One unit.
 # ----------------------------------------------------------------------------------------------------
 
+
 def uniform_fan_in(fan_in: int) -> Callable:
   """The initialiser ``(key, shape, dtype) -> U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, ``torch.nn.Linear``'s."""
   bound = float(fan_in) ** -0.5
 
   def init(key: Array, shape: Sequence[int], dtype: Any = jnp.float32) -> Array:
     return jax.random.uniform(key, shape, dtype, -bound, bound)
+
   return init
 
 
@@ -190,8 +205,12 @@ def init_params(key: Array, dim: int, hidden: int, dtype: Any = jnp.float32) -> 
     raise ModelError(f"init_params: dim and hidden must be >= 1, got dim={dim}, hidden={hidden}")
   k1, k2, k3, k4 = jax.random.split(key, 4)
   u1, u2 = uniform_fan_in(dim), uniform_fan_in(hidden)
-  return {"w1": u1(k1, (hidden, dim), dtype), "b1": u1(k2, (hidden,), dtype),
-          "w2": u2(k3, (dim, hidden), dtype), "b2": u2(k4, (dim,), dtype)}
+  return {
+    "w1": u1(k1, (hidden, dim), dtype),
+    "b1": u1(k2, (hidden,), dtype),
+    "w2": u2(k3, (dim, hidden), dtype),
+    "b2": u2(k4, (dim,), dtype),
+  }
 
 
 def _branch(params: Mapping[str, Array], x: Array, act: Activation) -> tuple[Array, Array, Array]:
@@ -202,19 +221,20 @@ def _branch(params: Mapping[str, Array], x: Array, act: Activation) -> tuple[Arr
   return z1, a1, H
 
 
-def _backward(params: Mapping[str, Array], x: Array, z1: Array, a1: Array, delta: Array,
-              act: Activation) -> tuple[Params, Array]:
+def _backward(
+  params: Mapping[str, Array], x: Array, z1: Array, a1: Array, delta: Array, act: Activation
+) -> tuple[Params, Array]:
   """Hand-derived backward pass of one unit's branch, given ``delta`` = dL/dy_hat.
 
   Returns ``({"w1","b1","w2","b2"}, branch)`` with ``branch = delta1 w1``, the part of dL/dx that flows
   through H; the caller adds ``delta`` itself for the shortcut.
   """
-  dw2 = _mm(delta.T, a1)                                   # dL/dw2 = delta^T a1
-  db2 = jnp.sum(delta, axis=0)                             # dL/db2 = sum delta
+  dw2 = _mm(delta.T, a1)  # dL/dw2 = delta^T a1
+  db2 = jnp.sum(delta, axis=0)  # dL/db2 = sum delta
   delta1 = _mm(delta, params["w2"]) * act.sigma_prime(z1, a1)  # delta1 = (delta w2) * sigma'(z1)
-  dw1 = _mm(delta1.T, x)                                   # dL/dw1 = delta1^T x
-  db1 = jnp.sum(delta1, axis=0)                            # dL/db1 = sum delta1
-  branch = _mm(delta1, params["w1"])                       # branch term of dL/dx = delta1 w1
+  dw1 = _mm(delta1.T, x)  # dL/dw1 = delta1^T x
+  db1 = jnp.sum(delta1, axis=0)  # dL/db1 = sum delta1
+  branch = _mm(delta1, params["w1"])  # branch term of dL/dx = delta1 w1
   return {"w1": dw1, "b1": db1, "w2": dw2, "b2": db2}, branch
 
 
@@ -252,7 +272,7 @@ def _unit_grads(params, x, y, activation, where) -> tuple[Params, Array, Array]:
   y = _check_y(y, x, where)
   z1, a1, H = _branch(params, x, act)
   y_hat = H + x
-  delta = (y_hat - y) / x.shape[0]                         # dL/dy_hat for the batch-mean loss
+  delta = (y_hat - y) / x.shape[0]  # dL/dy_hat for the batch-mean loss
   grads, branch = _backward(params, x, z1, a1, delta, act)
   return grads, branch, delta
 
@@ -275,8 +295,9 @@ def manual_grads(params: Mapping[str, Array], x: Array, y: Array, activation: st
   return {**grads, "x": branch + delta}
 
 
-def input_grad_parts(params: Mapping[str, Array], x: Array, y: Array,
-                     activation: str = "sigmoid") -> tuple[Array, Array]:
+def input_grad_parts(
+  params: Mapping[str, Array], x: Array, y: Array, activation: str = "sigmoid"
+) -> tuple[Array, Array]:
   """The two parts of dL/dx = branch + shortcut, separately.
 
   Returns:
@@ -291,6 +312,7 @@ def input_grad_parts(params: Mapping[str, Array], x: Array, y: Array,
 # ----------------------------------------------------------------------------------------------------
 # custom_vjp: the unit with the hand-derived backward pass, for training with jax.grad / optax.
 # ----------------------------------------------------------------------------------------------------
+
 
 def _unit_primal(params, x, activation, shortcut):
   H = _branch(params, x, ACTIVATIONS[activation])[2]
@@ -315,8 +337,9 @@ _unit_vjp = jax.custom_vjp(_unit_primal, nondiff_argnums=(2, 3))
 _unit_vjp.defvjp(_unit_vjp_fwd, _unit_vjp_bwd)
 
 
-def hand_derived_unit(params: Mapping[str, Array], x: Array, activation: str = "sigmoid",
-                      shortcut: bool = True) -> Array:
+def hand_derived_unit(
+  params: Mapping[str, Array], x: Array, activation: str = "sigmoid", shortcut: bool = True
+) -> Array:
   """The unit's output (``forward``, or ``H(x)`` if ``shortcut=False``) with the hand-derived backward pass.
 
   A ``jax.custom_vjp`` function: under ``jax.grad`` / ``jax.vjp`` its backward pass is the derivation's,
@@ -337,6 +360,7 @@ def hand_derived_unit(params: Mapping[str, Array], x: Array, activation: str = "
 # Stacks of L units: x_{l+1} = H_l(x_l) + x_l (residual) or x_{l+1} = H_l(x_l) (plain).
 # ----------------------------------------------------------------------------------------------------
 
+
 def init_stack(key: Array, depth: int, dim: int, hidden: int, dtype: Any = jnp.float32) -> list[Params]:
   """``depth`` independent units of width ``dim`` (see :func:`init_params`), one dict per unit."""
   depth = int(depth)
@@ -345,8 +369,9 @@ def init_stack(key: Array, depth: int, dim: int, hidden: int, dtype: Any = jnp.f
   return [init_params(k, dim, hidden, dtype) for k in jax.random.split(key, depth)]
 
 
-def stack_forward(params: Sequence[Mapping[str, Array]], x: Array, shortcut: bool = True,
-                  activation: str = "sigmoid") -> Array:
+def stack_forward(
+  params: Sequence[Mapping[str, Array]], x: Array, shortcut: bool = True, activation: str = "sigmoid"
+) -> Array:
   """x_{l+1} = H_l(x_l) + x_l for l = 0..L-1 (``shortcut=False``: x_{l+1} = H_l(x_l)); returns x_L."""
   act = _activation(activation, "stack_forward")
   dim = _check_stack(params, "stack_forward")
@@ -357,8 +382,9 @@ def stack_forward(params: Sequence[Mapping[str, Array]], x: Array, shortcut: boo
   return x
 
 
-def stack_loss(params: Sequence[Mapping[str, Array]], x: Array, y: Array, shortcut: bool = True,
-               activation: str = "sigmoid") -> Array:
+def stack_loss(
+  params: Sequence[Mapping[str, Array]], x: Array, y: Array, shortcut: bool = True, activation: str = "sigmoid"
+) -> Array:
   """1/batch * sum_n 1/2 ||x_L,n - y_n||^2 for the stack's output x_L."""
   _activation(activation, "stack_loss")
   dim = _check_stack(params, "stack_loss")
@@ -368,8 +394,9 @@ def stack_loss(params: Sequence[Mapping[str, Array]], x: Array, y: Array, shortc
   return 0.5 * jnp.sum(jnp.square(y_hat - y)) / x.shape[0]
 
 
-def manual_stack_grads(params: Sequence[Mapping[str, Array]], x: Array, y: Array, shortcut: bool = True,
-                       activation: str = "sigmoid") -> dict[str, Any]:
+def manual_stack_grads(
+  params: Sequence[Mapping[str, Array]], x: Array, y: Array, shortcut: bool = True, activation: str = "sigmoid"
+) -> dict[str, Any]:
   """Gradients of :func:`stack_loss`, back-propagated by hand one unit at a time (no autodiff).
 
   With ``delta_L = (x_L - y) / batch`` and, for l = L-1 down to 0, the unit formulas applied to
@@ -398,35 +425,34 @@ def _stack_backward(params, x, y, shortcut, activation, where):
   y = _check_y(y, x, where)
   depth = len(params)
   xs, z1s, a1s = [], [], []
-  for p in params:                                         # forward, keeping what the backward needs
+  for p in params:  # forward, keeping what the backward needs
     z1, a1, H = _branch(p, x, act)
     xs.append(x)
     z1s.append(z1)
     a1s.append(a1)
     x = H + x if shortcut else H
-  delta_L = (x - y) / x.shape[0]                           # dL/dx_L; the 1/batch of the mean enters here
+  delta_L = (x - y) / x.shape[0]  # dL/dx_L; the 1/batch of the mean enters here
   delta = delta_L
   grads: list[Params] = [{}] * depth
   inputs: list[Array] = [delta] * depth
   branches: list[Array] = [delta] * depth
-  for l in range(depth - 1, -1, -1):                       # backward, by hand, layer by layer
+  for l in range(depth - 1, -1, -1):  # backward, by hand, layer by layer
     grads[l], branches[l] = _backward(params[l], xs[l], z1s[l], a1s[l], delta, act)
-    delta = branches[l] + delta if shortcut else branches[l]   # delta is now dL/dx_l
+    delta = branches[l] + delta if shortcut else branches[l]  # delta is now dL/dx_l
     inputs[l] = delta
   return grads, inputs, branches, delta_L
 
 
-def stack_input_grad_parts(params: Sequence[Mapping[str, Array]], x: Array, y: Array,
-                           shortcut: bool = True, activation: str = "sigmoid"
-                           ) -> list[tuple[Array, Array]]:
+def stack_input_grad_parts(
+  params: Sequence[Mapping[str, Array]], x: Array, y: Array, shortcut: bool = True, activation: str = "sigmoid"
+) -> list[tuple[Array, Array]]:
   """For each unit l, the two parts of dL/dx_l: ``(branch_l, shortcut_l)``.
 
   ``branch_l = delta1_l w1_l`` flows back through unit l's branch; ``shortcut_l = dL/dx_{l+1}`` is the
   error from above handed down untouched by the identity (zeros for the plain stack). Their sum is
   ``manual_stack_grads(...)["inputs"][l]``.
   """
-  _, inputs, branches, delta_L = _stack_backward(params, x, y, shortcut, activation,
-                                                 "stack_input_grad_parts")
+  _, inputs, branches, delta_L = _stack_backward(params, x, y, shortcut, activation, "stack_input_grad_parts")
   above = inputs[1:] + [delta_L]
   return [(b, a if shortcut else jnp.zeros_like(a)) for b, a in zip(branches, above)]
 
@@ -434,7 +460,6 @@ def stack_input_grad_parts(params: Sequence[Mapping[str, Array]], x: Array, y: A
 # ----------------------------------------------------------------------------------------------------
 # Flax (linen) modules.
 # ----------------------------------------------------------------------------------------------------
-
 
 
 class ResidualUnit(nn.Module):
@@ -458,6 +483,7 @@ class ResidualUnit(nn.Module):
       hand-derived one (same values and gradients as autodiff).
     param_dtype: dtype of the parameters.
   """
+
   dim: int
   hidden: int
   activation: str = "sigmoid"
@@ -469,10 +495,12 @@ class ResidualUnit(nn.Module):
   def __call__(self, x: Array) -> Array:
     act = _activation(self.activation, "ResidualUnit")
     x = _check_x(x, self.dim, "ResidualUnit")
-    p = {"w1": self.param("w1", uniform_fan_in(self.dim), (self.hidden, self.dim), self.param_dtype),
-         "b1": self.param("b1", uniform_fan_in(self.dim), (self.hidden,), self.param_dtype),
-         "w2": self.param("w2", uniform_fan_in(self.hidden), (self.dim, self.hidden), self.param_dtype),
-         "b2": self.param("b2", uniform_fan_in(self.hidden), (self.dim,), self.param_dtype)}
+    p = {
+      "w1": self.param("w1", uniform_fan_in(self.dim), (self.hidden, self.dim), self.param_dtype),
+      "b1": self.param("b1", uniform_fan_in(self.dim), (self.hidden,), self.param_dtype),
+      "w2": self.param("w2", uniform_fan_in(self.hidden), (self.dim, self.hidden), self.param_dtype),
+      "b2": self.param("b2", uniform_fan_in(self.hidden), (self.dim,), self.param_dtype),
+    }
     if self.hand_derived_grad:
       return hand_derived_unit(p, x, self.activation, self.residual)
     H = _branch(p, x, act)[2]
@@ -490,6 +518,7 @@ class ResidualMLP(nn.Module):
   ``__call__(x, train=False)``: ``x`` of any shape ``(batch, ...)``; ``train`` is accepted and ignored
   (there is no batch norm or dropout), so the call matches the convolutional models'.
   """
+
   depth: int
   dim: int
   hidden: int
@@ -512,6 +541,13 @@ class ResidualMLP(nn.Module):
     x = nn.Dense(self.dim, param_dtype=self.param_dtype, name="embed")(x)
     for l in range(self.depth):
       x = self.perturb(f"block{l:02d}", x)
-      x = ResidualUnit(self.dim, self.hidden, self.activation, self.residual, self.hand_derived_grad,
-                       self.param_dtype, name=f"unit{l:03d}")(x)
+      x = ResidualUnit(
+        self.dim,
+        self.hidden,
+        self.activation,
+        self.residual,
+        self.hand_derived_grad,
+        self.param_dtype,
+        name=f"unit{l:03d}",
+      )(x)
     return nn.Dense(self.num_classes, param_dtype=self.param_dtype, name="head")(x)

@@ -6,7 +6,7 @@ checkpoints with it.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -30,8 +30,7 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int, device_coun
   """
   from resnet_jax import models
 
-  options = config.model.options.to_dict() if hasattr(config.model.options, "to_dict") else dict(
-      config.model.options)
+  options = config.model.options.to_dict() if hasattr(config.model.options, "to_dict") else dict(config.model.options)
   if config.model.dtype == "bfloat16":
     options["dtype"] = jnp.bfloat16
     options.setdefault("param_dtype", jnp.float32)
@@ -50,22 +49,31 @@ def build_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule)
 def build_train_step(config: ml_collections.ConfigDict, num_classes: int, dp: DataParallel) -> Callable:
   """The jitted training step of a run of ``config`` on the mesh ``dp``: what :class:`Setup` trains with
   and ``benchmarks/bench.py`` times (:func:`resnet_jax.train_step.make_train_step`, the state donated)."""
-  return dp.jit_train_step(make_train_step(num_classes, float(config.label_smoothing), skip_nonfinite=True,
-                                           grad_norms=bool(config.get("log_grad_norms", False))))
+  return dp.jit_train_step(
+    make_train_step(
+      num_classes,
+      float(config.label_smoothing),
+      skip_nonfinite=True,
+      grad_norms=bool(config.get("log_grad_norms", False)),
+    )
+  )
 
 
-def evaluate_state(eval_step: Callable, state: TrainState, ds: data_lib.Dataset, batch_size: int,
-                   dp: DataParallel, num_threads: int = 2) -> dict[str, float]:
+def evaluate_state(
+  eval_step: Callable, state: TrainState, ds: data_lib.Dataset, batch_size: int, dp: DataParallel, num_threads: int = 2
+) -> dict[str, float]:
   """Loss and accuracy of ``state`` on the whole test set."""
   totals = None
-  for batch in data_lib.eval_batches(ds, batch_size, jax.process_index(), jax.process_count(),
-                                     num_threads):
+  for batch in data_lib.eval_batches(ds, batch_size, jax.process_index(), jax.process_count(), num_threads):
     out = eval_step(state, dp.put_batch(batch))
     totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
   totals = jax.device_get(totals)
   count = max(float(totals["count"]), 1.0)
-  return {"loss": float(totals["loss"]) / count, "accuracy": float(totals["correct"]) / count,
-          "count": int(totals["count"])}
+  return {
+    "loss": float(totals["loss"]) / count,
+    "accuracy": float(totals["correct"]) / count,
+    "count": int(totals["count"]),
+  }
 
 
 class Setup:
@@ -80,44 +88,55 @@ class Setup:
     self.model = build_model(config, self.data.num_classes, len(self.dp.devices))
     min_size = getattr(self.model, "min_input_size", None)
     if min_size and min(self.data.image_shape[:2]) < min_size:
-      raise ModelError(f"model {config.model.name} needs images of at least {min_size}x{min_size}, "
-                       f"the dataset gives {self.data.image_shape[0]}x{self.data.image_shape[1]}")
+      raise ModelError(
+        f"model {config.model.name} needs images of at least {min_size}x{min_size}, "
+        f"the dataset gives {self.data.image_shape[0]}x{self.data.image_shape[1]}"
+      )
     self.steps_per_epoch = self.data.num_train // config.batch_size
     if self.steps_per_epoch < 1:
-      raise ConfigError(f"config.batch_size = {config.batch_size} exceeds the {self.data.num_train} "
-                        f"training examples of {config.dataset.name}")
+      raise ConfigError(
+        f"config.batch_size = {config.batch_size} exceeds the {self.data.num_train} "
+        f"training examples of {config.dataset.name}"
+      )
     self.total_steps = optim.total_train_steps(config, self.steps_per_epoch)
-    self.eval_every = (config.eval_every_steps if config.eval_every_steps > 0 else self.steps_per_epoch)
-    self.checkpoint_every = (config.checkpoint_every_steps if config.checkpoint_every_steps > 0
-                             else self.eval_every)
+    self.eval_every = config.eval_every_steps if config.eval_every_steps > 0 else self.steps_per_epoch
+    self.checkpoint_every = config.checkpoint_every_steps if config.checkpoint_every_steps > 0 else self.eval_every
     self.schedule = optim.make_schedule(config, self.steps_per_epoch, self.total_steps)
     self.tx = build_optimizer(config, self.schedule)
     self.apply_fn = finetune.make_apply_fn(config, self.model)
     self.train_step = build_train_step(config, self.data.num_classes, self.dp)
-    self.eval_step = self.dp.jit_eval_step(make_eval_step(self.data.num_classes,
-                                                          bool(config.get("eval_flip", False))))
+    self.eval_step = self.dp.jit_eval_step(make_eval_step(self.data.num_classes, bool(config.get("eval_flip", False))))
 
   def init_state(self, log: Callable[[str], None] = print) -> TrainState:
     """The state of step 0: a fresh initialisation, or the weights of ``config.finetune.weights``."""
-    state = create_train_state(self.model, self.tx, self.data.image_shape,
-                               jax.random.PRNGKey(self.config.seed), self.apply_fn)
+    state = create_train_state(
+      self.model, self.tx, self.data.image_shape, jax.random.PRNGKey(self.config.seed), self.apply_fn
+    )
     state = finetune.initial_state(self.config, self.model, state, log)
     return self.dp.replicate(state)
 
   def abstract_state(self) -> TrainState:
     """Shapes, dtypes and shardings of the train state, without computing it (a restore target)."""
     shapes = jax.eval_shape(
-        lambda k: create_train_state(self.model, self.tx, self.data.image_shape, k, self.apply_fn),
-        jax.random.PRNGKey(0))
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.dp.replicated),
-                        shapes)
+      lambda k: create_train_state(self.model, self.tx, self.data.image_shape, k, self.apply_fn), jax.random.PRNGKey(0)
+    )
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.dp.replicated), shapes)
 
   def train_iterator(self):
     c = self.config
-    return iter(data_lib.train_pipeline(
-        self.data, c.batch_size, c.seed, jax.process_index(), jax.process_count(),
-        num_threads=c.dataset.num_threads, num_workers=c.dataset.num_workers))
+    return iter(
+      data_lib.train_pipeline(
+        self.data,
+        c.batch_size,
+        c.seed,
+        jax.process_index(),
+        jax.process_count(),
+        num_threads=c.dataset.num_threads,
+        num_workers=c.dataset.num_workers,
+      )
+    )
 
   def evaluate(self, state: TrainState) -> dict[str, float]:
-    return evaluate_state(self.eval_step, state, self.data, self.config.eval_batch_size, self.dp,
-                          self.config.dataset.num_threads)
+    return evaluate_state(
+      self.eval_step, state, self.data, self.config.eval_batch_size, self.dp, self.config.dataset.num_threads
+    )

@@ -49,12 +49,12 @@ def read_events(path: str) -> tuple[list[Event], bool]:
     data = f.read()
   events, pos = [], 0
   while pos + 12 <= len(data):
-    (length,) = struct.unpack("<Q", data[pos:pos + 8])
+    (length,) = struct.unpack("<Q", data[pos : pos + 8])
     end = pos + 12 + length + 4
     if end > len(data):
       break
     try:
-      events.append(Event.FromString(data[pos + 12:pos + 12 + length]))
+      events.append(Event.FromString(data[pos + 12 : pos + 12 + length]))
     except DecodeError:
       break
     pos = end
@@ -104,12 +104,13 @@ class EventWriter:
 
   def write(self, record: dict) -> None:
     """One event at ``record["step"]`` with the record's numbers, tagged ``SPLIT/KEY``, flushed to disk."""
-    values = [Summary.Value(tag=f"{record['split']}/{key}", simple_value=value)
-              for key, value in record.items()
-              if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)]
+    values = [
+      Summary.Value(tag=f"{record['split']}/{key}", simple_value=value)
+      for key, value in record.items()
+      if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)
+    ]
     with self._naming_the_file():
-      self._writer.write_event(Event(wall_time=time.time(), step=int(record["step"]),
-                                     summary=Summary(value=values)))
+      self._writer.write_event(Event(wall_time=time.time(), step=int(record["step"]), summary=Summary(value=values)))
       self._writer.flush()
 
   def close(self) -> None:

@@ -28,18 +28,23 @@ import contextlib
 import dataclasses
 import os
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 
-from resnet_jax import optim
+from resnet_jax import machine, optim
 from resnet_jax import workdir as workdir_lib
 from resnet_jax.checkpoint import Checkpointer
 from resnet_jax.config_check import validate_config
-from resnet_jax.distributed import (agree_on_signal, check_shared_checkpoints, end_process_on_error,
-                                    maybe_initialize_distributed)
+from resnet_jax.distributed import (
+  agree_on_signal,
+  check_shared_checkpoints,
+  end_process_on_error,
+  maybe_initialize_distributed,
+)
 from resnet_jax.errors import CheckpointError, ConfigError, Interrupted, ResNetJaxError
 from resnet_jax.metrics import REJECTED_METRICS, MetricsWriter, plot_curves, write_json
 from resnet_jax.run_setup import Setup
@@ -56,9 +61,14 @@ def due(step: int, every: int, also: bool = False) -> bool:
   return also or step % every == 0
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       devices: list | None = None, log: Callable[[str], None] = print,
-                       stop_at_step: int | None = None, setup: Setup | None = None) -> dict | None:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  devices: list | None = None,
+  log: Callable[[str], None] = print,
+  stop_at_step: int | None = None,
+  setup: Setup | None = None,
+) -> dict | None:
   """Train ``config`` writing into ``workdir`` (resuming from its newest checkpoint) and evaluate.
 
   The workdir is locked for the run (:class:`resnet_jax.workdir.RunDir`: a second run on it is
@@ -99,6 +109,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 @dataclasses.dataclass
 class _Run:
   """What a run carries from step to step: the state and the metadata its checkpoints hold."""
+
   state: TrainState
   meta: dict  # best_test_accuracy, train_time_s, train_images, step_time_s, wall_time_s
   start_step: int
@@ -113,13 +124,22 @@ class _Run:
     return self.wall_base + time.perf_counter() - self.started
 
 
-def _run(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], None],
-         stop_at_step: int | None, setup: Setup, signals: Any, started: float) -> dict | None:
+def _run(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  log: Callable[[str], None],
+  stop_at_step: int | None,
+  setup: Setup,
+  signals: Any,
+  started: float,
+) -> dict | None:
   """The body of :func:`train_and_evaluate`, in the locked ``workdir``: restore, train, summarise."""
   _check_same_run(workdir, config)
   if setup.data.skipped_files:
-    log(f"warning: {len(setup.data.skipped_files)} unreadable image(s) left out "
-        f"(config.dataset.on_corrupt_image='skip'): {', '.join(setup.data.skipped_files[:5])}")
+    log(
+      f"warning: {len(setup.data.skipped_files)} unreadable image(s) left out "
+      f"(config.dataset.on_corrupt_image='skip'): {', '.join(setup.data.skipped_files[:5])}"
+    )
   is_main = jax.process_index() == 0
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
   check_shared_checkpoints(ckpt)
@@ -129,14 +149,18 @@ def _run(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], N
     workdir_lib.record_settings(workdir, config, run.start_step, changes, saved_config)
     write_json(os.path.join(workdir, "data.json"), setup.data.info)  # Its normalisation, for evaluations.
   if is_main and run.start_step == 0:
-    log(f"training {config.model.name} on {config.dataset.name} ({setup.data.num_train} images, "
-        f"{setup.total_steps} steps of {config.batch_size} on {len(setup.dp.devices)} "
-        f"{setup.dp.devices[0].platform} device(s)), writing to {workdir}")
+    log(
+      f"training {config.model.name} on {config.dataset.name} ({setup.data.num_train} images, "
+      f"{setup.total_steps} steps of {config.batch_size} on {len(setup.dp.devices)} "
+      f"{setup.dp.devices[0].platform} device(s)), writing to {workdir}"
+    )
   with contextlib.ExitStack() as stack:
     writer = stack.enter_context(MetricsWriter(workdir, run.start_step, enabled=is_main))
     if writer.rejected:
-      log(f"warning: {writer.rejected} line(s) of {writer.path} are not metrics records (not UTF-8, not a "
-          f"JSON object, or no numeric step): moved to {os.path.join(workdir, REJECTED_METRICS)}")
+      log(
+        f"warning: {writer.rejected} line(s) of {writer.path} are not metrics records (not UTF-8, not a "
+        f"JSON object, or no numeric step): moved to {os.path.join(workdir, REJECTED_METRICS)}"
+      )
     train_iter = setup.train_iterator()
     if hasattr(train_iter, "close"):  # Stops grain's threads and worker processes.
       stack.callback(train_iter.close)
@@ -146,9 +170,17 @@ def _run(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], N
   return _finish(config, workdir, setup, run, ckpt, writer.records, signals, stop_at_step, stopped)
 
 
-def _train(config: ml_collections.ConfigDict, setup: Setup, run: _Run, train_iter: Any, writer: MetricsWriter,
-           ckpt: Checkpointer, signals: Any, stop_at_step: int | None, log: Callable[[str], None]
-           ) -> tuple[int, bool] | None:
+def _train(
+  config: ml_collections.ConfigDict,
+  setup: Setup,
+  run: _Run,
+  train_iter: Any,
+  writer: MetricsWriter,
+  ckpt: Checkpointer,
+  signals: Any,
+  stop_at_step: int | None,
+  log: Callable[[str], None],
+) -> tuple[int, bool] | None:
   """Steps ``run.start_step + 1`` to the last, with their records, evaluations and checkpoints.
 
   Returns ``(step, in_state)`` when a non-finite update of ``step`` stopped the run (``in_state``: the
@@ -157,9 +189,14 @@ def _train(config: ml_collections.ConfigDict, setup: Setup, run: _Run, train_ite
   from tqdm import tqdm
 
   window = _Window(config.batch_size)
-  with tqdm(total=setup.total_steps, initial=run.start_step, unit="step", dynamic_ncols=True,
-            disable=not (config.progress_bar and jax.process_index() == 0),
-            desc=f"{config.model.name} on {config.dataset.name}") as bar:
+  with tqdm(
+    total=setup.total_steps,
+    initial=run.start_step,
+    unit="step",
+    dynamic_ncols=True,
+    disable=not (config.progress_bar and jax.process_index() == 0),
+    desc=f"{config.model.name} on {config.dataset.name}",
+  ) as bar:
     for step in range(run.start_step + 1, setup.total_steps + 1):
       t0 = time.perf_counter()
       run.state, metrics = setup.train_step(run.state, setup.dp.put_batch(next(train_iter)))
@@ -177,15 +214,13 @@ def _train(config: ml_collections.ConfigDict, setup: Setup, run: _Run, train_ite
         if bad and config.on_nonfinite == "stop":
           return bad[0], bad[0] not in bad_grads
         if bad:
-          log(f"warning: non-finite loss, gradient or updated state at steps {bad[:5]}: those updates "
-              f"were skipped")
+          log(f"warning: non-finite loss, gradient or updated state at steps {bad[:5]}: those updates were skipped")
       if evaluate:
         _evaluate(setup, run, writer, step, bar.write)
       run.meta["train_time_s"] += time.perf_counter() - t0
       if save:
         run.meta["wall_time_s"] = run.wall_time()
-        ckpt.save(step, run.state, train_iter.get_state(),
-                  {**run.meta, **_counts(setup), "config": config.to_dict()})
+        ckpt.save(step, run.state, train_iter.get_state(), {**run.meta, **_counts(setup), "config": config.to_dict()})
       if halt:
         break
       window.restart_if_empty()  # Evaluation and checkpoint time stay out of the images/s windows.
@@ -221,12 +256,16 @@ class _Window:
     if step > run.start_step + n:  # Not the first window: that one holds the compilation.
       run.meta["step_time_s"] += now - self.started
       run.meta["train_images"] += n * self.batch_size
-    rec = {"split": "train", "loss": float(np.mean([m["loss"] for m in good] or [np.nan])),
-           "accuracy": float(np.mean([m["accuracy"] for m in good] or [np.nan])),
-           "learning_rate": learning_rate, "images_per_sec": n * self.batch_size / max(now - self.started, 1e-9),
-           "nonfinite_steps": len(bad)}
+    rec = {
+      "split": "train",
+      "loss": float(np.mean([m["loss"] for m in good] or [np.nan])),
+      "accuracy": float(np.mean([m["accuracy"] for m in good] or [np.nan])),
+      "learning_rate": learning_rate,
+      "images_per_sec": n * self.batch_size / max(now - self.started, 1e-9),
+      "nonfinite_steps": len(bad),
+    }
     norms = [m["grad_norm"] for m in good if "grad_norm" in m]
-    for name in (norms[0] if norms else {}):  # The window's mean, per module.
+    for name in norms[0] if norms else {}:  # The window's mean, per module.
       rec[f"grad_norm/{name}"] = float(np.mean([g[name] for g in norms]))
     self.pending, self.started = [], time.perf_counter()
     return rec, bad, bad_grads
@@ -238,25 +277,34 @@ def _evaluate(setup: Setup, run: _Run, writer: MetricsWriter, step: int, show: C
   best = run.meta["best_test_accuracy"]
   run.meta["best_test_accuracy"] = max(best, test["accuracy"]) if best is not None else test["accuracy"]
   epoch = step / setup.steps_per_epoch
-  writer.write(step, {"split": "test", "loss": test["loss"], "accuracy": test["accuracy"], "epoch": epoch,
-                      "wall_time_s": run.wall_time()})
+  writer.write(
+    step,
+    {
+      "split": "test",
+      "loss": test["loss"],
+      "accuracy": test["accuracy"],
+      "epoch": epoch,
+      "wall_time_s": run.wall_time(),
+    },
+  )
   records = writer.records
-  show(f"step {step}/{setup.total_steps} epoch {epoch:.1f}: "
-       f"train loss {records[-2]['loss'] if len(records) > 1 else float('nan'):.4f}  "
-       f"test loss {test['loss']:.4f}  test accuracy {test['accuracy']:.4f}")
+  show(
+    f"step {step}/{setup.total_steps} epoch {epoch:.1f}: "
+    f"train loss {records[-2]['loss'] if len(records) > 1 else float('nan'):.4f}  "
+    f"test loss {test['loss']:.4f}  test accuracy {test['accuracy']:.4f}"
+  )
 
 
 def _counts(setup: Setup) -> dict[str, int]:
-  return {"num_train": setup.data.num_train, "num_test": setup.data.num_test,
-          "num_classes": setup.data.num_classes}
+  return {"num_train": setup.data.num_train, "num_test": setup.data.num_test, "num_classes": setup.data.num_classes}
 
 
-def _restore(config: ml_collections.ConfigDict, workdir: str, setup: Setup, ckpt: Checkpointer,
-             log: Callable[[str], None]) -> tuple[TrainState, dict | None, dict, list[dict], dict | None]:
+def _restore(
+  config: ml_collections.ConfigDict, workdir: str, setup: Setup, ckpt: Checkpointer, log: Callable[[str], None]
+) -> tuple[TrainState, dict | None, dict, list[dict], dict | None]:
   """``(state, data_state, meta, changes, saved_config)``: step 0, or the checkpoint to resume from
   (the newest, or ``config.restore_step``) with the settings changed since (``changes``)."""
-  meta = {"best_test_accuracy": None, "train_time_s": 0.0, "train_images": 0, "step_time_s": 0.0,
-          "wall_time_s": 0.0}
+  meta = {"best_test_accuracy": None, "train_time_s": 0.0, "train_images": 0, "step_time_s": 0.0, "wall_time_s": 0.0}
   restore_step = config.restore_step if config.restore_step >= 0 else None
   if ckpt.latest_step() is None and restore_step is None:
     return setup.init_state(log), None, meta, [], None
@@ -265,15 +313,22 @@ def _restore(config: ml_collections.ConfigDict, workdir: str, setup: Setup, ckpt
   restored = int(jax.device_get(state.step))
   per_epoch = setup.steps_per_epoch
   changes = workdir_lib.check_resume(
-      saved_meta, config, _counts(setup), lambda c: optim.total_train_steps(c, per_epoch),
-      lambda c: optim.make_schedule(c, per_epoch, optim.total_train_steps(c, per_epoch)), restored)
+    saved_meta,
+    config,
+    _counts(setup),
+    lambda c: optim.total_train_steps(c, per_epoch),
+    lambda c: optim.make_schedule(c, per_epoch, optim.total_train_steps(c, per_epoch)),
+    restored,
+  )
   saved_config = saved_meta.get("config") if isinstance(saved_meta.get("config"), dict) else None
   log(f"resuming {workdir} from step {restored}")
   if restore_step is not None:
     _set_aside_later(workdir, ckpt, restore_step, log)
   if changes:
-    log(f"settings changed at step {restored}: {workdir_lib.describe_changes(changes)} (recorded in "
-        f"{os.path.join(workdir, workdir_lib.HISTORY_NAME)})")
+    log(
+      f"settings changed at step {restored}: {workdir_lib.describe_changes(changes)} (recorded in "
+      f"{os.path.join(workdir, workdir_lib.HISTORY_NAME)})"
+    )
   return state, data_state, meta, changes, saved_config
 
 
@@ -289,13 +344,22 @@ def _set_aside_later(workdir: str, ckpt: Checkpointer, step: int, log: Callable[
       log(f"the superseded run's metrics, summary, config and settings history kept in {kept}")
   if jax.process_count() > 1:  # Every process sees what was moved.
     from jax.experimental import multihost_utils
+
     multihost_utils.sync_global_devices("resnet_jax: checkpoints set aside")
     ckpt.reload()
 
 
-def _finish(config: ml_collections.ConfigDict, workdir: str, setup: Setup, run: _Run, ckpt: Checkpointer,
-            records: list[dict], signals: Any, stop_at_step: int | None, stopped: tuple[int, bool] | None
-            ) -> dict | None:
+def _finish(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  setup: Setup,
+  run: _Run,
+  ckpt: Checkpointer,
+  records: list[dict],
+  signals: Any,
+  stop_at_step: int | None,
+  stopped: tuple[int, bool] | None,
+) -> dict | None:
   """After the loop: raise for a divergence or an interruption, return ``None`` at ``stop_at_step``,
   else evaluate (when nothing was left to train), write the summary and the curves and return the summary."""
   ckpt.close()
@@ -303,9 +367,12 @@ def _finish(config: ml_collections.ConfigDict, workdir: str, setup: Setup, run: 
     raise _diverged(ckpt, *stopped)
   end_step = int(jax.device_get(run.state.step))
   if end_step < setup.total_steps and signals.received is not None:
-    raise Interrupted(f"stopped by {signals.name} after step {end_step} of {setup.total_steps}: checkpoint "
-                      f"written to {os.path.join(ckpt.directory, str(end_step))}; run the same command "
-                      f"again to resume", signals.received)
+    raise Interrupted(
+      f"stopped by {signals.name} after step {end_step} of {setup.total_steps}: checkpoint "
+      f"written to {os.path.join(ckpt.directory, str(end_step))}; run the same command "
+      f"again to resume",
+      signals.received,
+    )
   if end_step < setup.total_steps and stop_at_step is not None:
     return None
   if run.last_test is None:  # Nothing left to train (resumed a finished run): evaluate once.
@@ -321,40 +388,50 @@ def _finish(config: ml_collections.ConfigDict, workdir: str, setup: Setup, run: 
 
 def _diverged(ckpt: Checkpointer, step: int, in_state: bool) -> TrainingDivergedError:
   last = ckpt.latest_step()
-  kept = (f"the last good checkpoint is step {last} in {ckpt.directory}" if last is not None
-          else "no checkpoint was written yet")
-  what = ("non-finite parameters, optimizer state or BatchNorm statistics after the update of step "
-          f"{step} (the loss and gradients were finite: an optimizer setting or learning "
-          f"rate that overflows?)" if in_state else f"non-finite loss or gradient at step {step}")
-  return TrainingDivergedError(f"{what}: training stopped, that update was not applied; {kept} "
-                               f"(set config.on_nonfinite='skip' to skip such steps)")
+  kept = (
+    f"the last good checkpoint is step {last} in {ckpt.directory}"
+    if last is not None
+    else "no checkpoint was written yet"
+  )
+  what = (
+    "non-finite parameters, optimizer state or BatchNorm statistics after the update of step "
+    f"{step} (the loss and gradients were finite: an optimizer setting or learning "
+    f"rate that overflows?)"
+    if in_state
+    else f"non-finite loss or gradient at step {step}"
+  )
+  return TrainingDivergedError(
+    f"{what}: training stopped, that update was not applied; {kept} (set config.on_nonfinite='skip' to skip such steps)"
+  )
 
 
-def _summary(config: ml_collections.ConfigDict, workdir: str, setup: Setup, run: _Run, records: list[dict],
-             end_step: int) -> dict:
+def _summary(
+  config: ml_collections.ConfigDict, workdir: str, setup: Setup, run: _Run, records: list[dict], end_step: int
+) -> dict:
   """The contents of ``summary.json``."""
   meta = run.meta
   train_records = [r for r in records if r.get("split") == "train"]
   return {
-      "config": config.to_dict(),
-      "model": config.model.name,
-      "dataset": config.dataset.name,
-      "parameters": count_parameters(run.state.params),
-      "steps": end_step,
-      "epochs": end_step / setup.steps_per_epoch,
-      "global_batch": config.batch_size,
-      "devices": len(setup.dp.devices),
-      "platform": setup.dp.devices[0].platform,
-      "train_time_s": meta["train_time_s"],
-      "wall_time_s": run.wall_time(),
-      "images_per_sec": meta["train_images"] / meta["step_time_s"] if meta["step_time_s"] > 0 else None,
-      "final_train_loss": train_records[-1]["loss"] if train_records else None,
-      "test_loss": run.last_test["loss"],
-      "test_accuracy": run.last_test["accuracy"],
-      "best_test_accuracy": meta["best_test_accuracy"],
-      "workdir": workdir,
-      "skipped_images": len(setup.data.skipped_files),
-      "skipped_image_files": setup.data.skipped_files[:100],
+    "config": config.to_dict(),
+    "model": config.model.name,
+    "dataset": config.dataset.name,
+    "parameters": count_parameters(run.state.params),
+    "steps": end_step,
+    "epochs": end_step / setup.steps_per_epoch,
+    "global_batch": config.batch_size,
+    "devices": len(setup.dp.devices),
+    "platform": setup.dp.devices[0].platform,
+    "machine": machine.describe(),
+    "train_time_s": meta["train_time_s"],
+    "wall_time_s": run.wall_time(),
+    "images_per_sec": meta["train_images"] / meta["step_time_s"] if meta["step_time_s"] > 0 else None,
+    "final_train_loss": train_records[-1]["loss"] if train_records else None,
+    "test_loss": run.last_test["loss"],
+    "test_accuracy": run.last_test["accuracy"],
+    "best_test_accuracy": meta["best_test_accuracy"],
+    "workdir": workdir,
+    "skipped_images": len(setup.data.skipped_files),
+    "skipped_image_files": setup.data.skipped_files[:100],
   }
 
 
@@ -363,12 +440,16 @@ def _check_same_run(workdir: str, config: ml_collections.ConfigDict) -> None:
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     return
-  old = workdir_lib.read_json_object(path, "the config of the run in this workdir, written by train.py; the "
-                                           "checkpoints hold it too: remove the file to resume from them")
+  old = workdir_lib.read_json_object(
+    path,
+    "the config of the run in this workdir, written by train.py; the "
+    "checkpoints hold it too: remove the file to resume from them",
+  )
   for key in ("model", "dataset"):
     new_name = config[key]["name"]
     group = old.get(key)
     old_name = group.get("name") if isinstance(group, dict) else None
     if old_name is not None and old_name != new_name:
-      raise CheckpointError(f"workdir {workdir} holds a run of {key} {old_name!r}, this config trains "
-                            f"{new_name!r}: use another --workdir")
+      raise CheckpointError(
+        f"workdir {workdir} holds a run of {key} {old_name!r}, this config trains {new_name!r}: use another --workdir"
+      )

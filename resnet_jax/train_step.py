@@ -9,7 +9,8 @@ decay and its mask are the optimizer's: :func:`resnet_jax.optim.make_optimizer`)
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,11 +21,17 @@ from flax.training import train_state
 
 class TrainState(train_state.TrainState):
   """flax's TrainState (step, params, opt_state) plus the BatchNorm statistics."""
+
   batch_stats: Any = None
 
 
-def create_train_state(model: Any, tx: optax.GradientTransformation, image_shape: tuple[int, ...],
-                       key: jax.Array, apply_fn: Callable | None = None) -> TrainState:
+def create_train_state(
+  model: Any,
+  tx: optax.GradientTransformation,
+  image_shape: tuple[int, ...],
+  key: jax.Array,
+  apply_fn: Callable | None = None,
+) -> TrainState:
   """Initialise parameters and BatchNorm statistics on a dummy batch and wrap them with ``tx``.
 
   ``apply_fn`` replaces ``model.apply`` in the state (fine-tuning with frozen BatchNorm statistics).
@@ -38,8 +45,7 @@ def create_train_state(model: Any, tx: optax.GradientTransformation, image_shape
   return TrainState.create(apply_fn=apply_fn or model.apply, params=params, tx=tx, batch_stats=batch_stats)
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int, label_smoothing: float = 0.0
-                  ) -> jax.Array:
+def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int, label_smoothing: float = 0.0) -> jax.Array:
   """Per-example softmax cross-entropy in float32; targets ``(1 - s) onehot + s / num_classes``."""
   targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
   if label_smoothing > 0:
@@ -51,8 +57,9 @@ def _variables(params: Any, batch_stats: Any) -> dict:
   return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
 
 
-def make_train_step(num_classes: int, label_smoothing: float = 0.0, skip_nonfinite: bool = True,
-                    grad_norms: bool = False) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+def make_train_step(
+  num_classes: int, label_smoothing: float = 0.0, skip_nonfinite: bool = True, grad_norms: bool = False
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """The (un-jitted) training step ``(state, batch) -> (state, metrics)``.
 
   metrics: ``loss`` (mean cross-entropy of the batch), ``accuracy``, ``finite`` (1 when the loss, every
@@ -64,16 +71,17 @@ def make_train_step(num_classes: int, label_smoothing: float = 0.0, skip_nonfini
   module of the parameters (``conv1``, ``layer1_0``, ..., ``fc``: the stem, each block, the head), the
   L2 norm of the loss's gradient with respect to its parameters (:func:`module_grad_norms`).
   """
+
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     def loss_fn(params):
-      logits, updates = state.apply_fn(_variables(params, state.batch_stats), batch["image"],
-                                       train=True, mutable=["batch_stats"])
+      logits, updates = state.apply_fn(
+        _variables(params, state.batch_stats), batch["image"], train=True, mutable=["batch_stats"]
+      )
       loss = cross_entropy(logits, batch["label"], num_classes, label_smoothing).mean()
       return loss, (logits, updates)
 
     (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    new_state = state.apply_gradients(grads=grads,
-                                      batch_stats=updates.get("batch_stats", state.batch_stats))
+    new_state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", state.batch_stats))
     state_finite = all_finite((new_state.params, new_state.opt_state, new_state.batch_stats))
     grads_finite = jnp.isfinite(loss) & all_finite(grads)
     finite = grads_finite & state_finite
@@ -81,24 +89,31 @@ def make_train_step(num_classes: int, label_smoothing: float = 0.0, skip_nonfini
       new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
       new_state = new_state.replace(step=state.step + 1)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-    metrics = {"loss": loss, "accuracy": accuracy, "finite": finite,
-               "state_finite": state_finite, "grads_finite": grads_finite}
+    metrics = {
+      "loss": loss,
+      "accuracy": accuracy,
+      "finite": finite,
+      "state_finite": state_finite,
+      "grads_finite": grads_finite,
+    }
     if grad_norms:
       metrics["grad_norm"] = module_grad_norms(grads)
     return new_state, metrics
+
   return train_step
 
 
 def module_grad_norms(grads: Any) -> dict[str, jax.Array]:
   """``{name: ||dL/dtheta_name||_2}`` for each top-level entry of the gradient tree (one per block)."""
-  return {name: jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(sub)))
-          for name, sub in grads.items()}
+  return {
+    name: jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(sub)))
+    for name, sub in grads.items()
+  }
 
 
 def all_finite(tree: Any) -> jax.Array:
   """True when every floating-point leaf of ``tree`` is finite (integer leaves, e.g. counts, are)."""
-  checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-            if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
   return jnp.all(jnp.asarray(checks)) if checks else jnp.asarray(True)
 
 
@@ -107,6 +122,7 @@ def make_eval_step(num_classes: int, flip: bool = False) -> Callable[[TrainState
 
   With ``flip`` the logits are the mean of the image's and its mirror image's (test-time flip).
   """
+
   def eval_step(state: TrainState, batch: dict) -> dict:
     variables = _variables(state.params, state.batch_stats)
     logits = state.apply_fn(variables, batch["image"], train=False)
@@ -116,6 +132,7 @@ def make_eval_step(num_classes: int, flip: bool = False) -> Callable[[TrainState
     loss = cross_entropy(logits, batch["label"], num_classes)
     correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
     return {"loss": jnp.sum(loss * mask), "correct": jnp.sum(correct * mask), "count": jnp.sum(mask)}
+
   return eval_step
 
 

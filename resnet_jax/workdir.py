@@ -23,7 +23,8 @@ import os
 import shutil
 import socket
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from resnet_jax.errors import CheckpointError, ConfigError, WorkdirBusyError
 from resnet_jax.metrics import is_number, read_metrics, write_json
@@ -35,24 +36,42 @@ SUPERSEDED = "checkpoints_superseded"
 # Settings a resumed run may not change: the data it reads, the order it reads it in, the model and
 # the optimizer's state. ``dataset.data_dir`` and ``dataset.on_corrupt_image`` may change (a moved
 # copy of the same data) when the example and class counts stay those of the checkpoint.
-FIXED = ("seed", "batch_size", "model.name", "model.options", "model.dtype", "optimizer.name",
-         "dataset.name", "dataset.image_size", "dataset.num_classes", "dataset.test_fraction",
-         "dataset.augment", "dataset.crop_padding", "dataset.mean", "dataset.std",
-         "dataset.max_train_examples", "dataset.max_test_examples", "dataset.num_workers")
+FIXED = (
+  "seed",
+  "batch_size",
+  "model.name",
+  "model.options",
+  "model.dtype",
+  "optimizer.name",
+  "dataset.name",
+  "dataset.image_size",
+  "dataset.num_classes",
+  "dataset.test_fraction",
+  "dataset.augment",
+  "dataset.crop_padding",
+  "dataset.mean",
+  "dataset.std",
+  "dataset.max_train_examples",
+  "dataset.max_test_examples",
+  "dataset.num_workers",
+)
 WHY_FIXED = {
-    "seed": "it sets the order of the training examples and their augmentation",
-    "batch_size": "the saved position in the data is a batch index of the old batch size (examples "
-                  "would be read twice or skipped) and the optimizer was tuned to it",
-    "optimizer.name": "the saved optimizer state belongs to the old optimizer",
-    "dataset.num_workers": "the saved position of the data iterator is in another format with "
-                           "worker processes",
-    "model.": "the checkpoint's parameters belong to the old model",
-    "dataset.": "the run must go on reading the same examples, transformed the same way, from its saved "
-                "position (and its test accuracies must stay comparable)",
+  "seed": "it sets the order of the training examples and their augmentation",
+  "batch_size": "the saved position in the data is a batch index of the old batch size (examples "
+  "would be read twice or skipped) and the optimizer was tuned to it",
+  "optimizer.name": "the saved optimizer state belongs to the old optimizer",
+  "dataset.num_workers": "the saved position of the data iterator is in another format with worker processes",
+  "model.": "the checkpoint's parameters belong to the old model",
+  "dataset.": "the run must go on reading the same examples, transformed the same way, from its saved "
+  "position (and its test accuracies must stay comparable)",
 }
-NOT_A_SETTING = ("restore_step",  # Instructions to this start, not settings of the run.
-                 "distributed.coordinator_address", "distributed.process_id", "distributed.init_timeout_s",
-                 "distributed.heartbeat_timeout_s")
+NOT_A_SETTING = (
+  "restore_step",  # Instructions to this start, not settings of the run.
+  "distributed.coordinator_address",
+  "distributed.process_id",
+  "distributed.init_timeout_s",
+  "distributed.heartbeat_timeout_s",
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -74,7 +93,7 @@ class RunDir:
     self._fd: int | None = None
     self._created: list[str] = []
 
-  def __enter__(self) -> "RunDir":
+  def __enter__(self) -> RunDir:
     for path in (self.workdir, os.path.join(self.workdir, "checkpoints")):
       if not os.path.exists(path):
         self._created.append(path)
@@ -116,8 +135,9 @@ def acquire_lock(path: str) -> int:
       holder = _read_holder(fd)
       os.close(fd)
       raise WorkdirBusyError(
-          f"workdir {os.path.dirname(path)} is in use by another training run ({holder}, lock "
-          f"{path}): wait for it to end, stop it, or use another --workdir") from None
+        f"workdir {os.path.dirname(path)} is in use by another training run ({holder}, lock "
+        f"{path}): wait for it to end, stop it, or use another --workdir"
+      ) from None
     except BaseException:
       os.close(fd)
       raise
@@ -129,8 +149,9 @@ def acquire_lock(path: str) -> int:
       break
     os.close(fd)
   try:
-    info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                       "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}).encode()
+    info = json.dumps(
+      {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    ).encode()
     os.ftruncate(fd, 0)
     os.pwrite(fd, info + b"\n", 0)
   except OSError as e:
@@ -194,8 +215,14 @@ def _plain(value: Any) -> Any:
 # The settings of a resumed run.
 
 
-def check_resume(saved: dict, config: Any, counts: dict[str, int], total_steps: Callable[[Any], int],
-                 schedule: Callable[[Any], Callable[[int], float]], step: int) -> list[dict]:
+def check_resume(
+  saved: dict,
+  config: Any,
+  counts: dict[str, int],
+  total_steps: Callable[[Any], int],
+  schedule: Callable[[Any], Callable[[int], float]],
+  step: int,
+) -> list[dict]:
   """The setting changes of a run resumed from the checkpoint of ``step``; refuse the harmful ones.
 
   Args:
@@ -221,16 +248,21 @@ def check_resume(saved: dict, config: Any, counts: dict[str, int], total_steps: 
     return []
   new_dict = _plain(config.to_dict())
   old, new = flatten(old_dict), flatten(new_dict)
-  changes = [{"key": k, "before": old.get(k), "after": new.get(k)} for k in sorted(set(old) | set(new))
-             if k not in NOT_A_SETTING and old.get(k) != new.get(k)]
+  changes = [
+    {"key": k, "before": old.get(k), "after": new.get(k)}
+    for k in sorted(set(old) | set(new))
+    if k not in NOT_A_SETTING and old.get(k) != new.get(k)
+  ]
   _refuse_fixed_changes(changes, step)
   _refuse_other_data(saved, counts, old, new, step)
   old_config = ml_collections.ConfigDict(old_dict)
   new_total = total_steps(config)
   if new_total < step:
-    raise ConfigError(f"this config trains for {new_total} steps, but the run is already at step {step} "
-                      f"(config.num_train_steps / num_epochs); nothing would be trained: resume with "
-                      f"at least {step} steps, or --config.restore_step=N to go back to checkpoint N")
+    raise ConfigError(
+      f"this config trains for {new_total} steps, but the run is already at step {step} "
+      f"(config.num_train_steps / num_epochs); nothing would be trained: resume with "
+      f"at least {step} steps, or --config.restore_step=N to go back to checkpoint N"
+    )
   if changes:
     try:
       old_lr, new_lr = float(schedule(old_config)(step)), float(schedule(config)(step))
@@ -248,12 +280,14 @@ def _refuse_fixed_changes(changes: list[dict], step: int) -> None:
   for c in changes:
     if c["key"] in FIXED:
       why = WHY_FIXED.get(c["key"]) or WHY_FIXED[c["key"].split(".")[0] + "."]
-      old_flag = (f"--config.{c['key']}={_flag_value(c['before'])}" if not isinstance(c["before"], dict)
-                  else "the old value")
+      old_flag = (
+        f"--config.{c['key']}={_flag_value(c['before'])}" if not isinstance(c["before"], dict) else "the old value"
+      )
       raise ConfigError(
-          f"config.{c['key']} = {c['after']!r} differs from {c['before']!r}, the value this run was "
-          f"trained with up to step {step}: it cannot change on resume ({why}); train with the new value "
-          f"in another --workdir, or resume with {old_flag}")
+        f"config.{c['key']} = {c['after']!r} differs from {c['before']!r}, the value this run was "
+        f"trained with up to step {step}: it cannot change on resume ({why}); train with the new value "
+        f"in another --workdir, or resume with {old_flag}"
+      )
 
 
 def _refuse_other_data(saved: dict, counts: dict[str, int], old: dict, new: dict, step: int) -> None:
@@ -261,11 +295,12 @@ def _refuse_other_data(saved: dict, counts: dict[str, int], old: dict, new: dict
   for name in ("num_train", "num_test", "num_classes"):
     if name in saved and saved[name] != counts[name]:
       raise ConfigError(
-          f"the dataset now has {counts[name]} {name.replace('num_', '')} "
-          f"{'examples' if name != 'num_classes' else ''}, the run was trained with {saved[name]} up "
-          f"to step {step} (config.dataset.data_dir {old.get('dataset.data_dir')!r} -> "
-          f"{new.get('dataset.data_dir')!r}): a resumed run must read the same data; use another "
-          f"--workdir".replace("  ", " "))
+        f"the dataset now has {counts[name]} {name.replace('num_', '')} "
+        f"{'examples' if name != 'num_classes' else ''}, the run was trained with {saved[name]} up "
+        f"to step {step} (config.dataset.data_dir {old.get('dataset.data_dir')!r} -> "
+        f"{new.get('dataset.data_dir')!r}): a resumed run must read the same data; use another "
+        f"--workdir".replace("  ", " ")
+      )
 
 
 def _flag_value(value: Any) -> str:
@@ -277,11 +312,13 @@ def _flag_value(value: Any) -> str:
 def describe_changes(changes: list[dict]) -> str:
   def show(v: Any) -> str:
     return f"{v:.6g}" if isinstance(v, float) else repr(v)
+
   return ", ".join(f"{c['key']} {show(c['before'])} -> {show(c['after'])}" for c in changes)
 
 
-def record_settings(workdir: str, config: Any, step: int, changes: list[dict],
-                    first_config: dict | None = None) -> None:
+def record_settings(
+  workdir: str, config: Any, step: int, changes: list[dict], first_config: dict | None = None
+) -> None:
   """Write ``config.json`` if the workdir has none; keep the history lines before ``step`` and append
   ``changes`` (if any) as the line of ``step``.
 
@@ -296,8 +333,13 @@ def record_settings(workdir: str, config: Any, step: int, changes: list[dict],
   history = os.path.join(workdir, HISTORY_NAME)
   lines = [r for r in read_history(workdir) if r["step"] < step]
   if changes:
-    lines.append({"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                  "changes": {c["key"]: [c["before"], c["after"]] for c in changes}})
+    lines.append(
+      {
+        "step": step,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "changes": {c["key"]: [c["before"], c["after"]] for c in changes},
+      }
+    )
   if not lines and not os.path.exists(history):
     return
   tmp = history + ".tmp"

@@ -28,28 +28,39 @@ def child_env(devices: int) -> dict[str, str]:
   """The environment of a child: ``devices`` CPU devices, this repository first on the path, no proxy
   (gRPC would send the coordinator's localhost traffic through it)."""
   env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
-  env.update({"JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-              "PYTHONPATH": ROOT + os.pathsep + env.get("PYTHONPATH", ""), "PYTHONUNBUFFERED": "1"})
+  env.update(
+    {
+      "JAX_PLATFORMS": "cpu",
+      "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+      "PYTHONPATH": ROOT + os.pathsep + env.get("PYTHONPATH", ""),
+      "PYTHONUNBUFFERED": "1",
+    }
+  )
   return env
 
 
-def distributed_flags(port: int, process_id: int, num_processes: int, timeout_s: int = 60,
-                      heartbeat_s: int = 10) -> list[str]:
+def distributed_flags(
+  port: int, process_id: int, num_processes: int, timeout_s: int = 60, heartbeat_s: int = 10
+) -> list[str]:
   """train.py flags of process ``process_id`` of ``num_processes`` with the coordinator on ``port``."""
-  return ["--config.distributed.initialize=True",
-          f"--config.distributed.coordinator_address=localhost:{port}",
-          f"--config.distributed.num_processes={num_processes}",
-          f"--config.distributed.process_id={process_id}",
-          f"--config.distributed.init_timeout_s={timeout_s}",
-          f"--config.distributed.heartbeat_timeout_s={heartbeat_s}"]
+  return [
+    "--config.distributed.initialize=True",
+    f"--config.distributed.coordinator_address=localhost:{port}",
+    f"--config.distributed.num_processes={num_processes}",
+    f"--config.distributed.process_id={process_id}",
+    f"--config.distributed.init_timeout_s={timeout_s}",
+    f"--config.distributed.heartbeat_timeout_s={heartbeat_s}",
+  ]
 
 
 def write_config(path: str, config) -> str:
   """A config file for ``train.py --config=PATH`` holding ``config`` (a ConfigDict)."""
   text = json.dumps(config.to_dict())
   with open(path, "w") as f:
-    f.write("import json\nimport ml_collections\n\n\ndef get_config():\n"
-            f"  return ml_collections.ConfigDict(json.loads({text!r}))\n")
+    f.write(
+      "import json\nimport ml_collections\n\n\ndef get_config():\n"
+      f"  return ml_collections.ConfigDict(json.loads({text!r}))\n"
+    )
   return path
 
 
@@ -79,15 +90,16 @@ class Processes:
     self.start_time = 0.0
     self.ended: dict[int, float] = {}
 
-  def __enter__(self) -> "Processes":
+  def __enter__(self) -> Processes:
     os.makedirs(self.logdir, exist_ok=True)
     self.start_time = time.monotonic()
     for i, argv in enumerate(self.argvs):
       out = open(os.path.join(self.logdir, f"{self.name}{i}.out"), "w+")
       err = open(os.path.join(self.logdir, f"{self.name}{i}.err"), "w+")
       self.files.append((out, err))
-      self.procs.append(subprocess.Popen(argv, cwd=ROOT, env=child_env(self.devices), stdout=out,
-                                         stderr=err, start_new_session=True))
+      self.procs.append(
+        subprocess.Popen(argv, cwd=ROOT, env=child_env(self.devices), stdout=out, stderr=err, start_new_session=True)
+      )
     return self
 
   def kill(self, i: int, sig: int = signal.SIGKILL) -> None:
@@ -144,8 +156,7 @@ class Processes:
       fo.flush(), fe.flush()
       fo.seek(0), fe.seek(0)
       code = p.returncode if i in self.ended else None
-      out.append(Result(i, code, fo.read(), fe.read(),
-                        self.ended.get(i, time.monotonic() - self.start_time)))
+      out.append(Result(i, code, fo.read(), fe.read(), self.ended.get(i, time.monotonic() - self.start_time)))
     return out
 
   def __exit__(self, *exc) -> None:
@@ -163,12 +174,12 @@ class Processes:
 
 def describe(results: list[Result], tail: int = 2500) -> str:
   """Exit codes and stderr tails of ``results``, for an assertion message."""
-  return "\n".join(f"--- process {r.process_id}: exit {r.returncode} after {r.seconds:.1f} s\n"
-                   f"{r.stderr[-tail:]}" for r in results)
+  return "\n".join(
+    f"--- process {r.process_id}: exit {r.returncode} after {r.seconds:.1f} s\n{r.stderr[-tail:]}" for r in results
+  )
 
 
-def run(argvs: list[list[str]], devices: int, logdir: str, timeout: float, name: str = "p"
-        ) -> list[Result]:
+def run(argvs: list[list[str]], devices: int, logdir: str, timeout: float, name: str = "p") -> list[Result]:
   """Start the processes ``argvs``, wait at most ``timeout`` s; assert that every one exited with 0."""
   with Processes(argvs, devices, logdir, name) as ps:
     results = ps.wait(timeout)
@@ -191,5 +202,5 @@ def child_outputs(results: list[Result]) -> list[dict]:
   out = []
   for r in results:
     line = next(l for l in r.stdout.splitlines() if l.startswith("RESULT "))
-    out.append(json.loads(line[len("RESULT "):]))
+    out.append(json.loads(line[len("RESULT ") :]))
   return out

@@ -36,27 +36,36 @@ def digest(tree) -> str:
 
 def run(config: ml_collections.ConfigDict, workdir: str, spec: dict, devices=None) -> dict:
   setup = run_setup.Setup(config, devices)
-  out = {"process_index": jax.process_index(), "process_count": jax.process_count(),
-         "devices": len(setup.dp.devices), "local_devices": jax.local_device_count()}
+  out = {
+    "process_index": jax.process_index(),
+    "process_count": jax.process_count(),
+    "devices": len(setup.dp.devices),
+    "local_devices": jax.local_device_count(),
+  }
   if spec.get("batches"):
     it = setup.train_iterator()
     out["batches"] = []
     for _ in range(spec["batches"]):
       b = next(it)
-      out["batches"].append({"label": b["label"].tolist(),
-                             "image": hashlib.sha256(np.ascontiguousarray(b["image"])).hexdigest(),
-                             "rows": [hashlib.sha256(np.ascontiguousarray(x)).hexdigest()[:16]
-                                      for x in b["image"]]})
+      out["batches"].append(
+        {
+          "label": b["label"].tolist(),
+          "image": hashlib.sha256(np.ascontiguousarray(b["image"])).hexdigest(),
+          "rows": [hashlib.sha256(np.ascontiguousarray(x)).hexdigest()[:16] for x in b["image"]],
+        }
+      )
     it.close()
   if spec.get("evaluate_init"):
     out["eval_init"] = setup.evaluate(setup.init_state(lambda *_: None))
-  summary = train_loop.train_and_evaluate(config, workdir, log=lambda *_: None,
-                                         stop_at_step=spec.get("stop_at_step"), setup=setup)
+  summary = train_loop.train_and_evaluate(
+    config, workdir, log=lambda *_: None, stop_at_step=spec.get("stop_at_step"), setup=setup
+  )
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
   state, data_state, _ = ckpt.restore(setup.abstract_state())
   ckpt.close()
   records = metrics.read_metrics(workdir) if jax.process_index() == 0 else []
-  out.update({
+  out.update(
+    {
       "finished": summary is not None,
       "step": int(jax.device_get(state.step.addressable_data(0))),
       "data_state": data_state,
@@ -65,7 +74,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, spec: dict, devices=Non
       "test": [[r["step"], r["loss"], r["accuracy"]] for r in records if r["split"] == "test"],
       "state": digest(state),
       "params": [np.asarray(p.addressable_data(0)).ravel().tolist() for p in jax.tree.leaves(state.params)],
-  })
+    }
+  )
   return out
 
 
@@ -82,8 +92,10 @@ def main() -> None:
     distributed.maybe_initialize_distributed(config)
     out = run(config, spec["workdir"], spec)
   elif "device_counts" in spec:
-    out = {str(n): run(config, os.path.join(spec["workdir"], f"dev{n}"), spec, jax.devices()[:n])
-           for n in spec["device_counts"]}
+    out = {
+      str(n): run(config, os.path.join(spec["workdir"], f"dev{n}"), spec, jax.devices()[:n])
+      for n in spec["device_counts"]
+    }
   else:
     out = run(config, spec["workdir"], spec)
   print("RESULT " + json.dumps(out), flush=True)

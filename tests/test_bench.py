@@ -17,12 +17,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks", "bench.py")
 COMMON = ["--batch", "2", "--size", "8", "--repeats", "2", "--warmup", "1", "--min-repeat-seconds", "0"]
 TINY = ["--model", "resnet20", *COMMON]
-MLP = ["--model", "residual_mlp", *COMMON]   # compiles in a few seconds
+MLP = ["--model", "residual_mlp", *COMMON]  # compiles in a few seconds
 
 
 def run_bench(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, BENCH, *args], capture_output=True, text=True, timeout=300,
-                        env={**os.environ, **(env or {})})
+  return subprocess.run(
+    [sys.executable, BENCH, *args], capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})}
+  )
 
 
 def test_bench_jax_only_writes_json(tmp_path):
@@ -67,12 +68,14 @@ def test_torch_counterparts_match_parameter_counts():
   import jax
   import jax.numpy as jnp
   import numpy as np
+
   sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
   try:
     import torch_models
   finally:
     sys.path.pop(0)
   from resnet_jax import create_model
+
   for name, classes, size in (("resnet20", 10, 8), ("plain20", 10, 8), ("resnet18", 7, 32)):
     assert torch_models.has_counterpart(name)
     model = create_model(name, num_classes=classes)
@@ -117,6 +120,7 @@ def _import_bench():
 
 def test_cifar_models_are_read_from_the_model_registry():
   from resnet_jax import list_models
+
   bench = _import_bench()
   cifar = {name for name in list_models() if bench.is_cifar_model(name)}
   assert cifar == {f"{kind}{depth}" for kind in ("resnet", "preact_resnet", "plain") for depth in (20, 32, 44, 56, 110)}
@@ -133,6 +137,7 @@ def test_torch_optimizer_makes_the_updates_of_the_training_optimizer():
   import torch
 
   from resnet_jax import optim
+
   bench = _import_bench()
   config = bench.bench_config(argparse.Namespace(model="resnet20", dtype="float32", conv_backend="xla"))
   rng = np.random.default_rng(0)
@@ -158,6 +163,7 @@ def test_torch_optimizer_makes_the_updates_of_the_training_optimizer():
 def test_matmul_flops_counts_convolutions_and_dense_layers_by_hand():
   import jax
   import jax.numpy as jnp
+
   bench = _import_bench()
 
   def f(x, k, w):  # 3x3 conv, stride 2, 3 -> 5 channels on 2x9x9; a dense layer 5 -> 4 under a nested jit
@@ -165,7 +171,7 @@ def test_matmul_flops_counts_convolutions_and_dense_layers_by_hand():
     return jax.jit(lambda a: a.mean(axis=(1, 2)) @ w)(y)
 
   args = (jnp.ones((2, 9, 9, 3)), jnp.ones((3, 3, 3, 5)), jnp.ones((5, 4)))
-  conv = 2 * (2 * 5 * 5 * 5) * (3 * 3 * 3)      # 2 x output elements x MACs per output
+  conv = 2 * (2 * 5 * 5 * 5) * (3 * 3 * 3)  # 2 x output elements x MACs per output
   dense = 2 * (2 * 4) * 5
   assert bench.matmul_flops(jax.make_jaxpr(f)(*args)) == conv + dense
 
@@ -175,7 +181,9 @@ def test_matmul_flops_of_imagenet_models_equal_the_published_counts(name):
   """Forward multiply-adds at 224x224 equal torchvision's published GFLOPS (which count MACs)."""
   import jax
   import jax.numpy as jnp
+
   from resnet_jax import create_model
+
   bench = _import_bench()
   model = create_model(name)
   x = jnp.zeros((1, 224, 224, 3))
@@ -186,9 +194,23 @@ def test_matmul_flops_of_imagenet_models_equal_the_published_counts(name):
 
 def test_conv_ops_times_every_backend_and_writes_json(tmp_path):
   out = tmp_path / "ops.json"
-  p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "conv_ops.py"), "--shapes", "2,6,4",
-                      "--repeats", "1", "--min-seconds", "0", "--json", str(out)],
-                     capture_output=True, text=True, timeout=300)
+  p = subprocess.run(
+    [
+      sys.executable,
+      os.path.join(ROOT, "benchmarks", "conv_ops.py"),
+      "--shapes",
+      "2,6,4",
+      "--repeats",
+      "1",
+      "--min-seconds",
+      "0",
+      "--json",
+      str(out),
+    ],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert p.returncode == 0, p.stderr
   res = json.loads(out.read_text())
   assert res["backends"] == ["xla", "onednn", "torch"]
@@ -200,8 +222,12 @@ def test_conv_ops_times_every_backend_and_writes_json(tmp_path):
 
 @pytest.mark.parametrize("args,needle", [(["--shapes", "1,2"], "B,H,C"), (["--backends", "mkl"], "mkl")])
 def test_conv_ops_bad_arguments_are_one_line(args, needle):
-  p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "conv_ops.py"), *args],
-                     capture_output=True, text=True, timeout=120)
+  p = subprocess.run(
+    [sys.executable, os.path.join(ROOT, "benchmarks", "conv_ops.py"), *args],
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert p.returncode == 2 and "Traceback" not in p.stderr
   assert p.stderr.startswith("error: ") and needle in p.stderr and len(p.stderr.strip().splitlines()) == 1
 
@@ -210,7 +236,9 @@ def test_bench_onednn_backend_counts_the_same_flops(tmp_path):
   """--conv-backend onednn runs, labels its row, and counts the model's FLOPs (its convolutions are custom calls)."""
   import jax
   import jax.numpy as jnp
+
   from resnet_jax import create_model
+
   out = tmp_path / "bench.json"
   p = run_bench(*TINY, "--mode", "train", "--conv-backend", "onednn", "--json", str(out))
   assert p.returncode == 0, p.stderr

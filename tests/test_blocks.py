@@ -33,11 +33,20 @@ def float64():
 def make_block(block_cls, order, in_features, filters, stride=1, shortcut="B", residual=True, train=True):
   """A block in float64 with its variables; BN gamma/beta randomised so that no factor is trivially 1 or 0."""
   conv = functools.partial(nn.Conv, use_bias=False, dtype=jnp.float64, param_dtype=jnp.float64)
-  norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                           dtype=jnp.float64, param_dtype=jnp.float64)
+  norm = functools.partial(
+    nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=jnp.float64, param_dtype=jnp.float64
+  )
   out = filters * (4 if block_cls is Bottleneck else 1)
-  block = block_cls(filters, conv=conv, norm=norm, strides=stride, order=order, shortcut=shortcut,
-                    shortcut_changes_shape=stride != 1 or in_features != out, residual=residual)
+  block = block_cls(
+    filters,
+    conv=conv,
+    norm=norm,
+    strides=stride,
+    order=order,
+    shortcut=shortcut,
+    shortcut_changes_shape=stride != 1 or in_features != out,
+    residual=residual,
+  )
   x = normal(1, (2, 7, 7, in_features), jnp.float64)
   variables = block.init(INIT_KEY, x)
   rng = np.random.default_rng(2)
@@ -49,6 +58,7 @@ def make_block(block_cls, order, in_features, filters, stride=1, shortcut="B", r
     if name in ("bias", "mean"):
       return jnp.asarray(0.2 * rng.standard_normal(leaf.shape), leaf.dtype)
     return leaf
+
   return block, jax.tree_util.tree_map_with_path(randomise, variables), x
 
 
@@ -58,17 +68,21 @@ def _apply(block, variables, x, method=None):
 
 
 CONFIGS = [  # (block, in_features, filters, stride, shortcut)
-    (BasicBlock, 4, 4, 1, "B"),        # identity shortcut
-    (Bottleneck, 8, 2, 1, "B"),        # identity shortcut
-    (BasicBlock, 4, 8, 2, "B"),        # projection
-    (BasicBlock, 4, 8, 2, "A"),        # option A
+  (BasicBlock, 4, 4, 1, "B"),  # identity shortcut
+  (Bottleneck, 8, 2, 1, "B"),  # identity shortcut
+  (BasicBlock, 4, 8, 2, "B"),  # projection
+  (BasicBlock, 4, 8, 2, "A"),  # option A
 ]
 
 
 @pytest.mark.parametrize("order", ["v1", "v2", "relu_before_add"])
-@pytest.mark.parametrize("config,train", [(c, True) for c in CONFIGS] + [(CONFIGS[1], False)],
-                         ids=lambda c: f"{c[0].__name__}-{c[1]}to{c[2]}-s{c[3]}-{c[4]}" if isinstance(c, tuple)
-                         else ("train" if c else "eval"))
+@pytest.mark.parametrize(
+  "config,train",
+  [(c, True) for c in CONFIGS] + [(CONFIGS[1], False)],
+  ids=lambda c: (
+    f"{c[0].__name__}-{c[1]}to{c[2]}-s{c[3]}-{c[4]}" if isinstance(c, tuple) else ("train" if c else "eval")
+  ),
+)
 def test_input_gradient_is_shortcut_part_plus_branch_part(config, order, train):
   block_cls, cin, filters, stride, shortcut = config
   block, variables, x = make_block(block_cls, order, cin, filters, stride, shortcut, train=train)
@@ -101,8 +115,10 @@ def test_zero_init_last_bn_makes_the_block_its_shortcut():
   norm = functools.partial(nn.BatchNorm, use_running_average=False)
   x = normal(0, (2, 6, 6, 8))
   for order in ("v2", "relu_before_add"):
-    for block in (BasicBlock(8, conv=conv, norm=norm, order=order, zero_init_last=True),
-                  Bottleneck(2, conv=conv, norm=norm, order=order, zero_init_last=True)):
+    for block in (
+      BasicBlock(8, conv=conv, norm=norm, order=order, zero_init_last=True),
+      Bottleneck(2, conv=conv, norm=norm, order=order, zero_init_last=True),
+    ):
       y, _ = block.init_with_output(INIT_KEY, x, mutable=True)
       chex.assert_trees_all_close(y, x, atol=0)
 
@@ -135,6 +151,7 @@ def test_literal_bottleneck_is_the_formula_and_affine_in_eval_mode():
 
   def conv(name, h, pad):
     return jax.lax.conv_general_dilated(h, p[name]["kernel"], (1, 1), pad, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
   f = conv("conv3", bn("bn2", conv("conv2", bn("bn1", conv("conv1", x, "VALID")), ((1, 1), (1, 1)))), "VALID")
   y = _apply(block, variables, x)
   np.testing.assert_allclose(y, f + x, rtol=1e-12, atol=1e-12)
@@ -153,6 +170,7 @@ def test_literal_bottleneck_has_v1_parameters_less_the_last_bn(stride, cin):
   def count(order, collection):
     _, variables, _ = make_block(Bottleneck, order, cin, 2, stride=stride)
     return sum(int(np.size(v)) for v in jax.tree.leaves(variables[collection])), variables
+
   n_lit, lit = count("literal_bottleneck", "params")
   n_v1, v1 = count("v1", "params")
   assert n_v1 - n_lit == 2 * 8  # gamma and beta of bn3 (4 * filters channels)
@@ -175,11 +193,13 @@ def test_literal_bottleneck_zero_init_and_basic_block_error():
 
 def test_literal_bottleneck_through_create_model():
   from resnet_jax import create_model
+
   x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
 
   def count(**opts):
     v = jax.eval_shape(create_model("resnet50", num_classes=10, num_filters=4, **opts).init, INIT_KEY, x)
     return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(v["params"]))
+
   # 16 blocks lose their last BN (gamma, beta) of 4 * filters channels: stages of 3, 4, 6, 3 blocks
   lost = 2 * 4 * 4 * (3 * 1 + 4 * 2 + 6 * 4 + 3 * 8)
   assert count() - count(block_order="literal_bottleneck") == lost
@@ -193,8 +213,10 @@ def test_relu_before_add_with_zero_last_gamma_gets_no_gradient_in_its_branch():
   conv = functools.partial(nn.Conv, use_bias=False)
   norm = functools.partial(nn.BatchNorm, use_running_average=False)
   x = normal(0, (2, 6, 6, 8))
-  for block in (BasicBlock(8, conv=conv, norm=norm, order="relu_before_add", zero_init_last=True),
-                Bottleneck(2, conv=conv, norm=norm, order="relu_before_add", zero_init_last=True)):
+  for block in (
+    BasicBlock(8, conv=conv, norm=norm, order="relu_before_add", zero_init_last=True),
+    Bottleneck(2, conv=conv, norm=norm, order="relu_before_add", zero_init_last=True),
+  ):
     variables = block.init(INIT_KEY, x)
     loss = lambda p: jnp.sum(jnp.sin(block.apply({**variables, "params": p}, x, mutable=["batch_stats"])[0]))
     grads = jax.grad(loss)(variables["params"])

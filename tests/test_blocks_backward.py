@@ -7,9 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from resnet_jax.block_backward import (basic_block_backward, basic_block_forward, conv, conv_backward)
+from resnet_jax.block_backward import basic_block_backward, basic_block_forward, conv, conv_backward
 from resnet_jax.blocks import BasicBlock
 from tests.test_blocks import make_block, normal
 
@@ -22,20 +23,25 @@ def float64():
 
 def flax_grads(block, variables, x, delta):
   """jax.grad of sum(delta * block(x)) in training mode, w.r.t. params and x."""
+
   def loss(params, x):
     y, _ = block.apply({**variables, "params": params}, x, mutable=["batch_stats"])
     return jnp.sum(delta * y)
+
   gp, gx = jax.grad(loss, argnums=(0, 1))(variables["params"], x)
   return {"params": gp, "x": gx}
 
 
 @pytest.mark.parametrize("order", ["v1", "v2", "relu_before_add"])
-@pytest.mark.parametrize("cin,filters,stride,shortcut,residual", [
-    (4, 4, 1, "B", True),    # identity shortcut
-    (4, 6, 2, "B", True),    # projection (1x1 conv + BN; from the pre-activation in v2)
-    (4, 6, 2, "A", True),    # option A: strided identity, zero-padded channels
-    (4, 6, 2, "B", False),   # plain twin
-])
+@pytest.mark.parametrize(
+  "cin,filters,stride,shortcut,residual",
+  [
+    (4, 4, 1, "B", True),  # identity shortcut
+    (4, 6, 2, "B", True),  # projection (1x1 conv + BN; from the pre-activation in v2)
+    (4, 6, 2, "A", True),  # option A: strided identity, zero-padded channels
+    (4, 6, 2, "B", False),  # plain twin
+  ],
+)
 def test_hand_written_backward_matches_jax_grad(order, cin, filters, stride, shortcut, residual):
   block, variables, x = make_block(BasicBlock, order, cin, filters, stride, shortcut, residual)
   y_flax, _ = block.apply(variables, x, mutable=["batch_stats"])
@@ -48,8 +54,13 @@ def test_hand_written_backward_matches_jax_grad(order, cin, filters, stride, sho
 
 
 @settings(max_examples=4)
-@given(seed=st.integers(0, 2**31 - 1), size=st.integers(3, 9), stride=st.sampled_from([1, 2]),
-       pad=st.sampled_from([0, 1]), k=st.sampled_from([1, 3]))
+@given(
+  seed=st.integers(0, 2**31 - 1),
+  size=st.integers(3, 9),
+  stride=st.sampled_from([1, 2]),
+  pad=st.sampled_from([0, 1]),
+  k=st.sampled_from([1, 3]),
+)
 def test_conv_backward_matches_vjp(seed, size, stride, pad, k):
   with jax.enable_x64(True):
     x = normal(seed, (2, size, size + 1, 3), jnp.float64)

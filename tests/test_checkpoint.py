@@ -86,7 +86,7 @@ def test_missing_file_is_named(saved, name):
 def test_garbled_json_file_is_named(saved):
   path = os.path.join(saved, "4", "meta", "metadata")
   with open(path, "wb") as f:
-    f.write(b"{\"best\": \xff")
+    f.write(b'{"best": \xff')
   with pytest.raises(CheckpointError, match="damaged file " + path):
     Checkpointer(saved).restore(_state())
 

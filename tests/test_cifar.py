@@ -11,7 +11,6 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -31,8 +30,7 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 
 def write_cifar_folder(root: str, per_class: int = 4, test_per_class: int = 0) -> str:
   """CIFAR-10 as files: ``root/train/<class>/*.png|jpg`` (and ``test/``), 32x32 random images."""
-  write_image_folder(root, classes=CIFAR10_CLASSES, per_class=per_class,
-                     test_per_class=test_per_class, size=(32, 32))
+  write_image_folder(root, classes=CIFAR10_CLASSES, per_class=per_class, test_per_class=test_per_class, size=(32, 32))
   if not test_per_class:
     shutil.rmtree(os.path.join(root, "test"))
   return root
@@ -49,8 +47,9 @@ def test_cifar10_reads_an_image_folder_and_holds_out_10_percent_when_it_has_no_t
   assert ds.info["eval_split"] == "holdout" and ds.info["storage"] == "memory"
   assert np.bincount(ds.test_y).tolist() == [1] * 10  # stratified
   x, y = folder_arrays(root)
-  mask = datasets.holdout_mask(y, [os.path.relpath(p, os.path.join(root, "train"))
-                               for p in datasets.scan_image_folder(root, "train")[0]], 0.1)
+  mask = datasets.holdout_mask(
+    y, [os.path.relpath(p, os.path.join(root, "train")) for p in datasets.scan_image_folder(root, "train")[0]], 0.1
+  )
   np.testing.assert_array_equal(ds.test_x, x[mask])
   np.testing.assert_array_equal(ds.train_x, x[~mask])
   # The classes in sorted order are CIFAR-10's labels; the normalisation is CIFAR-10's.
@@ -102,16 +101,18 @@ def test_linear_schedule_warms_up_then_decays_to_zero_at_the_last_step():
   c.optimizer.learning_rate = 0.2
   c.schedule.name, c.schedule.unit, c.schedule.warmup = "linear", "epochs", 2.0
   sched = optim.make_schedule(c, steps_per_epoch=10, total_steps=120)
-  np.testing.assert_allclose([sched(0), sched(10), sched(20), sched(70), sched(120)],
-                             [0.0, 0.1, 0.2, 0.1, 0.0], rtol=1e-6, atol=1e-8)
+  np.testing.assert_allclose(
+    [sched(0), sched(10), sched(20), sched(70), sched(120)], [0.0, 0.1, 0.2, 0.1, 0.0], rtol=1e-6, atol=1e-8
+  )
   values = np.array([sched(i) for i in range(20, 121)])
   assert np.all(np.diff(values) < 0)
 
 
 def _eval_state(model, image_shape, seed=0):
   variables = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, *image_shape)), train=False)
-  return train_step.TrainState.create(apply_fn=model.apply, params=variables["params"],
-                                     batch_stats=variables["batch_stats"], tx=optax.sgd(0.1))
+  return train_step.TrainState.create(
+    apply_fn=model.apply, params=variables["params"], batch_stats=variables["batch_stats"], tx=optax.sgd(0.1)
+  )
 
 
 def test_eval_flip_scores_the_mean_logits_of_the_image_and_its_mirror_image():
@@ -141,16 +142,17 @@ def test_eval_flip_scores_the_mean_logits_of_the_image_and_its_mirror_image():
 def test_grad_norms_are_the_norms_of_each_blocks_gradient():
   model = create_model("resnet20", num_classes=3, num_filters=4, conv_backend="xla")
   variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)), train=False)
-  state = train_step.TrainState.create(apply_fn=model.apply, params=variables["params"],
-                                      batch_stats=variables["batch_stats"], tx=optax.sgd(0.1))
+  state = train_step.TrainState.create(
+    apply_fn=model.apply, params=variables["params"], batch_stats=variables["batch_stats"], tx=optax.sgd(0.1)
+  )
   rng = np.random.default_rng(1)
-  batch = {"image": jnp.asarray(rng.normal(size=(4, 8, 8, 3)), jnp.float32),
-           "label": jnp.asarray([0, 1, 2, 1])}
+  batch = {"image": jnp.asarray(rng.normal(size=(4, 8, 8, 3)), jnp.float32), "label": jnp.asarray([0, 1, 2, 1])}
   _, metrics = train_step.make_train_step(3, grad_norms=True)(state, batch)
 
   def loss_fn(params):
-    logits, _ = model.apply({"params": params, "batch_stats": state.batch_stats}, batch["image"],
-                            train=True, mutable=["batch_stats"])
+    logits, _ = model.apply(
+      {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True, mutable=["batch_stats"]
+    )
     return train_step.cross_entropy(logits, batch["label"], 3).mean()
 
   grads = jax.grad(loss_fn)(state.params)
@@ -165,16 +167,15 @@ def test_run_records_grad_norms_per_block_and_its_wall_time_across_a_resume(tmp_
   config = tiny_config("resnet20", log_grad_norms=True, eval_flip=True)
   workdir = str(tmp_path / "run")
   setup = run_setup.Setup(config)
-  assert train_loop.train_and_evaluate(config, workdir, log=lambda *_: None, stop_at_step=4,
-                                      setup=setup) is None
+  assert train_loop.train_and_evaluate(config, workdir, log=lambda *_: None, stop_at_step=4, setup=setup) is None
   first = [r["wall_time_s"] for r in metrics.read_metrics(workdir) if r["split"] == "test"]
   summary = train_loop.train_and_evaluate(config, workdir, log=lambda *_: None, setup=setup)
   records = metrics.read_metrics(workdir)
   train = [r for r in records if r["split"] == "train"]
   assert all(r["grad_norm/layer1_0"] > 0 and r["grad_norm/fc"] > 0 for r in train)
   assert {k for k in train[0] if k.startswith("grad_norm/")} == {
-      f"grad_norm/{n}" for n in ("conv1", "bn1", "fc", *(f"layer{s}_{b}" for s in (1, 2, 3)
-                                                          for b in (0, 1, 2)))}
+    f"grad_norm/{n}" for n in ("conv1", "bn1", "fc", *(f"layer{s}_{b}" for s in (1, 2, 3) for b in (0, 1, 2)))
+  }
   times = [r["wall_time_s"] for r in records if r["split"] == "test"]
   assert len(first) == 1 and len(times) == 2 and 0 < times[0] == first[0] < times[1]
   assert summary["wall_time_s"] >= times[1]
@@ -186,11 +187,13 @@ def test_run_records_grad_norms_per_block_and_its_wall_time_across_a_resume(tmp_
 
 def test_cifar10_fast_keeps_the_paper_network_and_trains_on_a_folder_without_flags(tmp_path):
   from test_configs import load_config
+
   c = load_config("cifar10_fast")
   assert (c.model.name, c.model.options.to_dict(), c.dataset.holdout) == ("resnet20", {}, -1)
   model = run_setup.build_model(c, num_classes=10)
-  params = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 32, 32, 3)), train=False),
-                          jax.random.PRNGKey(0))["params"]
+  params = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 32, 32, 3)), train=False), jax.random.PRNGKey(0))[
+    "params"
+  ]
   assert train_step.count_parameters(params) == 269_722  # He et al.'s ResNet-20, option A
   c.dataset.data_dir = write_cifar_folder(str(tmp_path / "data"), per_class=4)
   c.num_epochs, c.batch_size, c.eval_batch_size, c.progress_bar = 2.0, 16, 4, False
@@ -201,15 +204,23 @@ def test_cifar10_fast_keeps_the_paper_network_and_trains_on_a_folder_without_fla
 
 
 def _effects(args, tmp_path):
-  return subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "cifar_effects.py"), *args],
-                        capture_output=True, text=True, cwd=tmp_path, timeout=900)
+  return subprocess.run(
+    [sys.executable, os.path.join(ROOT, "experiments", "cifar_effects.py"), *args],
+    capture_output=True,
+    text=True,
+    cwd=tmp_path,
+    timeout=900,
+  )
 
 
-@pytest.mark.parametrize("args, needle", [
+@pytest.mark.parametrize(
+  "args, needle",
+  [
     (["--data_dir", "x", "--runs", "nope"], "--runs='nope'"),
     (["--data_dir", "x", "--epochs", "0"], "--epochs=0.0"),
     (["--epochs", "2"], "usage: python experiments/cifar_effects.py"),
-])
+  ],
+)
 def test_effects_cli_bad_input_is_one_line(args, needle, tmp_path):
   proc = _effects(args, tmp_path)
   lines = proc.stderr.strip().splitlines()
@@ -220,8 +231,21 @@ def test_effects_cli_bad_input_is_one_line(args, needle, tmp_path):
 def test_effects_runs_the_orderings_and_writes_curves_and_figures(tmp_path):
   data_dir = write_cifar_folder(str(tmp_path / "data"), per_class=15)  # 135 training images: 1 step
   out = tmp_path / "out"
-  proc = _effects(["--data_dir", data_dir, "--epochs", "2", "--runs", "orderings", "--workdir",
-                   str(tmp_path / "runs"), "--out", str(out)], tmp_path)
+  proc = _effects(
+    [
+      "--data_dir",
+      data_dir,
+      "--epochs",
+      "2",
+      "--runs",
+      "orderings",
+      "--workdir",
+      str(tmp_path / "runs"),
+      "--out",
+      str(out),
+    ],
+    tmp_path,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(out / "effects.json") as f:
     results = json.load(f)
@@ -231,6 +255,20 @@ def test_effects_runs_the_orderings_and_writes_curves_and_figures(tmp_path):
     assert {"layer1_0", "layer3_2"} <= set(r["grad_norm"])
   assert (out / "orderings.png").exists() and not (out / "degradation.png").exists()
   # A second call resumes the finished runs: nothing is trained again.
-  again = _effects(["--data_dir", data_dir, "--epochs", "2", "--runs", "orderings", "--workdir",
-                    str(tmp_path / "runs"), "--out", str(out), "--plot_only"], tmp_path)
+  again = _effects(
+    [
+      "--data_dir",
+      data_dir,
+      "--epochs",
+      "2",
+      "--runs",
+      "orderings",
+      "--workdir",
+      str(tmp_path / "runs"),
+      "--out",
+      str(out),
+      "--plot_only",
+    ],
+    tmp_path,
+  )
   assert again.returncode == 0, again.stderr[-3000:]

@@ -16,7 +16,8 @@ import sys
 import ml_collections
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from resnet_jax import optim, train_loop
 from resnet_jax.config_check import base_config, validate_config
@@ -39,8 +40,9 @@ def load_config(name: str) -> ml_collections.ConfigDict:
 
 
 def test_the_required_configs_exist():
-  assert {"digits", "cifar10_resnet20", "cifar10_resnet18", "cifar100", "imagenet_resnet50",
-          "residual_mlp"} <= set(CONFIGS)
+  assert {"digits", "cifar10_resnet20", "cifar10_resnet18", "cifar100", "imagenet_resnet50", "residual_mlp"} <= set(
+    CONFIGS
+  )
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -68,8 +70,7 @@ def _tiny(name: str, tmp_path) -> ml_collections.ConfigDict:
   if c.dataset.name in ("cifar10", "cifar100"):
     c.dataset.data_dir = write_cifar(str(tmp_path / "data"), c.dataset.name, per_batch=2, num_test=4)
   elif c.dataset.name == "image_folder":
-    c.dataset.data_dir = write_image_folder(str(tmp_path / "data"), per_class=4, test_per_class=2,
-                                            size=(40, 36))
+    c.dataset.data_dir = write_image_folder(str(tmp_path / "data"), per_class=4, test_per_class=2, size=(40, 36))
     c.dataset.image_size = 32
   c.dataset.max_train_examples = 8
   c.dataset.max_test_examples = 4
@@ -83,8 +84,7 @@ def _tiny(name: str, tmp_path) -> ml_collections.ConfigDict:
   return c
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n
-                                  for n in CONFIGS])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in CONFIGS])
 def test_config_trains_a_few_steps_on_tiny_data(name, tmp_path):
   config = _tiny(name, tmp_path)
   summary = train_loop.train_and_evaluate(config, str(tmp_path / "run"), log=lambda *_: None)
@@ -104,14 +104,24 @@ def test_unknown_key_in_a_config_file_suggests_the_close_name():
     validate_config(c)
 
 
-@pytest.mark.parametrize("key,value,expected", [
-    ("batch_size", 0, "batch_size"), ("batch_size", -4, "batch_size"), ("batch_size", 2.5, "integer"),
-    ("eval_batch_size", 0, "eval_batch_size"), ("optimizer.learning_rate", -0.1, "learning_rate"),
-    ("optimizer.name", "adam", "sgd, nesterov, adamw, lars"), ("dataset.name", "mnist", "digits"),
-    ("label_smoothing", 1.5, "label_smoothing"), ("model.dtype", "float16", "bfloat16"),
-    ("schedule.boundaries", (5.0, 2.0), "increasing"), ("progress_bar", 1, "True or False"),
-    ("num_epochs", float("nan"), "finite"), ("dataset.test_fraction", 1.0, "test_fraction"),
-])
+@pytest.mark.parametrize(
+  "key,value,expected",
+  [
+    ("batch_size", 0, "batch_size"),
+    ("batch_size", -4, "batch_size"),
+    ("batch_size", 2.5, "integer"),
+    ("eval_batch_size", 0, "eval_batch_size"),
+    ("optimizer.learning_rate", -0.1, "learning_rate"),
+    ("optimizer.name", "adam", "sgd, nesterov, adamw, lars"),
+    ("dataset.name", "mnist", "digits"),
+    ("label_smoothing", 1.5, "label_smoothing"),
+    ("model.dtype", "float16", "bfloat16"),
+    ("schedule.boundaries", (5.0, 2.0), "increasing"),
+    ("progress_bar", 1, "True or False"),
+    ("num_epochs", float("nan"), "finite"),
+    ("dataset.test_fraction", 1.0, "test_fraction"),
+  ],
+)
 def test_bad_values_are_config_errors(key, value, expected):
   c = base_config()
   section, _, leaf = key.rpartition(".")
@@ -140,9 +150,14 @@ def test_batch_must_divide_over_the_devices(batch, devices):
 
 def run_train(args, tmp_path, env=None):
   workdir = tmp_path / "out"
-  proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), f"--workdir={workdir}", *args],
-                        capture_output=True, text=True, cwd=str(tmp_path), timeout=300,
-                        env={**os.environ, **(env or {})})
+  proc = subprocess.run(
+    [sys.executable, os.path.join(ROOT, "train.py"), f"--workdir={workdir}", *args],
+    capture_output=True,
+    text=True,
+    cwd=str(tmp_path),
+    timeout=300,
+    env={**os.environ, **(env or {})},
+  )
   return proc, workdir
 
 
@@ -157,7 +172,9 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> s
   return lines[0]
 
 
-@pytest.mark.parametrize("args,needles", [
+@pytest.mark.parametrize(
+  "args,needles",
+  [
     (["--config.optimizer.lrr=0.1"], ["lrr"]),
     (["--config.batch_size=abc"], ["batch_size", "'abc'"]),
     (["--config.batch_size=0"], ["batch_size", "0"]),
@@ -166,7 +183,8 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> s
     (["--bogus=1"], ["bogus"]),
     (["--config.model.conv_backend=mkl"], ["conv_backend", "xla, onednn"]),
     (["--config.host_memory=reuse"], ["host_memory", "keep, default"]),
-])
+  ],
+)
 def test_cli_bad_config_is_one_line_and_exit_2(args, needles, tmp_path):
   args = [a.replace("configs/", os.path.join(ROOT, "configs") + "/") for a in args]
   proc, workdir = run_train(args, tmp_path)
@@ -176,16 +194,20 @@ def test_cli_bad_config_is_one_line_and_exit_2(args, needles, tmp_path):
 
 def test_cli_missing_data_folder_names_place_and_layout(tmp_path):
   missing = tmp_path / "cifar_here"
-  proc, workdir = run_train([f"--config={ROOT}/configs/cifar10_resnet20.py",
-                             f"--config.dataset.data_dir={missing}"], tmp_path)
+  proc, workdir = run_train(
+    [f"--config={ROOT}/configs/cifar10_resnet20.py", f"--config.dataset.data_dir={missing}"], tmp_path
+  )
   assert_one_line_error(proc, str(missing), "cifar-10-batches-py")
   assert not workdir.exists()
 
 
 def test_cli_batch_not_divisible_by_device_count(tmp_path):
   # Four CPU devices, also on a machine with a GPU (where jax would otherwise pick the one GPU).
-  proc, workdir = run_train(["--config.batch_size=6"], tmp_path,
-                            env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"})
+  proc, workdir = run_train(
+    ["--config.batch_size=6"],
+    tmp_path,
+    env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"},
+  )
   assert_one_line_error(proc, "batch_size = 6", "4 devices")
   assert not workdir.exists()
 
@@ -197,20 +219,32 @@ def test_cli_unknown_model_lists_close_names(tmp_path):
 
 
 def test_cli_trains_prints_outputs_and_evaluates(tmp_path):
-  args = [f"--config={ROOT}/configs/residual_mlp.py", "--config.num_train_steps=3",
-          "--config.model.options.depth=1", "--config.dataset.max_train_examples=32",
-          "--config.batch_size=8", "--config.progress_bar=False", "--config.eval_every_steps=3",
-          "--config.host_memory=keep"]
+  args = [
+    f"--config={ROOT}/configs/residual_mlp.py",
+    "--config.num_train_steps=3",
+    "--config.model.options.depth=1",
+    "--config.dataset.max_train_examples=32",
+    "--config.batch_size=8",
+    "--config.progress_bar=False",
+    "--config.eval_every_steps=3",
+    "--config.host_memory=keep",
+  ]
   proc, workdir = run_train(args, tmp_path)
   assert proc.returncode == 0, proc.stderr
   assert f"outputs in {workdir}" in proc.stdout
   for name in ("summary.json", "metrics.jsonl", "curves.png", "config.json"):
     assert (workdir / name).exists()
-  proc = subprocess.run([sys.executable, "-m", "resnet_jax.evaluate", f"--workdir={workdir}"],
-                        capture_output=True, text=True, cwd=ROOT, timeout=300)
+  proc = subprocess.run(
+    [sys.executable, "-m", "resnet_jax.evaluate", f"--workdir={workdir}"],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr
   with open(workdir / "summary.json") as f:
     import json
+
     summary = json.load(f)
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert result["step"] == 3 and result["test_accuracy"] == summary["test_accuracy"]

@@ -13,8 +13,7 @@ import torch
 import torchvision
 
 from resnet_jax import CheckpointError, ModelError, create_model
-from resnet_jax.convert import (from_torchvision, guess_architecture, load_checkpoint, save_checkpoint,
-                                to_torchvision)
+from resnet_jax.convert import from_torchvision, guess_architecture, load_checkpoint, save_checkpoint, to_torchvision
 
 # Parameters are initialised with the "rbg" PRNG: compiling threefry for every parameter shape costs
 # about 10 s of CPU per model, rbg about 1.5 s.
@@ -64,7 +63,7 @@ def assert_logits_close(ours, theirs, tol=1e-4):
   np.testing.assert_allclose(ours, theirs, rtol=0, atol=tol * scale)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def compiled_forward(name: str):
   """One compiled function per architecture: (eval logits, (train logits, batch_stats updates))."""
   model = create_model(name, num_classes=NUM_CLASSES)
@@ -73,6 +72,7 @@ def compiled_forward(name: str):
   def forward(v, x):
     with jax.default_matmul_precision("highest"):
       return model.apply(v, x, train=False), model.apply(v, x, train=True, mutable=["batch_stats"])
+
   return forward
 
 
@@ -97,12 +97,18 @@ def check_parity(name: str) -> None:
       np.testing.assert_allclose(ours[key], theirs[key].numpy(), atol=1e-4, err_msg=key)
 
 
-@pytest.mark.parametrize("name", [
-    "resnet18", "resnet50",
-    pytest.param("resnet34", marks=pytest.mark.slow), pytest.param("resnext50_32x4d", marks=pytest.mark.slow),
-    pytest.param("resnet101", marks=pytest.mark.slow), pytest.param("resnet152", marks=pytest.mark.slow),
+@pytest.mark.parametrize(
+  "name",
+  [
+    "resnet18",
+    "resnet50",
+    pytest.param("resnet34", marks=pytest.mark.slow),
+    pytest.param("resnext50_32x4d", marks=pytest.mark.slow),
+    pytest.param("resnet101", marks=pytest.mark.slow),
+    pytest.param("resnet152", marks=pytest.mark.slow),
     pytest.param("wide_resnet50_2", marks=pytest.mark.slow),
-])
+  ],
+)
 def test_torchvision_parity_eval_and_train(name):
   check_parity(name)
 
@@ -113,11 +119,12 @@ def test_export_loads_into_torchvision_strictly():
   x = images(1)  # same shape as in the parity test: the compiled forward is reused
   xj = jnp.asarray(x.transpose(0, 2, 3, 1))
   variables = jax.jit(lambda k, x: model.init(k, x))(INIT_KEY, xj)
-  variables = {"params": variables["params"],
-               "batch_stats": jax.tree.map(lambda a: a + 0.05 * jnp.ones_like(a), variables["batch_stats"])}
+  variables = {
+    "params": variables["params"],
+    "batch_stats": jax.tree.map(lambda a: a + 0.05 * jnp.ones_like(a), variables["batch_stats"]),
+  }
   tm = torchvision.models.resnet18(weights=None, num_classes=NUM_CLASSES)
-  tm.load_state_dict({k: torch.from_numpy(v) for k, v in to_torchvision(variables, "resnet18").items()},
-                     strict=True)
+  tm.load_state_dict({k: torch.from_numpy(v) for k, v in to_torchvision(variables, "resnet18").items()}, strict=True)
   tm.eval()
   with torch.no_grad():
     ref = tm(torch.from_numpy(x)).numpy()
@@ -167,9 +174,12 @@ def test_data_parallel_prefix_is_removed(resnet18_state):
 
 # ----- errors ---------------------------------------------------------------------------------------------
 
+
 def test_wrong_architecture_is_named():
   sd = {k: np.zeros(v.shape, np.float32) for k, v in random_torchvision("resnet34").state_dict().items()}
-  with pytest.raises(CheckpointError, match=r"does not fit 'resnet18'.*unexpected keys.*layer1\.2\..*looks like a resnet34"):
+  with pytest.raises(
+    CheckpointError, match=r"does not fit 'resnet18'.*unexpected keys.*layer1\.2\..*looks like a resnet34"
+  ):
     from_torchvision(sd, "resnet18")
   assert guess_architecture(sd) == "resnet34"
 

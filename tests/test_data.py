@@ -12,19 +12,20 @@ import pickle
 import ml_collections
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from resnet_jax import augment, data, datasets, image_files
 from resnet_jax.config_check import base_config
 from resnet_jax.errors import CheckpointError, ConfigError, DataError
 
-
 # ----------------------------------------------------------------------------------------------
 # Tiny datasets in each layout (also used by the training tests).
 
 
-def write_cifar(root: str, name: str = "cifar10", per_batch: int = 4, num_test: int = 6,
-                nested: bool = True, seed: int = 0) -> str:
+def write_cifar(
+  root: str, name: str = "cifar10", per_batch: int = 4, num_test: int = 6, nested: bool = True, seed: int = 0
+) -> str:
   """Write a tiny CIFAR release in the python-pickle layout; returns the data_dir to configure."""
   rng = np.random.default_rng(seed)
   num_classes = 10 if name == "cifar10" else 100
@@ -34,8 +35,10 @@ def write_cifar(root: str, name: str = "cifar10", per_batch: int = 4, num_test: 
   key = b"labels" if name == "cifar10" else b"fine_labels"
 
   def dump(fname: str, n: int) -> None:
-    d = {b"data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
-         key: [int(v) for v in rng.integers(0, num_classes, size=n)]}
+    d = {
+      b"data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
+      key: [int(v) for v in rng.integers(0, num_classes, size=n)],
+    }
     if name == "cifar100":
       d[b"coarse_labels"] = [0] * n
     with open(os.path.join(folder, fname), "wb") as f:
@@ -51,10 +54,12 @@ def write_cifar(root: str, name: str = "cifar10", per_batch: int = 4, num_test: 
   return root
 
 
-def write_image_folder(root: str, classes=("cat", "dog"), per_class: int = 3, test_per_class: int = 2,
-                       size=(20, 14), seed: int = 0) -> str:
+def write_image_folder(
+  root: str, classes=("cat", "dog"), per_class: int = 3, test_per_class: int = 2, size=(20, 14), seed: int = 0
+) -> str:
   """Write ``root/{train,test}/<class>/*.png|jpg`` with random RGB images; returns root."""
   from PIL import Image
+
   rng = np.random.default_rng(seed)
   for split, n in (("train", per_class), ("test", test_per_class)):
     for cls in classes:
@@ -156,8 +161,9 @@ def test_cifar_uses_documented_normalisation(tmp_path):
   root = write_cifar(str(tmp_path), "cifar10")
   ds = data.load_dataset(dataset_config(name="cifar10", data_dir=root))
   batch = ds.test_batch(np.arange(2))
-  expected = (ds.test_x[:2].astype(np.float32) / 255 - np.asarray(augment.CIFAR10_MEAN, np.float32)) / \
-      np.asarray(augment.CIFAR10_STD, np.float32)
+  expected = (ds.test_x[:2].astype(np.float32) / 255 - np.asarray(augment.CIFAR10_MEAN, np.float32)) / np.asarray(
+    augment.CIFAR10_STD, np.float32
+  )
   np.testing.assert_allclose(batch["image"], expected, rtol=1e-6, atol=1e-6)
 
 
@@ -170,8 +176,9 @@ def test_image_folder_scan_and_batches(tmp_path):
   paths, labels, classes = datasets.scan_image_folder(root, "train")
   assert classes == ["a", "b", "c"]
   assert len(paths) == 9 and labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
-  ds = data.load_dataset(dataset_config(name="image_folder", data_dir=root, image_size=12,
-                                        augment="random_resized_crop_flip"))
+  ds = data.load_dataset(
+    dataset_config(name="image_folder", data_dir=root, image_size=12, augment="random_resized_crop_flip")
+  )
   assert ds.num_classes == 3 and ds.image_shape == (12, 12, 3)
   train = ds.train_batch(np.array([0, 4, 8]), np.random.default_rng(0))
   test = ds.test_batch(np.array([0, 5]))
@@ -205,6 +212,7 @@ def test_corrupt_image_names_the_file(tmp_path):
 
 def test_center_crop_is_resize_then_centre():
   from PIL import Image
+
   img = Image.fromarray(np.arange(40 * 20 * 3, dtype=np.uint8).reshape(20, 40, 3) % 251)
   out = augment.center_crop(img, 7, crop_fraction=0.875)
   assert out.shape == (7, 7, 3)
@@ -216,6 +224,7 @@ def test_center_crop_is_resize_then_centre():
 @given(st.integers(1, 40), st.integers(1, 40), st.integers(0, 2**31 - 1))
 def test_random_resized_crop_shape(width, height, seed):
   from PIL import Image
+
   img = Image.fromarray(np.zeros((height, width, 3), np.uint8))
   out = augment.random_resized_crop(img, 6, np.random.default_rng(seed))
   assert out.shape == (6, 6, 3) and out.dtype == np.uint8
@@ -233,8 +242,7 @@ def test_pad_crop_flip_takes_windows_of_the_padded_image(padding, flip, seed):
   assert out.shape == images.shape and out.dtype == images.dtype
   padded = np.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
   for i in range(3):
-    windows = [padded[i, dy:dy + 6, dx:dx + 5] for dy in range(2 * padding + 1)
-               for dx in range(2 * padding + 1)]
+    windows = [padded[i, dy : dy + 6, dx : dx + 5] for dy in range(2 * padding + 1) for dx in range(2 * padding + 1)]
     windows += [w[:, ::-1] for w in windows] if flip else []
     assert any(np.array_equal(out[i], w) for w in windows)
 
@@ -252,8 +260,9 @@ def test_pad_crop_flip_moves_and_flips_some_images():
 
 @pytest.fixture(scope="module")
 def digits_ds():
-  return data.load_dataset(dataset_config(name="digits", augment="pad_crop", crop_padding=1,
-                                          max_train_examples=40, max_test_examples=10))
+  return data.load_dataset(
+    dataset_config(name="digits", augment="pad_crop", crop_padding=1, max_train_examples=40, max_test_examples=10)
+  )
 
 
 def _take(it, n):
@@ -270,8 +279,7 @@ def test_train_pipeline_is_deterministic_and_covers_each_epoch(digits_ds):
   assert not all(np.array_equal(u["image"], v["image"]) for u, v in zip(a, c))
   # 40 examples, batch 8: the first 5 batches are one epoch, so every label count matches.
   labels = np.concatenate([u["label"] for u in a])
-  np.testing.assert_array_equal(np.bincount(labels, minlength=10),
-                                np.bincount(digits_ds.train_y, minlength=10))
+  np.testing.assert_array_equal(np.bincount(labels, minlength=10), np.bincount(digits_ds.train_y, minlength=10))
 
 
 def assert_pipeline_resumes_exactly(ds, batch_size: int, taken: int) -> None:
@@ -304,11 +312,11 @@ def test_train_pipeline_with_worker_processes_gives_the_same_batches(digits_ds):
 
 def test_train_pipeline_process_slices_make_the_global_batch(digits_ds):
   full = _take(iter(data.train_pipeline(digits_ds, 8, seed=1)), 3)
-  parts = [_take(iter(data.train_pipeline(digits_ds, 8, seed=1, process_index=p, process_count=2)), 3)
-           for p in range(2)]
+  parts = [
+    _take(iter(data.train_pipeline(digits_ds, 8, seed=1, process_index=p, process_count=2)), 3) for p in range(2)
+  ]
   for k in range(3):
-    np.testing.assert_array_equal(
-        full[k]["image"], np.concatenate([parts[0][k]["image"], parts[1][k]["image"]]))
+    np.testing.assert_array_equal(full[k]["image"], np.concatenate([parts[0][k]["image"], parts[1][k]["image"]]))
 
 
 def test_train_pipeline_rejects_batches_larger_than_the_data(digits_ds):
@@ -333,6 +341,7 @@ def test_eval_batches_pad_and_mask(digits_ds):
 def folder_arrays(root: str, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
   """The images (decoded with Pillow, one by one) and labels of a split, in scan order."""
   from PIL import Image
+
   paths, labels, _ = datasets.scan_image_folder(root, split)
   return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths]), labels
 
@@ -350,8 +359,9 @@ def test_small_folder_is_decoded_once_into_memory(tmp_path):
 
 def test_folder_pad_crop_flip_is_applied_and_matches_the_array_code(tmp_path):
   root = write_image_folder(str(tmp_path), per_class=8, size=(8, 8))
-  cfg = dataset_config(name="image_folder", data_dir=root, image_size=8, augment="pad_crop_flip",
-                       crop_padding=2, normalize="dataset")
+  cfg = dataset_config(
+    name="image_folder", data_dir=root, image_size=8, augment="pad_crop_flip", crop_padding=2, normalize="dataset"
+  )
   ds = data.load_dataset(cfg)
   idx = np.arange(ds.num_train)[::-1]
   got = ds.train_batch(idx, np.random.default_rng(5))["image"]
@@ -379,7 +389,6 @@ def test_streamed_and_in_memory_folders_give_identical_batches(tmp_path, augment
     np.testing.assert_array_equal(u["image"], v["image"])
 
 
-
 def test_load_dataset_returns_the_kind_of_its_storage(tmp_path):
   """Images in memory give an ArrayDataset, a streamed folder a FileDataset of ImageFiles; both are frozen."""
   root = write_image_folder(str(tmp_path), per_class=4, size=(8, 8))
@@ -395,34 +404,43 @@ def test_load_dataset_returns_the_kind_of_its_storage(tmp_path):
   with pytest.raises(dataclasses.FrozenInstanceError):
     mem.augment = "pad_crop"
 
+
 def test_in_memory_folder_pipeline_resumes_exactly(tmp_path):
   root = write_image_folder(str(tmp_path), per_class=6, size=(8, 8))
-  ds = data.load_dataset(dataset_config(name="image_folder", data_dir=root, image_size=8,
-                                        augment="pad_crop_flip", crop_padding=1))
+  ds = data.load_dataset(
+    dataset_config(name="image_folder", data_dir=root, image_size=8, augment="pad_crop_flip", crop_padding=1)
+  )
   assert_pipeline_resumes_exactly(ds, 4, 2)
 
 
 def test_auto_streams_folders_over_the_memory_limit_and_says_why(tmp_path):
   root = write_image_folder(str(tmp_path), size=(8, 8))
   lines = []
-  ds = data.load_dataset(dataset_config(name="image_folder", data_dir=root, image_size=8,
-                                        in_memory_max_mb=0), log=lines.append)
+  ds = data.load_dataset(
+    dataset_config(name="image_folder", data_dir=root, image_size=8, in_memory_max_mb=0), log=lines.append
+  )
   assert not ds.in_memory and ds.info["storage"] == "stream"
   assert len(lines) == 1 and "in_memory_max_mb" in lines[0]
 
 
 def test_random_resized_crop_needs_streamed_images(tmp_path):
   from resnet_jax.config_check import validate_config
+
   root = write_image_folder(str(tmp_path), size=(8, 8))
-  auto = data.load_dataset(dataset_config(name="image_folder", data_dir=root, image_size=8,
-                                          augment="random_resized_crop_flip"))
+  auto = data.load_dataset(
+    dataset_config(name="image_folder", data_dir=root, image_size=8, augment="random_resized_crop_flip")
+  )
   assert not auto.in_memory  # auto streams for it.
   with pytest.raises(ConfigError, match="random_resized_crop_flip.*in_memory=never"):
-    data.load_dataset(dataset_config(name="image_folder", data_dir=root, image_size=8,
-                                     augment="random_resized_crop_flip", in_memory="always"))
+    data.load_dataset(
+      dataset_config(
+        name="image_folder", data_dir=root, image_size=8, augment="random_resized_crop_flip", in_memory="always"
+      )
+    )
   config = base_config()
-  config.dataset = dataset_config(name="image_folder", data_dir=root, augment="random_resized_crop_flip",
-                                  in_memory="always")
+  config.dataset = dataset_config(
+    name="image_folder", data_dir=root, augment="random_resized_crop_flip", in_memory="always"
+  )
   with pytest.raises(ConfigError, match="in_memory='always'"):
     validate_config(config)
   config.dataset = dataset_config(name="cifar10", data_dir=root, in_memory="never")
@@ -432,6 +450,7 @@ def test_random_resized_crop_needs_streamed_images(tmp_path):
 
 def test_decode_images_in_parallel_keeps_the_order_and_names_the_first_bad_file(tmp_path):
   from PIL import Image
+
   rng = np.random.default_rng(0)
   arrays = rng.integers(0, 256, size=(600, 4, 4, 3), dtype=np.uint8)
   paths = []
@@ -456,8 +475,7 @@ def test_skipped_unreadable_image_in_memory(tmp_path):
   bad = os.path.join(root, "train", "dog", "img1.jpg")
   with open(bad, "wb") as f:
     f.write(b"not an image")
-  ds = data.load_dataset(dataset_config(name="image_folder", data_dir=root, image_size=8,
-                                        on_corrupt_image="skip"))
+  ds = data.load_dataset(dataset_config(name="image_folder", data_dir=root, image_size=8, on_corrupt_image="skip"))
   assert ds.in_memory and ds.skipped_files == [bad] and ds.num_train == 7
   assert ds.train_y.tolist() == [0] * 4 + [1] * 3
   with pytest.raises(DataError, match="img1.jpg"):
@@ -498,11 +516,11 @@ def test_holdout_mask_rejects_what_cannot_be_held_out(amount):
 def test_folder_without_test_split_needs_holdout_and_evaluates_on_it(tmp_path):
   root = write_image_folder(str(tmp_path), classes=("a", "b"), per_class=10, size=(8, 8))
   import shutil
+
   shutil.rmtree(os.path.join(root, "test"))
   with pytest.raises(DataError, match="no test/ split.*holdout"):
     data.load_dataset(dataset_config(name="image_folder", data_dir=root, image_size=8))
-  ds = data.load_dataset(dataset_config(name="image_folder", data_dir=root, image_size=8, holdout=0.2,
-                                        holdout_seed=7))
+  ds = data.load_dataset(dataset_config(name="image_folder", data_dir=root, image_size=8, holdout=0.2, holdout_seed=7))
   assert ds.num_train == 16 and ds.num_test == 4 and np.bincount(ds.test_y).tolist() == [2, 2]
   x, y = folder_arrays(root)
   paths, _, _ = datasets.scan_image_folder(root, "train")
@@ -513,8 +531,9 @@ def test_folder_without_test_split_needs_holdout_and_evaluates_on_it(tmp_path):
   assert ds.info["eval_split"] == "holdout"
   assert ds.info["holdout"]["keys"] == [k for k, m in zip(keys, mask) if m]
   # normalize='dataset' uses the training images only, never the held-out ones.
-  stats = data.load_dataset(dataset_config(name="image_folder", data_dir=root, image_size=8,
-                                           holdout=0.2, holdout_seed=7, normalize="dataset"))
+  stats = data.load_dataset(
+    dataset_config(name="image_folder", data_dir=root, image_size=8, holdout=0.2, holdout_seed=7, normalize="dataset")
+  )
   pixels = x[~mask].reshape(-1, 3).astype(np.float64) / 255
   np.testing.assert_allclose(stats.mean, pixels.mean(0), rtol=1e-6)
   np.testing.assert_allclose(stats.std, pixels.std(0), rtol=1e-5)
@@ -534,6 +553,7 @@ def test_holdout_from_cifar_pickles_and_digits(tmp_path):
 
 def test_config_checks_holdout(tmp_path):
   from resnet_jax.config_check import validate_config
+
   config = base_config()
   config.dataset.holdout = 2.5
   with pytest.raises(ConfigError, match="holdout.*whole count"):
@@ -567,19 +587,23 @@ def test_dataset_normalisation_of_cifar_and_streamed_folders(tmp_path):
   batch = ds.train_batch(np.arange(ds.num_train), np.random.default_rng(0))["image"]
   np.testing.assert_allclose(batch.mean((0, 1, 2)), 0, atol=1e-5)
   folder = write_image_folder(str(tmp_path / "f"), per_class=4, size=(12, 10))
-  streamed = data.load_dataset(dataset_config(name="image_folder", data_dir=folder, image_size=8,
-                                              normalize="dataset", in_memory="never"))
-  memory = data.load_dataset(dataset_config(name="image_folder", data_dir=folder, image_size=8,
-                                            normalize="dataset", in_memory="always"))
+  streamed = data.load_dataset(
+    dataset_config(name="image_folder", data_dir=folder, image_size=8, normalize="dataset", in_memory="never")
+  )
+  memory = data.load_dataset(
+    dataset_config(name="image_folder", data_dir=folder, image_size=8, normalize="dataset", in_memory="always")
+  )
   np.testing.assert_array_equal(streamed.mean, memory.mean)  # 8 images < the sample: all of them.
   np.testing.assert_array_equal(streamed.std, memory.std)
-  explicit = data.load_dataset(dataset_config(name="image_folder", data_dir=folder, image_size=8,
-                                              normalize="dataset", mean=(0.5,), std=(0.25,)))
+  explicit = data.load_dataset(
+    dataset_config(name="image_folder", data_dir=folder, image_size=8, normalize="dataset", mean=(0.5,), std=(0.25,))
+  )
   assert explicit.mean.tolist() == [0.5] * 3 and "config" in explicit.info["normalization"]["source"]
 
 
 def test_evaluation_reads_the_recorded_normalisation(tmp_path):
   from resnet_jax.evaluate import load_run_config
+
   config = base_config()
   config.dataset.normalize = "dataset"
   with open(tmp_path / "config.json", "w") as f:
@@ -607,7 +631,9 @@ def _rewrite_batch(root: str, fname: str, change) -> str:
   return path
 
 
-@pytest.mark.parametrize("change,needle", [
+@pytest.mark.parametrize(
+  "change,needle",
+  [
     (lambda d: {**d, b"labels": d[b"labels"][:-1]}, "holds 4 images but 3 labels"),
     (lambda d: [d[b"data"], d[b"labels"]], "holds a list"),
     (lambda d: {**d, b"data": d[b"data"].astype(np.float64)}, "dtype float64"),
@@ -615,7 +641,8 @@ def _rewrite_batch(root: str, fname: str, change) -> str:
     (lambda d: {**d, b"data": d[b"data"].tolist()}, "b'data' is a list"),
     (lambda d: {**d, b"labels": "cat"}, "b'labels' is a str"),
     (lambda d: {**d, b"labels": [0.5] * 4}, "dtype float64"),
-])
+  ],
+)
 def test_bad_cifar_pickle_is_one_error_naming_the_file(tmp_path, change, needle):
   root = write_cifar(str(tmp_path), "cifar10")
   path = _rewrite_batch(root, "data_batch_3", change)
@@ -635,6 +662,7 @@ def test_cifar_file_that_is_not_a_pickle(tmp_path):
 
 def test_sixteen_bit_greyscale_png_is_scaled_to_eight_bits(tmp_path):
   from PIL import Image
+
   wide = np.array([[0, 257, 32768], [65535, 128, 65407]], dtype=np.uint16)
   path = str(tmp_path / "g16.png")
   Image.fromarray(wide).save(path)
@@ -648,6 +676,7 @@ def test_sixteen_bit_greyscale_png_is_scaled_to_eight_bits(tmp_path):
 
 def test_float_tiff_is_refused_in_one_line(tmp_path):
   from PIL import Image
+
   path = str(tmp_path / "f.tif")
   Image.fromarray(np.ones((4, 4), np.float32)).save(path)
   with pytest.raises(DataError, match=r"f.tif.*32-bit floats"):
@@ -663,8 +692,12 @@ def _bomb_png(path: str) -> None:
     return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
   with open(path, "wb") as f:
-    f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b""))
+    f.write(
+      b"\x89PNG\r\n\x1a\n"
+      + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0))
+      + chunk(b"IDAT", zlib.compress(b"\0" * 100))
+      + chunk(b"IEND", b"")
+    )
 
 
 @pytest.mark.parametrize("in_memory", ["always", "never"])
@@ -673,12 +706,12 @@ def test_decompression_bomb_is_one_error_naming_the_file(tmp_path, in_memory):
   bomb = os.path.join(root, "test", "cat", "bomb.png")
   _bomb_png(bomb)
   with pytest.raises(DataError, match=r"bomb.png.*decompression bomb") as e:
-    ds = data.load_dataset(dataset_config(name="image_folder", data_dir=root, image_size=8,
-                                          in_memory=in_memory))
+    ds = data.load_dataset(dataset_config(name="image_folder", data_dir=root, image_size=8, in_memory=in_memory))
     list(data.eval_batches(ds, 2))
   assert "\n" not in str(e.value)
-  ds = data.load_dataset(dataset_config(name="image_folder", data_dir=root, image_size=8,
-                                        in_memory=in_memory, on_corrupt_image="skip"))
+  ds = data.load_dataset(
+    dataset_config(name="image_folder", data_dir=root, image_size=8, in_memory=in_memory, on_corrupt_image="skip")
+  )
   assert ds.skipped_files == [bomb]
 
 
@@ -688,6 +721,7 @@ def test_decompression_bomb_is_one_error_naming_the_file(tmp_path, in_memory):
 
 def test_hidden_entries_are_skipped_nested_images_included_and_reported(tmp_path):
   from PIL import Image
+
   root = write_image_folder(str(tmp_path), classes=("cat", "dog"), per_class=2, size=(8, 8))
   train = os.path.join(root, "train")
   os.makedirs(os.path.join(train, ".ipynb_checkpoints"))  # Would be class 0, shifting every label.
@@ -700,14 +734,18 @@ def test_hidden_entries_are_skipped_nested_images_included_and_reported(tmp_path
   with open(os.path.join(train, "dog", "notes.txt"), "w") as f:
     f.write("not an image")
   lines = []
-  ds = data.load_dataset(dataset_config(name="image_folder", data_dir=root, image_size=8),
-                         log=lines.append)
+  ds = data.load_dataset(dataset_config(name="image_folder", data_dir=root, image_size=8), log=lines.append)
   assert ds.classes == ["cat", "dog"] and ds.num_train == 6
   assert ds.train_y.tolist() == [0, 0, 1, 1, 1, 1]
   paths, _, _ = datasets.scan_image_folder(root, "train")
   assert [os.path.relpath(p, train) for p in paths] == [
-      "cat/img0.png", "cat/img1.jpg", "dog/img0.png", "dog/img1.jpg", "dog/more/x.png",
-      "dog/more/deeper/x.png"]
+    "cat/img0.png",
+    "cat/img1.jpg",
+    "dog/img0.png",
+    "dog/img1.jpg",
+    "dog/more/x.png",
+    "dog/more/deeper/x.png",
+  ]
   assert len(lines) == 1 and "skipped 3 hidden entries" in lines[0]
   assert "1 non-image file (notes.txt)" in lines[0]
   assert ".ipynb_checkpoints" in lines[0] and train in lines[0]
@@ -717,8 +755,7 @@ def test_hidden_entries_are_skipped_nested_images_included_and_reported(tmp_path
 def test_hidden_class_in_test_split_is_not_an_unknown_class(tmp_path):
   root = write_image_folder(str(tmp_path), size=(8, 8))
   os.makedirs(os.path.join(root, "test", ".ipynb_checkpoints"))
-  ds = data.load_dataset(dataset_config(name="image_folder", data_dir=root, image_size=8),
-                         log=lambda _: None)
+  ds = data.load_dataset(dataset_config(name="image_folder", data_dir=root, image_size=8), log=lambda _: None)
   assert ds.num_test == 4
 
 
@@ -738,14 +775,25 @@ def test_symlink_loops_are_one_error(tmp_path):
 
 def test_a_run_records_its_data_and_evaluation_uses_the_recorded_normalisation(tmp_path):
   import shutil
+
   from PIL import Image
+
   from resnet_jax import train_loop
   from resnet_jax.evaluate import evaluate_workdir
+
   root = write_image_folder(str(tmp_path / "data"), classes=("a", "b"), per_class=8, size=(8, 8))
   shutil.rmtree(os.path.join(root, "test"))
   c = base_config()
-  c.dataset = dataset_config(name="image_folder", data_dir=root, image_size=8, holdout=4,
-                             normalize="dataset", augment="pad_crop_flip", crop_padding=1, num_threads=1)
+  c.dataset = dataset_config(
+    name="image_folder",
+    data_dir=root,
+    image_size=8,
+    holdout=4,
+    normalize="dataset",
+    augment="pad_crop_flip",
+    crop_padding=1,
+    num_threads=1,
+  )
   c.model.name = "residual_mlp"
   c.model.options = ml_collections.ConfigDict({"depth": 1, "dim": 16, "hidden": 16})
   c.batch_size, c.eval_batch_size, c.num_train_steps = 4, 4, 4
@@ -772,9 +820,11 @@ def test_a_run_records_its_data_and_evaluation_uses_the_recorded_normalisation(t
 
 def test_decompression_bomb_read_by_a_pipeline_thread_is_one_line_from_train_py(tmp_path):
   import sys
+
   sys.path.insert(0, os.path.dirname(__file__))
   from test_configs import assert_one_line_error
   from test_reliability import image_folder_args, train_cli
+
   root = write_image_folder(str(tmp_path / "data"), per_class=4, test_per_class=2, size=(10, 10))
   bomb = os.path.join(root, "train", "dog", "img1.png")
   _bomb_png(bomb)  # Streamed (10x10 is not image_size): found by a grain thread reading its batch.

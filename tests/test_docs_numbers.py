@@ -68,10 +68,12 @@ def mlp_rows(results):
     for net in ("plain", "residual"):
       r = _mlp(results, net, depth)
       li = r["log10_input_grad"]
-      rows.append(f"| {depth} | {net} | {li[0]:.2f} | {li[-1]:.2f} | {r['measured_factor']:.3f} | "
-                  f"{r['predicted_typical_factor']:.3f} | {r['jacobian_norm_factor']:.3f} | "
-                  f"{r['predicted_bound_factor']:.3f} | {r['log10_jacobian_product_norm']:.2f} | "
-                  f"{r['max_rel_diff_vs_jax']:.1e} |")
+      rows.append(
+        f"| {depth} | {net} | {li[0]:.2f} | {li[-1]:.2f} | {r['measured_factor']:.3f} | "
+        f"{r['predicted_typical_factor']:.3f} | {r['jacobian_norm_factor']:.3f} | "
+        f"{r['predicted_bound_factor']:.3f} | {r['log10_jacobian_product_norm']:.2f} | "
+        f"{r['max_rel_diff_vs_jax']:.1e} |"
+      )
   return rows
 
 
@@ -91,15 +93,20 @@ def train_rows(results):
   for depth in results["config"]["train_depths"]:
     p, q = by[(depth, "plain")], by[(depth, "residual")]
     g = lambda v: "0 (underflow)" if v is None else f"{v:.2f}"
-    rows.append(f"| {depth} | {100 * p['train_error']:.1f} | {100 * p['test_error']:.1f} | "
-                f"{100 * q['train_error']:.1f} | {100 * q['test_error']:.1f} | "
-                f"{g(p['log10_embed_grad_at_init'])} | {g(q['log10_embed_grad_at_init'])} |")
+    rows.append(
+      f"| {depth} | {100 * p['train_error']:.1f} | {100 * p['test_error']:.1f} | "
+      f"{100 * q['train_error']:.1f} | {100 * q['test_error']:.1f} | "
+      f"{g(p['log10_embed_grad_at_init'])} | {g(q['log10_embed_grad_at_init'])} |"
+    )
   return rows
 
 
 def _ex(explosion, activation, gain, net, depth):
-  return next(r for r in explosion["explosion"] if r["activation"] == activation and r["gain"] == gain
-              and r["net"] == net and r["depth"] == depth)
+  return next(
+    r
+    for r in explosion["explosion"]
+    if r["activation"] == activation and r["gain"] == gain and r["net"] == net and r["depth"] == depth
+  )
 
 
 def _cell(r):
@@ -110,28 +117,37 @@ def explosion_rows(explosion):
   depth = max(explosion["config"]["explosion_depths"])
   rows = []
   for gain in explosion["config"]["gains"]:
-    cells = [_cell(_ex(explosion, a, gain, n, depth)) for a in ("sigmoid", "tanh", "relu")
-             for n in ("plain", "residual")]
+    cells = [
+      _cell(_ex(explosion, a, gain, n, depth)) for a in ("sigmoid", "tanh", "relu") for n in ("plain", "residual")
+    ]
     rows.append(f"| {gain:g} | " + " | ".join(cells) + " |")
   return rows
 
 
 def remedy_rows(explosion):
   cfg = explosion["config"]
-  names = list(dict.fromkeys(r["net"] for r in explosion["explosion"]
-                             if r["gain"] == cfg["remedy_gain"] and r["activation"] == "relu"))
+  names = list(
+    dict.fromkeys(
+      r["net"] for r in explosion["explosion"] if r["gain"] == cfg["remedy_gain"] and r["activation"] == "relu"
+    )
+  )
   rows = []
   for name in names:
     rs = [_ex(explosion, "relu", cfg["remedy_gain"], name, d) for d in cfg["explosion_depths"]]
-    rows.append(f"| {name} | " + " | ".join(_cell(r) for r in rs) +
-                f" | {rs[-1]['log10_bound']:.1f} | {rs[-1]['log10_forward']:.1f} |")
+    rows.append(
+      f"| {name} | "
+      + " | ".join(_cell(r) for r in rs)
+      + f" | {rs[-1]['log10_bound']:.1f} | {rs[-1]['log10_forward']:.1f} |"
+    )
   return rows
 
 
 def block_order_rows(block_orders):
-  return [f"| `{r['order']}` | {'yes' if r['zero_init_residual'] else 'no'} | {r['task']} | {r['parameters']:,} | "
-          f"{100 * r['train_error']:.2f} | {100 * r['test_error']:.2f} | {r['eval_nonlinearity']:.1e} |"
-          for r in block_orders["block_orders"]]
+  return [
+    f"| `{r['order']}` | {'yes' if r['zero_init_residual'] else 'no'} | {r['task']} | {r['parameters']:,} | "
+    f"{100 * r['train_error']:.2f} | {100 * r['test_error']:.2f} | {r['eval_nonlinearity']:.1e} |"
+    for r in block_orders["block_orders"]
+  ]
 
 
 @pytest.mark.parametrize("rows", [mlp_rows, conv_rows, train_rows])
@@ -155,12 +171,21 @@ def test_block_order_text(block_orders):
   doc = "docs/models.md"
   r = {(x["order"], x["task"], x["zero_init_residual"]): x for x in block_orders["block_orders"]}
   e = lambda o, task, z=False, k="test_error": r[(o, task, z)][k]
-  _assert_in(f"the literal net reaches {100 * e('literal_bottleneck', 'digits'):.2f}% test error "
-             f"(v1 {100 * e('v1', 'digits'):.2f}%, ReLU-before-add {100 * e('relu_before_add', 'digits'):.2f}%)", doc)
-  _assert_in(f"Its eval nonlinearity of {e('literal_bottleneck', 'digits', k='eval_nonlinearity'):.1e} (float32 "
-             f"rounding, against {e('v1', 'digits', k='eval_nonlinearity'):.1e} for v1)", doc)
-  _assert_in(f"The literal net stays there, {100 * e('literal_bottleneck', 'xor'):.2f}% test error (chance 50%), "
-             f"while v1 reaches {100 * e('v1', 'xor'):.2f}% and ReLU-before-add {100 * e('relu_before_add', 'xor'):.2f}%", doc)
+  _assert_in(
+    f"the literal net reaches {100 * e('literal_bottleneck', 'digits'):.2f}% test error "
+    f"(v1 {100 * e('v1', 'digits'):.2f}%, ReLU-before-add {100 * e('relu_before_add', 'digits'):.2f}%)",
+    doc,
+  )
+  _assert_in(
+    f"Its eval nonlinearity of {e('literal_bottleneck', 'digits', k='eval_nonlinearity'):.1e} (float32 "
+    f"rounding, against {e('v1', 'digits', k='eval_nonlinearity'):.1e} for v1)",
+    doc,
+  )
+  _assert_in(
+    f"The literal net stays there, {100 * e('literal_bottleneck', 'xor'):.2f}% test error (chance 50%), "
+    f"while v1 reaches {100 * e('v1', 'xor'):.2f}% and ReLU-before-add {100 * e('relu_before_add', 'xor'):.2f}%",
+    doc,
+  )
   _assert_in(f"stays at {100 * e('relu_before_add', 'digits', True):.2f}% test error on the digits", doc)
   _assert_in(f"(eval nonlinearity {e('relu_before_add', 'digits', True, 'eval_nonlinearity'):.1e}: all 16 blocks", doc)
   _assert_in(f"shared with other jobs: {block_orders['seconds']:.0f} s for the seven runs", doc)
@@ -178,10 +203,15 @@ def test_gradient_flow_text(results):
   worst = max(r["max_rel_diff_vs_jax"] for r in results["mlp"])
   _assert_in(f"equals `jax.grad` to {worst:.1e} (float64)", doc)
   ratio500 = _mlp(results, "plain", 500)["log10_first_over_last"]
-  _assert_in(f"at depth 500 10^{ratio500:.1f} (`||dL/dx_0||` itself is "
-             f"10^{_mlp(results, 'plain', 500)['log10_input_grad'][0]:.2f})", doc)
-  _assert_in(f"at depth 50 the first unit sees 10^{_mlp(results, 'plain', 50)['log10_first_over_last']:.1f} "
-             "of the output error", doc)
+  _assert_in(
+    f"at depth 500 10^{ratio500:.1f} (`||dL/dx_0||` itself is "
+    f"10^{_mlp(results, 'plain', 500)['log10_input_grad'][0]:.2f})",
+    doc,
+  )
+  _assert_in(
+    f"at depth 50 the first unit sees 10^{_mlp(results, 'plain', 50)['log10_first_over_last']:.1f} of the output error",
+    doc,
+  )
   lo, hi = min(r["measured_factor"] for r in plain), max(r["measured_factor"] for r in plain)
   _assert_in(f"loses a factor {lo:.3f}-{hi:.3f} per unit", doc)
   lo, hi = min(r["measured_factor"] for r in res), max(r["measured_factor"] for r in res)
@@ -190,27 +220,38 @@ def test_gradient_flow_text(results):
   _assert_in(f"receives {10 ** r500['log10_first_over_last']:.1f} times the output error", doc)
   _assert_in(f"(measured: {10 ** r500['log10_first_over_last']:.1f}, section 4)", doc)
   least = min(min(np.array(r["log10_input_grad"]) - r["log10_input_grad"][-1]) for r in res)
-  _assert_in(f"receives less than {10 ** least:.2f} of it", doc)
+  _assert_in(f"receives less than {10**least:.2f} of it", doc)
   # the typical and the worst-case growth of the residual stack
   typ, bound = r500["predicted_typical_factor"], r500["predicted_bound_factor"]
-  _assert_in(f"`{typ:.4f}^500 ≈ {typ ** 500:.1f}`", doc)
-  _assert_in(f"per-unit bound `1 + ||W1||_2 ||W2||_2 / 4` is {bound:.3f} at depth 500, which allows up to "
-             f"`{bound:.3f}^500 ≈ 10^{500 * math.log10(bound):.0f}`", doc)
-  _assert_in(f"(predicted {min(r['predicted_typical_factor'] for r in res):.3f}-"
-             f"{max(r['predicted_typical_factor'] for r in res):.3f})", doc)
+  _assert_in(f"`{typ:.4f}^500 ≈ {typ**500:.1f}`", doc)
+  _assert_in(
+    f"per-unit bound `1 + ||W1||_2 ||W2||_2 / 4` is {bound:.3f} at depth 500, which allows up to "
+    f"`{bound:.3f}^500 ≈ 10^{500 * math.log10(bound):.0f}`",
+    doc,
+  )
+  _assert_in(
+    f"(predicted {min(r['predicted_typical_factor'] for r in res):.3f}-"
+    f"{max(r['predicted_typical_factor'] for r in res):.3f})",
+    doc,
+  )
   chance = {(r["depth"], r["net"]): r["train_error"] for r in results["train"]}
   _assert_in(f"({100 * chance[(8, 'plain')]:.1f}% error)", doc)
   _assert_in(f"the predicted `q ≈ {_mlp(results, 'plain', 500)['predicted_typical_factor']:.3f}` to within 10%", doc)
   assert all(abs(r["measured_factor"] / r["predicted_typical_factor"] - 1) < 0.1 for r in plain)
-  _assert_in(f"shows the same decay (10^{_mlp(results, 'plain', 50)['log10_jacobian_product_norm']:.1f} at depth 50)", doc)
+  _assert_in(
+    f"shows the same decay (10^{_mlp(results, 'plain', 50)['log10_jacobian_product_norm']:.1f} at depth 50)", doc
+  )
   conv = {r["model"]: r for r in results["conv"]}
   p56 = conv["plain56"]
-  _assert_in(f"by 10^{p56['log10_first_over_last']:.0f} over the {len(p56['log10_block_input_grad'])} blocks of "
-             f"plain-56 (about {10 ** (p56['log10_first_over_last'] / (len(p56['log10_block_input_grad']) - 1)):.1f}x", doc)
+  _assert_in(
+    f"by 10^{p56['log10_first_over_last']:.0f} over the {len(p56['log10_block_input_grad'])} blocks of "
+    f"plain-56 (about {10 ** (p56['log10_first_over_last'] / (len(p56['log10_block_input_grad']) - 1)):.1f}x",
+    doc,
+  )
   _assert_in(f"ResNet-56's grows {10 ** conv['resnet56']['log10_first_over_last']:.0f}x", doc)
   emb = {(r["depth"], r["net"]): r["log10_embed_grad_at_init"] for r in results["train"]}
   _assert_in(f"is 10^{emb[(8, 'plain')]:.1f} of a healthy one at 8 units and 10^{emb[(32, 'plain')]:.0f} at 32", doc)
-  assert emb[(64, "plain")] is None   # "exactly zero in float32 at 64"
+  assert emb[(64, "plain")] is None  # "exactly zero in float32 at 64"
   train = [r for r in results["train"] if r["net"] == "residual"]
   worst_train = max(train, key=lambda r: r["train_error"])
   _assert_in(f"at most {100 * worst_train['train_error']:.2f}% training error (at {worst_train['depth']} units)", doc)
@@ -226,19 +267,28 @@ def test_readme_numbers(results, explosion):
   tlo, thi = (f(r["predicted_typical_factor"] for r in plain) for f in (min, max))
   blo, bhi = (f(r["predicted_bound_factor"] for r in plain) for f in (min, max))
   _assert_in(f"loses x{lo:.3f}-{hi:.3f} per unit (predicted {tlo:.3f}-{thi:.3f}, bound {blo:.2f}-{bhi:.2f})", doc)
-  _assert_in(f"10^{_mlp(results, 'plain', 50)['log10_first_over_last']:.0f} of the output error at depth 50 and "
-             f"10^{_mlp(results, 'plain', 500)['log10_first_over_last']:.1f} at depth 500", doc)
+  _assert_in(
+    f"10^{_mlp(results, 'plain', 50)['log10_first_over_last']:.0f} of the output error at depth 50 and "
+    f"10^{_mlp(results, 'plain', 500)['log10_first_over_last']:.1f} at depth 500",
+    doc,
+  )
   rel = [np.array(r["log10_input_grad"]) - r["log10_input_grad"][-1] for r in res]
   _assert_in(f"keeps it at {10 ** min(map(min, rel)):.2f}-{10 ** max(map(max, rel)):.1f}x", doc)
   _assert_in(f"equal `jax.grad` to {max(r['max_rel_diff_vs_jax'] for r in results['mlp']):.1e}", doc)
   conv = {r["model"]: r["log10_first_over_last"] for r in results["conv"]}
   _assert_in(f"by 10^{conv['plain56']:.0f} over plain-56 and {10 ** conv['resnet56']:.0f}x over ResNet-56", doc)
   train = {(r["depth"], r["net"]): r for r in results["train"]}
-  _assert_in(f"reach {100 * train[(4, 'plain')]['train_error']:.0f}% error at 4 units and chance "
-             f"({100 * train[(8, 'plain')]['train_error']:.0f}%) from 8 units", doc)
+  _assert_in(
+    f"reach {100 * train[(4, 'plain')]['train_error']:.0f}% error at 4 units and chance "
+    f"({100 * train[(8, 'plain')]['train_error']:.0f}%) from 8 units",
+    doc,
+  )
   rt = [r for r in results["train"] if r["net"] == "residual"]
-  _assert_in(f"reach <= {100 * max(r['train_error'] for r in rt):.2f}% train / "
-             f"{100 * min(r['test_error'] for r in rt):.1f}-{100 * max(r['test_error'] for r in rt):.1f}% test", doc)
+  _assert_in(
+    f"reach <= {100 * max(r['train_error'] for r in rt):.2f}% train / "
+    f"{100 * min(r['test_error'] for r in rt):.1f}-{100 * max(r['test_error'] for r in rt):.1f}% test",
+    doc,
+  )
   r3 = {n: _ex(explosion, "relu", 3.0, n, 50)["log10_first_over_last"] for n in ("plain", "residual")}
   _assert_in(f"ReLU weights x3 at depth 50: 10^{r3['plain']:.1f} (plain) and 10^{r3['residual']:.1f} (residual)", doc)
 
@@ -246,16 +296,27 @@ def test_readme_numbers(results, explosion):
 def test_explosion_text(explosion):
   doc = "docs/gradient-flow.md"
   ex = lambda a, g, n, d, k="log10_first_over_last": _ex(explosion, a, g, n, d)[k]
-  _assert_in(f"grows by 10^{ex('relu', 1.0, 'residual', 50):.1f} over 50 units and "
-             f"10^{ex('relu', 1.0, 'residual', 100):.1f} over 100", doc)
-  _assert_in(f"(10^{ex('relu', 3.0, 'residual', 100):.1f} against 10^{ex('relu', 3.0, 'plain', 100):.1f} at depth 100)", doc)
+  _assert_in(
+    f"grows by 10^{ex('relu', 1.0, 'residual', 50):.1f} over 50 units and "
+    f"10^{ex('relu', 1.0, 'residual', 100):.1f} over 100",
+    doc,
+  )
+  _assert_in(
+    f"(10^{ex('relu', 3.0, 'residual', 100):.1f} against 10^{ex('relu', 3.0, 'plain', 100):.1f} at depth 100)", doc
+  )
   _assert_in(f"the plain net's forward growth is 10^{ex('relu', 3.0, 'plain + BN', 100, 'log10_forward'):.1f}", doc)
   _assert_in(f"the plain net, 10^{ex('relu', 3.0, 'plain + BN', 100):.1f} over 100 units", doc)
   _assert_in(f"depth: 10^{ex('relu', 3.0, 'residual + BN', 100):.1f} over 100 units", doc)
-  _assert_in(f"(10^{ex('relu', 3.0, 'residual, branch x 0.1', 50):.1f} at depth 50, "
-             f"10^{ex('relu', 3.0, 'residual, branch x 0.1', 100):.1f} at 100)", doc)
-  _assert_in(f"stops growing (10^{ex('relu', 3.0, 'residual, branch x 1/L', 100, 'log10_bound'):.1f} at depth 100) "
-             f"and the measured ratio stays at 10^{ex('relu', 3.0, 'residual, branch x 1/L', 100):.1f}", doc)
+  _assert_in(
+    f"(10^{ex('relu', 3.0, 'residual, branch x 0.1', 50):.1f} at depth 50, "
+    f"10^{ex('relu', 3.0, 'residual, branch x 0.1', 100):.1f} at 100)",
+    doc,
+  )
+  _assert_in(
+    f"stops growing (10^{ex('relu', 3.0, 'residual, branch x 1/L', 100, 'log10_bound'):.1f} at depth 100) "
+    f"and the measured ratio stays at 10^{ex('relu', 3.0, 'residual, branch x 1/L', 100):.1f}",
+    doc,
+  )
   basic = [r for r in explosion["explosion"] if r["net"] in ("plain", "residual")]
   lo = min(r["log10_first_over_last"] for r in basic)
   hi = max(r["log10_first_over_last"] for r in basic)
@@ -268,8 +329,9 @@ def test_explosion_text(explosion):
   # crossings of the plain stacks at depth 100: tanh and ReLU near gain 2, the sigmoid near gain 6
   assert abs(ex("tanh", 2.0, "plain", 100)) < 6 and abs(ex("relu", 2.0, "plain", 100)) < 6
   assert abs(ex("sigmoid", 6.0, "plain", 100)) < 1 and ex("sigmoid", 4.0, "plain", 100) < -10
-  _assert_in(f"(2-core AMD EPYC, jax {explosion['machine']['jax']}, shared with other jobs: "
-             f"{explosion['seconds']:.0f} s.)", doc)
+  _assert_in(
+    f"(2-core AMD EPYC, jax {explosion['machine']['jax']}, shared with other jobs: {explosion['seconds']:.0f} s.)", doc
+  )
 
 
 def test_cifar_fast_text():
@@ -292,17 +354,24 @@ def test_transfer_digits_table():
   summary = _load(os.path.join("cifar", "transfer_digits.json"))["summary"]
   for size, label in ((100, "100"), (1437, "1,437 (all)")):
     cells = [summary[f"{arm}_{size}"] for arm in ("pretrained", "scratch")]
-    _assert_in(f"| {label} | " + " | ".join(
-        f"{100 * c['mean']:.2f}% ({100 * c['min']:.1f}%, {100 * c['max']:.1f}%)" for c in cells) + " |",
-        "docs/finetune.md")
+    _assert_in(
+      f"| {label} | "
+      + " | ".join(f"{100 * c['mean']:.2f}% ({100 * c['min']:.1f}%, {100 * c['max']:.1f}%)" for c in cells)
+      + " |",
+      "docs/finetune.md",
+    )
 
 
 def test_cifar_effects_tables():
   """docs/cifar.md's degradation, gradient-norm and ordering tables are ``experiments/cifar_effects.py``'s JSON."""
   results = _load(os.path.join("cifar", "effects.json"))
   runs, doc = results["runs"], "docs/cifar.md"
-  for name, label in (("plain20", "plain-20"), ("plain56", "plain-56"), ("resnet20", "ResNet-20"),
-                      ("resnet56", "ResNet-56")):
+  for name, label in (
+    ("plain20", "plain-20"),
+    ("plain56", "plain-56"),
+    ("resnet20", "ResNet-20"),
+    ("resnet56", "ResNet-56"),
+  ):
     r = runs[name]
     _assert_in(f"| {label} | {r['parameters']:,} |", doc)
     for key in ("final_train_error", "final_val_error"):

@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_gradflow import script  # experiments/gradient_flow.py
 
 from resnet_jax import explosion, gradient_flow
 from resnet_jax.errors import ConfigError
-from test_gradflow import script  # experiments/gradient_flow.py
 
 
 def _data(batch=8, width=8, seed=0):
@@ -47,19 +47,22 @@ def test_measured_equals_hand_derived_stack_gradients(activation, gain, residual
   assert m["log10_bound"] is None
 
 
-@pytest.mark.parametrize("residual,norm,gamma", [(False, False, 1.0), (True, False, 1.0), (False, True, 1.0),
-                                                 (True, True, 1.0)])
+@pytest.mark.parametrize(
+  "residual,norm,gamma", [(False, False, 1.0), (True, False, 1.0), (False, True, 1.0), (True, True, 1.0)]
+)
 def test_product_norm_is_the_stack_jacobian_and_predictions_are_ordered(residual, norm, gamma):
   depth, batch, width = 6, 3, 4
   params = _params(depth, 2.0, width=width, hidden=5)
   x, y = _data(batch, width)
   m = explosion.measure(params, x, y, "tanh", residual, norm, gamma)
   with jax.enable_x64(True):
+
     def stack(v):
       v = v.reshape(batch, width)
       for p in params:
         v = explosion.unit(p, v, "tanh", residual, norm, gamma)
       return v.reshape(-1)
+
     full = np.asarray(jax.jacfwd(stack)(x.reshape(-1)))
   np.testing.assert_allclose(m["log10_product"][0], np.log10(np.linalg.norm(full, 2)), atol=1e-9)
   grad, prod, bound = (np.array(m[k]) for k in ("log10_grad", "log10_product", "log10_bound"))
@@ -91,10 +94,10 @@ def relu_gain3():
 
 
 def test_vanishing_and_explosion(relu_gain3):
-  assert relu_gain3["plain gain 1"]["log10_grad"][0] < -15            # default init: vanishes
-  assert relu_gain3["plain"]["log10_grad"][0] > 8                     # x3 weights: explodes
-  assert relu_gain3["residual"]["log10_grad"][0] > 8                  # and the shortcut does not stop it
-  assert relu_gain3["residual"]["log10_forward"] > 8                  # the signal itself explodes too
+  assert relu_gain3["plain gain 1"]["log10_grad"][0] < -15  # default init: vanishes
+  assert relu_gain3["plain"]["log10_grad"][0] > 8  # x3 weights: explodes
+  assert relu_gain3["residual"]["log10_grad"][0] > 8  # and the shortcut does not stop it
+  assert relu_gain3["residual"]["log10_forward"] > 8  # the signal itself explodes too
 
 
 def test_remedies(relu_gain3):
@@ -104,13 +107,26 @@ def test_remedies(relu_gain3):
   assert abs(small["log10_grad"][0]) < 1 and small["log10_product"][0] < 1.5
   bn = relu_gain3["residual + BN"]["log10_grad"][0]
   assert bn < relu_gain3["residual"]["log10_grad"][0] - 5 and bn < relu_gain3["plain + BN"]["log10_grad"][0]
-  assert relu_gain3["plain + BN"]["log10_grad"][0] > 1                # BN alone: the plain net still explodes
+  assert relu_gain3["plain + BN"]["log10_grad"][0] > 1  # BN alone: the plain net still explodes
 
 
 def test_cli_explosion_mode(tmp_path, capsys):
   out = tmp_path / "ex"
-  argv = ["--explosion", "--gains", "3", "--explosion-depths", "2,3", "--width", "4", "--hidden", "5",
-          "--explosion-batch", "3", "--out", str(out)]
+  argv = [
+    "--explosion",
+    "--gains",
+    "3",
+    "--explosion-depths",
+    "2,3",
+    "--width",
+    "4",
+    "--hidden",
+    "5",
+    "--explosion-batch",
+    "3",
+    "--out",
+    str(out),
+  ]
   assert script.main(argv) == 0
   printed = capsys.readouterr().out
   results = json.loads((out / "explosion.json").read_text())
@@ -119,14 +135,21 @@ def test_cli_explosion_mode(tmp_path, capsys):
   assert {r["depth"] for r in results["explosion"]} == {2, 3}
   assert all(("profile" in r) == (r["depth"] == 3) for r in results["explosion"])
   assert (out / "explosion.png").read_bytes()[:4] == b"\x89PNG"
-  assert not (out / "results.json").exists()   # the main study is not re-run
+  assert not (out / "results.json").exists()  # the main study is not re-run
   r = results["explosion"][0]
   assert f"{r['log10_first_over_last']:.2f}" in printed
 
 
-@pytest.mark.parametrize("argv, fragment", [
-    (["--gains", "0"], "--gains"), (["--gains", "x"], "--gains"), (["--explosion-depths", "0"], "--explosion-depths"),
-    (["--explosion-batch", "1"], "--explosion-batch"), (["--remedy-gain", "-1"], "--remedy-gain")])
+@pytest.mark.parametrize(
+  "argv, fragment",
+  [
+    (["--gains", "0"], "--gains"),
+    (["--gains", "x"], "--gains"),
+    (["--explosion-depths", "0"], "--explosion-depths"),
+    (["--explosion-batch", "1"], "--explosion-batch"),
+    (["--remedy-gain", "-1"], "--remedy-gain"),
+  ],
+)
 def test_bad_explosion_flags(argv, fragment):
   with pytest.raises(ConfigError, match=fragment):
     script.parse_args(argv)

@@ -24,7 +24,7 @@ from test_train import tiny_config  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _variables(num_classes=10, num_filters=4, seed=0):
   """Variables of a narrow CIFAR ResNet-20 for 8x8x1 digits, with random BatchNorm statistics."""
   model = create_model("resnet20", num_classes=num_classes, num_filters=num_filters)
@@ -32,8 +32,11 @@ def _variables(num_classes=10, num_filters=4, seed=0):
   rng = np.random.default_rng(seed)
   params = jax.tree.map(lambda a: rng.normal(0, 0.3, a.shape).astype(np.float32), shapes["params"])
   stats = jax.tree_util.tree_map_with_path(
-      lambda p, a: (rng.uniform(0.5, 1.5, a.shape) if p[-1].key == "var" else rng.normal(0, 0.1, a.shape)
-                    ).astype(np.float32), shapes["batch_stats"])
+    lambda p, a: (rng.uniform(0.5, 1.5, a.shape) if p[-1].key == "var" else rng.normal(0, 0.1, a.shape)).astype(
+      np.float32
+    ),
+    shapes["batch_stats"],
+  )
   return {"params": params, "batch_stats": stats}
 
 
@@ -71,16 +74,20 @@ def test_loaded_weights_equal_the_files(source, ext):
 
 
 def test_torchvision_pth_file_loads_like_convert():
+  import tempfile
+
   import torch  # the [torch] extra of the test command installs it: a failure, never a skip
   import torchvision.models as torchvision_models
-  import tempfile
+
   from resnet_jax import convert
+
   tv = torchvision_models.resnet18(num_classes=1000)
   with tempfile.TemporaryDirectory() as d:
     path = os.path.join(d, "r18.pth")
     torch.save(tv.state_dict(), path)
-    target = jax.eval_shape(create_model("resnet18", num_classes=1000).init, jax.random.key(0),
-                            jnp.zeros((1, 32, 32, 3)))
+    target = jax.eval_shape(
+      create_model("resnet18", num_classes=1000).init, jax.random.key(0), jnp.zeros((1, 32, 32, 3))
+    )
     target = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), target)
     loaded = finetune.load_initial_variables(path, target, log=lambda *_: None)
     _assert_equal(loaded, convert.load_checkpoint(path, "resnet18"))
@@ -93,16 +100,18 @@ def test_head_is_replaced_when_the_class_count_differs(source):
   loaded = finetune.load_initial_variables(npz, fresh, log=notes.append)
   assert loaded["params"]["fc"]["kernel"].shape == (16, 12)
   _assert_equal(loaded["params"]["fc"], fresh["params"]["fc"])  # the fresh head, untouched
-  _assert_equal({k: x for k, x in loaded["params"].items() if k != "fc"},
-                {k: x for k, x in v["params"].items() if k != "fc"})
+  _assert_equal(
+    {k: x for k, x in loaded["params"].items() if k != "fc"}, {k: x for k, x in v["params"].items() if k != "fc"}
+  )
   _assert_equal(loaded["batch_stats"], v["batch_stats"])
   assert any("new head for 12 classes" in n and "10 classes" in n for n in notes)
   # reset_head: a new head even for the same class count.
   same = finetune.load_initial_variables(npz, _variables(seed=2), reset_head=True, log=lambda *_: None)
   _assert_equal(same["params"]["fc"], _variables(seed=2)["params"]["fc"])
   # A headless target takes the backbone and leaves the head out.
-  headless = jax.eval_shape(create_model("resnet20", num_classes=0, num_filters=4).init, jax.random.key(0),
-                            jnp.zeros((1, 8, 8, 1)))
+  headless = jax.eval_shape(
+    create_model("resnet20", num_classes=0, num_filters=4).init, jax.random.key(0), jnp.zeros((1, 8, 8, 1))
+  )
   headless = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), headless)
   loaded = finetune.load_initial_variables(npz, headless, log=lambda *_: None)
   assert "fc" not in loaded["params"]
@@ -143,8 +152,11 @@ def test_backbone_learning_rate_scale_and_freeze_via_multi_transform():
   params = {"conv1": {"kernel": jnp.ones((2, 2))}, "fc": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones(3)}}
   grads = jax.tree.map(jnp.ones_like, params)
   updates = {}
-  for name, overrides in (("plain", {}), ("scaled", {"finetune.backbone_lr_scale": 0.1}),
-                          ("frozen", {"finetune.freeze_backbone": True})):
+  for name, overrides in (
+    ("plain", {}),
+    ("scaled", {"finetune.backbone_lr_scale": 0.1}),
+    ("frozen", {"finetune.freeze_backbone": True}),
+  ):
     c = tiny_config("resnet20", **{"optimizer.momentum": 0.0, "optimizer.weight_decay": 0.0, **overrides})
     tx = finetune.make_optimizer(c, optax.constant_schedule(0.5), optim.make_optimizer)
     updates[name], _ = tx.update(grads, tx.init(params), params)
@@ -153,8 +165,7 @@ def test_backbone_learning_rate_scale_and_freeze_via_multi_transform():
   np.testing.assert_array_equal(updates["frozen"]["conv1"]["kernel"], 0.0)
   for name in updates:  # the head always trains at the schedule's rate
     np.testing.assert_allclose(updates[name]["fc"]["kernel"], -0.5)
-  assert finetune.param_labels(params) == {"conv1": {"kernel": "backbone"},
-                                           "fc": {"kernel": "head", "bias": "head"}}
+  assert finetune.param_labels(params) == {"conv1": {"kernel": "backbone"}, "fc": {"kernel": "head", "bias": "head"}}
 
 
 def test_frozen_parts_stay_bitwise_and_a_resume_does_not_reload_the_weights(source, tmp_path):
@@ -162,8 +173,15 @@ def test_frozen_parts_stay_bitwise_and_a_resume_does_not_reload_the_weights(sour
   weights = str(tmp_path / "start.npz")
   with open(npz, "rb") as f, open(weights, "wb") as g:
     g.write(f.read())
-  c = tiny_config("resnet20", **{"finetune.weights": weights, "finetune.freeze_backbone": True,
-                                 "finetune.freeze_batch_stats": True, "dataset.num_classes": 12})
+  c = tiny_config(
+    "resnet20",
+    **{
+      "finetune.weights": weights,
+      "finetune.freeze_backbone": True,
+      "finetune.freeze_batch_stats": True,
+      "dataset.num_classes": 12,
+    },
+  )
   workdir = str(tmp_path / "run")
   notes = []
   setup = run_setup.Setup(c)
@@ -176,8 +194,9 @@ def test_frozen_parts_stay_bitwise_and_a_resume_does_not_reload_the_weights(sour
   assert summary["steps"] == 8 and any("resuming" in n for n in notes)
   assert not any("fine-tuning from" in n for n in notes)
   final, _ = finetune.read_run_variables(workdir)
-  _assert_equal({k: x for k, x in final["params"].items() if k != "fc"},
-                {k: x for k, x in v["params"].items() if k != "fc"})
+  _assert_equal(
+    {k: x for k, x in final["params"].items() if k != "fc"}, {k: x for k, x in v["params"].items() if k != "fc"}
+  )
   _assert_equal(final["batch_stats"], v["batch_stats"])
   fresh_head = _variables(num_classes=12)["params"]["fc"]["kernel"].shape
   assert final["params"]["fc"]["kernel"].shape == fresh_head
@@ -193,10 +212,21 @@ def test_frozen_parts_stay_bitwise_and_a_resume_does_not_reload_the_weights(sour
 
 def test_cli_wrong_weights_file_is_one_line_and_exit_2(source, tmp_path):
   _, npz, _ = source
-  r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), f"--workdir={tmp_path / 'run'}",
-                      "--config.model.name=resnet32", f"--config.finetune.weights={npz}",
-                      "--config.num_train_steps=1", "--config.progress_bar=False"],
-                     capture_output=True, text=True, cwd=ROOT, timeout=300)
+  r = subprocess.run(
+    [
+      sys.executable,
+      os.path.join(ROOT, "train.py"),
+      f"--workdir={tmp_path / 'run'}",
+      "--config.model.name=resnet32",
+      f"--config.finetune.weights={npz}",
+      "--config.num_train_steps=1",
+      "--config.progress_bar=False",
+    ],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    timeout=300,
+  )
   assert r.returncode == 2, r.stderr[-2000:]
   lines = [line for line in r.stderr.strip().splitlines() if line.startswith("error:")]
   assert len(lines) == 1 and "Traceback" not in r.stderr
@@ -206,6 +236,7 @@ def test_cli_wrong_weights_file_is_one_line_and_exit_2(source, tmp_path):
 def test_config_keys_are_checked():
   from resnet_jax.config_check import validate_config
   from resnet_jax.errors import ConfigError
+
   c = base_config()
   c.finetune.backbone_lr_scale = 0.0
   with pytest.raises(ConfigError, match="config.finetune.backbone_lr_scale"):

@@ -18,7 +18,7 @@ SMALL = ["--depth", "3", "--width", "3", "--hidden", "4", "--batch", "2"]
 
 def test_rel_error_is_norm_wise():
   b = np.array([1.0, 1e-12, -2.0])
-  a = b + np.array([0.0, 1e-12, 0.0])          # the tiny entry is off by 100%, the tensor by 5e-13
+  a = b + np.array([0.0, 1e-12, 0.0])  # the tiny entry is off by 100%, the tensor by 5e-13
   assert gradcheck.abs_error(a, b) == pytest.approx(1e-12)
   assert gradcheck.rel_error(a, b, gradcheck.error_floor("float64")) == pytest.approx(5e-13)
   # all-zero reference: the floor keeps it finite, and equal zeros are no error
@@ -46,8 +46,9 @@ def test_main_passes_and_prints_table(dtype, capsys):
   out = capsys.readouterr().out
   for model in ("unit", "residual stack", "plain stack"):
     for name in ("w1", "b1", "w2", "b2", "x"):
-      assert any(line.startswith(model) and f" {name}" in line and line.endswith("PASS")
-                 for line in out.splitlines()), (model, name, out)
+      assert any(
+        line.startswith(model) and f" {name}" in line and line.endswith("PASS") for line in out.splitlines()
+      ), (model, name, out)
   assert "x_l (3 inputs)" in out
   assert f"{gradcheck.DEFAULT_RTOL[dtype]:.0e}" in out
   assert "PASS: all 17 gradients within tolerance" in out
@@ -82,14 +83,17 @@ def test_rtol_option_sets_the_tolerance(plain_w1_off_by_1e8, capsys):
   assert out.count("1e-06  PASS") == 17
 
 
-@pytest.mark.parametrize("argv,needle", [
+@pytest.mark.parametrize(
+  "argv,needle",
+  [
     (["--depth", "0"], "--depth: expected a positive integer, got '0'"),
     (["--width", "x"], "--width/--dim: expected a positive integer, got 'x'"),
     (["--activation", "selu"], "invalid choice: 'selu'"),
     (["--dtype", "float16"], "invalid choice: 'float16'"),
     (["--rtol", "-1"], "--rtol: expected a positive number, got '-1'"),
     (["--bogus"], "unrecognized arguments: --bogus"),
-])
+  ],
+)
 def test_bad_option_is_one_error_line(argv, needle, capsys):
   with pytest.raises(SystemExit) as e:
     run_cli(gradcheck.main, argv)
@@ -99,13 +103,18 @@ def test_bad_option_is_one_error_line(argv, needle, capsys):
 
 
 def test_command_line():
-  ok = subprocess.run([sys.executable, "-m", "resnet_jax.gradcheck", *SMALL, "--activation", "relu"],
-                      capture_output=True, text=True, timeout=300)
+  ok = subprocess.run(
+    [sys.executable, "-m", "resnet_jax.gradcheck", *SMALL, "--activation", "relu"],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert ok.returncode == 0, ok.stderr
   assert "max abs diff" in ok.stdout and "max rel diff" in ok.stdout and "tolerance" in ok.stdout
-  assert ok.stdout.count("PASS") == 18   # 17 rows and the summary line
-  bad = subprocess.run([sys.executable, "-m", "resnet_jax.gradcheck", "--batch", "-3"],
-                       capture_output=True, text=True, timeout=300)
+  assert ok.stdout.count("PASS") == 18  # 17 rows and the summary line
+  bad = subprocess.run(
+    [sys.executable, "-m", "resnet_jax.gradcheck", "--batch", "-3"], capture_output=True, text=True, timeout=300
+  )
   assert bad.returncode == 2
   assert bad.stderr.count("\n") == 1 and bad.stderr.startswith("error: ") and "--batch" in bad.stderr
   assert "Traceback" not in bad.stderr and bad.stdout == ""

@@ -127,7 +127,7 @@ def test_jacobians_equal_jacfwd(residual_flag):
     f = lambda v: residual_unit.stack_forward(params[:1], v[None], shortcut=residual_flag, activation="sigmoid")[0]
     for b in range(3):
       full = jax.jacfwd(f)(x[b])
-      j = gradient_flow.unit_jacobians(params[0], x[b:b + 1], "sigmoid")[0]
+      j = gradient_flow.unit_jacobians(params[0], x[b : b + 1], "sigmoid")[0]
       chex.assert_trees_all_close(j + (jnp.eye(6) if residual_flag else 0), full, atol=1e-12)
     # The product over the stack, for example 0: the spectral norm of d x_L / d x_0.
     g = lambda v: residual_unit.stack_forward(params, v[None], shortcut=residual_flag, activation="sigmoid")[0]
@@ -155,22 +155,47 @@ def test_conv_plain56_gradient_grows_far_more_than_resnet56(depth50, tmp_path):
   # BatchNorm keeps the plain net from vanishing, but its gradient explodes towards the input.
   assert plain["log10_first_over_last"] - res["log10_first_over_last"] > 2.0
   # The gradient plot gains a third panel for the conv nets.
-  results = {"config": {"activation": "sigmoid", "width": 8, "hidden": 16, "batch": 4, "seed": 0},
-             "mlp": [depth50["plain"], depth50["residual"]], "conv": records}
+  results = {
+    "config": {"activation": "sigmoid", "width": 8, "hidden": 16, "batch": 4, "seed": 0},
+    "mlp": [depth50["plain"], depth50["residual"]],
+    "conv": records,
+  }
   script.plot_grad_norms(results, str(tmp_path / "g.png"))
   assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_cli_writes_results_and_plots(tmp_path, capsys):
   out = tmp_path / "gf"
-  argv = ["--depths", "3,30", "--width", "4", "--hidden", "8", "--batch", "4", "--skip-conv",
-          "--train-depths", "2", "--train-steps", "2", "--train-width", "8", "--train-hidden", "8",
-          "--out", str(out)]
+  argv = [
+    "--depths",
+    "3,30",
+    "--width",
+    "4",
+    "--hidden",
+    "8",
+    "--batch",
+    "4",
+    "--skip-conv",
+    "--train-depths",
+    "2",
+    "--train-steps",
+    "2",
+    "--train-width",
+    "8",
+    "--train-hidden",
+    "8",
+    "--out",
+    str(out),
+  ]
   assert script.main(argv) == 0
   printed = capsys.readouterr().out
   results = json.loads((out / "results.json").read_text())
   assert [(r["depth"], r["net"]) for r in results["mlp"]] == [
-      (3, "plain"), (3, "residual"), (30, "plain"), (30, "residual")]
+    (3, "plain"),
+    (3, "residual"),
+    (30, "plain"),
+    (30, "residual"),
+  ]
   assert results["conv"] == []
   assert sorted((r["depth"], r["net"]) for r in results["train"]) == [(2, "plain"), (2, "residual")]
   for r in results["train"]:
@@ -184,7 +209,9 @@ def test_cli_writes_results_and_plots(tmp_path, capsys):
   assert "Degradation" in printed and "CIFAR" not in printed
 
 
-@pytest.mark.parametrize("argv, fragment", [
+@pytest.mark.parametrize(
+  "argv, fragment",
+  [
     (["--depths", "0"], "--depths"),
     (["--depths", "a,b"], "--depths"),
     (["--activation", "gelu"], "--activation"),
@@ -193,15 +220,21 @@ def test_cli_writes_results_and_plots(tmp_path, capsys):
     (["--train-steps", "-1"], "--train-steps"),
     (["--train-lr", "nan"], "--train-lr"),
     (["--no-such-flag"], "unrecognized"),
-])
+  ],
+)
 def test_bad_flags_raise_config_error(argv, fragment):
   with pytest.raises(ConfigError, match=fragment.replace("+", r"\+")):
     script.parse_args(argv)
 
 
 def test_bad_flag_exits_2_with_one_line(tmp_path):
-  proc = subprocess.run([sys.executable, SCRIPT, "--activation", "gelu",
-                         "--out", str(tmp_path / "x")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  proc = subprocess.run(
+    [sys.executable, SCRIPT, "--activation", "gelu", "--out", str(tmp_path / "x")],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert proc.returncode == 2
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: ") and "gelu" in lines[0]
@@ -219,6 +252,7 @@ def test_literal_bottleneck_network_is_affine_in_eval_mode():
   # resnet50 (num_filters 8) on the digits, 3 steps: from the first block's input to the logits, the
   # literal bottleneck stack is affine in evaluation mode (up to float32 rounding), the v1 stack is not.
   from resnet_jax.datasets import digits_split
+
   data = digits_split(seed=0)
   lit = script.train_block_order("literal_bottleneck", steps=3, data=data)
   v1 = script.train_block_order("v1", steps=3, data=data)
@@ -254,7 +288,7 @@ def test_max_rel_error_is_the_worst_leaf_of_gradcheck_rel_error():
 
 def test_digits_optimizer_is_the_library_sgd_after_clipping():
   params = {"w": jnp.array([3.0, 4.0])}
-  grads = {"w": jnp.array([30.0, 40.0])}     # norm 50: clipped to norm 1
+  grads = {"w": jnp.array([30.0, 40.0])}  # norm 50: clipped to norm 1
   tx = script.sgd_with_clipping(0.1)
   updates, _ = tx.update(grads, tx.init(params), params)
   np.testing.assert_allclose(np.asarray(updates["w"]), [-0.06, -0.08], rtol=1e-6)

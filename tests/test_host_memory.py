@@ -48,8 +48,14 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
 
 
 def faults_per_call(mode: str) -> float:
-  proc = subprocess.run([sys.executable, "-c", SCRIPT, mode], capture_output=True, text=True, timeout=120,
-                        cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  proc = subprocess.run(
+    [sys.executable, "-c", SCRIPT, mode],
+    capture_output=True,
+    text=True,
+    timeout=120,
+    cwd=ROOT,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   return float(proc.stdout.split()[-1])
 

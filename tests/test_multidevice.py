@@ -53,11 +53,17 @@ CHILD = textwrap.dedent("""
 @pytest.mark.slow
 def test_four_devices_match_one_device(tmp_path):
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-  proc = subprocess.run([sys.executable, "-c", CHILD.format(root=ROOT, tmp=str(tmp_path))],
-                        capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+  proc = subprocess.run(
+    [sys.executable, "-c", CHILD.format(root=ROOT, tmp=str(tmp_path))],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    env=env,
+    timeout=600,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
-  out = json.loads(line[len("RESULT "):])
+  out = json.loads(line[len("RESULT ") :])
   one, four = out["1"], out["4"]
   assert (one["shards"], four["shards"]) == (1, 4)
   assert (one["devices"], four["devices"]) == (1, 4)

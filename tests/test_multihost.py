@@ -44,8 +44,7 @@ PARAM_RTOL, PARAM_ATOL = 1e-4, 2e-5
 def _config():
   """8 steps of resnet20 (4 filters) on 48 digits, global batch 8; evaluation of the 20 test digits in
   batches of 12 (the last one padded) at steps 4 and 8, with checkpoints there."""
-  return tiny_config("resnet20", num_train_steps=8, log_every_steps=1, eval_every_steps=4,
-                     checkpoint_every_steps=4)
+  return tiny_config("resnet20", num_train_steps=8, log_every_steps=1, eval_every_steps=4, checkpoint_every_steps=4)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -96,15 +95,13 @@ def runs(tmp_path_factory):
   then 2 x 2 stopped at the checkpoint of step 4."""
   tmp = tmp_path_factory.mktemp("multihost")
   two = child_argvs(_spec(tmp / "two", batches=2, evaluate_init=True), 2, str(tmp / "two.json"))
-  one = child_argvs(_spec(tmp / "one", batches=2, evaluate_init=True, device_counts=[4, 1]), 1,
-                    str(tmp / "one.json"))
+  one = child_argvs(_spec(tmp / "one", batches=2, evaluate_init=True, device_counts=[4, 1]), 1, str(tmp / "one.json"))
   with Processes(two, 2, str(tmp), "two") as ps2, Processes(one, 4, str(tmp), "one") as ps1:
     r2, r1 = ps2.wait(240), ps1.wait(240)
   assert all(r.returncode == 0 for r in r2 + r1), describe(r2 + r1)
   stop = child_argvs(_spec(tmp / "stopped", stop_at_step=4), 2, str(tmp / "stop.json"))
   stopped = multihost.run(stop, 2, str(tmp), timeout=180, name="stop")
-  return {"tmp": tmp, "two": child_outputs(r2), "one": child_outputs(r1)[0],
-          "stopped": child_outputs(stopped)}
+  return {"tmp": tmp, "two": child_outputs(r2), "one": child_outputs(r1)[0], "stopped": child_outputs(stopped)}
 
 
 @pytest.mark.slow
@@ -112,7 +109,9 @@ def runs(tmp_path_factory):
 def test_two_processes_train_as_one(runs):
   two, one = runs["two"], runs["one"]
   assert [(o["process_index"], o["process_count"], o["devices"], o["local_devices"]) for o in two] == [
-      (0, 2, 4, 2), (1, 2, 4, 2)]
+    (0, 2, 4, 2),
+    (1, 2, 4, 2),
+  ]
   assert (one["4"]["devices"], one["1"]["devices"]) == (4, 1)
   loss = two[0]["train_loss"]
   assert len(loss) == 8 and two[0]["train_steps"] == list(range(1, 9))
@@ -201,8 +200,9 @@ def _one_error_line(result):
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("victim", [1, 0])
 def test_a_killed_process_stops_the_others_and_the_next_launch_resumes(tmp_path, victim):
-  config = tiny_config(num_train_steps=100000, log_every_steps=5, eval_every_steps=100000,
-                       checkpoint_every_steps=5, keep_checkpoints=2)
+  config = tiny_config(
+    num_train_steps=100000, log_every_steps=5, eval_every_steps=100000, checkpoint_every_steps=5, keep_checkpoints=2
+  )
   path = multihost.write_config(str(tmp_path / "config.py"), config)
   workdir = tmp_path / "run"
   port = portpicker.pick_unused_port()
@@ -210,8 +210,11 @@ def test_a_killed_process_stops_the_others_and_the_next_launch_resumes(tmp_path,
   ckpts = workdir / "checkpoints"
   with Processes(argvs, 1, str(tmp_path), "run") as ps:
     deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and not (ckpts.is_dir() and any(
-        n.isdigit() for n in os.listdir(ckpts))) and all(c is None for c in ps.poll()):
+    while (
+      time.monotonic() < deadline
+      and not (ckpts.is_dir() and any(n.isdigit() for n in os.listdir(ckpts)))
+      and all(c is None for c in ps.poll())
+    ):
       time.sleep(0.2)
     assert all(c is None for c in ps.poll()), describe(ps.results())
     assert ckpts.is_dir() and any(n.isdigit() for n in os.listdir(ckpts)), "no checkpoint in 180 s"
@@ -227,8 +230,10 @@ def test_a_killed_process_stops_the_others_and_the_next_launch_resumes(tmp_path,
   steps = sorted(int(n) for n in os.listdir(ckpts) if n.isdigit())
   newest = steps[-1]
   port = portpicker.pick_unused_port()
-  again = [_train_argv(path, workdir, *distributed_flags(port, i, 2),
-                       f"--config.num_train_steps={newest + 3}") for i in range(2)]
+  again = [
+    _train_argv(path, workdir, *distributed_flags(port, i, 2), f"--config.num_train_steps={newest + 3}")
+    for i in range(2)
+  ]
   results = multihost.run(again, 1, str(tmp_path), timeout=180, name="again")
   assert f"from step {newest}" in results[0].stdout, results[0].stdout
   summary = json.loads((workdir / "summary.json").read_text())
@@ -241,13 +246,19 @@ def test_a_process_killed_during_start_up_ends_the_other_with_one_line(tmp_path,
   """Process 1 killed during its start (importing, connecting, loading, compiling): process 0 ends
   within the initialization or heartbeat timeout (5 s each here), with one line instead of jax's stack
   dump. The run is long enough (100000 steps) that no machine finishes it before the kill."""
-  config = tiny_config(num_train_steps=100000, log_every_steps=100, eval_every_steps=100000,
-                       checkpoint_every_steps=100000, on_nonfinite="skip",
-                       **{"optimizer.learning_rate": 0.01})
+  config = tiny_config(
+    num_train_steps=100000,
+    log_every_steps=100,
+    eval_every_steps=100000,
+    checkpoint_every_steps=100000,
+    on_nonfinite="skip",
+    **{"optimizer.learning_rate": 0.01},
+  )
   path = multihost.write_config(str(tmp_path / "config.py"), config)
   port = portpicker.pick_unused_port()
-  argvs = [_train_argv(path, tmp_path / "run", *distributed_flags(port, i, 2, timeout_s=5, heartbeat_s=5))
-           for i in range(2)]
+  argvs = [
+    _train_argv(path, tmp_path / "run", *distributed_flags(port, i, 2, timeout_s=5, heartbeat_s=5)) for i in range(2)
+  ]
   with Processes(argvs, 1, str(tmp_path)) as ps:
     time.sleep(after_s)
     ps.kill(1)
@@ -261,19 +272,27 @@ def test_a_process_killed_during_start_up_ends_the_other_with_one_line(tmp_path,
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_sigterm_to_one_process_stops_every_process_after_the_same_step(tmp_path):
-  config = tiny_config(num_train_steps=100000, log_every_steps=5, eval_every_steps=100000,
-                       checkpoint_every_steps=50, on_nonfinite="skip", **{"optimizer.learning_rate": 0.01})
+  config = tiny_config(
+    num_train_steps=100000,
+    log_every_steps=5,
+    eval_every_steps=100000,
+    checkpoint_every_steps=50,
+    on_nonfinite="skip",
+    **{"optimizer.learning_rate": 0.01},
+  )
   path = multihost.write_config(str(tmp_path / "config.py"), config)
   workdir = tmp_path / "run"
   port = portpicker.pick_unused_port()
   argvs = [_train_argv(path, workdir, *distributed_flags(port, i, 2)) for i in range(2)]
   with Processes(argvs, 1, str(tmp_path), "run") as ps:
     deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and not (workdir / "metrics.jsonl").is_file() and all(
-        c is None for c in ps.poll()):
+    while (
+      time.monotonic() < deadline and not (workdir / "metrics.jsonl").is_file() and all(c is None for c in ps.poll())
+    ):
       time.sleep(0.2)
-    while time.monotonic() < deadline and not (workdir / "metrics.jsonl").read_text() and all(
-        c is None for c in ps.poll()):
+    while (
+      time.monotonic() < deadline and not (workdir / "metrics.jsonl").read_text() and all(c is None for c in ps.poll())
+    ):
       time.sleep(0.2)
     assert all(c is None for c in ps.poll()), describe(ps.results())
     ps.kill(1, signal.SIGTERM)
@@ -299,8 +318,10 @@ def test_process_id_out_of_range_is_refused_before_connecting(tmp_path):
 @pytest.mark.parametrize("address", ["localhost", "localhost:99999", "host:port"])
 def test_malformed_coordinator_address_is_refused_before_connecting(tmp_path, address):
   path = multihost.write_config(str(tmp_path / "config.py"), tiny_config())
-  flags = [f if "coordinator_address" not in f else f"--config.distributed.coordinator_address={address}"
-           for f in distributed_flags(1, 0, 2)]
+  flags = [
+    f if "coordinator_address" not in f else f"--config.distributed.coordinator_address={address}"
+    for f in distributed_flags(1, 0, 2)
+  ]
   with Processes([_train_argv(path, tmp_path / "run", *flags)], 1, str(tmp_path)) as ps:
     [result] = ps.wait(60)
   assert result.returncode == 2, describe([result])
@@ -329,8 +350,9 @@ def test_mismatched_num_processes_ends_every_process(tmp_path, counts):
   more, nobody connects in time; when it expects fewer, the configs differ."""
   path = multihost.write_config(str(tmp_path / "config.py"), tiny_config())
   port = portpicker.pick_unused_port()
-  argvs = [_train_argv(path, tmp_path / "run", *distributed_flags(port, i, n, timeout_s=5))
-           for i, n in enumerate(counts)]
+  argvs = [
+    _train_argv(path, tmp_path / "run", *distributed_flags(port, i, n, timeout_s=5)) for i, n in enumerate(counts)
+  ]
   with Processes(argvs, 1, str(tmp_path)) as ps:
     results = ps.wait(90, stop_all_on_failure=False)
   assert all(r.returncode not in (None, 0) for r in results), describe(results)

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 from jax import lax
 
 from resnet_jax import onednn_conv, onednn_lib
@@ -36,11 +37,12 @@ def _lax_conv(x, w, strides, padding, groups):
   return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=DN, feature_group_count=groups)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _onednn_fns(strides, padding, groups, transport):
   """jit-compiled forward, dx and dW of the oneDNN convolution (cached per configuration)."""
-  f = functools.partial(onednn_conv.conv2d, strides=strides, padding=padding, feature_group_count=groups,
-                        transport=transport)
+  f = functools.partial(
+    onednn_conv.conv2d, strides=strides, padding=padding, feature_group_count=groups, transport=transport
+  )
   fwd = jax.jit(f)
   dx = jax.jit(lambda x, w, dy: jax.vjp(lambda x: f(x, w), x)[1](dy)[0])
   dw = jax.jit(lambda x, w, dy: jax.vjp(lambda w: f(x, w), w)[1](dy)[0])
@@ -76,9 +78,18 @@ def conv_cases(draw):
   groups = draw(st.sampled_from([1, 1, 2]))
   h = draw(st.integers(max(1, k - pad[0][0] - pad[0][1]), 10))
   w = draw(st.integers(max(1, k - pad[1][0] - pad[1][1]), 10))
-  return dict(batch=draw(st.integers(1, 3)), h=h, w=w, c=groups * draw(st.integers(1, 5)),
-              o=groups * draw(st.integers(1, 5)), k=k, strides=s, padding=pad, groups=groups,
-              seed=draw(st.integers(0, 2**16)))
+  return dict(
+    batch=draw(st.integers(1, 3)),
+    h=h,
+    w=w,
+    c=groups * draw(st.integers(1, 5)),
+    o=groups * draw(st.integers(1, 5)),
+    k=k,
+    strides=s,
+    padding=pad,
+    groups=groups,
+    seed=draw(st.integers(0, 2**16)),
+  )
 
 
 @given(conv_cases())
@@ -88,8 +99,7 @@ def test_forward_dx_dw_match_lax(case):
   x = rng.standard_normal((case["batch"], case["h"], case["w"], case["c"])).astype(np.float32)
   w = rng.standard_normal((case["k"], case["k"], case["c"] // case["groups"], case["o"])).astype(np.float32)
   args = (case["strides"], case["padding"], case["groups"])
-  y_shape = jax.eval_shape(functools.partial(_lax_conv, strides=args[0], padding=args[1], groups=args[2]),
-                           x, w).shape
+  y_shape = jax.eval_shape(functools.partial(_lax_conv, strides=args[0], padding=args[1], groups=args[2]), x, w).shape
   dy = rng.standard_normal(y_shape).astype(np.float32)
   y64, dx64, dw64, ay, adx, adw = _reference64(x, w, dy, *args)
   fwd, dx, dw = _onednn_fns(*args, "custom_call")
@@ -142,12 +152,15 @@ def test_vmap_over_a_leading_axis():
   chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kwargs", [
+@pytest.mark.parametrize(
+  "kwargs",
+  [
     dict(features=6, kernel_size=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1))),
     dict(features=6, kernel_size=(1, 1), padding=((0, 0), (0, 0))),
     dict(features=6, kernel_size=(3, 3), padding="SAME", feature_group_count=2),
     dict(features=6, kernel_size=(7, 7), strides=2, padding=((3, 3), (3, 3)), use_bias=True),
-])
+  ],
+)
 def test_flax_conv_is_a_drop_in(kwargs):
   """onednn_conv.Conv: same parameters (name, shape, init) as nn.Conv, same output and gradients."""
   x = jax.random.normal(jax.random.key(0), (2, 10, 10, 4))
@@ -166,9 +179,11 @@ def test_flax_conv_is_a_drop_in(kwargs):
 
 def test_basic_block_with_onednn_conv_equals_flax():
   """A residual block built with the oneDNN Conv partial trains exactly like the nn.Conv one."""
+
   def block(conv_cls):
-    conv = functools.partial(conv_cls, use_bias=False, dtype=jnp.float32, param_dtype=jnp.float32,
-                             kernel_init=conv_kernel_init)
+    conv = functools.partial(
+      conv_cls, use_bias=False, dtype=jnp.float32, param_dtype=jnp.float32, kernel_init=conv_kernel_init
+    )
     norm = functools.partial(nn.BatchNorm, use_running_average=False, momentum=0.9, epsilon=1e-5)
     return BasicBlock(8, conv=conv, norm=norm, strides=2, shortcut_changes_shape=True, shortcut="B")
 
@@ -177,7 +192,7 @@ def test_basic_block_with_onednn_conv_equals_flax():
 
   def loss(conv_cls, params, x):
     y, _ = block(conv_cls).apply({**variables, "params": params}, x, mutable=["batch_stats"])
-    return jnp.mean(y ** 2)
+    return jnp.mean(y**2)
 
   got = jax.jit(jax.value_and_grad(functools.partial(loss, onednn_conv.Conv)))(variables["params"], x)
   want = jax.value_and_grad(functools.partial(loss, nn.Conv))(variables["params"], x)
@@ -216,8 +231,9 @@ def test_bfloat16_matches_float32_of_the_rounded_inputs():
 
 
 def _run(code: str, **env: str) -> subprocess.CompletedProcess:
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]),
-             **env)
+  env = dict(
+    os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]), **env
+  )
   return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -249,10 +265,14 @@ def test_avx2_only_cpu_falls_back_to_xla_for_bfloat16():
   conv_backend="auto" then computes them with XLA, after one note on stderr, with XLA's result;
   conv_backend="onednn" is a ModelError saying what is missing; float32 convolutions still run in oneDNN.
   """
-  p = _run(_AUTO_VS_XLA + """
+  p = _run(
+    _AUTO_VS_XLA
+    + """
 spec = onednn_lib.make_spec((1, 4, 4, 8), (3, 3, 8, 8), jnp.float32, 1, ((1, 1), (1, 1)))
 print("float32", onednn_lib.primitives(spec).forward_p.impl)
-""", ONEDNN_MAX_CPU_ISA="AVX2")
+""",
+    ONEDNN_MAX_CPU_ISA="AVX2",
+  )
   assert p.returncode == 0, p.stderr
   out = dict(line.split(" ", 1) for line in p.stdout.splitlines())
   assert float(out["loss"]) == 0.0, p.stdout  # every convolution was XLA's, as in the reference
@@ -275,25 +295,30 @@ def test_auto_uses_onednn_where_it_can():
     assert out["onednn:"].startswith("ModelError") and "note:" in p.stderr
 
 
-@pytest.mark.parametrize("env, note", [
+@pytest.mark.parametrize(
+  "env, note",
+  [
     ({"RESNET_JAX_ONEDNN_LIBRARY": "/nonexistent/libdnnl.so.3"}, "oneDNN is not available"),
     ({"RESNET_JAX_FAKE_MACHINE": "aarch64"}, None),
-])
+  ],
+)
 def test_without_onednn_auto_is_xla(env, note):
   """Without a loadable oneDNN (missing library; or an ARM or Apple machine, where it is never used) the
   package imports, conv_backend="auto" trains with XLA's convolutions, and only a missing library on x86-64
   is worth a note."""
-  code = ("import platform, os\n"
-          "if os.environ.get('RESNET_JAX_FAKE_MACHINE'):\n"
-          "  platform.machine = lambda: os.environ['RESNET_JAX_FAKE_MACHINE']\n"
-          "import jax, jax.numpy as jnp\n"
-          "from resnet_jax import create_model, onednn_conv, onednn_lib\n"
-          "assert not onednn_lib.available()\n"
-          "m = create_model('resnet20', num_classes=3)\n"
-          "x = jnp.ones((2, 8, 8, 3))\n"
-          "v = m.init(jax.random.key(0), x)\n"
-          "hlo = jax.jit(lambda v, x: m.apply(v, x)).lower(v, x).as_text()\n"
-          "print('custom calls', hlo.count(onednn_conv.CUSTOM_CALL_TARGET))\n")
+  code = (
+    "import platform, os\n"
+    "if os.environ.get('RESNET_JAX_FAKE_MACHINE'):\n"
+    "  platform.machine = lambda: os.environ['RESNET_JAX_FAKE_MACHINE']\n"
+    "import jax, jax.numpy as jnp\n"
+    "from resnet_jax import create_model, onednn_conv, onednn_lib\n"
+    "assert not onednn_lib.available()\n"
+    "m = create_model('resnet20', num_classes=3)\n"
+    "x = jnp.ones((2, 8, 8, 3))\n"
+    "v = m.init(jax.random.key(0), x)\n"
+    "hlo = jax.jit(lambda v, x: m.apply(v, x)).lower(v, x).as_text()\n"
+    "print('custom calls', hlo.count(onednn_conv.CUSTOM_CALL_TARGET))\n"
+  )
   p = _run(code, **env)
   assert p.returncode == 0, p.stderr
   assert "custom calls 0" in p.stdout
@@ -306,6 +331,7 @@ def test_without_onednn_auto_is_xla(env, note):
 
 def test_an_error_inside_onednn_reaches_the_caller(monkeypatch):
   """A failure inside the FFI handler is raised in the calling Python code, with its message."""
+
   def broken(self, *args):
     raise RuntimeError("broken on purpose")
 
@@ -333,23 +359,36 @@ def test_an_internal_onednn_failure_is_not_a_user_error(monkeypatch, capsys, bac
   assert "error:" not in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda: onednn_conv.conv2d(jnp.ones((1, 4, 4, 2), jnp.float16), jnp.ones((3, 3, 2, 2), jnp.float16)),
-     "supports float32 and bfloat16, got float16"),
-    (lambda: onednn_conv.conv2d(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2), jnp.bfloat16)),
-     "same dtype"),
+@pytest.mark.parametrize(
+  "call, message",
+  [
+    (
+      lambda: onednn_conv.conv2d(jnp.ones((1, 4, 4, 2), jnp.float16), jnp.ones((3, 3, 2, 2), jnp.float16)),
+      "supports float32 and bfloat16, got float16",
+    ),
+    (lambda: onednn_conv.conv2d(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2), jnp.bfloat16)), "same dtype"),
     (lambda: onednn_conv.conv2d(jnp.ones((1, 4, 4, 3)), jnp.ones((3, 3, 2, 2))), "input channels 3"),
-    (lambda: onednn_conv.conv2d(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2)), padding=((-1, 0), (0, 0))),
-     "non-negative"),
+    (
+      lambda: onednn_conv.conv2d(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2)), padding=((-1, 0), (0, 0))),
+      "non-negative",
+    ),
     (lambda: onednn_conv.conv2d(jnp.ones((1, 2, 2, 2)), jnp.ones((5, 5, 2, 2))), "does not fit"),
     (lambda: onednn_conv.conv2d(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2)), transport="ffi"), "transport"),
-    (lambda: onednn_conv.conv_general_dilated(jnp.ones((1, 6, 6, 2)), jnp.ones((3, 3, 2, 2)), (1, 1), "SAME",
-                                              rhs_dilation=(2, 2), dimension_numbers=DN), "rhs_dilation"),
-    (lambda: onednn_conv.conv_general_dilated(jnp.ones((1, 2, 6, 6)), jnp.ones((2, 2, 3, 3)), (1, 1), "VALID",
-                                              dimension_numbers=("NCHW", "OIHW", "NCHW")), "NHWC"),
-    (lambda: onednn_conv.Conv(2, (3,), dtype=jnp.float32).init(jax.random.key(0), jnp.ones((1, 5, 2))),
-     "2-D"),
-])
+    (
+      lambda: onednn_conv.conv_general_dilated(
+        jnp.ones((1, 6, 6, 2)), jnp.ones((3, 3, 2, 2)), (1, 1), "SAME", rhs_dilation=(2, 2), dimension_numbers=DN
+      ),
+      "rhs_dilation",
+    ),
+    (
+      lambda: onednn_conv.conv_general_dilated(
+        jnp.ones((1, 2, 6, 6)), jnp.ones((2, 2, 3, 3)), (1, 1), "VALID", dimension_numbers=("NCHW", "OIHW", "NCHW")
+      ),
+      "NHWC",
+    ),
+    (lambda: onednn_conv.Conv(2, (3,), dtype=jnp.float32).init(jax.random.key(0), jnp.ones((1, 5, 2))), "2-D"),
+  ],
+)
 def test_unsupported_arguments_raise_model_error(call, message):
   with pytest.raises(ModelError, match=message):
     call()
@@ -357,16 +396,22 @@ def test_unsupported_arguments_raise_model_error(call, message):
 
 def test_missing_library_says_how_to_install():
   """Without libdnnl: available() is False and the first convolution raises ModelError naming the package."""
-  code = ("import jax.numpy as jnp\n"
-          "from resnet_jax import onednn_conv, onednn_lib\n"
-          "from resnet_jax.errors import ModelError\n"
-          "assert not onednn_lib.available()\n"
-          "try:\n"
-          "  onednn_conv.conv2d(jnp.ones((1, 4, 4, 1)), jnp.ones((1, 1, 1, 1)))\n"
-          "except ModelError as e:\n"
-          "  print(e)\n")
-  env = dict(os.environ, RESNET_JAX_ONEDNN_LIBRARY="/nonexistent/libdnnl.so.3", JAX_PLATFORMS="cpu",
-             PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
+  code = (
+    "import jax.numpy as jnp\n"
+    "from resnet_jax import onednn_conv, onednn_lib\n"
+    "from resnet_jax.errors import ModelError\n"
+    "assert not onednn_lib.available()\n"
+    "try:\n"
+    "  onednn_conv.conv2d(jnp.ones((1, 4, 4, 1)), jnp.ones((1, 1, 1, 1)))\n"
+    "except ModelError as e:\n"
+    "  print(e)\n"
+  )
+  env = dict(
+    os.environ,
+    RESNET_JAX_ONEDNN_LIBRARY="/nonexistent/libdnnl.so.3",
+    JAX_PLATFORMS="cpu",
+    PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]),
+  )
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
   assert out.returncode == 0, out.stderr
   assert "pip install onednn-cpu-gomp==2023.2.0" in out.stdout and "conv_backend='xla'" in out.stdout, out.stdout

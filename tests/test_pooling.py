@@ -7,7 +7,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from resnet_jax.pooling import max_pool
 
@@ -23,10 +24,17 @@ def taps_pool_and_grad(x, g, window, strides, padding):
   return y, vjp(g)[0]
 
 
-@given(n=st.integers(1, 2), h=st.integers(3, 9), w=st.integers(3, 9), c=st.integers(1, 3),
-       k=st.sampled_from([(3, 3), (2, 2), (3, 2)]), s=st.sampled_from([(2, 2), (1, 1), (2, 1)]),
-       pad=st.sampled_from([((1, 1), (1, 1)), ((0, 0), (0, 0)), ((1, 0), (0, 1))]),
-       ties=st.booleans(), seed=st.integers(0, 2 ** 16))
+@given(
+  n=st.integers(1, 2),
+  h=st.integers(3, 9),
+  w=st.integers(3, 9),
+  c=st.integers(1, 3),
+  k=st.sampled_from([(3, 3), (2, 2), (3, 2)]),
+  s=st.sampled_from([(2, 2), (1, 1), (2, 1)]),
+  pad=st.sampled_from([((1, 1), (1, 1)), ((0, 0), (0, 0)), ((1, 0), (0, 1))]),
+  ties=st.booleans(),
+  seed=st.integers(0, 2**16),
+)
 def test_gradient_equals_xla_select_and_scatter(n, h, w, c, k, s, pad, ties, seed):
   """Integer-valued inputs (many ties) and gradients, so the sums are exact and must agree bit for bit."""
   rng = np.random.default_rng(seed)

@@ -27,10 +27,21 @@ from test_train import tiny_config  # noqa: E402
 
 
 def _folder_config(data_dir: str, **overrides):
-  c = tiny_config("resnet20", **{"dataset.name": "image_folder", "dataset.data_dir": data_dir,
-                                 "dataset.image_size": 16, "dataset.augment": "none", "num_train_steps": 4,
-                                 "dataset.max_train_examples": -1, "dataset.max_test_examples": -1,
-                                 "batch_size": 4, "eval_batch_size": 4, **overrides})
+  c = tiny_config(
+    "resnet20",
+    **{
+      "dataset.name": "image_folder",
+      "dataset.data_dir": data_dir,
+      "dataset.image_size": 16,
+      "dataset.augment": "none",
+      "num_train_steps": 4,
+      "dataset.max_train_examples": -1,
+      "dataset.max_test_examples": -1,
+      "batch_size": 4,
+      "eval_batch_size": 4,
+      **overrides,
+    },
+  )
   return c
 
 
@@ -43,13 +54,14 @@ def run(tmp_path_factory):
   train_loop.train_and_evaluate(_folder_config(pre_data), pre, log=lambda *_: None)
   weights = str(tmp / "pre.safetensors")
   assert finetune.main(["--workdir", pre, "--out", weights]) == 0
-  data = write_image_folder(str(tmp / "own"), classes=("ant", "bee", "cat"), per_class=4, test_per_class=2,
-                            size=(23, 17), seed=2)
+  data = write_image_folder(
+    str(tmp / "own"), classes=("ant", "bee", "cat"), per_class=4, test_per_class=2, size=(23, 17), seed=2
+  )
   workdir = str(tmp / "finetuned")
   notes = []
   summary = train_loop.train_and_evaluate(
-      _folder_config(data, **{"finetune.weights": weights, "finetune.backbone_lr_scale": 0.1}), workdir,
-      log=notes.append)
+    _folder_config(data, **{"finetune.weights": weights, "finetune.backbone_lr_scale": 0.1}), workdir, log=notes.append
+  )
   assert any("new head for 3 classes (the weights have 2 classes)" in n for n in notes)
   assert np.isfinite(summary["final_train_loss"])
   return workdir, data
@@ -102,11 +114,13 @@ def test_predict_bad_input_is_one_line(run, tmp_path, capsys):
   empty.mkdir()
   bad_weights = tmp_path / "w.npz"
   np.savez(bad_weights, x=np.zeros(3))
-  cases = [([f"--workdir={workdir}", str(tmp_path / "missing.jpg")], "image not found"),
-           ([f"--workdir={workdir}", str(junk)], "cannot read image"),
-           ([f"--workdir={workdir}", str(empty)], "holds no image files"),
-           ([f"--weights={tmp_path / 'nope.pth'}", "--model=resnet18", str(empty / '..' / 'junk.png')], "not found"),
-           ([f"--workdir={tmp_path}", str(junk)], "config.json not found")]
+  cases = [
+    ([f"--workdir={workdir}", str(tmp_path / "missing.jpg")], "image not found"),
+    ([f"--workdir={workdir}", str(junk)], "cannot read image"),
+    ([f"--workdir={workdir}", str(empty)], "holds no image files"),
+    ([f"--weights={tmp_path / 'nope.pth'}", "--model=resnet18", str(empty / ".." / "junk.png")], "not found"),
+    ([f"--workdir={tmp_path}", str(junk)], "config.json not found"),
+  ]
   for argv, needle in cases:
     code, out, err = _cli(predict.main, argv, capsys)
     lines = err.strip().splitlines()
@@ -114,6 +128,7 @@ def test_predict_bad_input_is_one_line(run, tmp_path, capsys):
   # A weights file that is no state dict of the model: one line naming it.
   img = tmp_path / "ok.png"
   from PIL import Image
+
   Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(img)
   code, _, err = _cli(predict.main, [f"--weights={bad_weights}", "--model=resnet18", str(img)], capsys)
   assert code == 2 and len(err.strip().splitlines()) == 1 and str(bad_weights) in err and "fc.weight" in err
@@ -122,7 +137,7 @@ def test_predict_bad_input_is_one_line(run, tmp_path, capsys):
 @pytest.mark.parametrize("fmt", ["onnx", "stablehlo"])
 def test_export_cli_round_trip(run, fmt, tmp_path, capsys):
   if fmt == "onnx":
-    import jax2onnx, onnxruntime  # noqa: F401, E401  (the test extra installs them: a failure, never a skip)
+    import jax2onnx  # noqa: F401, E401  (the test extra installs them: a failure, never a skip)
   workdir, _ = run
   out_file = str(tmp_path / f"model.{fmt}")
   code, out, err = _cli(export.main, [f"--workdir={workdir}", f"--format={fmt}", f"--out={out_file}"], capsys)
@@ -142,11 +157,11 @@ def test_export_cli_round_trip(run, fmt, tmp_path, capsys):
 
 def test_export_bad_input_is_one_line(run, tmp_path, capsys):
   workdir, _ = run
-  for argv, needle in (([f"--workdir={workdir}", "--format=tflite", f"--out={tmp_path / 'm'}"],
-                        "unknown export format 'tflite'"),
-                       ([f"--workdir={tmp_path / 'none'}", "--format=onnx", f"--out={tmp_path / 'm'}"], "not found"),
-                       ([f"--workdir={workdir}", "--format=stablehlo", f"--out={tmp_path / 'no' / 'm'}"],
-                        "does not exist")):
+  for argv, needle in (
+    ([f"--workdir={workdir}", "--format=tflite", f"--out={tmp_path / 'm'}"], "unknown export format 'tflite'"),
+    ([f"--workdir={tmp_path / 'none'}", "--format=onnx", f"--out={tmp_path / 'm'}"], "not found"),
+    ([f"--workdir={workdir}", "--format=stablehlo", f"--out={tmp_path / 'no' / 'm'}"], "does not exist"),
+  ):
     code, _, err = _cli(export.main, argv, capsys)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and needle in lines[0], (argv, err)
@@ -156,14 +171,18 @@ def _random_variables(model, size):
   variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, size, size, 3)))
   rng = np.random.default_rng(1)
   stats = jax.tree_util.tree_map_with_path(
-      lambda p, a: (rng.uniform(0.5, 1.5, a.shape) if p[-1].key == "var" else rng.normal(0, 0.1, a.shape)
-                    ).astype(np.float32), variables["batch_stats"])
+    lambda p, a: (rng.uniform(0.5, 1.5, a.shape) if p[-1].key == "var" else rng.normal(0, 0.1, a.shape)).astype(
+      np.float32
+    ),
+    variables["batch_stats"],
+  )
   return {"params": variables["params"], "batch_stats": stats}
 
 
 @pytest.mark.parametrize("name", ["resnet20", "resnet18", pytest.param("resnet50", marks=pytest.mark.slow)])
 def test_onnx_and_stablehlo_parity(name):
-  import jax2onnx, onnxruntime  # noqa: F401, E401  (the test extra installs them: a failure, never a skip)
+  import jax2onnx  # noqa: F401, E401  (the test extra installs them: a failure, never a skip)
+
   size = 32
   model = create_model(name, num_classes=10)
   variables = _random_variables(model, size)

@@ -39,19 +39,35 @@ ORBAX_TMP = ".orbax-checkpoint-tmp"  # orbax's suffix of a checkpoint folder bei
 
 def tiny_args(steps: int, checkpoint_every: int = 2, keep: int = 3) -> list[str]:
   """Flags for a residual MLP (1 unit of width 16) on 64 digits, batch 8, with pad-crop shifts."""
-  return [f"--config={ROOT}/configs/residual_mlp.py", "--config.model.options.depth=1",
-          "--config.model.options.dim=16", "--config.model.options.hidden=16",
-          "--config.dataset.max_train_examples=64", "--config.dataset.max_test_examples=20",
-          "--config.dataset.augment=pad_crop", "--config.dataset.crop_padding=1",
-          "--config.dataset.num_threads=1", "--config.batch_size=8", "--config.eval_batch_size=20",
-          f"--config.num_train_steps={steps}", f"--config.checkpoint_every_steps={checkpoint_every}",
-          f"--config.keep_checkpoints={keep}", "--config.log_every_steps=1",
-          "--config.eval_every_steps=4", "--config.progress_bar=False"]
+  return [
+    f"--config={ROOT}/configs/residual_mlp.py",
+    "--config.model.options.depth=1",
+    "--config.model.options.dim=16",
+    "--config.model.options.hidden=16",
+    "--config.dataset.max_train_examples=64",
+    "--config.dataset.max_test_examples=20",
+    "--config.dataset.augment=pad_crop",
+    "--config.dataset.crop_padding=1",
+    "--config.dataset.num_threads=1",
+    "--config.batch_size=8",
+    "--config.eval_batch_size=20",
+    f"--config.num_train_steps={steps}",
+    f"--config.checkpoint_every_steps={checkpoint_every}",
+    f"--config.keep_checkpoints={keep}",
+    "--config.log_every_steps=1",
+    "--config.eval_every_steps=4",
+    "--config.progress_bar=False",
+  ]
 
 
 def train_cli(workdir, *args: str, cwd=None, timeout: int = 300) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, TRAIN, f"--workdir={workdir}", *args], capture_output=True,
-                        text=True, cwd=str(cwd or ROOT), timeout=timeout)
+  return subprocess.run(
+    [sys.executable, TRAIN, f"--workdir={workdir}", *args],
+    capture_output=True,
+    text=True,
+    cwd=str(cwd or ROOT),
+    timeout=timeout,
+  )
 
 
 def snapshot(folder) -> dict[str, tuple[int, str]]:
@@ -66,15 +82,19 @@ def snapshot(folder) -> dict[str, tuple[int, str]]:
 
 def strict_json_lines(path) -> list[dict]:
   """Parse a .jsonl file as strict JSON (NaN and Infinity are not JSON)."""
+
   def no_constants(name):
     raise ValueError(f"{path}: {name} is not valid JSON")
+
   with open(path) as f:
     return [json.loads(line, parse_constant=no_constants) for line in f]
 
 
 def comparable_metrics(workdir) -> list[dict]:
-  return [{k: v for k, v in r.items() if k not in ("images_per_sec", "wall_time_s")}
-          for r in metrics.read_metrics(str(workdir))]
+  return [
+    {k: v for k, v in r.items() if k not in ("images_per_sec", "wall_time_s")}
+    for r in metrics.read_metrics(str(workdir))
+  ]
 
 
 def restore_latest(workdir, setup: run_setup.Setup):
@@ -84,25 +104,13 @@ def restore_latest(workdir, setup: run_setup.Setup):
 def assert_states_equal(a, b) -> None:
   """Step, parameters, BatchNorm statistics and optimizer state bitwise equal."""
   assert int(a.step) == int(b.step)
-  la, lb = jax.tree.leaves((a.params, a.batch_stats, a.opt_state)), jax.tree.leaves(
-      (b.params, b.batch_stats, b.opt_state))
+  la, lb = (
+    jax.tree.leaves((a.params, a.batch_stats, a.opt_state)),
+    jax.tree.leaves((b.params, b.batch_stats, b.opt_state)),
+  )
   assert len(la) == len(lb)
   for x, y in zip(la, lb):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-  """A finished 8-step CLI run with checkpoints at steps 4, 6, 8 (every 2, the last 3 kept)."""
-  workdir = tmp_path_factory.mktemp("finished") / "run"
-  proc = train_cli(workdir, *tiny_args(8))
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return workdir
-
-
-@pytest.fixture(scope="module")
-def finished_setup(finished_run):
-  return run_setup.Setup(load_run_config(str(finished_run)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -115,14 +123,24 @@ def test_kill_9_at_a_random_step_then_resume_is_bitwise_identical(tmp_path):
   args = tiny_args(steps, checkpoint_every=1, keep=2)
   kill_after = random.Random().randint(2, 15)
   full, killed = tmp_path / "full", tmp_path / "killed"
-  uninterrupted = subprocess.Popen([sys.executable, TRAIN, f"--workdir={full}", *args], cwd=ROOT,
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  victim = subprocess.Popen([sys.executable, TRAIN, f"--workdir={killed}", *args], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  uninterrupted = subprocess.Popen(
+    [sys.executable, TRAIN, f"--workdir={full}", *args],
+    cwd=ROOT,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  victim = subprocess.Popen(
+    [sys.executable, TRAIN, f"--workdir={killed}", *args],
+    cwd=ROOT,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
   deadline = time.monotonic() + 240
   while time.monotonic() < deadline and victim.poll() is None:
-    done = [int(d) for d in os.listdir(killed / "checkpoints") if d.isdigit()] if (
-        killed / "checkpoints").is_dir() else []
+    done = (
+      [int(d) for d in os.listdir(killed / "checkpoints") if d.isdigit()] if (killed / "checkpoints").is_dir() else []
+    )
     if done and max(done) >= kill_after:
       break
     time.sleep(0.005)
@@ -169,12 +187,16 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 @pytest.mark.slow
-def test_kill_during_a_checkpoint_write_then_resume_from_the_newest_complete(finished_run, finished_setup,
-                                                                            tmp_path):
+def test_kill_during_a_checkpoint_write_then_resume_from_the_newest_complete(finished_run, finished_setup, tmp_path):
   workdir = tmp_path / "run"
-  proc = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, TRAIN, f"--workdir={workdir}",
-                         *tiny_args(8)], capture_output=True, text=True, cwd=ROOT, timeout=300,
-                        env={**os.environ, "KILL_AT": "6"})
+  proc = subprocess.run(
+    [sys.executable, "-c", KILL_DURING_SAVE, TRAIN, f"--workdir={workdir}", *tiny_args(8)],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    timeout=300,
+    env={**os.environ, "KILL_AT": "6"},
+  )
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
   ckpts = workdir / "checkpoints"
   assert glob.glob(str(ckpts / f"6{ORBAX_TMP}*")), os.listdir(ckpts)  # The write was cut short.
@@ -189,8 +211,9 @@ def test_kill_during_a_checkpoint_write_then_resume_from_the_newest_complete(fin
   assert comparable_metrics(workdir) == comparable_metrics(finished_run)
 
 
-def test_partial_checkpoint_write_is_ignored_and_resume_uses_the_newest_complete(finished_run,
-                                                                                 finished_setup, tmp_path):
+def test_partial_checkpoint_write_is_ignored_and_resume_uses_the_newest_complete(
+  finished_run, finished_setup, tmp_path
+):
   workdir = tmp_path / "run"
   shutil.copytree(finished_run, workdir)
   ckpts = workdir / "checkpoints"
@@ -213,8 +236,7 @@ def test_partial_checkpoint_write_is_ignored_and_resume_uses_the_newest_complete
 
 
 @pytest.mark.slow
-def test_damaged_checkpoint_is_named_and_an_earlier_one_can_be_chosen(finished_run, finished_setup,
-                                                                       tmp_path):
+def test_damaged_checkpoint_is_named_and_an_earlier_one_can_be_chosen(finished_run, finished_setup, tmp_path):
   workdir = tmp_path / "run"
   shutil.copytree(finished_run, workdir)
   ckpts = workdir / "checkpoints"
@@ -252,8 +274,9 @@ def test_damaged_array_data_names_the_checkpoint_and_the_array(finished_run, fin
   message = str(info.value)
   assert str(workdir / "checkpoints" / "8") in message and "--config.restore_step=6" in message
   # From the command line: one line (no tracebacks of the reads that were still in flight).
-  assert_one_line_error(train_cli(workdir, *tiny_args(8)), str(workdir / "checkpoints" / "8"),
-                        "--config.restore_step=6")
+  assert_one_line_error(
+    train_cli(workdir, *tiny_args(8)), str(workdir / "checkpoints" / "8"), "--config.restore_step=6"
+  )
   assert snapshot(workdir) == before
 
 
@@ -269,13 +292,24 @@ def test_restore_step_without_such_a_checkpoint_lists_the_complete_ones(finished
 def test_nonfinite_step_stops_with_its_step_and_keeps_the_last_good_checkpoint(tmp_path):
   workdir = tmp_path / "run"
   # The learning rate jumps by 1e33 after step 4: the update of step 5 overflows the weights.
-  proc = train_cli(workdir, *tiny_args(8), "--config.schedule.name=step", "--config.schedule.unit=steps",
-                   "--config.schedule.warmup=0.0", "--config.schedule.boundaries=(4.0,)",
-                   "--config.schedule.decay_factor=1e33")
+  proc = train_cli(
+    workdir,
+    *tiny_args(8),
+    "--config.schedule.name=step",
+    "--config.schedule.unit=steps",
+    "--config.schedule.warmup=0.0",
+    "--config.schedule.boundaries=(4.0,)",
+    "--config.schedule.decay_factor=1e33",
+  )
   line = assert_one_line_error(proc, "on_nonfinite='skip'", "that update was not applied")
   # The jump overflows either the weights (the updated state) or, a step later, the loss.
-  bad_step = int(re.search(r"non-finite (?:loss or gradient at step|parameters, optimizer state or "
-                           r"BatchNorm statistics after the update of step) (\d+)", line).group(1))
+  bad_step = int(
+    re.search(
+      r"non-finite (?:loss or gradient at step|parameters, optimizer state or "
+      r"BatchNorm statistics after the update of step) (\d+)",
+      line,
+    ).group(1)
+  )
   good = int(re.search(r"last good checkpoint is step (\d+)", line).group(1))
   assert 5 <= bad_step <= 8 and good < bad_step
   steps = Checkpointer(str(workdir / "checkpoints")).all_steps()
@@ -287,9 +321,17 @@ def test_nonfinite_step_stops_with_its_step_and_keeps_the_last_good_checkpoint(t
 
 def test_nonfinite_steps_are_skipped_by_config_and_every_output_stays_strict_json(tmp_path):
   from test_train import tiny_config
-  config = tiny_config(on_nonfinite="skip", **{
-      "schedule.name": "step", "schedule.warmup": 0.0, "schedule.boundaries": (4.0,),
-      "schedule.decay_factor": 1e33, "checkpoint_every_steps": 2})
+
+  config = tiny_config(
+    on_nonfinite="skip",
+    **{
+      "schedule.name": "step",
+      "schedule.warmup": 0.0,
+      "schedule.boundaries": (4.0,),
+      "schedule.decay_factor": 1e33,
+      "checkpoint_every_steps": 2,
+    },
+  )
   messages = []
   summary = train_loop.train_and_evaluate(config, str(tmp_path), log=messages.append)
   assert summary["steps"] == 8
@@ -319,8 +361,7 @@ def test_workdir_of_the_same_model_with_other_options_is_refused_untouched(finis
   shutil.copytree(finished_run, workdir)
   before = snapshot(workdir)
   proc = train_cli(workdir, *tiny_args(8), "--config.model.options.dim=32")
-  assert_one_line_error(proc, str(workdir / "checkpoints" / "8"), "another configuration",
-                        "another --workdir")
+  assert_one_line_error(proc, str(workdir / "checkpoints" / "8"), "another configuration", "another --workdir")
   assert snapshot(workdir) == before
 
 
@@ -353,8 +394,9 @@ def test_cifar_label_out_of_range(tmp_path):
   with open(path, "wb") as f:
     pickle.dump(d, f)
   before = snapshot(tmp_path / "data")
-  proc = train_cli(tmp_path / "out", f"--config={ROOT}/configs/cifar10_resnet20.py",
-                   f"--config.dataset.data_dir={data_dir}")
+  proc = train_cli(
+    tmp_path / "out", f"--config={ROOT}/configs/cifar10_resnet20.py", f"--config.dataset.data_dir={data_dir}"
+  )
   assert_one_line_error(proc, "cifar10 test labels", ", 10]", "expected [0, 9]")
   assert snapshot(tmp_path / "data") == before and not (tmp_path / "out").exists()
 
@@ -363,17 +405,25 @@ def test_empty_class_folder(tmp_path):
   root = write_image_folder(str(tmp_path / "data"), per_class=2, test_per_class=1, size=(8, 8))
   os.makedirs(os.path.join(root, "train", "empty_class"))
   os.makedirs(os.path.join(root, "test", "empty_class"))
-  proc = train_cli(tmp_path / "out", f"--config={ROOT}/configs/imagenet_resnet50.py",
-                   f"--config.dataset.data_dir={root}")
+  proc = train_cli(
+    tmp_path / "out", f"--config={ROOT}/configs/imagenet_resnet50.py", f"--config.dataset.data_dir={root}"
+  )
   assert_one_line_error(proc, os.path.join(root, "train", "empty_class"), "no images")
   assert not (tmp_path / "out").exists()
 
 
 def image_folder_args(root: str) -> list[str]:
-  return [*tiny_args(4), "--config.dataset.name=image_folder", f"--config.dataset.data_dir={root}",
-          "--config.dataset.image_size=8", "--config.dataset.augment=none", "--config.batch_size=4",
-          "--config.eval_batch_size=4", "--config.dataset.max_train_examples=-1",
-          "--config.dataset.max_test_examples=-1"]
+  return [
+    *tiny_args(4),
+    "--config.dataset.name=image_folder",
+    f"--config.dataset.data_dir={root}",
+    "--config.dataset.image_size=8",
+    "--config.dataset.augment=none",
+    "--config.batch_size=4",
+    "--config.eval_batch_size=4",
+    "--config.dataset.max_train_examples=-1",
+    "--config.dataset.max_test_examples=-1",
+  ]
 
 
 def test_corrupt_image_stops_naming_the_file(tmp_path):
@@ -408,6 +458,7 @@ def test_corrupt_image_is_skipped_with_a_warning_counted_in_the_summary(tmp_path
 def test_torchvision_state_dict_of_another_architecture(tmp_path):
   import torch
   import torchvision
+
   from resnet_jax.convert import load_checkpoint
 
   path = str(tmp_path / "resnet18.pth")

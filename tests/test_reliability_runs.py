@@ -33,8 +33,17 @@ from resnet_jax.evaluate import load_run_config
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_configs import assert_one_line_error  # noqa: E402
-from test_reliability import (ROOT, TRAIN, assert_states_equal, comparable_metrics, finished_run,  # noqa: E402
-                              restore_latest, snapshot, strict_json_lines, tiny_args, train_cli)
+from test_reliability import (
+  ROOT,
+  TRAIN,
+  assert_states_equal,
+  comparable_metrics,
+  restore_latest,
+  snapshot,
+  strict_json_lines,
+  tiny_args,
+  train_cli,
+)
 from test_train import tiny_config  # noqa: E402
 
 
@@ -66,8 +75,7 @@ def test_nonfinite_update_is_not_applied_by_the_step():
   assert np.isfinite(float(m["loss"])) and bool(m["grads_finite"])
   assert not bool(m["state_finite"]) and not bool(m["finite"])
   assert int(new.step) == 1
-  for a, b in zip(jax.tree.leaves((state.params, state.opt_state)),
-                  jax.tree.leaves((new.params, new.opt_state))):
+  for a, b in zip(jax.tree.leaves((state.params, state.opt_state)), jax.tree.leaves((new.params, new.opt_state))):
     if jnp.issubdtype(jnp.result_type(a), jnp.inexact):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -93,13 +101,18 @@ def test_nonfinite_updates_skipped_leave_a_finite_model(tmp_path, monkeypatch):
       assert np.all(np.isfinite(np.asarray(leaf)))
 
 
-@pytest.mark.parametrize("overrides,needles", [
+@pytest.mark.parametrize(
+  "overrides,needles",
+  [
     ({"optimizer.name": "adamw", "optimizer.momentum": 1.0}, ["optimizer.momentum", "b1", "< 1"]),
     ({"optimizer.name": "adamw", "optimizer.b2": 1.0}, ["optimizer.b2", "< 1"]),
     ({"optimizer.learning_rate": 1e39}, ["learning_rate", "1e+39", "float32"]),
-    ({"schedule.name": "step", "schedule.boundaries": (2.0, 4.0), "schedule.decay_factor": 1e30},
-     ["decay_factor", "float32"]),
-])
+    (
+      {"schedule.name": "step", "schedule.boundaries": (2.0, 4.0), "schedule.decay_factor": 1e30},
+      ["decay_factor", "float32"],
+    ),
+  ],
+)
 def test_settings_that_cannot_train_are_refused(overrides, needles):
   with pytest.raises(ConfigError) as info:
     validate_config(tiny_config(**overrides))
@@ -108,8 +121,7 @@ def test_settings_that_cannot_train_are_refused(overrides, needles):
 
 
 def test_adamw_momentum_one_from_the_command_line(tmp_path):
-  proc = train_cli(tmp_path / "out", *tiny_args(4), "--config.optimizer.name=adamw",
-                   "--config.optimizer.momentum=1.0")
+  proc = train_cli(tmp_path / "out", *tiny_args(4), "--config.optimizer.name=adamw", "--config.optimizer.momentum=1.0")
   assert_one_line_error(proc, "config.optimizer.momentum = 1.0", "adamw")
   assert not (tmp_path / "out").exists()
 
@@ -127,8 +139,9 @@ HOLD_LOCK = textwrap.dedent("""
 
 
 def _hold_lock(workdir) -> subprocess.Popen:
-  holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(workdir)], cwd=ROOT,
-                            stdout=subprocess.PIPE, text=True)
+  holder = subprocess.Popen(
+    [sys.executable, "-c", HOLD_LOCK, str(workdir)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+  )
   assert holder.stdout.readline().strip() == "locked"
   return holder
 
@@ -139,8 +152,9 @@ def test_a_busy_workdir_is_refused_naming_the_holder_and_a_dead_holder_does_not_
   try:
     before = {k: v for k, v in snapshot(workdir).items() if k != "train.lock"}
     proc = train_cli(workdir, *tiny_args(10))
-    assert_one_line_error(proc, "in use by another training run", f"pid {holder.pid}",
-                          f"host {socket.gethostname()}", str(workdir))
+    assert_one_line_error(
+      proc, "in use by another training run", f"pid {holder.pid}", f"host {socket.gethostname()}", str(workdir)
+    )
     assert {k: v for k, v in snapshot(workdir).items() if k != "train.lock"} == before
     with pytest.raises(WorkdirBusyError, match=f"pid {holder.pid}"):  # The library call too.
       train_loop.train_and_evaluate(load_run_config(str(workdir)), str(workdir), log=_quiet)
@@ -157,8 +171,13 @@ def test_a_busy_workdir_is_refused_naming_the_holder_and_a_dead_holder_does_not_
 
 def test_a_second_train_py_on_a_training_workdir_is_refused(tmp_path):
   workdir = tmp_path / "run"
-  first = subprocess.Popen([sys.executable, TRAIN, f"--workdir={workdir}", *tiny_args(30)], cwd=ROOT,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  first = subprocess.Popen(
+    [sys.executable, TRAIN, f"--workdir={workdir}", *tiny_args(30)],
+    cwd=ROOT,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   deadline = time.monotonic() + 240
   while first.poll() is None and time.monotonic() < deadline and not (workdir / "metrics.jsonl").exists():
     time.sleep(0.005)
@@ -200,14 +219,17 @@ def test_restore_step_keeps_the_superseded_metrics_summary_and_config(finished_r
 # 4. Changed settings on resume.
 
 
-@pytest.mark.parametrize("flag,key", [
+@pytest.mark.parametrize(
+  "flag,key",
+  [
     ("--config.batch_size=16", "batch_size"),
     ("--config.seed=1", "seed"),
     ("--config.dataset.augment=none", "dataset.augment"),
     ("--config.model.options.activation=tanh", "model.options"),
     ("--config.dataset.crop_padding=2", "dataset.crop_padding"),
     ("--config.dataset.max_train_examples=48", "dataset.max_train_examples"),
-])
+  ],
+)
 def test_resume_refuses_settings_that_would_corrupt_the_run(finished_run, tmp_path, flag, key):
   workdir = _copy(finished_run, tmp_path)
   before = snapshot(workdir)
@@ -242,8 +264,7 @@ def test_training_longer_follows_the_schedule_over_the_new_total_and_is_recorded
   records = [r for r in metrics.read_metrics(str(workdir)) if r["split"] == "train"]
   assert [r["step"] for r in records] == [*range(1, 9), 10, 12]
   # The rate of every step after 8 is the 12-step schedule's (logged at the window's last step).
-  assert [r["learning_rate"] for r in records[-2:]] == [pytest.approx(float(setup.schedule(s - 1)))
-                                                        for s in (10, 12)]
+  assert [r["learning_rate"] for r in records[-2:]] == [pytest.approx(float(setup.schedule(s - 1))) for s in (10, 12)]
   summary = json.loads((workdir / "summary.json").read_text())
   assert summary["steps"] == 12 and summary["config"]["num_train_steps"] == 12
 
@@ -254,8 +275,14 @@ def test_harmless_changes_keep_the_resumed_run_bitwise_identical(tmp_path):
   setup = run_setup.Setup(config)
   train_loop.train_and_evaluate(config, full, log=_quiet, setup=setup)
   assert train_loop.train_and_evaluate(config, split, log=_quiet, stop_at_step=4, setup=setup) is None
-  changed = tiny_config(log_every_steps=1, eval_every_steps=2, checkpoint_every_steps=2,
-                        keep_checkpoints=5, eval_batch_size=4, **{"dataset.num_threads": 2})
+  changed = tiny_config(
+    log_every_steps=1,
+    eval_every_steps=2,
+    checkpoint_every_steps=2,
+    keep_checkpoints=5,
+    eval_batch_size=4,
+    **{"dataset.num_threads": 2},
+  )
   messages = []
   train_loop.train_and_evaluate(changed, split, log=messages.append)
   assert any("settings changed at step 4" in m for m in messages), messages
@@ -269,9 +296,11 @@ def test_harmless_changes_keep_the_resumed_run_bitwise_identical(tmp_path):
 
 def test_moved_data_may_resume_from_its_new_folder_other_data_may_not(tmp_path):
   from test_data import write_cifar
+
   first = write_cifar(str(tmp_path / "first"), per_batch=4, num_test=4)
-  config = tiny_config(**{"dataset.name": "cifar10", "dataset.data_dir": first, "dataset.augment": "none",
-                          "num_train_steps": 4})
+  config = tiny_config(
+    **{"dataset.name": "cifar10", "dataset.data_dir": first, "dataset.augment": "none", "num_train_steps": 4}
+  )
   workdir = str(tmp_path / "run")
   train_loop.train_and_evaluate(config, workdir, log=_quiet)
   moved = str(tmp_path / "moved")
@@ -279,14 +308,22 @@ def test_moved_data_may_resume_from_its_new_folder_other_data_may_not(tmp_path):
   other = write_cifar(str(tmp_path / "other"), per_batch=3, num_test=4)  # 15 training images, not 20.
   before = snapshot(workdir)
   with pytest.raises(ConfigError, match="15 train examples, the run was trained with 20"):
-    train_loop.train_and_evaluate(tiny_config(**{"dataset.name": "cifar10", "dataset.data_dir": other,
-                                                "dataset.augment": "none", "num_train_steps": 8}),
-                                 workdir, log=_quiet)
+    train_loop.train_and_evaluate(
+      tiny_config(
+        **{"dataset.name": "cifar10", "dataset.data_dir": other, "dataset.augment": "none", "num_train_steps": 8}
+      ),
+      workdir,
+      log=_quiet,
+    )
   assert snapshot(workdir) == before
   messages = []
-  summary = train_loop.train_and_evaluate(tiny_config(**{"dataset.name": "cifar10", "dataset.data_dir": moved,
-                                                        "dataset.augment": "none", "num_train_steps": 8}),
-                                         workdir, log=messages.append)
+  summary = train_loop.train_and_evaluate(
+    tiny_config(
+      **{"dataset.name": "cifar10", "dataset.data_dir": moved, "dataset.augment": "none", "num_train_steps": 8}
+    ),
+    workdir,
+    log=messages.append,
+  )
   assert summary["steps"] == 8
   (line,) = strict_json_lines(os.path.join(workdir, "config_history.jsonl"))
   assert line["step"] == 4 and line["changes"]["dataset.data_dir"] == [first, moved]
@@ -299,31 +336,40 @@ def test_moved_data_may_resume_from_its_new_folder_other_data_may_not(tmp_path):
 def _unshare_available() -> bool:
   if not shutil.which("unshare"):
     return False
-  probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs none /mnt 2>/dev/null || "
-                          "mount -t tmpfs none \"$TMPDIR\""], capture_output=True,
-                         env={**os.environ, "TMPDIR": "/tmp"})
+  probe = subprocess.run(
+    ["unshare", "-rm", "sh", "-c", 'mount -t tmpfs none /mnt 2>/dev/null || mount -t tmpfs none "$TMPDIR"'],
+    capture_output=True,
+    env={**os.environ, "TMPDIR": "/tmp"},
+  )
   return probe.returncode == 0
 
 
-MOUNTS = pytest.mark.skipif(not _unshare_available(),
-                            reason="needs unprivileged mount namespaces (unshare -rm) for a real tmpfs")
+MOUNTS = pytest.mark.skipif(
+  not _unshare_available(), reason="needs unprivileged mount namespaces (unshare -rm) for a real tmpfs"
+)
 
 
-def _on_tmpfs(mountpoint, command: list[str], size: str = "", copy_from=None, read_only=False,
-              timeout: int = 300) -> subprocess.CompletedProcess:
+def _on_tmpfs(
+  mountpoint, command: list[str], size: str = "", copy_from=None, read_only=False, timeout: int = 300
+) -> subprocess.CompletedProcess:
   """Run ``command`` with a fresh tmpfs on ``mountpoint`` (``size``, ``copy_from`` copied into
   ``mountpoint/run``, then ``read_only``), in a private mount namespace: the disk errors are the
   kernel's own."""
   os.makedirs(mountpoint, exist_ok=True)
   options = f"-o size={size}" if size else ""
-  script = f"mount -t tmpfs {options} none \"$1\" || exit 97\n"
+  script = f'mount -t tmpfs {options} none "$1" || exit 97\n'
   if copy_from:
-    script += f"mkdir \"$1/run\" && cp -a \"{copy_from}/.\" \"$1/run/\"\n"
+    script += f'mkdir "$1/run" && cp -a "{copy_from}/." "$1/run/"\n'
   if read_only:
-    script += "mount -o remount,ro \"$1\" || exit 97\n"
-  script += "shift; exec \"$@\"\n"
-  proc = subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", str(mountpoint), *command],
-                        capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+    script += 'mount -o remount,ro "$1" || exit 97\n'
+  script += 'shift; exec "$@"\n'
+  proc = subprocess.run(
+    ["unshare", "-rm", "sh", "-c", script, "sh", str(mountpoint), *command],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    timeout=timeout,
+  )
   assert proc.returncode != 97, proc.stderr
   return proc
 
@@ -333,14 +379,24 @@ def _train_on_tmpfs(mountpoint, *flags, **kwargs):
 
 
 @MOUNTS
-@pytest.mark.parametrize("size,needle", [("4k", "config.json"), ("16k", "events.out.tfevents"),
-                                         ("32k", "cannot write checkpoint")])
+@pytest.mark.parametrize(
+  "size,needle", [("4k", "config.json"), ("16k", "events.out.tfevents"), ("32k", "cannot write checkpoint")]
+)
 def test_full_disk_is_one_line_and_leaves_no_debris(tmp_path, size, needle):
   mnt = tmp_path / "mnt"
   command = [sys.executable, TRAIN, f"--workdir={mnt}/run", *tiny_args(8)]
-  proc = _on_tmpfs(mnt, ["sh", "-c", "\"$@\"; rc=$?; find \"$0\" -name '*.tmp' -o -name checkpoints "
-                         "-empty -o -name '*orbax-checkpoint-tmp*' -o -name train.lock; exit $rc",
-                         str(mnt), *command], size=size)
+  proc = _on_tmpfs(
+    mnt,
+    [
+      "sh",
+      "-c",
+      '"$@"; rc=$?; find "$0" -name \'*.tmp\' -o -name checkpoints '
+      "-empty -o -name '*orbax-checkpoint-tmp*' -o -name train.lock; exit $rc",
+      str(mnt),
+      *command,
+    ],
+    size=size,
+  )
   found = [line for line in proc.stdout.splitlines() if line.startswith(str(mnt))]
   assert_one_line_error(proc, needle, "No space left on device", str(mnt / "run"))
   assert found == [], found  # No config.json.tmp, empty checkpoints/, partial checkpoint or lock.
@@ -367,6 +423,7 @@ def test_gradflow_out_on_a_read_only_folder_fails_before_computing(tmp_path):
 
 def test_gradflow_out_that_cannot_be_written_fails_before_computing(tmp_path):
   from test_gradflow import script  # experiments/gradient_flow.py
+
   blocker = tmp_path / "file"
   blocker.write_text("")
   with pytest.raises(OSError) as info:  # A parent that is a file: the same early check.
@@ -376,8 +433,13 @@ def test_gradflow_out_that_cannot_be_written_fails_before_computing(tmp_path):
 
 def test_damaged_metrics_lines_do_not_stop_the_run_nor_its_reruns(finished_run, tmp_path):
   workdir = _copy(finished_run, tmp_path)
-  bad = [b"[1, 2, 3]\n", b"\xff\xfe not utf-8\n", b'{"step": "nine", "split": "train"}\n',
-         b'{"split": "train", "loss": 1.0}\n', b'{"step": 30, "split": "train", "loss": "high"}\n']
+  bad = [
+    b"[1, 2, 3]\n",
+    b"\xff\xfe not utf-8\n",
+    b'{"step": "nine", "split": "train"}\n',
+    b'{"split": "train", "loss": 1.0}\n',
+    b'{"step": 30, "split": "train", "loss": "high"}\n',
+  ]
   with open(workdir / "metrics.jsonl", "ab") as f:
     f.writelines(bad)
   for _ in range(2):  # The run trains and plots; the rerun (nothing left to train) does too.
@@ -388,18 +450,26 @@ def test_damaged_metrics_lines_do_not_stop_the_run_nor_its_reruns(finished_run, 
   assert rejected == b"".join(bad[:4])  # Kept as they were, once.
   records = strict_json_lines(workdir / "metrics.jsonl")
   assert [r["step"] for r in records if r["split"] == "train"] == list(range(1, 11))
-  metrics.plot_curves([{"step": 1, "split": "train"}, {"step": 2, "split": "test", "loss": None,
-                                                        "accuracy": "x"}], str(tmp_path / "c.png"))
+  metrics.plot_curves(
+    [{"step": 1, "split": "train"}, {"step": 2, "split": "test", "loss": None, "accuracy": "x"}],
+    str(tmp_path / "c.png"),
+  )
 
 
 def test_config_json_that_is_not_an_object_is_one_line(finished_run, tmp_path):
   workdir = _copy(finished_run, tmp_path)
   (workdir / "config.json").write_text("[1, 2, 3]")
   before = snapshot(workdir)
-  assert_one_line_error(train_cli(workdir, *tiny_args(8)), str(workdir / "config.json"), "JSON list",
-                        "expected an object")
-  proc = subprocess.run([sys.executable, "-m", "resnet_jax.evaluate", f"--workdir={workdir}"],
-                        capture_output=True, text=True, cwd=ROOT, timeout=300)
+  assert_one_line_error(
+    train_cli(workdir, *tiny_args(8)), str(workdir / "config.json"), "JSON list", "expected an object"
+  )
+  proc = subprocess.run(
+    [sys.executable, "-m", "resnet_jax.evaluate", f"--workdir={workdir}"],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    timeout=300,
+  )
   assert_one_line_error(proc, str(workdir / "config.json"), "JSON list")
   (workdir / "config.json").write_bytes(b"\xff\xfe{}")
   with pytest.raises(CheckpointError, match="UnicodeDecodeError"):
@@ -408,7 +478,9 @@ def test_config_json_that_is_not_an_object_is_one_line(finished_run, tmp_path):
   assert snapshot(workdir) == before
 
 
-@pytest.mark.parametrize("name,options,needle", [
+@pytest.mark.parametrize(
+  "name,options,needle",
+  [
     ("resnet20", {"num_filters": 0}, "num_filters=0"),
     ("resnext50_32x4d", {"groups": 0}, "groups=0"),
     ("residual_mlp", {"dim": 0}, "dim=0"),
@@ -416,18 +488,21 @@ def test_config_json_that_is_not_an_object_is_one_line(finished_run, tmp_path):
     ("resnet20", {"act": "relu"}, "act='relu'"),
     ("resnet20", {"num_classes": True}, "num_classes"),
     ("residual_mlp", {"depth": 1.5}, "depth=1.5"),
-])
+  ],
+)
 def test_create_model_rejects_bad_options(name, options, needle):
   with pytest.raises(ModelError, match=needle.replace("(", r"\(")):
     create_model(name, **options)
 
 
 def test_run_cli_turns_an_os_error_into_one_line_with_the_path(tmp_path, capsys):
-  from resnet_jax.errors import run_cli
   import errno
+
+  from resnet_jax.errors import run_cli
 
   def full_disk():
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "x.json"))
+
   with pytest.raises(SystemExit) as info:
     run_cli(full_disk)
   assert info.value.code == 2
@@ -453,8 +528,13 @@ def uninterrupted(tmp_path_factory):
 def test_signal_stops_after_the_step_with_a_checkpoint_and_resumes_bitwise(uninterrupted, tmp_path, signum):
   workdir = tmp_path / "run"
   args = tiny_args(SIGNAL_STEPS, checkpoint_every=50)
-  proc = subprocess.Popen([sys.executable, TRAIN, f"--workdir={workdir}", *args], cwd=ROOT,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    [sys.executable, TRAIN, f"--workdir={workdir}", *args],
+    cwd=ROOT,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   metrics = workdir / "metrics.jsonl"
   deadline = time.monotonic() + 240
   while time.monotonic() < deadline and proc.poll() is None:

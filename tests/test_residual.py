@@ -8,10 +8,10 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-from hypothesis import currently_in_test_context
 import optax
 import pytest
-from hypothesis import assume, given, strategies as st
+from hypothesis import assume, currently_in_test_context, given
+from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from resnet_jax import residual_unit
@@ -55,11 +55,13 @@ def tanh_well_conditioned(params, x, res, activation):
 
 def autodiff_stack(params, x, y, res, activation):
   """jax.grad of stack_loss, plus dL/dx_l for every unit input via zero perturbations e_l added to x_l."""
+
   def perturbed(params, eps):
     h = x
     for p, e in zip(params, eps):
       h = residual_unit.stack_forward([p], h + e, res, activation)
     return 0.5 * jnp.sum(jnp.square(h - y)) / x.shape[0]
+
   g_params, g_inputs = jax.grad(perturbed, argnums=(0, 1))(params, [jnp.zeros_like(x)] * len(params))
   g_x = jax.grad(residual_unit.stack_loss, argnums=1)(params, x, y, res, activation)
   return g_params, g_x, g_inputs
@@ -84,7 +86,7 @@ def unit_case(draw):
 
 def scaled_params(seed, dim, hidden, scale, dtype=jnp.float64):
   p = residual_unit.init_params(jax.random.PRNGKey(seed), dim, hidden, dtype)
-  return {k: jnp.asarray(np.asarray(v) * scale) for k, v in p.items()}   # numpy: no compile per shape
+  return {k: jnp.asarray(np.asarray(v) * scale) for k, v in p.items()}  # numpy: no compile per shape
 
 
 @functools.partial(jax.jit, static_argnames="activation")
@@ -97,6 +99,7 @@ def unit_grads_both_ways(p, x, y, activation):
 # ---------------------------------------------------------------------------------------------------
 # One unit, float64.
 # ---------------------------------------------------------------------------------------------------
+
 
 @given(case=unit_case(), activation=st.sampled_from(ACTS))
 def test_manual_grads_equal_jax_grad(case, activation):
@@ -118,7 +121,7 @@ def test_loss_is_the_batch_mean_of_half_squared_error():
     p = residual_unit.init_params(jax.random.PRNGKey(0), 3, 4, jnp.float64)
     x = jax.random.normal(jax.random.PRNGKey(1), (5, 3), jnp.float64)
     y = jax.random.normal(jax.random.PRNGKey(2), (5, 3), jnp.float64)
-    per_example = [float(residual_unit.loss(p, x[n:n + 1], y[n:n + 1])) for n in range(5)]
+    per_example = [float(residual_unit.loss(p, x[n : n + 1], y[n : n + 1])) for n in range(5)]
     np.testing.assert_allclose(float(residual_unit.loss(p, x, y)), np.mean(per_example), rtol=1e-14)
     # the forward pass, written out with numpy from the definition y_hat = w2 sigma(w1 x + b1) + b2 + x
     P = {k: np.asarray(v) for k, v in p.items()}
@@ -131,9 +134,12 @@ def test_loss_is_the_batch_mean_of_half_squared_error():
 # Stacks, float64, depths up to 50.
 # ---------------------------------------------------------------------------------------------------
 
+
 def check_stack(depth, dim, hidden, batch, activation, res, seed, scale=1.0):
-  params = [{k: jnp.asarray(np.asarray(v) * scale) for k, v in p.items()}
-            for p in residual_unit.init_stack(jax.random.PRNGKey(seed), depth, dim, hidden, jnp.float64)]
+  params = [
+    {k: jnp.asarray(np.asarray(v) * scale) for k, v in p.items()}
+    for p in residual_unit.init_stack(jax.random.PRNGKey(seed), depth, dim, hidden, jnp.float64)
+  ]
   kx, ky = jax.random.split(jax.random.PRNGKey(seed + 1))
   x = jax.random.normal(kx, (batch, dim), jnp.float64)
   y = jax.random.normal(ky, (batch, dim), jnp.float64)
@@ -145,7 +151,7 @@ def check_stack(depth, dim, hidden, batch, activation, res, seed, scale=1.0):
   manual = residual_unit.manual_stack_grads(params, x, y, res, activation)
   g_params, g_x, g_inputs = autodiff_stack(params, x, y, res, activation)
   assert len(manual["params"]) == len(manual["inputs"]) == depth
-  for l in range(depth):   # per unit, so that a wrong early unit in a vanishing plain stack is seen
+  for l in range(depth):  # per unit, so that a wrong early unit in a vanishing plain stack is seen
     for k in KEYS:
       assert_close(manual["params"][l][k], g_params[l][k], 1e-10, f"unit {l} {k}")
     assert_close(manual["inputs"][l], g_inputs[l], 1e-10, f"dL/dx_{l}")
@@ -154,8 +160,14 @@ def check_stack(depth, dim, hidden, batch, activation, res, seed, scale=1.0):
   return manual
 
 
-@given(depth=st.integers(1, 50), shape=st.sampled_from(SHAPES[:2]), activation=st.sampled_from(ACTS),
-       res=st.booleans(), seed=st.integers(0, 2**20), scale=st.sampled_from([0.5, 1.0, 2.0]))
+@given(
+  depth=st.integers(1, 50),
+  shape=st.sampled_from(SHAPES[:2]),
+  activation=st.sampled_from(ACTS),
+  res=st.booleans(),
+  seed=st.integers(0, 2**20),
+  scale=st.sampled_from([0.5, 1.0, 2.0]),
+)
 def test_manual_stack_grads_equal_jax_grad(depth, shape, activation, res, seed, scale):
   batch, dim, hidden = shape
   with jax.enable_x64(True):
@@ -179,6 +191,7 @@ def test_depth_50_stacks(activation, res):
 # The decomposition dL/dx = branch term + delta.
 # ---------------------------------------------------------------------------------------------------
 
+
 @given(case=unit_case(), activation=st.sampled_from(ACTS))
 def test_input_grad_parts(case, activation):
   batch, dim, hidden, x, y, seed, scale = case
@@ -192,7 +205,7 @@ def test_input_grad_parts(case, activation):
     np.testing.assert_array_equal(shortcut, (y_hat - y) / batch)
     np.testing.assert_array_equal(branch + shortcut, residual_unit.manual_grads(p, x, y, activation)["x"])
 
-    H = lambda v: residual_unit.stack_forward([p], v, shortcut=False, activation=activation)   # H(x) alone
+    H = lambda v: residual_unit.stack_forward([p], v, shortcut=False, activation=activation)  # H(x) alone
     through_branch = lambda v: 0.5 * jnp.sum(jnp.square(H(v) + jax.lax.stop_gradient(v) - y)) / batch
     through_shortcut = lambda v: 0.5 * jnp.sum(jnp.square(H(jax.lax.stop_gradient(v)) + v - y)) / batch
     assert_close(branch, jax.grad(through_branch)(x), 1e-10, "branch")
@@ -235,9 +248,11 @@ def test_stack_input_grad_parts(res):
 # float32 at the documented tolerance.
 # ---------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("activation", ACTS)
 def test_float32_agreement(activation):
   from resnet_jax.gradcheck import DEFAULT_RTOL
+
   rtol = DEFAULT_RTOL["float32"]
   params = residual_unit.init_stack(jax.random.PRNGKey(0), 50, 3, 4)
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 3))
@@ -261,6 +276,7 @@ def test_float32_agreement(activation):
 # custom_vjp: training with the hand-derived backward pass.
 # ---------------------------------------------------------------------------------------------------
 
+
 def _data(dim=3, batch=2, dtype=jnp.float64):
   x = jax.random.normal(jax.random.PRNGKey(11), (batch, dim), dtype)
   y = jax.random.normal(jax.random.PRNGKey(12), (batch, dim), dtype)
@@ -275,8 +291,9 @@ def test_residual_unit_custom_vjp_equals_autodiff(activation, res):
     x, y = _data()
     custom = lambda p, x: jnp.sum(jnp.sin(residual_unit.hand_derived_unit(p, x, activation, res)) * y)
     plain = lambda p, x: jnp.sum(jnp.sin(residual_unit.stack_forward([p], x, res, activation)) * y)
-    np.testing.assert_array_equal(residual_unit.hand_derived_unit(p, x, activation, res),
-                                  residual_unit.stack_forward([p], x, res, activation))
+    np.testing.assert_array_equal(
+      residual_unit.hand_derived_unit(p, x, activation, res), residual_unit.stack_forward([p], x, res, activation)
+    )
     got = jax.grad(custom, argnums=(0, 1))(p, x)
     want = jax.grad(plain, argnums=(0, 1))(p, x)
     for k in KEYS:
@@ -291,8 +308,9 @@ def test_residual_unit_uses_the_custom_backward():
   assert "custom_vjp" not in str(jax.make_jaxpr(residual_unit.forward)(p, x))
 
 
-@pytest.mark.parametrize("make_opt", [lambda: optax.sgd(0.1, momentum=0.9), lambda: optax.adam(0.05)],
-                         ids=["sgd", "adam"])
+@pytest.mark.parametrize(
+  "make_opt", [lambda: optax.sgd(0.1, momentum=0.9), lambda: optax.adam(0.05)], ids=["sgd", "adam"]
+)
 def test_training_with_custom_vjp_follows_autodiff(make_opt):
   with jax.enable_x64(True):
     depth = 3
@@ -332,6 +350,7 @@ def _step(loss_fn, opt, p, state):
 # Flax modules.
 # ---------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("res", [True, False], ids=["residual", "plain"])
 def test_residual_unit_module_matches_functions(res):
   unit = residual_unit.ResidualUnit(dim=4, hidden=6, activation="tanh", residual=res)
@@ -341,11 +360,13 @@ def test_residual_unit_module_matches_functions(res):
   ref = residual_unit.init_params(jax.random.PRNGKey(0), 4, 6)
   assert set(p) == set(KEYS)
   chex.assert_trees_all_equal_shapes(dict(p), ref)
-  chex.assert_trees_all_close(unit.apply(variables, x), residual_unit.stack_forward([p], x, res, "tanh"),
-                              rtol=1e-6, atol=1e-6)
+  chex.assert_trees_all_close(
+    unit.apply(variables, x), residual_unit.stack_forward([p], x, res, "tanh"), rtol=1e-6, atol=1e-6
+  )
   # the mapping is the identity: a dict from init_params is the module's params collection
-  chex.assert_trees_all_close(unit.apply({"params": ref}, x), residual_unit.stack_forward([ref], x, res, "tanh"),
-                              rtol=1e-6, atol=1e-6)
+  chex.assert_trees_all_close(
+    unit.apply({"params": ref}, x), residual_unit.stack_forward([ref], x, res, "tanh"), rtol=1e-6, atol=1e-6
+  )
   if res:
     chex.assert_trees_all_close(unit.apply({"params": ref}, x), residual_unit.forward(ref, x, "tanh"), rtol=1e-6)
 
@@ -390,8 +411,7 @@ def test_residual_mlp_hand_derived_grad_equals_autodiff(res):
   y = x_L - 3 * (g_logits @ p["head"]["kernel"].T)
   manual = jax.jit(residual_unit.manual_stack_grads, static_argnums=(3, 4))(units, x0, y, res, "sigmoid")
   for l in range(4):
-    chex.assert_trees_all_close(manual["inputs"][l], g_auto["perturbations"][f"block{l:02d}"],
-                                rtol=1e-4, atol=1e-7)
+    chex.assert_trees_all_close(manual["inputs"][l], g_auto["perturbations"][f"block{l:02d}"], rtol=1e-4, atol=1e-7)
     chex.assert_trees_all_close(manual["params"][l], dict(g_auto["params"][f"unit{l:03d}"]), rtol=1e-4, atol=1e-7)
 
 
@@ -399,21 +419,22 @@ def test_residual_mlp_hand_derived_grad_equals_autodiff(res):
 # Bad input.
 # ---------------------------------------------------------------------------------------------------
 
+
 def _good():
   p = residual_unit.init_params(jax.random.PRNGKey(0), 4, 3)
   return p, jnp.zeros((2, 4)), jnp.zeros((2, 4))
 
 
 BAD_UNIT = [
-    ("w1 not a matrix", lambda p, x, y: ({**p, "w1": p["w1"][0]}, x, y), ["params['w1']", "(4,)", "(hidden, dim)"]),
-    ("b1 wrong length", lambda p, x, y: ({**p, "b1": jnp.zeros(5)}, x, y), ["params['b1']", "(5,)", "(3,)"]),
-    ("w2 transposed", lambda p, x, y: ({**p, "w2": p["w2"].T}, x, y), ["params['w2']", "(3, 4)", "(4, 3)"]),
-    ("b2 wrong length", lambda p, x, y: ({**p, "b2": jnp.zeros(3)}, x, y), ["params['b2']", "(3,)", "(4,)"]),
-    ("missing key", lambda p, x, y: ({k: v for k, v in p.items() if k != "b2"}, x, y), ["missing b2"]),
-    ("not a dict", lambda p, x, y: ([p["w1"]], x, y), ["params must be a dict"]),
-    ("x wrong width", lambda p, x, y: (p, jnp.zeros((2, 5)), y), ["x has shape (2, 5)", "(batch, 4)"]),
-    ("x a vector", lambda p, x, y: (p, jnp.zeros(4), y), ["x has shape (4,)", "x[None, :]"]),
-    ("y mismatched", lambda p, x, y: (p, x, jnp.zeros((3, 4))), ["y has shape (3, 4)", "expected (2, 4)"]),
+  ("w1 not a matrix", lambda p, x, y: ({**p, "w1": p["w1"][0]}, x, y), ["params['w1']", "(4,)", "(hidden, dim)"]),
+  ("b1 wrong length", lambda p, x, y: ({**p, "b1": jnp.zeros(5)}, x, y), ["params['b1']", "(5,)", "(3,)"]),
+  ("w2 transposed", lambda p, x, y: ({**p, "w2": p["w2"].T}, x, y), ["params['w2']", "(3, 4)", "(4, 3)"]),
+  ("b2 wrong length", lambda p, x, y: ({**p, "b2": jnp.zeros(3)}, x, y), ["params['b2']", "(3,)", "(4,)"]),
+  ("missing key", lambda p, x, y: ({k: v for k, v in p.items() if k != "b2"}, x, y), ["missing b2"]),
+  ("not a dict", lambda p, x, y: ([p["w1"]], x, y), ["params must be a dict"]),
+  ("x wrong width", lambda p, x, y: (p, jnp.zeros((2, 5)), y), ["x has shape (2, 5)", "(batch, 4)"]),
+  ("x a vector", lambda p, x, y: (p, jnp.zeros(4), y), ["x has shape (4,)", "x[None, :]"]),
+  ("y mismatched", lambda p, x, y: (p, x, jnp.zeros((3, 4))), ["y has shape (3, 4)", "expected (2, 4)"]),
 ]
 
 
@@ -436,8 +457,19 @@ def test_bad_input_under_jit(fn):
     jax.jit(fn)(p, jnp.zeros((2, 3)))
 
 
-@pytest.mark.parametrize("fn_name", ["forward", "loss", "manual_grads", "input_grad_parts", "hand_derived_unit",
-                                     "stack_forward", "stack_loss", "manual_stack_grads"])
+@pytest.mark.parametrize(
+  "fn_name",
+  [
+    "forward",
+    "loss",
+    "manual_grads",
+    "input_grad_parts",
+    "hand_derived_unit",
+    "stack_forward",
+    "stack_loss",
+    "manual_stack_grads",
+  ],
+)
 def test_unknown_activation(fn_name):
   p, x, y = _good()
   p = [p] if fn_name.startswith(("stack", "manual_stack")) else p
@@ -473,6 +505,7 @@ def test_bad_module_input():
 # ----------------------------------------------------------------------------------------------------
 # The derivation's expressions as written, for one example (batch 1), against manual_grads
 # ----------------------------------------------------------------------------------------------------
+
 
 def _np_sigmoid(z):
   return 1.0 / (1.0 + np.exp(-z))
@@ -525,13 +558,17 @@ def test_relu_derivative_is_zero_at_exactly_zero():
   assert float(residual_unit.ACTIVATIONS["relu"].sigma_prime(jnp.zeros(3), jnp.zeros(3)).sum()) == 0.0
   with jax.enable_x64(True):
     # w1 x + b1 = 0.5 * 1.0 - 0.5 = 0 exactly (and 0 * x + 0 for the second hidden unit)
-    p = {"w1": jnp.array([[0.5], [0.0]]), "b1": jnp.array([-0.5, 0.0]), "w2": jnp.array([[2.0, -3.0]]),
-         "b2": jnp.array([0.1])}
+    p = {
+      "w1": jnp.array([[0.5], [0.0]]),
+      "b1": jnp.array([-0.5, 0.0]),
+      "w2": jnp.array([[2.0, -3.0]]),
+      "b2": jnp.array([0.1]),
+    }
     x, y = jnp.array([[1.0]]), jnp.array([[0.0]])
     z1 = x @ p["w1"].T + p["b1"]
     assert np.all(np.asarray(z1) == 0.0)
     g = residual_unit.manual_grads(p, x, y, "relu")
-    np.testing.assert_array_equal(g["w1"], 0.0)     # relu'(0) = 0: nothing reaches the first layer
+    np.testing.assert_array_equal(g["w1"], 0.0)  # relu'(0) = 0: nothing reaches the first layer
     np.testing.assert_array_equal(g["b1"], 0.0)
     np.testing.assert_array_equal(g["x"], residual_unit.forward(p, x, "relu") - y)  # only the shortcut's e
     auto = jax.grad(lambda p, x: residual_unit.loss(p, x, y, "relu"), argnums=(0, 1))(p, x)

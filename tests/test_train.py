@@ -16,7 +16,8 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from resnet_jax import metrics, optim, run_setup, train_loop, train_step
 from resnet_jax.checkpoint import Checkpointer
@@ -66,8 +67,9 @@ def _quiet(*_):
 
 
 def _metrics(workdir):
-  return [{k: v for k, v in r.items() if k not in ("images_per_sec", "wall_time_s")}
-          for r in metrics.read_metrics(workdir)]
+  return [
+    {k: v for k, v in r.items() if k not in ("images_per_sec", "wall_time_s")} for r in metrics.read_metrics(workdir)
+  ]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -80,8 +82,12 @@ def test_step_schedule_with_warmup():
   c.schedule.name, c.schedule.unit, c.schedule.warmup = "step", "steps", 10.0
   c.schedule.boundaries, c.schedule.decay_factor = (100.0, 150.0), 0.1
   sched = optim.make_schedule(c, steps_per_epoch=7, total_steps=200)
-  np.testing.assert_allclose([sched(0), sched(5), sched(10), sched(99), sched(100), sched(149), sched(150)],
-                             [0.0, 0.05, 0.1, 0.1, 0.01, 0.01, 0.001], rtol=1e-6, atol=1e-9)
+  np.testing.assert_allclose(
+    [sched(0), sched(5), sched(10), sched(99), sched(100), sched(149), sched(150)],
+    [0.0, 0.05, 0.1, 0.1, 0.01, 0.01, 0.001],
+    rtol=1e-6,
+    atol=1e-9,
+  )
 
 
 def test_cosine_schedule_in_epochs():
@@ -90,17 +96,17 @@ def test_cosine_schedule_in_epochs():
   c.schedule.name, c.schedule.unit, c.schedule.warmup = "cosine", "epochs", 2.0
   sched = optim.make_schedule(c, steps_per_epoch=5, total_steps=110)
   np.testing.assert_allclose(sched(10), 0.4, rtol=1e-6)
-  np.testing.assert_allclose(sched(60), 0.2, rtol=1e-5)   # half way through the 100 cosine steps
+  np.testing.assert_allclose(sched(60), 0.2, rtol=1e-5)  # half way through the 100 cosine steps
   np.testing.assert_allclose(sched(110), 0.0, atol=1e-7)
 
 
 def test_decay_mask_skips_batchnorm_and_biases():
   model = create_model("resnet20", num_classes=3, num_filters=4)
-  variables = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 8, 8, 1)), train=False),
-                             jax.random.PRNGKey(0))
+  variables = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 8, 8, 1)), train=False), jax.random.PRNGKey(0))
   mask = optim.decay_mask(variables["params"])
-  flat = {"/".join(str(getattr(k, "key", k)) for k in path): v
-          for path, v in jax.tree_util.tree_flatten_with_path(mask)[0]}
+  flat = {
+    "/".join(str(getattr(k, "key", k)) for k in path): v for path, v in jax.tree_util.tree_flatten_with_path(mask)[0]
+  }
   assert any(flat.values()) and not all(flat.values())
   for name, decayed in flat.items():
     assert decayed == name.endswith("kernel"), name
@@ -113,8 +119,9 @@ def test_sgd_weight_decay_is_added_to_the_gradient_of_kernels_only():
   params = {"kernel": jnp.full((2, 2), 2.0), "bias": jnp.full((2,), 2.0)}
   grads = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones((2,))}
   updates, _ = tx.update(grads, tx.init(params), params)
-  chex.assert_trees_all_close(updates, {"kernel": jnp.full((2, 2), -0.5 * (1 + 0.1 * 2.0)),
-                                        "bias": jnp.full((2,), -0.5)})
+  chex.assert_trees_all_close(
+    updates, {"kernel": jnp.full((2, 2), -0.5 * (1 + 0.1 * 2.0)), "bias": jnp.full((2,), -0.5)}
+  )
 
 
 @pytest.mark.parametrize("name", ["nesterov", "adamw", "lars"])
@@ -188,14 +195,28 @@ def mlp_run(tmp_path_factory):
 
 def test_run_writes_summary_metrics_curves_and_checkpoints(mlp_run):
   workdir, summary = mlp_run
-  for key in ("config", "model", "parameters", "steps", "train_time_s", "images_per_sec",
-              "final_train_loss", "test_accuracy", "best_test_accuracy"):
+  for key in (
+    "config",
+    "model",
+    "parameters",
+    "steps",
+    "train_time_s",
+    "images_per_sec",
+    "final_train_loss",
+    "test_accuracy",
+    "best_test_accuracy",
+  ):
     assert key in summary
   with open(os.path.join(workdir, "summary.json")) as f:
     assert json.load(f)["steps"] == 8 == summary["steps"]
-  assert summary["parameters"] == sum(int(np.prod(p.shape)) for p in jax.tree.leaves(
-      create_model("residual_mlp", 10, depth=2, dim=16, hidden=16).init(
-          jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)))["params"]))
+  assert summary["parameters"] == sum(
+    int(np.prod(p.shape))
+    for p in jax.tree.leaves(
+      create_model("residual_mlp", 10, depth=2, dim=16, hidden=16).init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)))[
+        "params"
+      ]
+    )
+  )
   records = metrics.read_metrics(workdir)
   assert [r["step"] for r in records if r["split"] == "train"] == [2, 4, 6, 8]
   assert [r["step"] for r in records if r["split"] == "test"] == [4, 8]
@@ -240,28 +261,40 @@ def test_resume_matches_an_uninterrupted_run_bitwise(tmp_path):
   a, data_a, _ = Checkpointer(os.path.join(full, "checkpoints")).restore(setup.abstract_state())
   b, data_b, _ = Checkpointer(os.path.join(split, "checkpoints")).restore(setup.abstract_state())
   assert int(a.step) == int(b.step) == 8 and data_a == data_b
-  for x, y in zip(jax.tree.leaves((a.params, a.batch_stats, a.opt_state)),
-                  jax.tree.leaves((b.params, b.batch_stats, b.opt_state))):
+  for x, y in zip(
+    jax.tree.leaves((a.params, a.batch_stats, a.opt_state)), jax.tree.leaves((b.params, b.batch_stats, b.opt_state))
+  ):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   assert _metrics(full) == _metrics(split)
 
 
 def test_nonfinite_loss_stops_with_the_step_or_is_skipped(tmp_path):
   from resnet_jax.train_loop import TrainingDivergedError
-  bad = {"optimizer.learning_rate": 1e30, "optimizer.momentum": 0.0, "schedule.warmup": 0.0,
-         "schedule.name": "constant"}
+
+  bad = {
+    "optimizer.learning_rate": 1e30,
+    "optimizer.momentum": 0.0,
+    "schedule.warmup": 0.0,
+    "schedule.name": "constant",
+  }
   with pytest.raises(TrainingDivergedError, match=r"at step \d"):
     train_loop.train_and_evaluate(tiny_config(**bad), str(tmp_path / "stop"), log=_quiet)
   assert metrics.read_metrics(str(tmp_path / "stop"))  # What was written stays readable.
   messages = []
-  summary = train_loop.train_and_evaluate(tiny_config(on_nonfinite="skip", **bad), str(tmp_path / "skip"),
-                                         log=messages.append)
+  summary = train_loop.train_and_evaluate(
+    tiny_config(on_nonfinite="skip", **bad), str(tmp_path / "skip"), log=messages.append
+  )
   assert summary["steps"] == 8 and any("skipped" in m for m in messages)
 
 
 def test_evaluate_cli_reports_a_missing_run_in_one_line(tmp_path):
-  proc = subprocess.run([sys.executable, "-m", "resnet_jax.evaluate", f"--workdir={tmp_path}"],
-                        capture_output=True, text=True, cwd=ROOT, timeout=120)
+  proc = subprocess.run(
+    [sys.executable, "-m", "resnet_jax.evaluate", f"--workdir={tmp_path}"],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    timeout=120,
+  )
   assert proc.returncode == 2
   assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ") and "config.json" in proc.stderr
 
@@ -276,8 +309,16 @@ def test_due_every_n_steps_and_whenever_also(step, every, also):
 
 
 def test_strict_json_writes_nan_and_infinity_as_null_and_numpy_scalars_as_numbers():
-  got = metrics.strict_json({"a": float("nan"), "b": [np.float32(1.5), np.int64(3), (float("-inf"),)],
-                             "c": np.float64("inf"), "d": "x", "e": None, "f": True})
+  got = metrics.strict_json(
+    {
+      "a": float("nan"),
+      "b": [np.float32(1.5), np.int64(3), (float("-inf"),)],
+      "c": np.float64("inf"),
+      "d": "x",
+      "e": None,
+      "f": True,
+    }
+  )
   assert got == {"a": None, "b": [1.5, 3, [None]], "c": None, "d": "x", "e": None, "f": True}
   assert type(got["b"][0]) is float and type(got["b"][1]) is int
   json.dumps(got, allow_nan=False)
@@ -295,10 +336,10 @@ def test_metrics_writer_writes_each_record_to_jsonl_and_tensorboard_and_resumes(
   with metrics.MetricsWriter(workdir, 4) as writer:  # A resume from step 4: the later records go.
     assert writer.rejected == 1 and [r["step"] for r in writer.records] == [2, 4]
     writer.write(6, {"split": "test", "accuracy": 0.5})
-  assert [(r["step"], r["split"]) for r in metrics.read_metrics(workdir)] == [(2, "train"), (4, "train"),
-                                                                             (6, "test")]
-  steps = sorted(e.step for path in glob.glob(os.path.join(workdir, PATTERN)) for e in read_events(path)[0]
-                 if e.HasField("summary"))
+  assert [(r["step"], r["split"]) for r in metrics.read_metrics(workdir)] == [(2, "train"), (4, "train"), (6, "test")]
+  steps = sorted(
+    e.step for path in glob.glob(os.path.join(workdir, PATTERN)) for e in read_events(path)[0] if e.HasField("summary")
+  )
   assert steps == [2, 4, 6]
 
 

@@ -30,6 +30,7 @@ def read_scalars(workdir) -> dict[str, list[tuple[int, float]]]:
   """``{tag: [(step, value), ...]}`` of the event files of ``workdir``, in TensorBoard's reading order."""
   from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
   from tensorboard.util import tensor_util
+
   out: dict[str, list[tuple[int, float]]] = {}
   for path in sorted(glob.glob(os.path.join(str(workdir), "events.out.tfevents.*"))):
     for event in EventFileLoader(path).Load():
@@ -42,8 +43,10 @@ def assert_events_match_metrics(workdir) -> None:
   """Every number of metrics.jsonl is in the event files at its step (float32), each step once, in order."""
   scalars = read_scalars(workdir)
   records = metrics.read_metrics(str(workdir))
-  for split, keys in (("train", ("loss", "accuracy", "learning_rate", "images_per_sec")),
-                      ("test", ("loss", "accuracy"))):
+  for split, keys in (
+    ("train", ("loss", "accuracy", "learning_rate", "images_per_sec")),
+    ("test", ("loss", "accuracy")),
+  ):
     rs = [r for r in records if r["split"] == split]
     assert rs
     for key in keys:
@@ -61,6 +64,7 @@ def test_every_config_key_is_described_in_base_config():
       yield prefix + name
       if hasattr(value, "items"):
         yield from keys(value, f"{prefix}{name}.")
+
   described = describe_config()
   assert sorted(k for k, _, _ in described) == sorted(keys(base_config()))
   assert [k for k, _, text in described if not text] == []  # Each key carries its comment.
@@ -73,8 +77,7 @@ def test_every_config_key_is_described_in_base_config():
 
 @pytest.mark.parametrize("flag", ["--help", "-h"])
 def test_help_exits_0_with_usage_flags_configs_and_every_key(flag, tmp_path):
-  proc = subprocess.run([sys.executable, TRAIN, flag], capture_output=True, text=True, cwd=str(tmp_path),
-                        timeout=120)
+  proc = subprocess.run([sys.executable, TRAIN, flag], capture_output=True, text=True, cwd=str(tmp_path), timeout=120)
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = proc.stdout
   assert "usage: python train.py" in out
@@ -94,8 +97,9 @@ def test_help_exits_0_with_usage_flags_configs_and_every_key(flag, tmp_path):
 
 
 def test_helpfull_lists_every_flag_as_absl_does(tmp_path):
-  proc = subprocess.run([sys.executable, TRAIN, "--helpfull"], capture_output=True, text=True,
-                        cwd=str(tmp_path), timeout=120)
+  proc = subprocess.run(
+    [sys.executable, TRAIN, "--helpfull"], capture_output=True, text=True, cwd=str(tmp_path), timeout=120
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   for name in ("--config:", "--workdir:", "--[no]print_config:", "-h,--[no]help:", "--flagfile:"):
     assert name in proc.stdout, name
@@ -120,10 +124,13 @@ def test_print_config_equals_the_config_json_the_run_writes(tmp_path):
     assert json.load(f) == config
 
 
-@pytest.mark.parametrize("override,needles", [
+@pytest.mark.parametrize(
+  "override,needles",
+  [
     ("--config.optimizer.lrr=0.1", ["lrr"]),
     ("--config.batch_size=0", ["batch_size", "0"]),
-])
+  ],
+)
 def test_print_config_with_a_bad_override_is_one_line_error(override, needles, tmp_path):
   proc = train_cli(tmp_path / "run", override, "--print_config")
   assert_one_line_error(proc, *needles)
@@ -150,6 +157,7 @@ def test_a_resume_cuts_the_events_after_its_step_and_keeps_their_wall_times(tmp_
     writer.write({"step": step, "split": "train", "loss": float(step), "flag": True, "name": "x"})
   writer.close()
   from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
   (first,) = glob.glob(str(tmp_path / "events.out.tfevents.*"))
   before = {e.step: e.wall_time for e in EventFileLoader(first).Load() if e.summary.value}
   with open(first, "r+b") as f:  # A kill in the middle of the last record.
@@ -177,9 +185,14 @@ def test_kill_and_resume_leave_no_step_duplicated_or_missing_in_the_events(tmp_p
   workdir = tmp_path / "run"
   # Killed while committing the checkpoint of step 6: the events of steps 5 and 6 (or more) are
   # written, the resumed run starts again after step 4.
-  proc = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, TRAIN, f"--workdir={workdir}",
-                         *tiny_args(8)], capture_output=True, text=True, cwd=ROOT, timeout=300,
-                        env={**os.environ, "KILL_AT": "6"})
+  proc = subprocess.run(
+    [sys.executable, "-c", KILL_DURING_SAVE, TRAIN, f"--workdir={workdir}", *tiny_args(8)],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    timeout=300,
+    env={**os.environ, "KILL_AT": "6"},
+  )
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
   assert max(s for s, _ in read_scalars(workdir)["train/loss"]) >= 6
   proc = train_cli(workdir, *tiny_args(8))
