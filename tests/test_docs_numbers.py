@@ -188,7 +188,8 @@ def test_block_order_text(block_orders):
   )
   _assert_in(f"stays at {100 * e('relu_before_add', 'digits', True):.2f}% test error on the digits", doc)
   _assert_in(f"(eval nonlinearity {e('relu_before_add', 'digits', True, 'eval_nonlinearity'):.1e}: all 16 blocks", doc)
-  _assert_in(f"shared with other jobs: {block_orders['seconds']:.0f} s for the seven runs", doc)
+  machine = block_orders["machine"]
+  _assert_in(f"{machine['cpu']}, {machine['cpus']} CPUs, jax {machine['jax']}: {block_orders['seconds']:.0f} s", doc)
   assert abs(e("literal_bottleneck", "xor") - 0.5) < 0.05 and e("v1", "xor") < 0.45  # "at chance" vs learnt
 
 
