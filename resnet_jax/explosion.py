@@ -186,6 +186,10 @@ REMEDIES = (
 )
 
 
+# Record key (after "log10_") -> the measurement of :func:`measure` whose first entry it holds.
+_FIRST = {"first_over_last": "grad", "product_norm": "product", "bound": "bound", "typical": "typical"}
+
+
 def study(
   gains,
   depths,
@@ -227,25 +231,9 @@ def study(
       with jax.enable_x64(True):
         params = stack_params(kp, max(depths), width, hidden, gain, branch_scale)[:depth]
       m = measure(params, x, y, activation, residual, norm, gamma)
-      rec = {
-        "activation": activation,
-        "gain": gain,
-        "net": name,
-        "residual": residual,
-        "norm": norm,
-        "last_gamma": gamma,
-        "branch_scale": branch_scale,
-        "depth": depth,
-        "width": width,
-        "hidden": hidden,
-        "batch": batch,
-        "seed": seed,
-        "log10_first_over_last": m["log10_grad"][0],
-        "log10_product_norm": m["log10_product"][0],
-        "log10_bound": m["log10_bound"][0],
-        "log10_typical": m["log10_typical"][0],
-        "log10_forward": m["log10_forward"],
-      }
+      rec = dict(activation=activation, gain=gain, net=name, residual=residual, norm=norm, last_gamma=gamma)
+      rec.update(branch_scale=branch_scale, depth=depth, width=width, hidden=hidden, batch=batch, seed=seed)
+      rec.update({f"log10_{k}": m[f"log10_{v}"][0] for k, v in _FIRST.items()}, log10_forward=m["log10_forward"])
       if depth == max(depths):
         rec["profile"] = {k: m[k] for k in ("log10_grad", "log10_product", "log10_bound", "log10_typical")}
       records.append(rec)

@@ -129,50 +129,52 @@ class ConvSpec:
     return cls(x, k, s, (pad[:2], pad[2:]), int(g), dtype)  # type: ignore[arg-type]
 
 
+_vp, _ci, _pvp = ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_void_p)
+# The C functions that return a dnnl_status_t, with their argument types.
+_STATUS_FUNCTIONS = [
+  ("dnnl_engine_create", [_pvp, _ci, ctypes.c_size_t]),
+  ("dnnl_stream_create", [_pvp, _vp, ctypes.c_uint]),
+  ("dnnl_stream_wait", [_vp]),
+  ("dnnl_memory_desc_create_with_strides", [_pvp, _ci, _DIMS, _ci, _DIMS]),
+  ("dnnl_memory_desc_create_with_tag", [_pvp, _ci, _DIMS, _ci, _ci]),
+  ("dnnl_memory_desc_destroy", [_vp]),
+  ("dnnl_primitive_attr_create", [_pvp]),
+  ("dnnl_primitive_attr_set_scratchpad_mode", [_vp, _ci]),
+  (
+    "dnnl_convolution_forward_primitive_desc_create",
+    [_pvp, _vp, _ci, _ci, _vp, _vp, _vp, _vp, _DIMS, _DIMS, _DIMS, _DIMS, _vp],
+  ),
+  (
+    "dnnl_convolution_backward_data_primitive_desc_create",
+    [_pvp, _vp, _ci, _vp, _vp, _vp, _DIMS, _DIMS, _DIMS, _DIMS, _vp, _vp],
+  ),
+  (
+    "dnnl_convolution_backward_weights_primitive_desc_create",
+    [_pvp, _vp, _ci, _vp, _vp, _vp, _vp, _DIMS, _DIMS, _DIMS, _DIMS, _vp, _vp],
+  ),
+  ("dnnl_reorder_primitive_desc_create", [_pvp, _vp, _vp, _vp, _vp, _vp]),
+  ("dnnl_primitive_desc_query", [_vp, _ci, _ci, _vp]),
+  ("dnnl_primitive_create", [_pvp, _vp]),
+  ("dnnl_primitive_execute", [_vp, _vp, _ci, ctypes.POINTER(_ExecArg)]),
+  ("dnnl_memory_create", [_pvp, _vp, _vp, _vp]),
+  ("dnnl_memory_destroy", [_vp]),
+]
+# The other C functions used: name, argument types, result type.
+_OTHER_FUNCTIONS = [
+  ("dnnl_primitive_desc_query_md", [_vp, _ci, _ci], _vp),
+  ("dnnl_memory_desc_equal", [_vp, _vp], _ci),
+  ("dnnl_memory_desc_get_size", [_vp], ctypes.c_size_t),
+]
+
+
 class _Library:
   """The loaded oneDNN library: C signatures, one CPU engine, a stream per thread, the primitives built."""
 
   def __init__(self, cdll: ctypes.CDLL):
     self.cdll = cdll
-    vp, ci = ctypes.c_void_p, ctypes.c_int
-    pvp = ctypes.POINTER(ctypes.c_void_p)
-    status = [
-      ("dnnl_engine_create", [pvp, ci, ctypes.c_size_t]),
-      ("dnnl_stream_create", [pvp, vp, ctypes.c_uint]),
-      ("dnnl_stream_wait", [vp]),
-      ("dnnl_memory_desc_create_with_strides", [pvp, ci, _DIMS, ci, _DIMS]),
-      ("dnnl_memory_desc_create_with_tag", [pvp, ci, _DIMS, ci, ci]),
-      ("dnnl_memory_desc_destroy", [vp]),
-      ("dnnl_primitive_attr_create", [pvp]),
-      ("dnnl_primitive_attr_set_scratchpad_mode", [vp, ci]),
-      (
-        "dnnl_convolution_forward_primitive_desc_create",
-        [pvp, vp, ci, ci, vp, vp, vp, vp, _DIMS, _DIMS, _DIMS, _DIMS, vp],
-      ),
-      (
-        "dnnl_convolution_backward_data_primitive_desc_create",
-        [pvp, vp, ci, vp, vp, vp, _DIMS, _DIMS, _DIMS, _DIMS, vp, vp],
-      ),
-      (
-        "dnnl_convolution_backward_weights_primitive_desc_create",
-        [pvp, vp, ci, vp, vp, vp, vp, _DIMS, _DIMS, _DIMS, _DIMS, vp, vp],
-      ),
-      ("dnnl_reorder_primitive_desc_create", [pvp, vp, vp, vp, vp, vp]),
-      ("dnnl_primitive_desc_query", [vp, ci, ci, vp]),
-      ("dnnl_primitive_create", [pvp, vp]),
-      ("dnnl_primitive_execute", [vp, vp, ci, ctypes.POINTER(_ExecArg)]),
-      ("dnnl_memory_create", [pvp, vp, vp, vp]),
-      ("dnnl_memory_destroy", [vp]),
-    ]
-    for name, argtypes in status:
+    for name, argtypes, restype in [(n, a, _ci) for n, a in _STATUS_FUNCTIONS] + _OTHER_FUNCTIONS:
       fn = getattr(cdll, name)
-      fn.argtypes, fn.restype = argtypes, ci
-    cdll.dnnl_primitive_desc_query_md.argtypes = [vp, ci, ci]
-    cdll.dnnl_primitive_desc_query_md.restype = vp
-    cdll.dnnl_memory_desc_equal.argtypes = [vp, vp]
-    cdll.dnnl_memory_desc_equal.restype = ci
-    cdll.dnnl_memory_desc_get_size.argtypes = [vp]
-    cdll.dnnl_memory_desc_get_size.restype = ctypes.c_size_t
+      fn.argtypes, fn.restype = argtypes, restype
     self.engine = ctypes.c_void_p()
     self.check(cdll.dnnl_engine_create(ctypes.byref(self.engine), _ENGINE_CPU, 0), "creating the CPU engine")
     self._local = threading.local()
@@ -339,18 +341,30 @@ class ConvPrimitives:
   def __init__(self, lib: _Library, spec: ConvSpec):
     self.lib, self.spec = lib, spec
     dt = _DTYPES[_DTYPE_NAMES[spec.dtype]]
-    kh, kw, i, o = spec.kernel_shape
-    g = spec.groups
     self.x_md = _nhwc_md(lib, spec.x_shape, dt)
     self.y_md = _nhwc_md(lib, spec.out_shape, dt)
-    self.w_md = _hwio_md(lib, spec.kernel_shape, g, dt)
+    self.w_md = _hwio_md(lib, spec.kernel_shape, spec.groups, dt)
+    self._attr = ctypes.c_void_p()
+    lib.check(lib.cdll.dnnl_primitive_attr_create(ctypes.byref(self._attr)), "attributes")
+    lib.check(lib.cdll.dnnl_primitive_attr_set_scratchpad_mode(self._attr, _SCRATCHPAD_USER), "scratchpad mode")
+    fwd_pd, bwd_data_pd, bwd_weights_pd = self._descriptors(dt)
+    self.forward_p = _Primitive(lib, fwd_pd, "forward")
+    self.backward_data_p = _Primitive(lib, bwd_data_pd, "backward-data")
+    self.backward_weights_p = _Primitive(lib, bwd_weights_pd, "backward-weights")
+    self._fwd_w = self._layout(self.forward_p.md(_QUERY_WEIGHTS_MD), into=True)
+    self._bwd_data_w = self._layout(self.backward_data_p.md(_QUERY_WEIGHTS_MD), into=True)
+    self._bwd_weights_w = self._layout(self.backward_weights_p.md(_QUERY_DIFF_WEIGHTS_MD), into=False)
+
+  def _descriptors(self, dt: int) -> tuple[ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]:
+    """The forward, backward-data and backward-weights primitive descriptors, weights in the layout oneDNN
+    prefers (``format_any``); :class:`ModelError` where oneDNN does not implement the convolution."""
+    lib, spec = self.lib, self.spec
+    kh, kw, i, o = spec.kernel_shape
+    g = spec.groups
     w_dims = (o, i, kh, kw) if g == 1 else (g, o // g, i, kh, kw)
     strides, dilates = _dims(spec.strides), _dims((0, 0))
     (pt, pb), (pl, pr) = spec.padding
     pad_l, pad_r = _dims((pt, pl)), _dims((pb, pr))
-    self._attr = ctypes.c_void_p()
-    lib.check(lib.cdll.dnnl_primitive_attr_create(ctypes.byref(self._attr)), "attributes")
-    lib.check(lib.cdll.dnnl_primitive_attr_set_scratchpad_mode(self._attr, _SCRATCHPAD_USER), "scratchpad mode")
     what = (
       f"convolution of {spec.x_shape} by {spec.kernel_shape} ({spec.dtype}, strides {spec.strides}, "
       f"padding {spec.padding}, groups {g})"
@@ -402,12 +416,7 @@ class ConvPrimitives:
       self._attr,
     )
     lib.cdll.dnnl_memory_desc_destroy(w_any)
-    self.forward_p = _Primitive(lib, fwd_pd, "forward")
-    self.backward_data_p = _Primitive(lib, bwd_data_pd, "backward-data")
-    self.backward_weights_p = _Primitive(lib, bwd_weights_pd, "backward-weights")
-    self._fwd_w = self._layout(self.forward_p.md(_QUERY_WEIGHTS_MD), into=True)
-    self._bwd_data_w = self._layout(self.backward_data_p.md(_QUERY_WEIGHTS_MD), into=True)
-    self._bwd_weights_w = self._layout(self.backward_weights_p.md(_QUERY_DIFF_WEIGHTS_MD), into=False)
+    return fwd_pd, bwd_data_pd, bwd_weights_pd
 
   def _layout(self, md: Any, into: bool) -> tuple[Any, _Primitive | None, int]:
     """(descriptor, reorder HWIO -> md (``into``) or md -> HWIO, or None when md is HWIO, bytes of md)."""
