@@ -64,7 +64,11 @@ def main(argv: list[str] | None = None) -> int:
   name = args.name or os.path.basename(os.path.normpath(args.workdir))
   result = {
     "name": name,
-    "machine": machine.one_line(),
+    # The run's own machine (summary.json names it); runs from before it did: this one, where it ran.
+    "machine": f"{summary['machine']['cpu']}, {summary['machine']['cpus']} CPUs"
+    if "machine" in summary
+    else machine.one_line(),
+    "dtype": summary["config"]["model"]["dtype"],
     "model": summary["model"],
     "parameters": summary["parameters"],
     "steps": summary["steps"],

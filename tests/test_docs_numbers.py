@@ -338,16 +338,21 @@ def test_explosion_text(explosion):
 def test_cifar_fast_text():
   """docs/cifar.md and the README quote the CIFAR-10 runs from ``experiments/time_to_accuracy.py``'s JSON."""
   fast = _load(os.path.join("cifar", "cifar10_fast.json"))
+  fp32 = _load(os.path.join("cifar", "cifar10_fast_float32.json"))
   first = _load(os.path.join("cifar", "cifar10_fast_first_recipe.json"))
   for doc in ("docs/cifar.md", "README.md"):
-    _assert_in(f"{100 * fast['final_accuracy']:.2f}%", doc)
-    _assert_in(f"{fast['total_wall_time_s'] / 60:.1f} min", doc)
+    for run in (fast, fp32):
+      _assert_in(f"{100 * run['final_accuracy']:.2f}%", doc)
+      _assert_in(f"{run['total_wall_time_s'] / 60:.1f} min", doc)
   _assert_in(f"{100 * first['final_accuracy']:.2f}%", "docs/cifar.md")
-  _assert_in(f"{first['total_wall_time_s'] / 60:.1f} min on the idle machine", "docs/cifar.md")
-  _assert_in(f"{first['train_images_per_sec']:.0f} images/s in steady state", "docs/cifar.md")
-  _assert_in(f"| {fast['epochs']:.0f} ({fast['steps']:,} steps) |", "docs/cifar.md")
-  assert fast["target_reached_s"] is None and first["target_reached_s"] is None  # "not reached"
+  for run in (fast, first):
+    _assert_in(f"{run['total_wall_time_s'] / 60:.1f} min on the idle machine", "docs/cifar.md")
+    _assert_in(f"{run['train_images_per_sec']:.0f} images/s in steady state", "docs/cifar.md")
+  for run in (fast, fp32):
+    _assert_in(f"| {run['epochs']:.0f} ({run['steps']:,} steps) |", "docs/cifar.md")
+  assert all(run["target_reached_s"] is None for run in (fast, fp32, first))  # "not reached"
   assert fast["recipe"]["optimizer"]["weight_decay"] == 1e-4 and fast["recipe"]["eval_flip"]
+  assert fast["dtype"] == "bfloat16" and fast["recipe"]["num_epochs"] == 50
 
 
 def test_transfer_digits_table():

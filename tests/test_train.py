@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from resnet_jax import metrics, optim, run_setup, train_loop, train_step
+from resnet_jax import machine, metrics, optim, run_setup, train_loop, train_step
 from resnet_jax.checkpoint import Checkpointer
 from resnet_jax.config_check import base_config
 from resnet_jax.errors import CheckpointError
@@ -209,6 +209,7 @@ def test_run_writes_summary_metrics_curves_and_checkpoints(mlp_run):
     assert key in summary
   with open(os.path.join(workdir, "summary.json")) as f:
     assert json.load(f)["steps"] == 8 == summary["steps"]
+  assert summary["machine"] == machine.describe()  # every figure names the CPU it was measured on
   assert summary["parameters"] == sum(
     int(np.prod(p.shape))
     for p in jax.tree.leaves(
