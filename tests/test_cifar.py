@@ -231,21 +231,8 @@ def test_effects_cli_bad_input_is_one_line(args, needle, tmp_path):
 def test_effects_runs_the_orderings_and_writes_curves_and_figures(tmp_path):
   data_dir = write_cifar_folder(str(tmp_path / "data"), per_class=15)  # 135 training images: 1 step
   out = tmp_path / "out"
-  proc = _effects(
-    [
-      "--data_dir",
-      data_dir,
-      "--epochs",
-      "2",
-      "--runs",
-      "orderings",
-      "--workdir",
-      str(tmp_path / "runs"),
-      "--out",
-      str(out),
-    ],
-    tmp_path,
-  )
+  args = ["--data_dir", data_dir, "--epochs", "2", "--runs", "orderings", "--workdir", str(tmp_path / "runs")]
+  proc = _effects([*args, "--out", str(out)], tmp_path)
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(out / "effects.json") as f:
     results = json.load(f)
@@ -255,20 +242,5 @@ def test_effects_runs_the_orderings_and_writes_curves_and_figures(tmp_path):
     assert {"layer1_0", "layer3_2"} <= set(r["grad_norm"])
   assert (out / "orderings.png").exists() and not (out / "degradation.png").exists()
   # A second call resumes the finished runs: nothing is trained again.
-  again = _effects(
-    [
-      "--data_dir",
-      data_dir,
-      "--epochs",
-      "2",
-      "--runs",
-      "orderings",
-      "--workdir",
-      str(tmp_path / "runs"),
-      "--out",
-      str(out),
-      "--plot_only",
-    ],
-    tmp_path,
-  )
+  again = _effects([*args, "--out", str(out), "--plot_only"], tmp_path)
   assert again.returncode == 0, again.stderr[-3000:]

@@ -186,18 +186,24 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-@pytest.mark.slow
-def test_kill_during_a_checkpoint_write_then_resume_from_the_newest_complete(finished_run, finished_setup, tmp_path):
-  workdir = tmp_path / "run"
+def kill_during_save(workdir, at_step: int) -> None:
+  """Run the 8-step tiny CLI training into ``workdir``, killed (SIGKILL) while it commits the checkpoint
+  of ``at_step``."""
   proc = subprocess.run(
     [sys.executable, "-c", KILL_DURING_SAVE, TRAIN, f"--workdir={workdir}", *tiny_args(8)],
     capture_output=True,
     text=True,
     cwd=ROOT,
     timeout=300,
-    env={**os.environ, "KILL_AT": "6"},
+    env={**os.environ, "KILL_AT": str(at_step)},
   )
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_kill_during_a_checkpoint_write_then_resume_from_the_newest_complete(finished_run, finished_setup, tmp_path):
+  workdir = tmp_path / "run"
+  kill_during_save(workdir, at_step=6)
   ckpts = workdir / "checkpoints"
   assert glob.glob(str(ckpts / f"6{ORBAX_TMP}*")), os.listdir(ckpts)  # The write was cut short.
   assert Checkpointer(str(ckpts)).all_steps() == [2, 4]

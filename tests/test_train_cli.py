@@ -9,7 +9,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import signal
 import subprocess
 import sys
 
@@ -22,7 +21,7 @@ from resnet_jax.tensorboard_events import EventWriter
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_configs import assert_one_line_error  # noqa: E402
-from test_reliability import KILL_DURING_SAVE, ROOT, TRAIN, tiny_args, train_cli  # noqa: E402
+from test_reliability import ROOT, TRAIN, kill_during_save, tiny_args, train_cli  # noqa: E402
 from test_train import tiny_config  # noqa: E402
 
 
@@ -185,15 +184,7 @@ def test_kill_and_resume_leave_no_step_duplicated_or_missing_in_the_events(tmp_p
   workdir = tmp_path / "run"
   # Killed while committing the checkpoint of step 6: the events of steps 5 and 6 (or more) are
   # written, the resumed run starts again after step 4.
-  proc = subprocess.run(
-    [sys.executable, "-c", KILL_DURING_SAVE, TRAIN, f"--workdir={workdir}", *tiny_args(8)],
-    capture_output=True,
-    text=True,
-    cwd=ROOT,
-    timeout=300,
-    env={**os.environ, "KILL_AT": "6"},
-  )
-  assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+  kill_during_save(workdir, at_step=6)
   assert max(s for s, _ in read_scalars(workdir)["train/loss"]) >= 6
   proc = train_cli(workdir, *tiny_args(8))
   assert proc.returncode == 0, proc.stderr[-3000:]
