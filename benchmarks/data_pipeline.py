@@ -1,6 +1,8 @@
 """Input-pipeline speed on an image folder of small JPEGs: the one-time decode into memory, and the
 steady-state images/s of the training pipeline with the images in memory against decoding them at every
-step (``config.dataset.in_memory='never'``), without any model.
+step (``config.dataset.in_memory='never'``), and of the two halves of augmentation on the device
+(``config.dataset.augment_on='device'``: the host pipeline's draws, and the jitted batch alone), without
+any model.
 
   python benchmarks/data_pipeline.py                                   # 5,000 random 32x32 JPEGs, q75
   python benchmarks/data_pipeline.py --images 20000 --json data.json
@@ -46,8 +48,10 @@ def write_folder(root: str, images: int, size: int, classes: int, quality: int) 
     Image.fromarray(rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)).save(path, quality=quality)
 
 
-def pipeline_rate(ds: data.Dataset, batch: int, num_threads: int, warmup: int, seconds: float) -> float:
-  it = iter(data.train_pipeline(ds, batch, seed=0, num_threads=num_threads))
+def pipeline_rate(
+  ds: data.Dataset, batch: int, num_threads: int, warmup: int, seconds: float, on_device: bool = False
+) -> float:
+  it = iter(data.train_pipeline(ds, batch, seed=0, num_threads=num_threads, on_device=on_device))
   try:
     for _ in range(warmup):
       next(it)
@@ -59,6 +63,30 @@ def pipeline_rate(ds: data.Dataset, batch: int, num_threads: int, warmup: int, s
   finally:
     if hasattr(it, "close"):
       it.close()
+
+
+def device_batch_rate(ds: data.Dataset, batch: int):
+  """``rate(warmup, seconds)``: images/s of :func:`resnet_jax.device_augment.make_batch` alone, jitted on
+  jax's default device, the training images in its memory (what ``augment_on='device'`` adds to the step)."""
+  import jax
+
+  from resnet_jax import device_augment
+
+  images = jax.device_put(ds.train_x)
+  make = jax.jit(device_augment.make_batch(ds.crop_padding_used, ds.mean, ds.std))
+  draws = [ds.train_draws(np.arange(i, i + batch) % ds.num_train, np.random.default_rng(i)) for i in range(8)]
+  draws = [jax.device_put(d) for d in draws]
+
+  def rate(warmup: int, seconds: float) -> float:
+    for i in range(warmup):
+      jax.block_until_ready(make(images, draws[i % 8]))
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+      jax.block_until_ready(make(images, draws[n % 8]))
+      n += 1
+    return n * batch / (time.perf_counter() - t0)
+
+  return rate
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,10 +134,15 @@ def main(argv: list[str] | None = None) -> int:
     memory = load("always")
     load_s = time.perf_counter() - t0
     stream = load("never")
-    rates: dict[str, list[float]] = {"memory": [], "per-step decode": []}
+    rates: dict[str, list[float]] = {"memory": [], "per-step decode": [], "device draws": [], "device batch": []}
+    make_batch = device_batch_rate(memory, args.batch)
     for _ in range(args.repeats):
       for name, ds in (("memory", memory), ("per-step decode", stream)):
         rates[name].append(pipeline_rate(ds, args.batch, args.num_threads, args.warmup, args.seconds))
+      rates["device draws"].append(
+        pipeline_rate(memory, args.batch, args.num_threads, args.warmup, args.seconds, on_device=True)
+      )
+      rates["device batch"].append(make_batch(args.warmup, args.seconds))
 
   result = {
     "cpu": machine.cpu_name(),

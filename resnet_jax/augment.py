@@ -59,15 +59,26 @@ def pad_crop_flip_part(
   faster than one gather over the batch.
   """
   _, h, w, _ = out.shape
-  dy = rng.integers(0, 2 * padding + 1, size=n)[part]
-  dx = rng.integers(0, 2 * padding + 1, size=n)[part]
-  mirror = (rng.random(n) < 0.5)[part]
+  crop = crop_draws(rng, n, part, padding, flip)
   padded = np.pad(out, ((0, 0), (padding, padding), (padding, padding), (0, 0))) if padding else out
   result = np.empty_like(out)
-  for i in range(out.shape[0]):
-    window = padded[i, dy[i] : dy[i] + h, dx[i] : dx[i] + w]
-    result[i] = window[:, ::-1] if flip and mirror[i] else window
+  for i, (dy, dx, mirror) in enumerate(crop):
+    window = padded[i, dy : dy + h, dx : dx + w]
+    result[i] = window[:, ::-1] if mirror else window
   return result
+
+
+def crop_draws(rng: np.random.Generator, n: int, part: slice, padding: int, flip: bool) -> np.ndarray:
+  """The random draws of :func:`pad_crop_flip` for the ``part`` of a batch of ``n``: int32 rows
+  ``(dy, dx, mirror)``, the window's offsets in the padded image (in ``[0, 2 * padding]``) and whether it
+  is flipped (always 0 without ``flip``; the flip draws are made either way, so ``flip`` does not change
+  the offsets). The host (:func:`pad_crop_flip_part`) and the device
+  (:func:`resnet_jax.device_augment.make_batch`) augment with the same draws.
+  """
+  dy = rng.integers(0, 2 * padding + 1, size=n)[part]
+  dx = rng.integers(0, 2 * padding + 1, size=n)[part]
+  mirror = (rng.random(n) < 0.5)[part] & flip
+  return np.stack([dy, dx, mirror], axis=1).astype(np.int32)
 
 
 def random_resized_crop(

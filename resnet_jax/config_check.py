@@ -20,7 +20,7 @@ from typing import Any
 import ml_collections
 
 from resnet_jax.augment import AUGMENTATIONS, NORMALIZATIONS
-from resnet_jax.data import IN_MEMORY
+from resnet_jax.data import AUGMENT_ON, IN_MEMORY
 from resnet_jax.datasets import DATASETS
 from resnet_jax.errors import ConfigError
 from resnet_jax.models import CONV_BACKENDS
@@ -55,6 +55,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.holdout_seed = 0  # which images holdout takes (resnet_jax.datasets.holdout_mask)
   c.dataset.in_memory = "auto"  # image_folder: auto (decode once into memory when the images are
   # image_size square and fit in in_memory_max_mb) | always | never
+  c.dataset.augment_on = "auto"  # where training batches are augmented: host (the input pipeline) |
+  # device (the step, images kept in device memory) | auto (device on GPU/TPU for in-memory images)
   c.dataset.in_memory_max_mb = 4096  # image_folder, in_memory=auto: most decoded MB held in memory
   c.dataset.num_threads = 2  # grain read threads
   c.dataset.num_workers = 0  # grain worker processes (0: none)
@@ -233,6 +235,7 @@ SCHEMA: dict[str, Any] = {
     "holdout": _holdout,
     "holdout_seed": _num(0, 2**31 - 1, integer=True),
     "in_memory": _choice(IN_MEMORY),
+    "augment_on": _choice(AUGMENT_ON),
     "in_memory_max_mb": _num(0, integer=True),
     "num_threads": _pos_int,
     "num_workers": _num(0, integer=True),

@@ -38,12 +38,13 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from resnet_jax.augment import ARRAY_AUGMENTATIONS, channel_stats, normalize, pad_crop_flip_part
+from resnet_jax.augment import ARRAY_AUGMENTATIONS, channel_stats, crop_draws, normalize, pad_crop_flip_part
 from resnet_jax.datasets import Split, Splits, fixed_subset, holdout_mask, load_splits
 from resnet_jax.errors import ConfigError, DataError
 from resnet_jax.image_files import ImageFiles, decode_images, unreadable_images
 
 IN_MEMORY = ("auto", "always", "never")
+AUGMENT_ON = ("auto", "host", "device")  # config.dataset.augment_on (resnet_jax.run_setup.augment_on)
 HEADER_SAMPLE = 64  # in_memory='auto': image headers read to check that the images are image_size.
 STATS_SAMPLE = 5000  # normalize='dataset' on a streamed folder: training images the statistics use.
 
@@ -115,6 +116,32 @@ class Dataset:
     if self.augment in ("pad_crop", "pad_crop_flip"):
       x = pad_crop_flip_part(x, rng, n, part, self.crop_padding, flip=self.augment == "pad_crop_flip")
     return x
+
+  @property
+  def crop_padding_used(self) -> int:
+    """The padding of the pad-crop this dataset's augmentation applies (0: none)."""
+    return self.crop_padding if self.augment in ("pad_crop", "pad_crop_flip") else 0
+
+  def train_draws(
+    self, indices: np.ndarray, rng: np.random.Generator, part: slice = slice(None)
+  ) -> dict[str, np.ndarray]:
+    """What :meth:`train_batch` would draw for ``indices[part]``, without the images: ``index`` (int32),
+    ``label`` and ``crop`` (int32 ``(dy, dx, mirror)`` rows, :func:`resnet_jax.augment.crop_draws`).
+    :func:`resnet_jax.device_augment.make_batch` turns them into that very batch on the device.
+    """
+    if not self.in_memory or self.augment not in ARRAY_AUGMENTATIONS:
+      raise ConfigError(
+        f"config.dataset.augment_on='device' needs the training images in memory and an augmentation of "
+        f"{ARRAY_AUGMENTATIONS}; {self.name} is {'held in memory' if self.in_memory else 'streamed'} with "
+        f"augment={self.augment!r}: use augment_on='host'"
+      )
+    indices = np.asarray(indices)
+    rows = indices[part]
+    if self.augment == "none":
+      crop = np.zeros((len(rows), 3), np.int32)
+    else:
+      crop = crop_draws(rng, len(indices), part, self.crop_padding, flip=self.augment == "pad_crop_flip")
+    return {"index": rows.astype(np.int32), "label": self.train_y[rows], "crop": crop}
 
   def test_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
     """Load and normalise the evaluation examples ``indices``."""
@@ -387,6 +414,7 @@ def train_pipeline(
   process_count: int = 1,
   num_threads: int = 2,
   num_workers: int = 0,
+  on_device: bool = False,
 ):
   """The training batches as a grain ``IterDataset``: an endless sequence of global batches.
 
@@ -401,6 +429,8 @@ def train_pipeline(
     process_index / process_count: this host's slice of each batch.
     num_threads: grain read threads in this process.
     num_workers: grain worker processes (``mp_prefetch``); 0 loads in this process.
+    on_device: yield :meth:`Dataset.train_draws` (indices, labels, crop draws) instead of images, for
+      a step that makes the batch on the device (:mod:`resnet_jax.device_augment`).
   """
   import grain
 
@@ -411,8 +441,10 @@ def train_pipeline(
   local = global_batch // process_count
   lo = process_index * local
 
+  read = ds.train_draws if on_device else ds.train_batch
+
   def load(indices: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    return ds.train_batch(np.asarray(indices), rng, slice(lo, lo + local))
+    return read(np.asarray(indices), rng, slice(lo, lo + local))
 
   pipeline = (
     grain.MapDataset.range(ds.num_train)

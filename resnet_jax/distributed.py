@@ -164,10 +164,17 @@ class DataParallel:
   def replicate(self, tree: Any) -> Any:
     return jax.device_put(tree, self.replicated)
 
-  def jit_train_step(self, step: Callable) -> Callable:
+  def replicate_host_array(self, x: np.ndarray) -> jax.Array:
+    """``x``, which every process holds whole, as one array replicated on every device of the mesh."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, self.replicated, lambda index: x[index])
+
+  def jit_train_step(self, step: Callable, replicated_args: int = 0) -> Callable:
+    """``step(state, batch, *more)`` jitted: the state replicated and donated, the batch sharded, and
+    ``replicated_args`` more arguments replicated (the training images of augmentation on the device)."""
     return jax.jit(
       step,
-      in_shardings=(self.replicated, self.batch),
+      in_shardings=(self.replicated, self.batch) + (self.replicated,) * replicated_args,
       out_shardings=(self.replicated, self.replicated),
       donate_argnums=(0,),
     )

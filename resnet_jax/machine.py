@@ -37,11 +37,12 @@ def one_line() -> str:
 
 
 def describe() -> dict:
-  """CPU model and count, OS, Python, jax's version and default backend. Asking for the backend starts it:
-  a script that sets ``XLA_FLAGS`` calls this afterwards."""
+  """CPU model and count, OS, Python, jax's version and default backend, and on a GPU or TPU the device
+  (``device``: ``"<count> x <kind>"``). Asking for the backend starts it: a script that sets
+  ``XLA_FLAGS`` calls this afterwards."""
   import jax
 
-  return {
+  out = {
     "cpu": cpu_name(),
     "cpus": available_cpus(),
     "platform": platform.platform(),
@@ -49,3 +50,6 @@ def describe() -> dict:
     "jax": jax.__version__,
     "backend": jax.default_backend(),
   }
+  if out["backend"] != "cpu":
+    out["device"] = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
+  return out

@@ -11,10 +11,11 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from resnet_jax import data as data_lib
-from resnet_jax import finetune, optim
+from resnet_jax import device_augment, finetune, optim
 from resnet_jax.config_check import check_device_count
 from resnet_jax.distributed import DataParallel
 from resnet_jax.errors import ConfigError, ModelError
@@ -46,17 +47,49 @@ def build_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule)
   return finetune.make_optimizer(config, schedule, optim.make_optimizer)
 
 
-def build_train_step(config: ml_collections.ConfigDict, num_classes: int, dp: DataParallel) -> Callable:
-  """The jitted training step of a run of ``config`` on the mesh ``dp``: what :class:`Setup` trains with
-  and ``benchmarks/bench.py`` times (:func:`resnet_jax.train_step.make_train_step`, the state donated)."""
-  return dp.jit_train_step(
-    make_train_step(
-      num_classes,
-      float(config.label_smoothing),
-      skip_nonfinite=True,
-      grad_norms=bool(config.get("log_grad_norms", False)),
-    )
+def build_train_step(
+  config: ml_collections.ConfigDict,
+  num_classes: int,
+  dp: DataParallel,
+  on_device: tuple[jax.Array, Callable] | None = None,
+) -> Callable:
+  """The jitted training step ``(state, batch) -> (state, metrics)`` of a run of ``config`` on the mesh
+  ``dp``: what :class:`Setup` trains with and ``benchmarks/bench.py`` times
+  (:func:`resnet_jax.train_step.make_train_step`, the state donated).
+
+  ``on_device``: ``(images, make_batch)`` for augmentation on the device: the step then takes the
+  draws of :meth:`resnet_jax.data.Dataset.train_draws` instead of a batch, and makes the batch with
+  ``make_batch(images, draws)`` (:func:`resnet_jax.device_augment.make_batch`) inside the same program.
+  """
+  step = make_train_step(
+    num_classes,
+    float(config.label_smoothing),
+    skip_nonfinite=True,
+    grad_norms=bool(config.get("log_grad_norms", False)),
   )
+  if on_device is None:
+    return dp.jit_train_step(step)
+  images, make_batch = on_device
+
+  def step_from_draws(state: TrainState, draws: dict, images: jax.Array):
+    return step(state, make_batch(images, draws))
+
+  jitted = dp.jit_train_step(step_from_draws, replicated_args=1)
+  return lambda state, draws: jitted(state, draws, images)
+
+
+def augment_on(setting: str, ds: data_lib.Dataset, platform: str) -> str:
+  """Where the training batches are augmented: ``host`` (the input pipeline) or ``device`` (the step).
+
+  ``auto``: the device on an accelerator when the images are in memory with an augmentation it can
+  make, else the host. ``device`` for a streamed folder or ``random_resized_crop_flip`` is a ConfigError.
+  """
+  can = ds.in_memory and ds.augment in data_lib.ARRAY_AUGMENTATIONS
+  if setting == "device" and not can:
+    ds.train_draws(np.zeros(0, np.int64), np.random.default_rng(0))  # Raises the ConfigError that says why.
+  if setting == "auto":
+    return "device" if can and platform != "cpu" else "host"
+  return setting
 
 
 def evaluate_state(
@@ -104,7 +137,13 @@ class Setup:
     self.schedule = optim.make_schedule(config, self.steps_per_epoch, self.total_steps)
     self.tx = build_optimizer(config, self.schedule)
     self.apply_fn = finetune.make_apply_fn(config, self.model)
-    self.train_step = build_train_step(config, self.data.num_classes, self.dp)
+    self.augment_on = augment_on(config.dataset.augment_on, self.data, self.dp.devices[0].platform)
+    on_device = None
+    if self.augment_on == "device":
+      images = self.dp.replicate_host_array(self.data.train_x)
+      ds = self.data
+      on_device = (images, device_augment.make_batch(ds.crop_padding_used, ds.mean, ds.std))
+    self.train_step = build_train_step(config, self.data.num_classes, self.dp, on_device)
     self.eval_step = self.dp.jit_eval_step(make_eval_step(self.data.num_classes, bool(config.get("eval_flip", False))))
 
   def init_state(self, log: Callable[[str], None] = print) -> TrainState:
@@ -133,6 +172,7 @@ class Setup:
         jax.process_count(),
         num_threads=c.dataset.num_threads,
         num_workers=c.dataset.num_workers,
+        on_device=self.augment_on == "device",
       )
     )
 

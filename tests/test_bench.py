@@ -248,3 +248,20 @@ def test_bench_onednn_backend_counts_the_same_flops(tmp_path):
   variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x))
   expected = _import_bench().matmul_flops(jax.make_jaxpr(lambda v, x: model.apply(v, x))(variables, x))
   assert res["jax"]["forward_flops_per_image"] == pytest.approx(expected)
+
+
+def test_data_pipeline_reports_every_storage_and_both_halves_of_device_augmentation(tmp_path):
+  out = tmp_path / "pipeline.json"
+  script = os.path.join(ROOT, "benchmarks", "data_pipeline.py")
+  args = ["--images", "60", "--batch", "8", "--seconds", "0.2", "--warmup", "1", "--repeats", "1"]
+  p = subprocess.run(
+    [sys.executable, script, *args, "--dir", str(tmp_path / "jpegs"), "--json", str(out)],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert p.returncode == 0, p.stderr
+  res = json.loads(out.read_text())
+  assert set(res["pipeline_images_per_s"]) == {"memory", "per-step decode", "device draws", "device batch"}
+  assert all(v > 0 for v in res["pipeline_images_per_s"].values())
+  assert len(list((tmp_path / "jpegs" / "train").glob("*/*.jpg"))) == 60

@@ -244,3 +244,90 @@ def test_effects_runs_the_orderings_and_writes_curves_and_figures(tmp_path):
   # A second call resumes the finished runs: nothing is trained again.
   again = _effects([*args, "--out", str(out), "--plot_only"], tmp_path)
   assert again.returncode == 0, again.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------------------------
+# experiments/he_table.py (He et al.'s Table 6) and experiments/torch_reference.py.
+
+
+def _experiment(script, args, tmp_path):
+  return subprocess.run(
+    [sys.executable, os.path.join(ROOT, "experiments", script), *args],
+    capture_output=True,
+    text=True,
+    cwd=tmp_path,
+    timeout=900,
+  )
+
+
+def _import_experiment(name):
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "experiments", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_he_table_runs_the_paper_recipe_with_its_drops_at_the_same_fractions():
+  he_table = _import_experiment("he_table")
+  full = he_table.run_config(110, "DIR", 64000)
+  assert (full.model.name, full.num_train_steps, full.batch_size) == ("resnet110", 64000, 128)
+  assert tuple(full.schedule.boundaries) == (32000.0, 48000.0) and full.schedule.warmup == 400
+  assert (full.optimizer.name, full.optimizer.learning_rate, full.optimizer.weight_decay) == ("sgd", 0.1, 1e-4)
+  short = he_table.run_config(20, "DIR", 1000)
+  assert tuple(short.schedule.boundaries) == (500.0, 750.0) and short.schedule.warmup == 0
+  assert short.eval_every_steps == 1000 and short.dataset.augment_on == "auto"
+  validate_config(short)
+
+
+@pytest.mark.parametrize(
+  "script, args, needle",
+  [
+    ("he_table.py", ["--data_dir", "x", "--depths", "20,21"], "--depths='20,21'"),
+    ("he_table.py", ["--data_dir", "x", "--steps", "2"], "--steps=2"),
+    ("torch_reference.py", ["--config", "nope.py", "--data_dir", "x"], "--config nope.py: no such file"),
+    ("torch_reference.py", ["--config", "configs/cifar10_resnet18.py", "--data_dir", "x"], "model.name = 'resnet18'"),
+  ],
+)
+def test_experiment_cli_bad_input_is_one_line(script, args, needle, tmp_path):
+  args = [os.path.join(ROOT, a) if a.startswith("configs/") else a for a in args]
+  proc = _experiment(script, args, tmp_path)
+  lines = proc.stderr.strip().splitlines()
+  assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], proc.stderr
+
+
+@pytest.mark.slow
+def test_he_table_trains_each_depth_writes_the_table_and_resumes(tmp_path):
+  data_dir = write_cifar_folder(str(tmp_path / "data"), per_class=15)  # 135 training images: 1 step of 128
+  out, runs = tmp_path / "out", str(tmp_path / "runs")
+  args = ["--data_dir", data_dir, "--depths", "20", "--steps", "8", "--workdir", runs, "--out", str(out)]
+  proc = _experiment("he_table.py", args, tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(out / "he_table.json") as f:
+    table = json.load(f)
+  (r,) = table["rows"]
+  assert (r["model"], r["parameters"], r["steps"], r["paper_error"]) == ("resnet20", 269_722, 8, 8.75)
+  assert 0 <= r["error"] <= 100 and table["eval_split"] == "15 held-out images"
+  assert "| ResNet-20 | 269,722 | 8 |" in (out / "he_table.md").read_text()
+  again = _experiment("he_table.py", [*args, "--table_only"], tmp_path)
+  assert again.returncode == 0 and "ResNet-20" in again.stdout
+
+
+@pytest.mark.slow
+def test_torch_reference_trains_the_config_on_the_same_data_and_writes_its_curve(tmp_path):
+  pytest.importorskip("torch")
+  data_dir = write_cifar_folder(str(tmp_path / "data"), per_class=15)
+  args = ["--config", os.path.join(ROOT, "configs", "cifar10_fast.py"), "--data_dir", data_dir, "--epochs", "2"]
+  proc = _experiment("torch_reference.py", [*args, "--dtype", "float32", "--out", str(tmp_path)], tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(tmp_path / "cifar10_fast_torch.json") as f:
+    result = json.load(f)
+  assert (result["model"], result["parameters"], result["steps"], result["dtype"]) == (
+    "resnet20",
+    269_722,
+    2,
+    "float32",
+  )
+  assert result["step"] == [2] and 0 <= result["final_accuracy"] <= 1 and result["train_images_per_sec"] > 0
+  assert result["eval_split"] == "5,000 images held out of the training set"

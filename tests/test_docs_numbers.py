@@ -393,3 +393,34 @@ def test_cifar_effects_tables():
   order = [runs[n]["final_train_error"] for n in ("resnet20", "resnet20_v2", "resnet20_relu_before_add")]
   assert order == sorted(order)  # ReLU-before-add trains worst after this budget
   _assert_in(f"--epochs {results['epochs']:g} --out docs/figures/cifar", doc)
+
+
+def test_idle_resnet20_ratios_against_pytorch():
+  """The README's idle-machine ResNet-20 figures are ``benchmarks/bench.py``'s JSON."""
+  for name in ("cpu_amd_r20_keep_idle_j012.json", "cpu_amd_r20_keep_bf16_idle_j012.json"):
+    with open(os.path.join(ROOT, "benchmarks", "results", name)) as f:
+      r = json.load(f)
+    ours, torch = r["jax"]["train"]["images_per_s"], r["torch"]["channels_last"]["train"]["images_per_s"]
+    _assert_in(f"{ours:.1f} vs {torch:.1f} img/s, **{ours / torch:.2f}**", "README.md")
+
+
+def test_pytorch_reference_of_the_fast_recipe():
+  """docs/cifar.md quotes ``experiments/torch_reference.py``'s JSON next to the run of this library."""
+  torch = _load(os.path.join("cifar", "cifar10_fast_torch_float32.json"))
+  ours = _load(os.path.join("cifar", "cifar10_fast.json"))
+  doc = "docs/cifar.md"
+  assert torch["recipe"]["num_epochs"] == ours["recipe"]["num_epochs"] == 50 and torch["dtype"] == "float32"
+  assert torch["recipe"]["optimizer"] == ours["recipe"]["optimizer"]
+  minutes = torch["total_wall_time_s"] / 60
+  _assert_in(f"it ends at **{100 * torch['final_accuracy']:.2f}%** after {minutes:.1f} min", doc)
+  diff = [100 * (a - b) for a, b in zip(torch["accuracy"], ours["accuracy"])]
+  assert torch["epoch"] == ours["epoch"]
+  _assert_in(
+    f"PyTorch's is ahead at {sum(d > 0 for d in diff)} of the {len(diff)} evaluations, "
+    f"by {max(diff):.2f} points at most",
+    doc,
+  )
+  for epoch in (10.0, 40.0):
+    i = ours["epoch"].index(epoch)
+    _assert_in(f"{100 * torch['accuracy'][i]:.2f}% against", doc)
+  _assert_in(f"It ends\n{diff[-1]:.2f} points higher".replace("\n", " "), doc)

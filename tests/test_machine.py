@@ -27,3 +27,13 @@ def test_the_description_names_jax_and_its_backend():
   d = machine.describe()
   assert d["jax"] == jax.__version__ and d["backend"] == jax.default_backend()
   assert d["python"] == ".".join(map(str, sys.version_info[:3]))
+
+
+def test_an_accelerator_is_named_and_a_cpu_run_has_no_device_entry():
+  import jax
+
+  d = machine.describe()
+  if jax.default_backend() == "cpu":
+    assert "device" not in d
+  else:
+    assert d["device"] == f"{jax.device_count()} x {jax.devices()[0].device_kind}"

@@ -2,7 +2,8 @@
 
 The same config trained on 1 device and on 4 devices, same global batch, must give the same loss
 trajectory and final parameters to float tolerance: BatchNorm statistics and gradients are over the
-global batch, not per device.
+global batch, not per device. The same holds when the step makes its batch on the devices
+(``dataset.augment_on='device'``: the training images replicated, the draws sharded).
 """
 
 from __future__ import annotations
@@ -31,14 +32,15 @@ CHILD = textwrap.dedent("""
     config = tiny_config("resnet20", num_train_steps=6, log_every_steps=1, eval_every_steps=3,
                          checkpoint_every_steps=6)
     out = {{}}
-    for n in (1, 4):
-      workdir = os.path.join({tmp!r}, f"dev{{n}}")
+    for n, where in ((1, "host"), (4, "host"), (4, "device")):
+      config.dataset.augment_on = where
+      workdir = os.path.join({tmp!r}, f"dev{{n}}_{{where}}")
       setup = run_setup.Setup(config, devices=jax.devices()[:n])
       batch = setup.dp.put_batch(next(setup.train_iterator()))
-      shards = len(batch["image"].addressable_shards)
+      shards = len(batch["label"].addressable_shards)
       summary = train_loop.train_and_evaluate(config, workdir, log=lambda *_: None, setup=setup)
       state, _, _ = Checkpointer(os.path.join(workdir, "checkpoints")).restore(setup.abstract_state())
-      out[n] = {{
+      out[f"{{n}}_{{where}}"] = {{
           "shards": shards,
           "devices": summary["devices"],
           "train_loss": [r["loss"] for r in metrics.read_metrics(workdir) if r["split"] == "train"],
@@ -64,11 +66,12 @@ def test_four_devices_match_one_device(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
   out = json.loads(line[len("RESULT ") :])
-  one, four = out["1"], out["4"]
-  assert (one["shards"], four["shards"]) == (1, 4)
-  assert (one["devices"], four["devices"]) == (1, 4)
+  one = out["1_host"]
+  assert one["shards"] == 1 and one["devices"] == 1
   assert len(one["train_loss"]) == 6
-  np.testing.assert_allclose(four["train_loss"], one["train_loss"], rtol=2e-5, atol=1e-6)
-  assert four["test"] == one["test"]
-  for a, b in zip(four["params"] + four["batch_stats"], one["params"] + one["batch_stats"]):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5)
+  for four in (out["4_host"], out["4_device"]):  # The device-made batches are sharded the same way.
+    assert four["shards"] == 4 and four["devices"] == 4
+    np.testing.assert_allclose(four["train_loss"], one["train_loss"], rtol=2e-5, atol=1e-6)
+    assert four["test"] == one["test"]
+    for a, b in zip(four["params"] + four["batch_stats"], one["params"] + one["batch_stats"]):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5)

@@ -249,8 +249,9 @@ def test_workdir_of_another_model_is_refused(mlp_run):
     train_loop.train_and_evaluate(tiny_config("resnet20"), workdir, log=_quiet)
 
 
-def test_resume_matches_an_uninterrupted_run_bitwise(tmp_path):
-  config = tiny_config("resnet20")
+@pytest.mark.parametrize("augment_on", ["host", "device"])
+def test_resume_matches_an_uninterrupted_run_bitwise(augment_on, tmp_path):
+  config = tiny_config("resnet20", **{"dataset.augment_on": augment_on})
   full, split = str(tmp_path / "full"), str(tmp_path / "split")
   setup = run_setup.Setup(config)  # Shared: one compilation for the three runs.
   train_loop.train_and_evaluate(config, full, log=_quiet, setup=setup)

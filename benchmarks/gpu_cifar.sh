@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# CIFAR-10 on a GPU in one command: the time-to-accuracy recipe, the paper's exact ResNet-20 recipe
+# (64k iterations), and, with the time left, He et al.'s Table 6, each with its wall time.
+#
+#   benchmarks/gpu_cifar.sh DATA [WHEEL_DIR]
+#
+# DATA: a CIFAR-10 folder (the pickle release, or train/<class>/*.jpg), or a .tar.gz of one, unpacked to
+# /tmp/cifar10 first. Packages as benchmarks/gpu_check.sh installs them (WHEEL_DIR default .whl/).
+# Environment: OUT_DIR (default $OUT, else /tmp/gpu_cifar), RUNS (default fast,paper), PAPER_STEPS (default
+# 64000), TABLE_DEPTHS (e.g. 20,32,44,56,110: add the table runs), TABLE_STEPS (default 64000),
+# ALLOW_CPU=1 (a dry run without a GPU; combine with PAPER_STEPS=8 and FAST_EPOCHS=0.2).
+# The training batches are augmented on the device (dataset.augment_on=auto): the input pipeline only
+# draws indices and crop offsets. Wall times, accuracies and the GPU's name are in OUT_DIR/*.json.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+DATA="${1:?usage: benchmarks/gpu_cifar.sh DATA [WHEEL_DIR]}"
+PY="${PYTHON:-python3}"
+OUT_DIR="${OUT_DIR:-${OUT:-/tmp/gpu_cifar}}"
+mkdir -p "$OUT_DIR"
+export PYTHONUNBUFFERED=1
+status=0
+
+if [ -f "$DATA" ]; then
+  mkdir -p /tmp/cifar10 && tar xzf "$DATA" -C /tmp/cifar10 || { echo "FAIL: cannot unpack $DATA"; exit 1; }
+  DATA=/tmp/cifar10
+fi
+if [ -z "${SKIP_INSTALL:-}" ] && compgen -G "${2:-.whl}/*.whl" >/dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    "${2:-.whl}"/*.whl || { echo "FAIL: wheel install"; exit 1; }
+  export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+else
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+$PY -c "import jax, os; print('== devices:', jax.devices()); \
+assert jax.default_backend() == 'gpu' or os.environ.get('ALLOW_CPU') == '1', jax.default_backend()" \
+  || { echo "FAIL: jax does not see a GPU"; exit 1; }
+
+timed() {  # timed NAME COMMAND...: run it, record its wall time in OUT_DIR/NAME.time
+  local name="$1" t0; shift
+  t0=$(date +%s.%N)
+  "$@" || { echo "FAIL: $name"; status=1; }
+  awk -v a="$(date +%s.%N)" -v b="$t0" 'BEGIN { printf "%.1f\n", a - b }' > "$OUT_DIR/$name.time"
+  echo "== $name: $(cat "$OUT_DIR/$name.time") s wall"
+}
+
+if [[ ",${RUNS:-fast,paper}," == *",fast,"* ]]; then
+  timed cifar10_fast $PY train.py --config=configs/cifar10_fast.py --config.dataset.data_dir="$DATA" \
+    --config.num_epochs="${FAST_EPOCHS:-50}" --config.progress_bar=False --workdir="$OUT_DIR/runs/cifar10_fast"
+  $PY experiments/time_to_accuracy.py --workdir "$OUT_DIR/runs/cifar10_fast" --out "$OUT_DIR" \
+    --name cifar10_fast_gpu || status=1
+fi
+if [[ ",${RUNS:-fast,paper}," == *",paper,"* ]]; then
+  timed cifar10_resnet20 $PY train.py --config=configs/cifar10_resnet20.py --config.dataset.data_dir="$DATA" \
+    --config.dataset.holdout=-1 --config.num_train_steps="${PAPER_STEPS:-64000}" --config.progress_bar=False \
+    --workdir="$OUT_DIR/runs/cifar10_resnet20"
+  cp "$OUT_DIR/runs/cifar10_resnet20/summary.json" "$OUT_DIR/cifar10_resnet20_gpu_summary.json" || status=1
+fi
+if [ -n "${TABLE_DEPTHS:-}" ]; then
+  timed he_table $PY experiments/he_table.py --data_dir "$DATA" --depths "$TABLE_DEPTHS" \
+    --steps "${TABLE_STEPS:-64000}" --workdir "$OUT_DIR/runs/he_table" --out "$OUT_DIR"
+fi
+echo "== gpu_cifar: $([ $status = 0 ] && echo PASS || echo FAIL)"
+exit $status

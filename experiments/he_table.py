@@ -1,0 +1,158 @@
+"""He et al. (2015), Table 6: ResNet-20/32/44/56/110 on CIFAR-10 with the paper's recipe, and the paper's errors.
+
+usage: python experiments/he_table.py --data_dir DIR [--depths 20,32,44,56,110] [--steps 64000]
+           [--workdir runs/he_table] [--out docs/figures/cifar] [--table_only]
+
+Every depth trains with ``configs/cifar10_resnet20.py``, the recipe of section 4.2 (batch 128, SGD
+momentum 0.9, lr 0.1 divided by 10 at 32k and 48k iterations, weight decay 1e-4, 64k iterations, pad-4
+crop and flip), only ``model.name`` changed; ResNet-110 warms up over its first 400 iterations, as the
+paper does (there at a constant 0.01, here linearly from 0). ``--steps`` shortens every run and moves the
+two learning-rate drops to the same fractions of it (1/2 and 3/4). On a GPU or TPU the training batches
+are augmented on the device (``dataset.augment_on='auto'``), so the input pipeline only draws indices.
+
+Each run is a ``train.py`` workdir, ``WORKDIR/resnetN``, checkpointed every 2,000 steps: the same
+command resumes what is unfinished, so the table can be filled over several sessions. Writes
+``OUT/he_table.json`` (per depth: parameters, steps, error, wall time, images/s, the machine, and the
+paper's figure) and ``OUT/he_table.md`` (the table). With the pickle release the error is on the 10,000
+test images, as in the paper; an image folder without ``test/`` reports its 5,000 held-out images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)  # The repository, when run from a clone without install.
+
+# He et al. (2015), Table 6: test error (%) on CIFAR-10; ResNet-110: best of 5 runs (mean 6.61 +- 0.16).
+PAPER_ERROR = {20: 8.75, 32: 7.51, 44: 7.17, 56: 6.97, 110: 6.43}
+PAPER_STEPS = 64000
+WARMUP_STEPS = {110: 400}
+
+
+def run_config(depth: int, data_dir: str, steps: int):
+  """``configs/cifar10_resnet20.py`` for ResNet-``depth``, ``steps`` iterations, drops at 1/2 and 3/4."""
+  path = os.path.join(ROOT, "configs", "cifar10_resnet20.py")
+  spec = importlib.util.spec_from_file_location("cifar10_resnet20", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  c.dataset.data_dir = data_dir
+  c.dataset.holdout = -1  # 5,000 held-out images when the folder has no test/.
+  c.model.name = f"resnet{depth}"
+  c.num_train_steps = steps
+  c.schedule.boundaries = tuple(b * steps / PAPER_STEPS for b in c.schedule.boundaries)
+  c.schedule.warmup = float(min(WARMUP_STEPS.get(depth, 0), steps // 8))
+  c.eval_every_steps = min(c.eval_every_steps, steps)
+  c.checkpoint_every_steps = min(c.checkpoint_every_steps, steps)
+  c.progress_bar = False
+  return c
+
+
+def row(depth: int, workdir: str) -> dict:
+  """One finished run's line of the table."""
+  with open(os.path.join(workdir, "summary.json")) as f:
+    s = json.load(f)
+  machine = s.get("machine", {})
+  return {
+    "depth": depth,
+    "model": s["model"],
+    "parameters": s["parameters"],
+    "steps": s["steps"],
+    "error": 100 * (1 - s["test_accuracy"]),
+    "best_error": 100 * (1 - s["best_test_accuracy"]),
+    "paper_error": PAPER_ERROR[depth],
+    "wall_time_s": s.get("wall_time_s"),
+    "images_per_sec": s["images_per_sec"],
+    "machine": machine.get("device") or f"{machine.get('cpu', '?')}, {machine.get('cpus', '?')} CPUs",
+  }
+
+
+def markdown(rows: list[dict], eval_split: str) -> str:
+  lines = [
+    f"| net | parameters | iterations | error here ({eval_split}) | He et al. (test) | wall time | images/s |",
+    "|---|---|---|---|---|---|---|",
+  ]
+  for r in rows:
+    wall = f"{r['wall_time_s'] / 60:.1f} min" if r["wall_time_s"] else "-"
+    speed = f"{r['images_per_sec']:,.0f}" if r["images_per_sec"] else "-"  # None: too few steps to time
+    lines.append(
+      f"| ResNet-{r['depth']} | {r['parameters']:,} | {r['steps']:,} | {r['error']:.2f}% | {r['paper_error']:.2f}% "
+      f"| {wall} | {speed} |"
+    )
+  return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+  from resnet_jax import machine
+  from resnet_jax.errors import ConfigError, parse_args
+
+  parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+  parser.add_argument("--data_dir", required=True, help="CIFAR-10: pickle release or train/<class>/ images")
+  parser.add_argument("--depths", default="20,32,44,56,110", help="comma-separated, of 20,32,44,56,110")
+  parser.add_argument("--steps", type=int, default=PAPER_STEPS, help="iterations per run (default 64000)")
+  parser.add_argument("--workdir", default=os.path.join("runs", "he_table"), help="one train.py workdir per depth")
+  parser.add_argument("--out", default=os.path.join("docs", "figures", "cifar"))
+  parser.add_argument("--table_only", action="store_true", help="write the table from the finished runs")
+  args = parse_args(
+    parser,
+    argv,
+    "usage: python experiments/he_table.py --data_dir DIR [--depths 20,32,44,56,110] [--steps 64000] "
+    "[--workdir W] [--out O] [--table_only]",
+  )
+  try:
+    depths = [int(d) for d in args.depths.split(",") if d]
+  except ValueError:
+    depths = []
+  if not depths or any(d not in PAPER_ERROR for d in depths):
+    raise ConfigError(f"--depths={args.depths!r}: expected a comma-separated subset of 20,32,44,56,110")
+  if args.steps < 8:
+    raise ConfigError(f"--steps={args.steps}: expected at least 8 iterations")
+  if not args.table_only:
+    from resnet_jax.host_memory import keep_host_memory
+
+    keep_host_memory()  # Before jax starts (resnet_jax.host_memory), as configs/cifar10_resnet20.py asks.
+    from resnet_jax import train_loop
+
+    for depth in depths:
+      print(f"== ResNet-{depth}: {args.steps} iterations", flush=True)
+      summary = train_loop.train_and_evaluate(
+        run_config(depth, args.data_dir, args.steps), os.path.join(args.workdir, f"resnet{depth}")
+      )
+      print(f"ResNet-{depth}: error {100 * (1 - summary['test_accuracy']):.2f}%", flush=True)
+  missing = [d for d in depths if not os.path.isfile(os.path.join(args.workdir, f"resnet{d}", "summary.json"))]
+  if missing:
+    raise ConfigError(
+      f"--table_only: no finished run of ResNet-{', '.join(map(str, missing))} in {args.workdir} "
+      "(run without --table_only first)"
+    )
+  rows = [row(d, os.path.join(args.workdir, f"resnet{d}")) for d in depths]
+  with open(os.path.join(args.workdir, f"resnet{depths[0]}", "data.json")) as f:
+    info = json.load(f)
+  eval_split = f"{info['holdout']['images']:,} held-out images" if info.get("eval_split") == "holdout" else "test"
+  result = {
+    "command": f"python experiments/he_table.py --data_dir CIFAR10_DIR --depths {args.depths} --steps {args.steps}",
+    "machine": machine.one_line(),
+    "eval_split": eval_split,
+    "rows": rows,
+  }
+  os.makedirs(args.out, exist_ok=True)
+  with open(os.path.join(args.out, "he_table.json"), "w") as f:
+    json.dump(result, f, indent=1)
+  table = markdown(rows, eval_split)
+  with open(os.path.join(args.out, "he_table.md"), "w") as f:
+    f.write(table)
+  print(table)
+  print(f"wrote {os.path.join(args.out, 'he_table.json')} and he_table.md")
+  return 0
+
+
+if __name__ == "__main__":
+  from resnet_jax.errors import run_cli
+
+  run_cli(main)
