@@ -49,6 +49,8 @@ if os.path.dirname(_HERE) not in sys.path:  # run as a script from a checkout
 if _HERE not in sys.path:
   sys.path.insert(0, _HERE)
 
+import torch_models  # noqa: E402 -- imports torch only when a PyTorch model is built
+
 from resnet_jax import machine  # noqa: E402
 from resnet_jax.errors import ConfigError, ModelError, run_cli  # noqa: E402
 
@@ -288,19 +290,11 @@ def bench_config(args: argparse.Namespace):
 
 
 def torch_optimizer(model, config):
-  """PyTorch's counterpart of ``config``'s optimizer (``resnet_jax.optim.make_optimizer``): SGD with momentum,
-  L2 weight decay added to the gradients of the kernels (parameters of >= 2 dims) only, as ``optim.decay_mask``."""
-  import torch
-
-  opt = config.optimizer
-  if opt.name != "sgd":
-    raise ConfigError(f"the PyTorch comparison implements optimizer sgd; the config has {opt.name!r}")
-  params = list(model.parameters())
-  groups = [
-    {"params": [p for p in params if p.ndim > 1], "weight_decay": float(opt.weight_decay)},
-    {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
-  ]
-  return torch.optim.SGD(groups, lr=float(opt.learning_rate), momentum=float(opt.momentum))
+  """PyTorch's counterpart of ``config``'s optimizer (``resnet_jax.optim.make_optimizer``):
+  :func:`torch_models.torch_sgd`."""
+  if config.optimizer.name != "sgd":
+    raise ConfigError(f"the PyTorch comparison implements optimizer sgd; the config has {config.optimizer.name!r}")
+  return torch_models.torch_sgd(model, config.optimizer)
 
 
 def sync(tree):
@@ -459,8 +453,6 @@ def import_torch():
 def bench_torch(args: argparse.Namespace, threads: int, schedule: Schedule) -> dict:
   """Build and warm up the torch steps, adding them to ``schedule``; the returned dict is filled by it."""
   torch = import_torch()
-  import torch_models
-
   if not torch_models.has_counterpart(args.model):
     print(
       f"note: no PyTorch counterpart for {args.model!r} (known: torchvision ResNets and CIFAR "

@@ -35,6 +35,30 @@ def create_torch_model(name: str, num_classes: int) -> Any:
   return _cifar_resnet(int(m.group(2)), num_classes, residual=m.group(1) == "resnet")
 
 
+SGD_OPTIMIZERS = ("sgd", "nesterov")
+
+
+def torch_sgd(model: Any, optimizer: Any) -> Any:
+  """PyTorch's counterpart of ``resnet_jax.optim.make_optimizer`` for ``optimizer.name`` sgd or nesterov
+  (``optimizer``: a config's ``optimizer`` section): SGD with momentum, L2 weight decay added to the
+  gradients of the kernels (parameters of >= 2 dims) only, as ``optim.decay_mask``."""
+  import torch
+
+  if optimizer.name not in SGD_OPTIMIZERS:
+    raise ValueError(f"optimizer {optimizer.name!r}: the PyTorch counterpart implements {SGD_OPTIMIZERS}")
+  params = list(model.parameters())
+  groups = [
+    {"params": [p for p in params if p.ndim > 1], "weight_decay": float(optimizer.weight_decay)},
+    {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+  ]
+  return torch.optim.SGD(
+    groups,
+    lr=float(optimizer.learning_rate),
+    momentum=float(optimizer.momentum),
+    nesterov=optimizer.name == "nesterov",
+  )
+
+
 def _cifar_resnet(depth: int, num_classes: int, residual: bool) -> Any:
   import torch
   import torch.nn.functional as F

@@ -36,8 +36,6 @@ sys.path.insert(0, ROOT)  # The repository, when run from a clone without instal
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 sys.path.insert(0, HERE)
 
-OPTIMIZERS = ("sgd", "nesterov")
-
 
 def load_config(path: str):
   """``get_config()`` of a train.py config file."""
@@ -68,9 +66,10 @@ def check_supported(cfg) -> None:
   unknown = sorted(set(cfg.model.options) - {"zero_init_residual"})
   if unknown:
     raise ConfigError(f"config.model.options {unknown}: the PyTorch reference implements zero_init_residual only")
-  if cfg.optimizer.name not in OPTIMIZERS:
+  if cfg.optimizer.name not in torch_models.SGD_OPTIMIZERS:
     raise ConfigError(
-      f"config.optimizer.name = {cfg.optimizer.name!r}: the PyTorch reference implements {', '.join(OPTIMIZERS)}"
+      f"config.optimizer.name = {cfg.optimizer.name!r}: the PyTorch reference implements "
+      f"{', '.join(torch_models.SGD_OPTIMIZERS)}"
     )
   if cfg.num_train_steps > 0:
     raise ConfigError("config.num_train_steps is set: the PyTorch reference counts training in num_epochs")
@@ -92,21 +91,6 @@ def build_model(cfg, num_classes: int):
     if hasattr(m, "bn2") and zero_init:
       nn.init.zeros_(m.bn2.weight)
   return model.to(memory_format=torch.channels_last)
-
-
-def make_optimizer(model, cfg):
-  """``torch.optim.SGD`` as ``resnet_jax.optim.make_optimizer`` builds sgd/nesterov: decay on kernels only."""
-  import torch
-
-  opt = cfg.optimizer
-  params = list(model.parameters())
-  groups = [
-    {"params": [p for p in params if p.ndim > 1], "weight_decay": float(opt.weight_decay)},
-    {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
-  ]
-  return torch.optim.SGD(
-    groups, lr=float(opt.learning_rate), momentum=float(opt.momentum), nesterov=opt.name == "nesterov"
-  )
 
 
 def to_torch(images):
@@ -138,6 +122,7 @@ def evaluate(model, ds, cfg, autocast) -> float:
 
 def main(argv: list[str] | None = None) -> int:
   import numpy as np
+  import torch_models
   from time_to_accuracy import time_to_accuracy
 
   from resnet_jax import data, machine, optim
@@ -182,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
   schedule = optim.make_schedule(cfg, steps_per_epoch, total_steps)
   lrs = np.asarray([float(schedule(s)) for s in range(total_steps)])
   model = build_model(cfg, ds.num_classes)
-  opt = make_optimizer(model, cfg)
+  opt = torch_models.torch_sgd(model, cfg.optimizer)
   loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=float(cfg.label_smoothing))
   batches = iter(data.train_pipeline(ds, int(cfg.batch_size), int(cfg.seed), num_threads=int(cfg.dataset.num_threads)))
 

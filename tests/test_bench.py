@@ -126,10 +126,12 @@ def test_cifar_models_are_read_from_the_model_registry():
   assert cifar == {f"{kind}{depth}" for kind in ("resnet", "preact_resnet", "plain") for depth in (20, 32, 44, 56, 110)}
 
 
-def test_torch_optimizer_makes_the_updates_of_the_training_optimizer():
-  """``--compare-torch`` times PyTorch with the optimizer train.py builds: three steps of both from the same
-  parameters and gradients (a kernel, which gets weight decay, and a bias, which does not) agree. (The decay
-  moves the kernel by about 1e-4 of its size over three steps, 100 times the tolerance.)"""
+@pytest.mark.parametrize("name", ["sgd", "nesterov"])
+def test_torch_optimizer_makes_the_updates_of_the_training_optimizer(name):
+  """``--compare-torch`` (sgd) and ``experiments/torch_reference.py`` (sgd, nesterov) run PyTorch with the
+  optimizer train.py builds: three steps of both from the same parameters and gradients (a kernel, which
+  gets weight decay, and a bias, which does not) agree. (The decay moves the kernel by about 1e-4 of its
+  size over three steps, 100 times the relative tolerance; jax computes in float32.)"""
   import argparse
 
   import numpy as np
@@ -140,6 +142,7 @@ def test_torch_optimizer_makes_the_updates_of_the_training_optimizer():
 
   bench = _import_bench()
   config = bench.bench_config(argparse.Namespace(model="resnet20", dtype="float32", conv_backend="xla"))
+  config.optimizer.name = name
   rng = np.random.default_rng(0)
   params = {"kernel": rng.normal(size=(3, 4)), "bias": rng.normal(size=(4,))}
   grads = [{k: rng.normal(size=v.shape) for k, v in params.items()} for _ in range(3)]
@@ -151,13 +154,16 @@ def test_torch_optimizer_makes_the_updates_of_the_training_optimizer():
   module = torch.nn.Module()
   for k, v in params.items():
     module.register_parameter(k, torch.nn.Parameter(torch.tensor(v)))
-  opt = bench.torch_optimizer(module, config)
+  if name == "sgd":
+    opt = bench.torch_optimizer(module, config)
+  else:
+    opt = bench.torch_models.torch_sgd(module, config.optimizer)
   for g in grads:
     for k, v in g.items():
       getattr(module, k).grad = torch.tensor(v)
     opt.step()
   for k in params:
-    np.testing.assert_allclose(getattr(module, k).detach().numpy(), np.asarray(jax_params[k]), rtol=1e-6)
+    np.testing.assert_allclose(getattr(module, k).detach().numpy(), np.asarray(jax_params[k]), rtol=1e-6, atol=1e-7)
 
 
 def test_matmul_flops_counts_convolutions_and_dense_layers_by_hand():
