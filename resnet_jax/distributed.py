@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 from collections.abc import Callable
@@ -64,6 +65,7 @@ def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
       f"coordinator_address (process 0's host and a free port) and num_processes, and its own "
       f"process_id in [0, num_processes)"
     ) from None
+  drop_lost_process_tracebacks()
   try:
     check_same_config(config)
   except DistributedError:
@@ -71,6 +73,28 @@ def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
   except BaseException:  # noqa: BLE001 -- e.g. a process lost meanwhile: this first collective fails.
     with end_process_on_error():
       raise
+
+
+class _DropLostProcessTracebacks(logging.Filter):
+  """Drops the log records whose exception is a lost process (:func:`_lost_a_process`)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    return error is None or not _lost_a_process(error)
+
+
+def drop_lost_process_tracebacks() -> None:
+  """Keep orbax's checkpoint threads from logging a traceback when another process has died.
+
+  A checkpoint save ends with a barrier across the processes, run by an orbax thread; when another
+  process dies meanwhile, the thread logs the failed collective with its traceback (absl
+  ``logging.exception``) and keeps the error for the main thread, which reports it in one line
+  (:func:`end_process_on_error`). This filter on the ``absl`` logger drops those records only; every
+  other record, with or without an exception, still goes through. Installed once per process.
+  """
+  logger = logging.getLogger("absl")
+  if not any(isinstance(f, _DropLostProcessTracebacks) for f in logger.filters):
+    logger.addFilter(_DropLostProcessTracebacks())
 
 
 def _lost_a_process(e: BaseException) -> bool:

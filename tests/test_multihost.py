@@ -16,6 +16,7 @@ tests/multihost.py. Every test has a deadline, and every process it starts is ki
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -194,6 +195,28 @@ def _one_error_line(result):
   assert len(lines) == 1, result.stderr[-3000:]
   assert "Traceback" not in result.stderr and "Check failed" not in result.stderr, result.stderr[-3000:]
   return lines[0]
+
+
+def test_a_checkpoint_thread_traceback_for_a_lost_process_is_dropped_and_other_errors_are_logged(caplog):
+  """orbax's checkpoint thread logs the barrier that failed when another process died (with traceback);
+  the main thread reports that error in one line, so the record is dropped. Other errors still log."""
+  from absl import logging as absl_logging
+
+  from resnet_jax.distributed import drop_lost_process_tracebacks
+
+  drop_lost_process_tracebacks()
+  drop_lost_process_tracebacks()  # Once per process, however often it is called.
+  assert sum(type(f).__name__ == "_DropLostProcessTracebacks" for f in logging.getLogger("absl").filters) == 1
+  for message in (
+    "UNKNOWN: Gloo AllGather failed: [pair.cc:538] Read error [127.0.0.1]:35513: Connection reset by peer",
+    "a bug in a checkpoint thread",
+  ):
+    try:
+      raise ValueError(message)
+    except ValueError:
+      absl_logging.exception("_SignalingThread.run() raised an exception")
+  logged = [r.exc_info[1].args[0] for r in caplog.records if r.exc_info]
+  assert logged == ["a bug in a checkpoint thread"]
 
 
 @pytest.mark.slow
