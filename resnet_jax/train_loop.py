@@ -152,7 +152,7 @@ def _run(
     log(
       f"training {config.model.name} on {config.dataset.name} ({setup.data.num_train} images, "
       f"{setup.total_steps} steps of {config.batch_size} on {len(setup.dp.devices)} "
-      f"{setup.dp.devices[0].platform} device(s)), writing to {workdir}"
+      f"{setup.dp.devices[0].platform} device(s), augmented on the {setup.augment_on}), writing to {workdir}"
     )
   with contextlib.ExitStack() as stack:
     writer = stack.enter_context(MetricsWriter(workdir, run.start_step, enabled=is_main))
@@ -421,6 +421,7 @@ def _summary(
     "global_batch": config.batch_size,
     "devices": len(setup.dp.devices),
     "platform": setup.dp.devices[0].platform,
+    "augment_on": setup.augment_on,
     "machine": machine.describe(),
     "train_time_s": meta["train_time_s"],
     "wall_time_s": run.wall_time(),
