@@ -122,6 +122,21 @@ class Dataset:
     """The padding of the pad-crop this dataset's augmentation applies (0: none)."""
     return self.crop_padding if self.augment in ("pad_crop", "pad_crop_flip") else 0
 
+  @property
+  def augmentable_on_device(self) -> bool:
+    """Whether :func:`resnet_jax.device_augment.make_batch` can make this dataset's training batches:
+    images in memory, augmentation ``none`` or a pad-crop."""
+    return self.in_memory and self.augment in ARRAY_AUGMENTATIONS
+
+  def check_augmentable_on_device(self) -> None:
+    """A ConfigError that says why, unless :attr:`augmentable_on_device`."""
+    if not self.augmentable_on_device:
+      raise ConfigError(
+        f"config.dataset.augment_on='device' needs the training images in memory and an augmentation of "
+        f"{ARRAY_AUGMENTATIONS}; {self.name} is {'held in memory' if self.in_memory else 'streamed'} with "
+        f"augment={self.augment!r}: use augment_on='host'"
+      )
+
   def train_draws(
     self, indices: np.ndarray, rng: np.random.Generator, part: slice = slice(None)
   ) -> dict[str, np.ndarray]:
@@ -129,12 +144,7 @@ class Dataset:
     ``label`` and ``crop`` (int32 ``(dy, dx, mirror)`` rows, :func:`resnet_jax.augment.crop_draws`).
     :func:`resnet_jax.device_augment.make_batch` turns them into that very batch on the device.
     """
-    if not self.in_memory or self.augment not in ARRAY_AUGMENTATIONS:
-      raise ConfigError(
-        f"config.dataset.augment_on='device' needs the training images in memory and an augmentation of "
-        f"{ARRAY_AUGMENTATIONS}; {self.name} is {'held in memory' if self.in_memory else 'streamed'} with "
-        f"augment={self.augment!r}: use augment_on='host'"
-      )
+    self.check_augmentable_on_device()
     indices = np.asarray(indices)
     rows = indices[part]
     if self.augment == "none":

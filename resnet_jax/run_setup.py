@@ -11,7 +11,6 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 from resnet_jax import data as data_lib
@@ -84,11 +83,10 @@ def augment_on(setting: str, ds: data_lib.Dataset, platform: str) -> str:
   ``auto``: the device on an accelerator when the images are in memory with an augmentation it can
   make, else the host. ``device`` for a streamed folder or ``random_resized_crop_flip`` is a ConfigError.
   """
-  can = ds.in_memory and ds.augment in data_lib.ARRAY_AUGMENTATIONS
-  if setting == "device" and not can:
-    ds.train_draws(np.zeros(0, np.int64), np.random.default_rng(0))  # Raises the ConfigError that says why.
+  if setting == "device":
+    ds.check_augmentable_on_device()
   if setting == "auto":
-    return "device" if can and platform != "cpu" else "host"
+    return "device" if ds.augmentable_on_device and platform != "cpu" else "host"
   return setting
 
 
