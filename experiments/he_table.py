@@ -20,7 +20,6 @@ test images, as in the paper; an image folder without ``test/`` reports its 5,00
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -37,11 +36,9 @@ WARMUP_STEPS = {110: 400}
 
 def run_config(depth: int, data_dir: str, steps: int):
   """``configs/cifar10_resnet20.py`` for ResNet-``depth``, ``steps`` iterations, drops at 1/2 and 3/4."""
-  path = os.path.join(ROOT, "configs", "cifar10_resnet20.py")
-  spec = importlib.util.spec_from_file_location("cifar10_resnet20", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
+  from resnet_jax.config_check import load_config_file
+
+  c = load_config_file(os.path.join(ROOT, "configs", "cifar10_resnet20.py"))
   c.dataset.data_dir = data_dir
   c.dataset.holdout = -1  # 5,000 held-out images when the folder has no test/.
   c.model.name = f"resnet{depth}"

@@ -24,7 +24,6 @@ accuracy against wall time, everything included), so the two can be read side by
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -35,18 +34,6 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)  # The repository, when run from a clone without install.
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 sys.path.insert(0, HERE)
-
-
-def load_config(path: str):
-  """``get_config()`` of a train.py config file."""
-  from resnet_jax.errors import ConfigError
-
-  if not os.path.isfile(path):
-    raise ConfigError(f"--config {path}: no such file (expected a config such as configs/cifar10_fast.py)")
-  spec = importlib.util.spec_from_file_location("torch_reference_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def check_supported(cfg) -> None:
@@ -126,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
   from time_to_accuracy import time_to_accuracy
 
   from resnet_jax import data, machine, optim
+  from resnet_jax.config_check import load_config_file
   from resnet_jax.errors import ConfigError, parse_args
 
   parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
@@ -143,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     "[--dtype float32|bfloat16] [--out DIR] [--name NAME]",
   )
   started = time.perf_counter()
-  cfg = load_config(args.config)
+  cfg = load_config_file(args.config)
   cfg.dataset.data_dir = args.data_dir
   if args.epochs:
     cfg.num_epochs = args.epochs

@@ -9,8 +9,10 @@ the value and what was expected.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import inspect
 import math
+import os
 import re
 import textwrap
 import tokenize
@@ -125,6 +127,25 @@ def base_config() -> ml_collections.ConfigDict:
   c.distributed.heartbeat_timeout_s = 100  # seconds without a heartbeat after which a process counts as
   # dead and the others stop (where the installed jax takes the setting)
   return c
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+  """``get_config()`` of a config file such as ``configs/cifar10_fast.py`` (what ``train.py --config`` reads).
+
+  Raises :class:`~resnet_jax.errors.ConfigError` when the file does not exist or defines no ``get_config``
+  returning a ConfigDict. The config is returned as written; :func:`validate_config` checks it.
+  """
+  if not os.path.isfile(path):
+    raise ConfigError(f"config file {path}: no such file (expected a config such as configs/cifar10_fast.py)")
+  name = "config_" + "".join(ch if ch.isalnum() else "_" for ch in os.path.splitext(os.path.basename(path))[0])
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  get_config = getattr(module, "get_config", None)
+  config = get_config() if callable(get_config) else None
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f"config file {path}: expected a get_config() that returns an ml_collections.ConfigDict")
+  return config
 
 
 def describe_config() -> list[tuple[str, Any, str]]:

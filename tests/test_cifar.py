@@ -286,7 +286,7 @@ def test_he_table_runs_the_paper_recipe_with_its_drops_at_the_same_fractions():
   [
     ("he_table.py", ["--data_dir", "x", "--depths", "20,21"], "--depths='20,21'"),
     ("he_table.py", ["--data_dir", "x", "--steps", "2"], "--steps=2"),
-    ("torch_reference.py", ["--config", "nope.py", "--data_dir", "x"], "--config nope.py: no such file"),
+    ("torch_reference.py", ["--config", "nope.py", "--data_dir", "x"], "config file nope.py: no such file"),
     ("torch_reference.py", ["--config", "configs/cifar10_resnet18.py", "--data_dir", "x"], "model.name = 'resnet18'"),
   ],
 )

@@ -7,7 +7,6 @@ exactly one ``error: ...`` line on stderr, no traceback, and nothing written.
 from __future__ import annotations
 
 import glob
-import importlib.util
 import math
 import os
 import subprocess
@@ -20,7 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from resnet_jax import optim, train_loop
-from resnet_jax.config_check import base_config, validate_config
+from resnet_jax.config_check import base_config, load_config_file, validate_config
 from resnet_jax.errors import ConfigError
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -33,10 +32,7 @@ SLOW = {"cifar100", "cifar10_resnet18", "imagenet_resnet50", "finetune"}
 
 
 def load_config(name: str) -> ml_collections.ConfigDict:
-  spec = importlib.util.spec_from_file_location(f"configs_{name}", os.path.join(ROOT, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return load_config_file(os.path.join(ROOT, "configs", f"{name}.py"))
 
 
 def test_the_required_configs_exist():
@@ -53,6 +49,24 @@ def test_config_is_valid(name, tmp_path):
       validate_config(config)
     config.dataset.data_dir = str(tmp_path)
   validate_config(config, device_count=1)
+
+
+def test_load_config_file_reads_get_config_and_names_a_bad_file(tmp_path):
+  good = tmp_path / "my-run.py"
+  good.write_text(
+    "from resnet_jax.config_check import base_config\n\n"
+    "def get_config():\n  c = base_config()\n  c.batch_size = 7\n  return c\n"
+  )
+  assert load_config_file(str(good)).batch_size == 7
+  with pytest.raises(ConfigError, match=r"nope\.py: no such file"):
+    load_config_file(str(tmp_path / "nope.py"))
+  bad = tmp_path / "bad.py"
+  bad.write_text("def get_config():\n  return {'batch_size': 7}\n")
+  with pytest.raises(ConfigError, match=r"bad\.py: expected a get_config\(\) that returns"):
+    load_config_file(str(bad))
+  (tmp_path / "empty.py").write_text("x = 1\n")
+  with pytest.raises(ConfigError, match=r"empty\.py: expected a get_config\(\)"):
+    load_config_file(str(tmp_path / "empty.py"))
 
 
 def test_cifar10_resnet20_is_the_paper_recipe():
