@@ -34,6 +34,7 @@ Public API: :func:`conv2d`, :func:`conv_general_dilated` (``lax``'s signature, w
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import platform
 import sys
@@ -303,8 +304,43 @@ def conv2d(
     )
   x, kernel = jnp.asarray(x), jnp.asarray(kernel)
   spec = make_spec(x.shape, kernel.shape, x.dtype, strides, padding, feature_group_count, kernel.dtype)
+  if _is_strided_1x1(spec):
+    x = _strided_1x1_input(x, spec)
+    spec = unit_stride_spec(spec)
   primitives(spec)  # built (or refused) now, at trace time, never inside the compiled program
   return _conv(spec, transport, x, kernel)
+
+
+def _is_strided_1x1(spec: ConvSpec) -> bool:
+  return spec.kernel_shape[:2] == (1, 1) and spec.strides != (1, 1)
+
+
+def unit_stride_spec(spec: ConvSpec) -> ConvSpec:
+  """The convolution oneDNN runs for ``spec``: a 1x1 convolution with strides ``s`` becomes the unit-stride
+  1x1 convolution of every ``s``-th pixel of the padded input, the same sum:
+
+    y[n, p, q, o] = sum_c x_pad[n, p*sh, q*sw, c] * kernel[0, 0, c, o] = conv1x1(x_pad[:, ::sh, ::sw])[n, p, q, o]
+
+  oneDNN 3.2's strided 1x1 kernel (``jit_1x1`` with its strided-input copy) computes wrong weight gradients
+  on AVX2-only CPUs for inputs of fewer than 8 channels, at random from run to run, and now and then never
+  returns (a race between its threads); the
+  unit-stride kernel is exact, and XLA's strided slice (whose gradient scatters ``dx`` back) costs what that
+  copy cost. Any other convolution is returned unchanged.
+  """
+  if not _is_strided_1x1(spec):
+    return spec
+  n, ho, wo, _ = spec.out_shape
+  return dataclasses.replace(spec, x_shape=(n, ho, wo, spec.x_shape[3]), strides=(1, 1), padding=((0, 0), (0, 0)))
+
+
+def _strided_1x1_input(x: Array, spec: ConvSpec) -> Array:
+  """Every ``strides``-th pixel of the padded ``x``: the input of :func:`unit_stride_spec`'s convolution."""
+  (pt, pb), (pl, pr) = spec.padding
+  if pt or pb or pl or pr:
+    x = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)))
+  n, ho, wo, _ = spec.out_shape
+  (sh, sw), c = spec.strides, x.shape[3]
+  return lax.slice(x, (0, 0, 0, 0), (n, (ho - 1) * sh + 1, (wo - 1) * sw + 1, c), (1, sh, sw, 1))
 
 
 _NHWC_DIMENSION_NUMBERS = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
@@ -435,10 +471,19 @@ def unsupported_reason(
   except ModelError as e:
     return str(e).split(": use ")[0]
   try:
-    primitives(spec)
+    primitives(unit_stride_spec(spec))
   except ModelError as e:
     return f"this CPU's oneDNN lacks some {spec.dtype} convolutions ({str(e).split(': use ')[0]})"
   return None
+
+
+def _bfloat16_runs_in_float32(lhs: Array, rhs: Array, window_strides: Sequence[int], padding: Any, **kwargs) -> bool:
+  """Whether a bfloat16 convolution that oneDNN cannot compute here has a float32 twin that it can."""
+  if jnp.result_type(lhs) != jnp.bfloat16 or jnp.result_type(rhs) != jnp.bfloat16:
+    return False
+  lhs32 = jax.ShapeDtypeStruct(jnp.shape(lhs), jnp.float32)
+  rhs32 = jax.ShapeDtypeStruct(jnp.shape(rhs), jnp.float32)
+  return unsupported_reason(lhs32, rhs32, window_strides, padding, **kwargs) is None
 
 
 def auto_conv_general_dilated(
@@ -458,6 +503,12 @@ def auto_conv_general_dilated(
 
   The choice is made per convolution at trace time; a fallback for a reason worth knowing (oneDNN missing, a
   dtype or primitive this CPU's oneDNN lacks) prints one ``note:`` line on stderr, once per reason.
+
+  A bfloat16 convolution that this CPU's oneDNN does not implement (an AVX2-only CPU has no bfloat16
+  primitives) while it implements the float32 one runs as that float32 convolution of the bfloat16 inputs,
+  rounded to bfloat16: ``y = bf16(conv(f32(x), f32(w)))``. That is what a bfloat16 convolution computes
+  (products of bfloat16 numbers are exact in float32, and oneDNN and XLA accumulate bfloat16 in float32
+  too), at the float32 speed, which on such a CPU is well above XLA's bfloat16 convolutions.
   """
   kwargs = dict(
     lhs_dilation=lhs_dilation,
@@ -470,6 +521,14 @@ def auto_conv_general_dilated(
   reason = unsupported_reason(lhs, rhs, window_strides, padding, **kwargs)
   if reason is None:
     return conv_general_dilated(lhs, rhs, window_strides, padding, precision=precision, **kwargs)
+  if reason and _bfloat16_runs_in_float32(lhs, rhs, window_strides, padding, **kwargs):
+    notice(
+      f"{reason}; they run in oneDNN in float32 on the bfloat16 inputs, with bfloat16 results (conv_backend='auto')",
+      key=reason.split(" (")[0],
+    )
+    lhs32, rhs32 = lhs.astype(jnp.float32), rhs.astype(jnp.float32)
+    y = conv_general_dilated(lhs32, rhs32, window_strides, padding, precision=precision, **kwargs)
+    return y.astype(jnp.bfloat16)
   if reason:  # one note per kind of reason, not per convolution shape
     notice(f"{reason}; XLA's convolutions are used there instead (conv_backend='auto')", key=reason.split(" (")[0])
   return lax.conv_general_dilated(lhs, rhs, window_strides, padding, precision=precision, **kwargs)

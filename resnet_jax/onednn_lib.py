@@ -16,6 +16,12 @@ are OpenMP threads: ``OMP_NUM_THREADS`` (default: the CPUs the process may run o
 Errors: a missing or unloadable library, and a convolution that oneDNN does not implement on this CPU
 (e.g. bfloat16 without AVX-512), are :class:`~resnet_jax.errors.ModelError` (the user can act on them); any
 other failing oneDNN call is :class:`OneDNNError`, an internal error that keeps its traceback.
+
+A known defect of this oneDNN (3.2) on AVX2-only CPUs: the backward-weights primitive of a 1x1 convolution
+with strides, for inputs of fewer than 8 channels, returns wrong weight gradients at random and now and
+then never returns (a race between its threads; ``benchmarks/onednn_check.py`` finds it). This layer runs
+what it is given; :mod:`resnet_jax.onednn_conv` never gives it such a convolution (it computes every
+strided 1x1 convolution as a unit-stride one, ``unit_stride_spec``).
 """
 
 from __future__ import annotations
