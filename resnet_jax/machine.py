@@ -1,5 +1,5 @@
-"""The machine a measurement ran on, named next to every figure: CPU model, CPUs this process may use,
-operating system, jax's version and backend.
+"""The machine a measurement ran on, named next to every figure: CPU model and vector instruction set,
+CPUs this process may use, operating system, jax's version and backend.
 
 Results files (``summary.json`` of a run, the JSON of ``benchmarks/`` and ``experiments/``) take
 :func:`describe`; plot titles and tables take :func:`one_line`.
@@ -23,6 +23,31 @@ def cpu_name() -> str:
   return platform.processor() or platform.machine()
 
 
+def _cpu_flags() -> set[str]:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("flags"):
+          return set(line.split(":", 1)[1].split())
+  except OSError:
+    pass
+  return set()
+
+
+def cpu_isa(flags: set[str] | None = None) -> str:
+  """The x86 vector instruction set that decides which kernels run (``"AVX-512 with bf16 and AMX"``,
+  ``"AVX-512 with bf16"``, ``"AVX-512"``, ``"AVX2"``, ``"SSE"``), from ``/proc/cpuinfo``'s flags (or
+  ``flags``); ``""`` where they are not known (macOS, ARM). The same CPU model name comes with AVX2 only or
+  with AVX-512, and oneDNN's bfloat16 convolutions need AVX-512 bf16 or AMX."""
+  flags = _cpu_flags() if flags is None else flags
+  if "avx512f" in flags:
+    extras = [name for flag, name in (("avx512_bf16", "bf16"), ("amx_bf16", "AMX")) if flag in flags]
+    return "AVX-512" + (" with " + " and ".join(extras) if extras else "")
+  if "avx2" in flags:
+    return "AVX2"
+  return "SSE" if any(f.startswith("sse") for f in flags) else ""
+
+
 def available_cpus() -> int:
   """The CPUs this process may run on (its affinity mask where the OS has one, else all)."""
   try:
@@ -32,18 +57,20 @@ def available_cpus() -> int:
 
 
 def one_line() -> str:
-  """``"<CPU model>, <n> CPUs"``: the machine in a plot title or a table caption."""
-  return f"{cpu_name()}, {available_cpus()} CPUs"
+  """``"<CPU model> (<instruction set>), <n> CPUs"``: the machine in a plot title or a table caption."""
+  isa = cpu_isa()
+  return f"{cpu_name()}{f' ({isa})' if isa else ''}, {available_cpus()} CPUs"
 
 
 def describe() -> dict:
-  """CPU model and count, OS, Python, jax's version and default backend, and on a GPU or TPU the device
-  (``device``: ``"<count> x <kind>"``). Asking for the backend starts it: a script that sets
-  ``XLA_FLAGS`` calls this afterwards."""
+  """CPU model, vector instruction set (:func:`cpu_isa`) and count, OS, Python, jax's version and default
+  backend, and on a GPU or TPU the device (``device``: ``"<count> x <kind>"``). Asking for the backend
+  starts it: a script that sets ``XLA_FLAGS`` calls this afterwards."""
   import jax
 
   out = {
     "cpu": cpu_name(),
+    "cpu_isa": cpu_isa(),
     "cpus": available_cpus(),
     "platform": platform.platform(),
     "python": platform.python_version(),

@@ -14,7 +14,8 @@ def test_the_machine_is_named_by_cpu_model_and_count():
   assert d["cpus"] == machine.available_cpus() >= 1
   if hasattr(os, "sched_getaffinity"):
     assert d["cpus"] == len(os.sched_getaffinity(0))
-  assert machine.one_line() == f"{d['cpu']}, {d['cpus']} CPUs"
+  isa = f" ({d['cpu_isa']})" if d["cpu_isa"] else ""
+  assert machine.one_line() == f"{d['cpu']}{isa}, {d['cpus']} CPUs"
   if os.path.exists("/proc/cpuinfo"):
     with open("/proc/cpuinfo") as f:
       names = {line.split(":", 1)[1].strip() for line in f if line.startswith("model name")}
@@ -37,3 +38,17 @@ def test_an_accelerator_is_named_and_a_cpu_run_has_no_device_entry():
     assert "device" not in d
   else:
     assert d["device"] == f"{jax.device_count()} x {jax.devices()[0].device_kind}"
+
+
+def test_the_vector_instruction_set_is_named():
+  assert machine.cpu_isa({"sse2", "avx", "avx2", "fma"}) == "AVX2"
+  assert machine.cpu_isa({"avx2", "avx512f", "avx512bw"}) == "AVX-512"
+  assert machine.cpu_isa({"avx2", "avx512f", "avx512_bf16"}) == "AVX-512 with bf16"
+  assert machine.cpu_isa({"avx2", "avx512f", "avx512_bf16", "amx_bf16"}) == "AVX-512 with bf16 and AMX"
+  assert machine.cpu_isa({"sse4_2"}) == "SSE" and machine.cpu_isa(set()) == ""
+  d = machine.describe()
+  assert d["cpu_isa"] == machine.cpu_isa()
+  if os.path.exists("/proc/cpuinfo"):
+    with open("/proc/cpuinfo") as f:
+      flags = set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
+    assert ("AVX-512" in d["cpu_isa"]) == ("avx512f" in flags)
