@@ -136,10 +136,9 @@ def main(argv: list[str]) -> int:
     validate_config(config)
     write_out(json.dumps(config.to_dict(), indent=2))
     return 0
-  if config.get("host_memory", "default") == "keep":  # before jax starts its backend (resnet_jax.host_memory)
-    from resnet_jax.host_memory import keep_host_memory
+  from resnet_jax import host_memory  # before jax starts its backend (resnet_jax.host_memory)
 
-    keep_host_memory()
+  host_memory.apply(host_memory.choose_for_config(config))
   if config.distributed.initialize:  # jax's fatal errors of a multi-host run as one line (not a stack dump)
     from resnet_jax.distributed_stderr import condense_fatal_errors
 

@@ -112,10 +112,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   )
   p.add_argument(
     "--host-memory",
-    choices=("keep", "default"),
-    default="default",
+    choices=("auto", "keep", "default"),
+    default="auto",
     help="keep: glibc keeps and reuses freed host memory (resnet_jax.host_memory), applied before "
-    "jax starts; it holds for torch in the same process too",
+    "jax starts; it holds for torch in the same process too; auto (as train.py): keep from 65,536 "
+    "input pixels per step (batch x size x size) on",
   )
   p.add_argument(
     "--cpu-conv",
@@ -552,10 +553,6 @@ def main(argv: list[str] | None = None) -> int:
   if args.cpu_conv == "eigen" and "--xla_cpu_experimental_ynn_fusion_type" in args.xla_flags:
     raise ConfigError("--xla-flags sets xla_cpu_experimental_ynn_fusion_type: use --cpu-conv default with it")
   xla_flags = set_xla_flags(args)
-  if args.host_memory == "keep":
-    from resnet_jax.host_memory import keep_host_memory
-
-    keep_host_memory()
 
   import jax
 
@@ -565,6 +562,9 @@ def main(argv: list[str] | None = None) -> int:
     models.create_model(args.model)  # raises ModelError naming close matches
     raise ModelError(f"unknown model {args.model!r}")
   set_model_defaults(args)
+  from resnet_jax import host_memory  # before jax starts its backend (the model above is only described)
+
+  args.host_memory_kept = host_memory.apply(host_memory.choose(args.host_memory, args.batch, args.size))
   threads = args.threads or machine.available_cpus()
   res: dict = {
     "machine": {**machine.describe(), "xla_flags": xla_flags},
@@ -572,8 +572,8 @@ def main(argv: list[str] | None = None) -> int:
   }
   print(
     f"{args.model}: batch {args.batch}, {args.size}x{args.size}, {args.dtype}, {args.num_classes} classes, "
-    f"{jax.default_backend()} ({res['machine']['cpu']}, {res['machine']['cpus']} CPUs), "
-    f"XLA_FLAGS={xla_flags!r}",
+    f"{jax.default_backend()} ({machine.one_line()}), "
+    f"XLA_FLAGS={xla_flags!r}, host memory {'kept' if args.host_memory_kept else 'default'}",
     flush=True,
   )
   schedule = Schedule(args.batch, args.warmup, args.min_repeat_seconds)

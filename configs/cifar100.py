@@ -28,7 +28,6 @@ def get_config():
   c.schedule.boundaries = (60.0, 120.0, 160.0)
   c.schedule.decay_factor = 0.2
   c.log_every_steps = 100
-  # glibc keeps and reuses the host memory XLA frees after each step: faster CPU steps at this size
-  # (resnet_jax.host_memory).
-  c.host_memory = "keep"
+  # host_memory stays "auto": at this batch and image size glibc keeps and reuses the host memory XLA
+  # frees after each step, for faster CPU steps (resnet_jax.host_memory).
   return c

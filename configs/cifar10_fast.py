@@ -5,7 +5,7 @@ training differs from configs/cifar10_resnet20.py: 50 epochs instead of 182, bfl
 parameters and BatchNorm statistics), Nesterov momentum, a 1-epoch linear warmup to 0.2 then a linear
 decay to 0, and the mean of each test image's and its mirror image's logits. The data stays in memory as
 uint8 and is augmented (4-pixel pad, random crop, flip) by the input pipeline; the convolutions run in
-oneDNN on x86-64 CPUs.
+oneDNN on x86-64 CPUs, and glibc keeps XLA's freed host memory for reuse (host_memory="auto").
 
   python train.py --config=configs/cifar10_fast.py --config.dataset.data_dir=/data/cifar10 \
       --workdir=runs/cifar10_fast
@@ -14,10 +14,10 @@ data_dir holds either the python-pickle release (cifar-10-batches-py/) or the im
 train/<class>/*.png|jpg. With the pickles the run trains on the 50,000 training images and reports
 the test split; a folder without test/ holds out 5,000 training images (dataset.holdout=-1) and
 reports those. Measured on 2 vCPUs of an AMD EPYC (AVX-512 with bf16): 85.58% on 5,000 held-out JPEG
-images after 50 epochs in 37.3 minutes, everything included: short of the paper's 91.25%. bfloat16 needs
-a CPU whose oneDNN computes it (AVX-512 bf16 or AMX); elsewhere the convolutions fall back to XLA with a
-one-line note and run slower than float32: there, add --config.model.dtype=float32
---config.num_epochs=29 (84.94% in 46.1 minutes on the same CPU). Results and the
+images after 50 epochs in 37.3 minutes, everything included: short of the paper's 91.25%. bfloat16 pays
+on a CPU whose oneDNN computes it (AVX-512 bf16 or AMX); on an AVX2-only CPU the convolutions run in
+float32 inside oneDNN (one-line note) and the bfloat16 step is slower than the float32 one: there, add
+--config.model.dtype=float32 --config.num_epochs=29 (84.94% in 46.1 minutes on an AMD EPYC). Results and the
 accuracy-against-wall-time curves: docs/cifar.md.
 """
 
@@ -48,5 +48,4 @@ def get_config():
   c.log_every_steps = 100
   c.eval_every_steps = 702  # every 2 epochs of 45,000 images: the accuracy-against-wall-time curve
   c.keep_checkpoints = 2
-  c.host_memory = "keep"
   return c

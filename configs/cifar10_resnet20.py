@@ -37,7 +37,6 @@ def get_config():
   c.log_every_steps = 100
   c.eval_every_steps = 2000
   c.checkpoint_every_steps = 2000
-  # glibc keeps and reuses the host memory XLA frees after each step: faster CPU steps at this size
-  # (resnet_jax.host_memory).
-  c.host_memory = "keep"
+  # host_memory stays "auto": at this batch and image size glibc keeps and reuses the host memory XLA
+  # frees after each step, for faster CPU steps (resnet_jax.host_memory).
   return c

@@ -25,6 +25,7 @@ from resnet_jax.augment import AUGMENTATIONS, NORMALIZATIONS
 from resnet_jax.data import AUGMENT_ON, IN_MEMORY
 from resnet_jax.datasets import DATASETS
 from resnet_jax.errors import ConfigError
+from resnet_jax.host_memory import HOST_MEMORY
 from resnet_jax.models import CONV_BACKENDS
 
 OPTIMIZERS = ("sgd", "nesterov", "adamw", "lars")
@@ -112,9 +113,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3  # the newest K checkpoints are kept
   c.progress_bar = True  # tqdm progress bar on stderr
   c.on_nonfinite = "stop"  # a non-finite loss: stop | skip (the step is not applied)
-  c.host_memory = "default"  # keep: glibc keeps and reuses freed host memory (one malloc arena),
-  # no page faults every step: CPU steps of CIFAR size and up ~20%
-  # faster, tiny ones (digits) slower (resnet_jax.host_memory) | default
+  c.host_memory = "auto"  # keep: glibc keeps and reuses freed host memory (one malloc arena),
+  # no page faults every step: CPU steps of CIFAR size and up ~20% faster, tiny ones (digits)
+  # slower | default | auto: keep from 65,536 input pixels per step (resnet_jax.host_memory)
   c.restore_step = -1  # resume from: -1 = the newest checkpoint; N = checkpoint N (later
   # ones are moved to WORKDIR/checkpoints_superseded/)
 
@@ -306,7 +307,7 @@ SCHEMA: dict[str, Any] = {
   "keep_checkpoints": _pos_int,
   "progress_bar": _type(bool, "True or False"),
   "on_nonfinite": _choice(NONFINITE),
-  "host_memory": _choice(("keep", "default")),
+  "host_memory": _choice(HOST_MEMORY),
   "restore_step": _num(-1, integer=True),
   "distributed": {
     "initialize": _type(bool, "True or False"),

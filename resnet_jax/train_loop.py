@@ -35,7 +35,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from resnet_jax import machine, optim
+from resnet_jax import host_memory, machine, optim
 from resnet_jax import workdir as workdir_lib
 from resnet_jax.checkpoint import Checkpointer
 from resnet_jax.config_check import validate_config
@@ -422,6 +422,7 @@ def _summary(
     "devices": len(setup.dp.devices),
     "platform": setup.dp.devices[0].platform,
     "augment_on": setup.augment_on,
+    "host_memory": "keep" if host_memory.kept() else "default",
     "machine": machine.describe(),
     "train_time_s": meta["train_time_s"],
     "wall_time_s": run.wall_time(),

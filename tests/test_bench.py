@@ -13,6 +13,8 @@ import sys
 
 import pytest
 
+from resnet_jax import machine
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks", "bench.py")
 COMMON = ["--batch", "2", "--size", "8", "--repeats", "2", "--warmup", "1", "--min-repeat-seconds", "0"]
@@ -44,6 +46,19 @@ def test_bench_jax_only_writes_json(tmp_path):
   assert res["utilisation"]["train_flops_per_image"] == pytest.approx(3 * jax_res["forward_flops_per_image"])
   assert "torch" not in res
   assert "jax (float32)" in p.stdout and "compile" in p.stdout
+  # --host-memory auto (the default): 2 images of 8x8 are far below a step worth keeping host memory for.
+  assert res["config"]["host_memory"] == "auto" and res["config"]["host_memory_kept"] is False
+  assert "host memory default" in p.stdout.splitlines()[0]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings: Linux only")
+def test_bench_keeps_host_memory_for_a_step_of_cifar_size(tmp_path):
+  out = tmp_path / "bench.json"
+  args = ["--model", "residual_mlp", "--batch", "64", "--size", "32", "--repeats", "1", "--warmup", "1"]
+  p = run_bench(*args, "--mode", "train", "--min-repeat-seconds", "0", "--json", str(out))
+  assert p.returncode == 0, p.stderr
+  res = json.loads(out.read_text())
+  assert res["config"]["host_memory_kept"] is True and "host memory kept" in p.stdout.splitlines()[0]
 
 
 @pytest.mark.slow
@@ -271,3 +286,37 @@ def test_data_pipeline_reports_every_storage_and_both_halves_of_device_augmentat
   assert set(res["pipeline_images_per_s"]) == {"memory", "per-step decode", "device draws", "device batch"}
   assert all(v > 0 for v in res["pipeline_images_per_s"].values())
   assert len(list((tmp_path / "jpegs" / "train").glob("*/*.jpg"))) == 60
+
+
+ONEDNN_CHECK = os.path.join(ROOT, "benchmarks", "onednn_check.py")
+
+
+def test_onednn_check_counts_shapes_and_writes_json(tmp_path):
+  out = tmp_path / "check.json"
+  grid = ["--kernels", "3", "--strides", "1,2", "--in-channels", "4", "--out-channels", "8", "--sizes", "5,8"]
+  p = subprocess.run(
+    [sys.executable, ONEDNN_CHECK, *grid, "--batches", "2", "--runs", "2", "--json", str(out)],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert p.returncode == 0, p.stderr
+  res = json.loads(out.read_text())
+  assert [(r["kernel"], r["stride"], r["shapes"], r["wrong"]) for r in res["summary"]] == [(3, 1, 2, 0), (3, 2, 2, 0)]
+  assert res["wrong"] == [] and res["machine"]["cpu_isa"] == machine.cpu_isa()
+  assert "3x3 stride 1: 0 of 2 shapes wrong" in p.stdout and "3x3 stride 2: 0 of 2 shapes wrong" in p.stdout
+
+
+@pytest.mark.parametrize(
+  "args, needle",
+  [
+    (["--kernels", "0"], "--kernels='0'"),
+    (["--sizes", "a"], "--sizes='a'"),
+    (["--runs", "0"], "--runs=0"),
+    (["--hang-seconds", "0"], "--hang-seconds=0.0"),
+  ],
+)
+def test_onednn_check_bad_arguments_are_one_line(args, needle):
+  p = subprocess.run([sys.executable, ONEDNN_CHECK, *args], capture_output=True, text=True, timeout=120)
+  lines = p.stderr.strip().splitlines()
+  assert p.returncode == 2 and len(lines) == 1 and needle in lines[0], p.stderr

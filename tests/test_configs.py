@@ -262,3 +262,4 @@ def test_cli_trains_prints_outputs_and_evaluates(tmp_path):
     summary = json.load(f)
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert result["step"] == 3 and result["test_accuracy"] == summary["test_accuracy"]
+  assert summary["host_memory"] == ("keep" if sys.platform.startswith("linux") else "default")

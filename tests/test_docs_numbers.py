@@ -424,6 +424,32 @@ def test_idle_resnet20_ratios_against_pytorch():
     _assert_in(f"{ours:.1f} vs {torch:.1f} img/s, **{ours / torch:.2f}**", "README.md")
 
 
+def test_avx2_default_flag_ratios_against_pytorch():
+  """The README's no-flags table on the AVX2-only CPU is ``benchmarks/bench.py``'s JSON: defaults only."""
+  rows = {}
+  for name in ("cpu_amd_avx2_r20_defaults_j012", "cpu_amd_avx2_r18_defaults_j012", "cpu_amd_avx2_r20_bf16_j012"):
+    with open(os.path.join(ROOT, "benchmarks", "results", f"{name}.json")) as f:
+      r = json.load(f)
+    c = r["config"]
+    assert (c["conv_backend"], c["host_memory"], c["cpu_conv"], c["xla_flags"]) == ("auto", "auto", "default", "")
+    assert c["host_memory_kept"] is True and r["machine"]["cpu"] == "AMD EPYC"
+    ours, torch = r["jax"]["train"]["images_per_s"], r["torch"]["channels_last"]["train"]["images_per_s"]
+    rows[name] = f"| {ours:.1f} | {torch:.1f} | "
+    _assert_in(
+      f"| {ours:.1f} | {torch:.1f} | **{ours / torch:.2f}**" if "bf16" not in name else rows[name], "README.md"
+    )
+    if "infer" in r["jax"]:
+      infer = r["jax"]["infer"]["images_per_s"] / r["torch"]["channels_last"]["infer"]["images_per_s"]
+      _assert_in(f"**{ours / torch:.2f}** (inference {infer:.2f})", "README.md")
+  bf16 = r["jax"]["train"]["images_per_s"]
+  assert r["config"]["dtype"] == "bfloat16"
+  _assert_in(f"float32 on the bfloat16 inputs ({bf16:.1f} images/s;", "README.md")
+  with open(os.path.join(ROOT, "benchmarks", "results", "cpu_amd_avx2_r20_defaults_j012.json")) as f:
+    f32 = json.load(f)["jax"]["train"]["images_per_s"]
+  _assert_in(f"float32\n({f32:.1f}) is the faster choice", "README.md")
+  _assert_in(f"AVX2-only AMD EPYC: {bf16:.1f} against {f32:.1f} images/s", "docs/cifar.md")
+
+
 def test_pytorch_reference_of_the_fast_recipe():
   """docs/cifar.md quotes ``experiments/torch_reference.py``'s JSON next to the run of this library."""
   torch = _load(os.path.join("cifar", "cifar10_fast_torch_float32.json"))

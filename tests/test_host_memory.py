@@ -13,8 +13,9 @@ import sys
 import jax
 import pytest
 
+from resnet_jax.config_check import base_config
 from resnet_jax.errors import ConfigError
-from resnet_jax.host_memory import keep_host_memory
+from resnet_jax.host_memory import KEEP_FROM_PIXELS, choose, choose_for_config, keep_host_memory, kept
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -72,3 +73,43 @@ def test_too_late_once_the_backend_has_started():
   jax.devices()
   with pytest.raises(ConfigError, match="before jax starts its backend"):
     keep_host_memory()
+
+
+@pytest.mark.parametrize(
+  "setting, batch, side, expected",
+  [
+    ("auto", 64, 8, "default"),  # the digits quick start
+    ("auto", 1023, 8, "default"),
+    ("auto", 1024, 8, "keep"),
+    ("auto", 63, 32, "default"),
+    ("auto", 64, 32, "keep"),  # CIFAR from batch 64 on
+    ("auto", 128, 32, "keep"),
+    ("auto", 1, 224, "default"),
+    ("auto", 2, 224, "keep"),
+    ("keep", 1, 8, "keep"),  # an explicit setting is kept as it is
+    ("default", 512, 224, "default"),
+  ],
+)
+def test_auto_keeps_from_a_number_of_input_pixels_per_step(setting, batch, side, expected):
+  assert choose(setting, batch, side) == expected
+  assert (batch * side * side >= KEEP_FROM_PIXELS) == (choose("auto", batch, side) == "keep")
+
+
+def test_choose_for_config_reads_the_dataset_image_side_and_names_a_bad_setting():
+  c = base_config()  # python train.py: the digits
+  assert c.host_memory == "auto" and choose_for_config(c) == "default"
+  c.dataset.name = "cifar10"
+  assert choose_for_config(c) == "keep"
+  c.batch_size = 32
+  assert choose_for_config(c) == "default"
+  c.dataset.name, c.dataset.image_size = "image_folder", 224
+  assert choose_for_config(c) == "keep"
+  c.dataset.image_size, c.batch_size = 64, 8  # 32,768 pixels
+  assert choose_for_config(c) == "default"
+  c.host_memory = "reuse"
+  with pytest.raises(ConfigError, match="host_memory = 'reuse': expected one of auto, keep, default"):
+    choose_for_config(c)
+
+
+def test_a_process_that_did_not_keep_its_memory_says_so():
+  assert not kept()  # this test process never called keep_host_memory successfully
