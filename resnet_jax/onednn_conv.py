@@ -323,9 +323,8 @@ def unit_stride_spec(spec: ConvSpec) -> ConvSpec:
 
   oneDNN 3.2's strided 1x1 kernel (``jit_1x1`` with its strided-input copy) computes wrong weight gradients
   on AVX2-only CPUs for inputs of fewer than 8 channels, at random from run to run, and now and then never
-  returns (a race between its threads); the
-  unit-stride kernel is exact, and XLA's strided slice (whose gradient scatters ``dx`` back) costs what that
-  copy cost. Any other convolution is returned unchanged.
+  returns (a race between its threads); the unit-stride kernel is exact, and XLA's strided slice (whose
+  gradient scatters ``dx`` back) costs what that copy cost. Any other convolution is returned unchanged.
   """
   if not _is_strided_1x1(spec):
     return spec
