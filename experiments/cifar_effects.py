@@ -205,9 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     raise ConfigError(f"--epochs={args.epochs}: expected a positive number of epochs")
   names = [n for n, (_, _, s) in RUNS.items() if set(s) & set(studies)]
   if not args.plot_only:
-    from resnet_jax.host_memory import keep_host_memory
+    from resnet_jax import host_memory
 
-    keep_host_memory()  # Before jax starts (resnet_jax.host_memory).
+    # Before jax starts, as train.py does for the shared recipe (host_memory = "keep").
+    host_memory.apply(host_memory.choose_for_config(run_config(*RUNS[names[0]][:2], args.data_dir, args.epochs)))
     from resnet_jax import train_loop
 
     for name in names:

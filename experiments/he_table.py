@@ -111,9 +111,10 @@ def main(argv: list[str] | None = None) -> int:
   if args.steps < 8:
     raise ConfigError(f"--steps={args.steps}: expected at least 8 iterations")
   if not args.table_only:
-    from resnet_jax.host_memory import keep_host_memory
+    from resnet_jax import host_memory
 
-    keep_host_memory()  # Before jax starts (resnet_jax.host_memory), as configs/cifar10_resnet20.py asks.
+    # Before jax starts: what train.py would choose for these runs (batch 128 of 32x32: keep).
+    host_memory.apply(host_memory.choose_for_config(run_config(depths[0], args.data_dir, args.steps)))
     from resnet_jax import train_loop
 
     for depth in depths:
