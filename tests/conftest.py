@@ -1,10 +1,39 @@
-"""Shared test settings: hypothesis profiles sized for a 2-core CPU; the finished training run that the
-reliability tests resume, damage and compare with."""
+"""Shared test settings: one XLA compilation cache for the session; hypothesis profiles sized for a
+2-core CPU; the finished training run that the reliability tests resume, damage and compare with."""
 
 import os
+import shutil
+import sys
+import tempfile
 
 import pytest
 from hypothesis import HealthCheck, settings
+
+# Many tests start train.py and the other CLIs in subprocesses, and each new process compiles the same
+# small programs again (model initialisers, training and evaluation steps): most of a short run's time on
+# a 2-core CPU. A persistent XLA compilation cache, new for each session (so it never outlives the
+# machine or the jax version that wrote it) and inherited by every subprocess through the environment,
+# compiles each program once per session. Set JAX_COMPILATION_CACHE_DIR to choose the folder yourself.
+_CACHE_ENV = {
+  "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+  "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+}
+
+
+def pytest_configure(config):
+  if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    folder = tempfile.mkdtemp(prefix="resnet_jax_test_xla_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
+    config.add_cleanup(lambda: shutil.rmtree(folder, ignore_errors=True))
+  for name, value in _CACHE_ENV.items():
+    os.environ.setdefault(name, value)
+  if "jax" in sys.modules:  # Imported before this file (by a plugin): its flags were read already.
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
 
 # JIT compilation makes the first example slow; deadlines would only measure the compiler.
 settings.register_profile(

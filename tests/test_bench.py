@@ -253,6 +253,7 @@ def test_conv_ops_bad_arguments_are_one_line(args, needle):
   assert p.stderr.startswith("error: ") and needle in p.stderr and len(p.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_bench_onednn_backend_counts_the_same_flops(tmp_path):
   """--conv-backend onednn runs, labels its row, and counts the model's FLOPs (its convolutions are custom calls)."""
   import jax

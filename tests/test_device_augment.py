@@ -75,7 +75,7 @@ def test_crop_draws_shift_and_mirror_every_image_on_its_own():
   assert not no_flip[:, 2].any()
 
 
-@pytest.mark.parametrize("model", ["resnet20", "residual_mlp"])
+@pytest.mark.parametrize("model", [pytest.param("resnet20", marks=pytest.mark.slow), "residual_mlp"])
 def test_a_run_augmented_on_the_device_trains_as_on_the_host(model, tmp_path):
   runs = {}
   for where in ("host", "device"):

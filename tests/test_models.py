@@ -290,7 +290,7 @@ def init_eval_and_train_step(name: str, options: tuple = ()):
   [
     ("resnet20", ()),
     ("preact_resnet20", ()),
-    ("resnet18", ()),
+    pytest.param("resnet18", (), marks=pytest.mark.slow),
     pytest.param("plain20", (), marks=pytest.mark.slow),
     pytest.param("resnet50", (("num_filters", 8),), marks=pytest.mark.slow),
     # zero-init at 8 filters: the 1x1 last stage of a 32x32 input would be the same for both images
@@ -465,7 +465,9 @@ def test_resnet_module_is_public():
     # Bottlenecks, 7x7/2 stem, max-pool, projections; at 64x64 the last stage's BatchNorm still sees 2x2
     # pixels per image (at 32x32, one pixel of two images makes the float32 gradients ill-conditioned).
     pytest.param("resnet50", {"num_filters": 8}, 64, marks=pytest.mark.slow),
-    ("resnext50_32x4d", {"num_filters": 16, "width_per_group": 16, "groups": 4}, 64),  # grouped 3x3 convs
+    pytest.param(  # grouped 3x3 convs
+      "resnext50_32x4d", {"num_filters": 16, "width_per_group": 16, "groups": 4}, 64, marks=pytest.mark.slow
+    ),
   ],
 )
 def test_onednn_conv_backend_equals_xla(name, options, size):

@@ -264,7 +264,7 @@ def test_a_killed_process_stops_the_others_and_the_next_launch_resumes(tmp_path,
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("after_s", [2, 6])
+@pytest.mark.parametrize("after_s", [pytest.param(2, marks=pytest.mark.slow), 6])
 def test_a_process_killed_during_start_up_ends_the_other_with_one_line(tmp_path, after_s):
   """Process 1 killed during its start (importing, connecting, loading, compiling): process 0 ends
   within the initialization or heartbeat timeout (5 s each here), with one line instead of jax's stack

@@ -179,7 +179,14 @@ def _random_variables(model, size):
   return {"params": variables["params"], "batch_stats": stats}
 
 
-@pytest.mark.parametrize("name", ["resnet20", "resnet18", pytest.param("resnet50", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+  "name",
+  [
+    "resnet20",
+    pytest.param("resnet18", marks=pytest.mark.slow),
+    pytest.param("resnet50", marks=pytest.mark.slow),
+  ],
+)
 def test_onnx_and_stablehlo_parity(name):
   import jax2onnx  # noqa: F401, E401  (the test extra installs them: a failure, never a skip)
 

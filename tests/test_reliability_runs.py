@@ -198,6 +198,7 @@ def test_a_second_train_py_on_a_training_workdir_is_refused(tmp_path):
 # 3. restore_step keeps the superseded run's files.
 
 
+@pytest.mark.slow
 def test_restore_step_keeps_the_superseded_metrics_summary_and_config(finished_run, tmp_path):
   workdir = _copy(finished_run, tmp_path)
   before = snapshot(workdir)
@@ -431,6 +432,7 @@ def test_gradflow_out_that_cannot_be_written_fails_before_computing(tmp_path):
   assert str(blocker) in str(info.value.filename)
 
 
+@pytest.mark.slow
 def test_damaged_metrics_lines_do_not_stop_the_run_nor_its_reruns(finished_run, tmp_path):
   workdir = _copy(finished_run, tmp_path)
   bad = [
@@ -524,7 +526,9 @@ def uninterrupted(tmp_path_factory):
   return workdir
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize(
+  "signum", [pytest.param(signal.SIGTERM, marks=pytest.mark.slow), signal.SIGINT], ids=["SIGTERM", "SIGINT"]
+)
 def test_signal_stops_after_the_step_with_a_checkpoint_and_resumes_bitwise(uninterrupted, tmp_path, signum):
   workdir = tmp_path / "run"
   args = tiny_args(SIGNAL_STEPS, checkpoint_every=50)
