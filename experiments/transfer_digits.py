@@ -108,9 +108,10 @@ def main(argv: list[str] | None = None) -> int:
       f"--weights={args.weights}: no such file (write one with python -m "
       f"resnet_jax.finetune --workdir=RUN --out=FILE.safetensors)"
     )
-  from resnet_jax.host_memory import keep_host_memory
+  from resnet_jax import host_memory
 
-  keep_host_memory()  # Before jax starts (resnet_jax.host_memory).
+  # Before jax starts, as train.py does: every arm shares the batch and image size that auto decides from.
+  host_memory.apply(host_memory.choose_for_config(arm_config("", args.model, "", sizes[0], args.steps, seeds[0])))
   from resnet_jax import train_loop
 
   data_dir = write_digits_folder(os.path.join(args.workdir, "digits_png"))
