@@ -163,6 +163,7 @@ def test_grad_norms_are_the_norms_of_each_blocks_gradient():
   assert "grad_norm" not in without
 
 
+@pytest.mark.slow
 def test_run_records_grad_norms_per_block_and_its_wall_time_across_a_resume(tmp_path):
   config = tiny_config("resnet20", log_grad_norms=True, eval_flip=True)
   workdir = str(tmp_path / "run")
@@ -288,6 +289,9 @@ def test_he_table_runs_the_paper_recipe_with_its_drops_at_the_same_fractions():
     ("he_table.py", ["--data_dir", "x", "--steps", "2"], "--steps=2"),
     ("torch_reference.py", ["--config", "nope.py", "--data_dir", "x"], "config file nope.py: no such file"),
     ("torch_reference.py", ["--config", "configs/cifar10_resnet18.py", "--data_dir", "x"], "model.name = 'resnet18'"),
+    ("jpeg_quality.py", ["--data_dir", "x", "--qualities", "source,100"], "--qualities='source,100'"),
+    ("jpeg_quality.py", ["--data_dir", "x", "--qualities", "50,50"], "expected distinct entries"),
+    ("jpeg_quality.py", ["--data_dir", "x", "--epochs", "0"], "--epochs=0.0"),
   ],
 )
 def test_experiment_cli_bad_input_is_one_line(script, args, needle, tmp_path):
@@ -331,3 +335,54 @@ def test_torch_reference_trains_the_config_on_the_same_data_and_writes_its_curve
   )
   assert result["step"] == [2] and 0 <= result["final_accuracy"] <= 1 and result["train_images_per_sec"] > 0
   assert result["eval_split"] == "5,000 images held out of the training set"
+
+
+# ----------------------------------------------------------------------------------------------
+# experiments/jpeg_quality.py (what JPEG compression costs).
+
+
+def test_jpeg_quality_copies_keep_the_names_and_lose_more_at_lower_quality(tmp_path):
+  from PIL import Image
+
+  jpeg_quality = _import_experiment("jpeg_quality")
+  data_dir = write_cifar_folder(str(tmp_path / "data"), per_class=2, test_per_class=1)
+  items = jpeg_quality.source_images(data_dir)
+  assert len(items) == 30 and all(isinstance(src, str) for _, src in items)
+  infos = {q: jpeg_quality.write_copy(items, q, str(tmp_path / f"q{q}")) for q in (90, 20)}
+  for q in (90, 20):
+    copied = sorted(
+      os.path.relpath(os.path.join(d, f), tmp_path / f"q{q}") for d, _, fs in os.walk(tmp_path / f"q{q}") for f in fs
+    )
+    assert copied == sorted([jpeg_quality.DONE] + [rel for rel, _ in items])  # Same names: same held-out split.
+    with Image.open(tmp_path / f"q{q}" / items[0][0]) as im:
+      assert im.format == "JPEG" and im.size == (32, 32)
+  assert infos[90]["psnr_db"] > infos[20]["psnr_db"] > 0 and infos[90]["mean_bytes"] > infos[20]["mean_bytes"]
+  marker = tmp_path / "q20" / jpeg_quality.DONE
+  before = marker.stat().st_mtime_ns
+  assert jpeg_quality.write_copy(items, 20, str(tmp_path / "q20")) == infos[20]  # Finished: not written again.
+  assert marker.stat().st_mtime_ns == before
+  # The pickle release: its images, by split and class, under new names.
+  pickles = write_cifar(str(tmp_path / "pickles"), per_batch=2, num_test=3)
+  items = jpeg_quality.source_images(pickles)
+  assert len(items) == 13 and sum(rel.startswith("test" + os.sep) for rel, _ in items) == 3
+  assert all(isinstance(src, np.ndarray) and src.shape == (32, 32, 3) for _, src in items)
+  info = jpeg_quality.write_copy(items, 75, str(tmp_path / "from_pickles"))
+  assert info["images"] == 13 and np.isfinite(info["psnr_db"])
+
+
+@pytest.mark.slow
+def test_jpeg_quality_trains_the_fast_config_per_quality_and_writes_the_table(tmp_path):
+  data_dir = write_cifar_folder(str(tmp_path / "data"), per_class=15)  # 135 training images: 2 steps of 128
+  out, runs = tmp_path / "out", str(tmp_path / "runs")
+  args = ["--data_dir", data_dir, "--qualities", "source,30", "--epochs", "2", "--workdir", runs, "--out", str(out)]
+  proc = _experiment("jpeg_quality.py", args, tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(out / "jpeg_quality.json") as f:
+    result = json.load(f)
+  assert [r["quality"] for r in result["rows"]] == ["source", "30"] and result["dtype"] == "float32"
+  for r in result["rows"]:
+    assert r["steps"] == 2 and 0 <= r["accuracy"] <= 1
+  assert result["rows"][0]["psnr_db"] is None and result["rows"][1]["psnr_db"] > 0
+  assert result["eval_split"] == "15 held-out images"
+  again = _experiment("jpeg_quality.py", [*args, "--table_only"], tmp_path)
+  assert again.returncode == 0 and "| 30 |" in again.stdout, again.stderr[-3000:]
