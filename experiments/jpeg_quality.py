@@ -174,6 +174,12 @@ def main(argv: list[str] | None = None) -> int:
     raise ConfigError(f"--epochs={args.epochs}: expected a positive number of epochs")
   folders = {q: args.data_dir if q == "source" else os.path.join(args.workdir, f"images_q{q}") for q in qualities}
   runs = {q: os.path.join(args.workdir, "source" if q == "source" else f"q{q}") for q in qualities}
+  if not args.table_only:
+    from resnet_jax import host_memory
+
+    # Before jax starts and before the threads that write the copies: glibc's arena setting only reaches
+    # threads that have not allocated yet (resnet_jax.host_memory).
+    host_memory.apply(host_memory.choose_for_config(run_config(args.data_dir, args.epochs, args.dtype)))
   items = source_images(args.data_dir)
   infos = {}
   for q in qualities:
@@ -186,9 +192,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== JPEG quality {q}: writing {len(items):,} images to {folders[q]}", flush=True)
       infos[q] = write_copy(items, int(q), folders[q])
   if not args.table_only:
-    from resnet_jax import host_memory
-
-    host_memory.apply(host_memory.choose_for_config(run_config(args.data_dir, args.epochs, args.dtype)))
     from resnet_jax import train_loop
 
     for q in qualities:

@@ -470,3 +470,15 @@ def test_pytorch_reference_of_the_fast_recipe():
     i = ours["epoch"].index(epoch)
     _assert_in(f"{100 * torch['accuracy'][i]:.2f}% against", doc)
   _assert_in(f"It ends\n{diff[-1]:.2f} points higher".replace("\n", " "), doc)
+
+
+def test_jpeg_quality_table():
+  """docs/cifar.md's JPEG-quality table is ``experiments/jpeg_quality.py``'s JSON, row by row."""
+  result = _load(os.path.join("cifar", "jpeg_quality.json"))
+  table = _text(os.path.join("docs", "figures", "cifar", "jpeg_quality.md"))
+  for line in table.strip().splitlines():
+    _assert_in(line, "docs/cifar.md")
+  for r in result["rows"]:
+    _assert_in(f"| {r['quality']} |", os.path.join("docs", "figures", "cifar", "jpeg_quality.md"))
+    _assert_in(f"| {100 * r['accuracy']:.2f}% | {r['steps']} |", "docs/cifar.md")
+  _assert_in(result["command"].replace("CIFAR10_DIR", "DIR"), "docs/cifar.md")
