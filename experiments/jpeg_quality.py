@@ -86,6 +86,8 @@ def write_copy(items: list[tuple[str, np.ndarray | str]], quality: int, folder: 
 
   from PIL import Image
 
+  from resnet_jax.image_files import decode_threads
+
   marker = os.path.join(folder, DONE)
   if os.path.isfile(marker):
     with open(marker) as f:
@@ -105,8 +107,8 @@ def write_copy(items: list[tuple[str, np.ndarray | str]], quality: int, folder: 
     train = rel.startswith("train" + os.sep)
     return len(buffer.getvalue()), float(((decoded - pixels) ** 2).sum()), pixels.size, train
 
-  with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-    results = list(pool.map(work, items, chunksize=256))
+  with concurrent.futures.ThreadPoolExecutor(decode_threads()) as pool:  # Pillow releases the GIL.
+    results = list(pool.map(work, items))
   mse = sum(se for _, se, _, train in results if train) / sum(n for _, _, n, train in results if train)
   info = {
     "images": len(results),
