@@ -1,9 +1,10 @@
 """CIFAR-10, ResNet-20 in under 40 minutes on a 2-core CPU: the paper's network, a short schedule.
 
 The network is the paper's ResNet-20 unchanged (option A shortcuts, 269,722 parameters); only the
-training differs from configs/cifar10_resnet20.py: 50 epochs instead of 182, bfloat16 compute (float32
-parameters and BatchNorm statistics), Nesterov momentum, a 1-epoch linear warmup to 0.2 then a linear
-decay to 0, and the mean of each test image's and its mirror image's logits. The data stays in memory as
+training differs from configs/cifar10_resnet20.py: 50 epochs instead of 182, bfloat16 compute where the
+machine computes it natively (model.dtype="auto"; float32 parameters and BatchNorm statistics),
+Nesterov momentum, a 1-epoch linear warmup to 0.2 then a linear decay to 0, and the mean of each test
+image's and its mirror image's logits. The data stays in memory as
 uint8 and is augmented (4-pixel pad, random crop, flip) by the input pipeline; the convolutions run in
 oneDNN on x86-64 CPUs, and glibc keeps XLA's freed host memory for reuse (host_memory="auto").
 
@@ -15,10 +16,10 @@ train/<class>/*.png|jpg. With the pickles the run trains on the 50,000 training 
 the test split; a folder without test/ holds out 5,000 training images (dataset.holdout=-1) and
 reports those. Measured on 2 vCPUs of an AMD EPYC (AVX-512 with bf16): 85.58% on 5,000 held-out JPEG
 images after 50 epochs in 37.3 minutes, everything included: short of the paper's 91.25%. bfloat16 pays
-on a CPU whose oneDNN computes it (AVX-512 bf16 or AMX); on an AVX2-only CPU the convolutions run in
-float32 inside oneDNN (one-line note) and the bfloat16 step is slower than the float32 one: there, add
---config.model.dtype=float32 --config.num_epochs=29 (84.94% in 46.1 minutes on an AMD EPYC). Results and the
-accuracy-against-wall-time curves: docs/cifar.md.
+on a CPU whose oneDNN computes it (AVX-512 bf16 or AMX). On an AVX2-only CPU "auto" computes in float32,
+the faster dtype there (421 against 334 images/s for the step alone, the README's CPU table), so 50 epochs
+take about 90 minutes; --config.num_epochs=22 fits 45 minutes there. Results and the
+accuracy-against-wall-time curves (29 float32 epochs: 84.94%): docs/cifar.md.
 """
 
 from resnet_jax.config_check import base_config
@@ -32,7 +33,7 @@ def get_config():
   c.dataset.augment = "pad_crop_flip"
   c.dataset.crop_padding = 4
   c.model.name = "resnet20"
-  c.model.dtype = "bfloat16"  # 1.36x the float32 step on this CPU (1,036 images/s in steady state)
+  c.model.dtype = "auto"  # bfloat16 on AVX-512 bf16: 1.36x the float32 step there (1,036 images/s in the run)
   c.batch_size = 128
   c.eval_batch_size = 500
   c.num_epochs = 50.0

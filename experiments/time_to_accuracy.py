@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     "machine": f"{summary['machine']['cpu']}, {summary['machine']['cpus']} CPUs"
     if "machine" in summary
     else machine.one_line(),
-    "dtype": summary["config"]["model"]["dtype"],
+    "dtype": summary.get("compute_dtype", summary["config"]["model"]["dtype"]),  # what "auto" resolved to
     "model": summary["model"],
     "parameters": summary["parameters"],
     "steps": summary["steps"],

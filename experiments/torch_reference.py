@@ -1,7 +1,7 @@
 """A train.py CIFAR config trained by PyTorch on the same batches: the reference accuracy of a recipe.
 
 usage: python experiments/torch_reference.py --config configs/cifar10_fast.py --data_dir DIR
-           [--epochs E] [--dtype float32|bfloat16] [--out docs/figures/cifar] [--name NAME]
+           [--epochs E] [--dtype float32|bfloat16|auto] [--out docs/figures/cifar] [--name NAME]
 
 What is shared with ``train.py``, so that only the network and optimizer implementations differ:
 
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
   import torch_models
   from time_to_accuracy import time_to_accuracy
 
-  from resnet_jax import data, machine, optim
+  from resnet_jax import data, machine, optim, run_setup
   from resnet_jax.config_check import load_config_file
   from resnet_jax.errors import ConfigError, parse_args
 
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--config", required=True, help="a train.py config file, such as configs/cifar10_fast.py")
   parser.add_argument("--data_dir", required=True, help="CIFAR as the pickle release or train/<class>/*.jpg")
   parser.add_argument("--epochs", type=float, default=0.0, help="config.num_epochs (default: the config's)")
-  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="", help="default: the config's")
+  parser.add_argument("--dtype", choices=("float32", "bfloat16", "auto"), default="", help="default: the config's")
   parser.add_argument("--target", type=float, default=0.91, help="accuracy to reach (default 0.91)")
   parser.add_argument("--out", default=os.path.join("docs", "figures", "cifar"))
   parser.add_argument("--name", default="", help="file name (default: CONFIG_torch)")
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser,
     argv,
     "usage: python experiments/torch_reference.py --config FILE --data_dir DIR [--epochs E] "
-    "[--dtype float32|bfloat16] [--out DIR] [--name NAME]",
+    "[--dtype float32|bfloat16|auto] [--out DIR] [--name NAME]",
   )
   started = time.perf_counter()
   cfg = load_config_file(args.config)
@@ -138,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
   if args.dtype:
     cfg.model.dtype = args.dtype
   check_supported(cfg)
+  cfg.model.dtype = run_setup.compute_dtype(cfg)  # "auto": what train.py would compute in on this machine
 
   import torch
 

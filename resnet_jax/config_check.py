@@ -31,7 +31,7 @@ from resnet_jax.models import CONV_BACKENDS
 OPTIMIZERS = ("sgd", "nesterov", "adamw", "lars")
 SCHEDULES = ("constant", "step", "cosine", "linear")
 UNITS = ("steps", "epochs")
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16", "auto")  # resolved by resnet_jax.run_setup.compute_dtype
 NONFINITE = ("stop", "skip")
 
 
@@ -70,7 +70,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()  # the network (resnet_jax.create_model)
   c.model.name = "resnet20"  # any name of resnet_jax.list_models()
-  c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
+  c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 | auto (bfloat16 where the device computes it
+  # natively, else float32: resnet_jax.run_setup.compute_dtype); parameters stay float32
   c.model.conv_backend = "auto"  # conv models: auto (oneDNN where it runs, else XLA) | xla | onednn
   c.model.options = ml_collections.ConfigDict()  # extra keyword options of create_model
 

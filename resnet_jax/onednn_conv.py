@@ -476,6 +476,17 @@ def unsupported_reason(
   return None
 
 
+@functools.cache
+def implements_bfloat16() -> bool:
+  """Whether this machine's oneDNN computes bfloat16 convolutions itself (an x86-64 CPU with AVX-512 bf16
+  or AMX), found by building the primitives of a 3x3 one; False on a CPU without them (AVX2 only), without
+  oneDNN, or off the CPU backend. Where it is False, ``conv_backend="auto"`` runs bfloat16 convolutions in
+  float32 (:func:`auto_conv_general_dilated`) and a bfloat16 model is slower than a float32 one."""
+  x = jax.ShapeDtypeStruct((8, 8, 8, 16), jnp.bfloat16)
+  w = jax.ShapeDtypeStruct((3, 3, 16, 16), jnp.bfloat16)
+  return unsupported_reason(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")) is None
+
+
 def _bfloat16_runs_in_float32(lhs: Array, rhs: Array, window_strides: Sequence[int], padding: Any, **kwargs) -> bool:
   """Whether a bfloat16 convolution that oneDNN cannot compute here has a float32 twin that it can."""
   if jnp.result_type(lhs) != jnp.bfloat16 or jnp.result_type(rhs) != jnp.bfloat16:

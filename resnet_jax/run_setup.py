@@ -21,22 +21,67 @@ from resnet_jax.errors import ConfigError, ModelError
 from resnet_jax.train_step import TrainState, create_train_state, make_eval_step, make_train_step
 
 
-def build_model(config: ml_collections.ConfigDict, num_classes: int, device_count: int = 1):
-  """``create_model(config.model.name, num_classes, **config.model.options)`` with the compute dtype and
-  the convolution backend.
+def conv_backend(config: ml_collections.ConfigDict, device_count: int = 1) -> str | None:
+  """The ``conv_backend`` option the model gets: None for a model without one (no convolutions), else
+  ``config.model.conv_backend``, except that ``auto`` means XLA's convolutions when the step runs on several
+  devices: a oneDNN custom call is not partitioned by XLA, so each device would gather the whole batch and
+  convolve all of it."""
+  from resnet_jax import models
 
-  ``conv_backend="auto"`` means XLA's convolutions when the step runs on several devices: a oneDNN custom
-  call is not partitioned by XLA, so each device would gather the whole batch and convolve all of it.
+  if "conv_backend" not in models.model_options(config.model.name):
+    return None
+  backend = config.model.conv_backend
+  return "xla" if backend == "auto" and device_count > 1 else backend
+
+
+def compute_dtype(config: ml_collections.ConfigDict, device_count: int = 1, device: jax.Device | None = None) -> str:
+  """The compute dtype of a run, ``"float32"`` or ``"bfloat16"``: ``config.model.dtype`` unless it is ``auto``.
+
+  ``auto`` is bfloat16 where ``device`` (default: this process's first) computes it natively, float32
+  elsewhere:
+
+  - TPU: bfloat16.
+  - GPU: bfloat16 on NVIDIA GPUs of compute capability 8.0 and up (bfloat16 tensor cores), float32 on
+    older or other GPUs.
+  - CPU: bfloat16 when the model's convolutions run in oneDNN (:func:`conv_backend` ``auto`` or
+    ``onednn``) and this CPU's oneDNN computes bfloat16 convolutions (AVX-512 bf16 or AMX,
+    :func:`resnet_jax.onednn_conv.implements_bfloat16`); float32 otherwise. Without them the bfloat16
+    convolutions run in float32 between conversions, and a bfloat16 ResNet-20 training step is slower than
+    the float32 one (docs/cifar.md, section 1).
   """
+  setting = config.model.dtype
+  if setting != "auto":
+    return setting
+  device = device or jax.local_devices()[0]
+  if device.platform == "tpu":
+    return "bfloat16"
+  if device.platform == "gpu":
+    try:
+      capability = float(getattr(device, "compute_capability", 0) or 0)
+    except (TypeError, ValueError):  # a GPU that reports no NVIDIA compute capability
+      capability = 0.0
+    return "bfloat16" if capability >= 8.0 else "float32"
+  if device.platform == "cpu" and conv_backend(config, device_count) in ("auto", "onednn"):
+    from resnet_jax import onednn_conv
+
+    return "bfloat16" if onednn_conv.implements_bfloat16() else "float32"
+  return "float32"
+
+
+def build_model(
+  config: ml_collections.ConfigDict, num_classes: int, device_count: int = 1, device: jax.Device | None = None
+):
+  """``create_model(config.model.name, num_classes, **config.model.options)`` with the compute dtype
+  (:func:`compute_dtype`) and the convolution backend (:func:`conv_backend`)."""
   from resnet_jax import models
 
   options = config.model.options.to_dict() if hasattr(config.model.options, "to_dict") else dict(config.model.options)
-  if config.model.dtype == "bfloat16":
+  if compute_dtype(config, device_count, device) == "bfloat16":
     options["dtype"] = jnp.bfloat16
     options.setdefault("param_dtype", jnp.float32)
-  if "conv_backend" in models.model_options(config.model.name):
-    backend = config.model.conv_backend
-    options["conv_backend"] = "xla" if backend == "auto" and device_count > 1 else backend
+  backend = conv_backend(config, device_count)
+  if backend is not None:
+    options["conv_backend"] = backend
   return models.create_model(config.model.name, num_classes=num_classes, **options)
 
 
@@ -116,7 +161,8 @@ class Setup:
     self.dp = DataParallel(devices)
     check_device_count(config, len(self.dp.devices))
     self.data = data_lib.load_dataset(config.dataset, progress=config.progress_bar)
-    self.model = build_model(config, self.data.num_classes, len(self.dp.devices))
+    self.compute_dtype = compute_dtype(config, len(self.dp.devices), self.dp.devices[0])
+    self.model = build_model(config, self.data.num_classes, len(self.dp.devices), self.dp.devices[0])
     min_size = getattr(self.model, "min_input_size", None)
     if min_size and min(self.data.image_shape[:2]) < min_size:
       raise ModelError(

@@ -151,7 +151,7 @@ def _run(
   if is_main and run.start_step == 0:
     log(
       f"training {config.model.name} on {config.dataset.name} ({setup.data.num_train} images, "
-      f"{setup.total_steps} steps of {config.batch_size} on {len(setup.dp.devices)} "
+      f"{setup.total_steps} steps of {config.batch_size} in {setup.compute_dtype} on {len(setup.dp.devices)} "
       f"{setup.dp.devices[0].platform} device(s), augmented on the {setup.augment_on}), writing to {workdir}"
     )
   with contextlib.ExitStack() as stack:
@@ -422,6 +422,7 @@ def _summary(
     "devices": len(setup.dp.devices),
     "platform": setup.dp.devices[0].platform,
     "augment_on": setup.augment_on,
+    "compute_dtype": setup.compute_dtype,
     "host_memory": "keep" if host_memory.kept() else "default",
     "machine": machine.describe(),
     "train_time_s": meta["train_time_s"],

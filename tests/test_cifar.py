@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 
-from resnet_jax import augment, data, datasets, metrics, optim, run_setup, train_loop, train_step
+from resnet_jax import augment, data, datasets, metrics, onednn_conv, optim, run_setup, train_loop, train_step
 from resnet_jax.config_check import base_config, validate_config
 from resnet_jax.errors import ConfigError, DataError
 from resnet_jax.models import create_model
@@ -198,10 +198,15 @@ def test_cifar10_fast_keeps_the_paper_network_and_trains_on_a_folder_without_fla
   assert train_step.count_parameters(params) == 269_722  # He et al.'s ResNet-20, option A
   c.dataset.data_dir = write_cifar_folder(str(tmp_path / "data"), per_class=4)
   c.num_epochs, c.batch_size, c.eval_batch_size, c.progress_bar = 2.0, 16, 4, False
-  summary = train_loop.train_and_evaluate(c, str(tmp_path / "run"), log=lambda *_: None)
+  lines = []
+  summary = train_loop.train_and_evaluate(c, str(tmp_path / "run"), log=lines.append)
   assert summary["steps"] == 4 and np.isfinite(summary["final_train_loss"])
   with open(tmp_path / "run" / "data.json") as f:
     assert json.load(f)["eval_split"] == "holdout"
+  # model.dtype="auto": bfloat16 where this CPU's oneDNN computes it, float32 elsewhere; said and recorded
+  dtype = "bfloat16" if onednn_conv.implements_bfloat16() else "float32"
+  assert c.model.dtype == "auto" and summary["compute_dtype"] == dtype
+  assert any(line.startswith("training resnet20") and f" in {dtype} on " in line for line in lines), lines
 
 
 def _effects(args, tmp_path):

@@ -285,6 +285,7 @@ got, expected = (y, *vjp(dy)), (y_want, *vjp_want(dy))
 print("dtypes", ",".join(str(a.dtype) for a in got))
 print("bitwise", all(bool(jnp.array_equal(a, b)) for a, b in zip(got, expected)))
 print("calls", jax.jit(auto).lower(x16, w16).as_text().count(onednn_conv.CUSTOM_CALL_TARGET))
+print("implements_bfloat16", onednn_conv.implements_bfloat16())
 """,
     ONEDNN_MAX_CPU_ISA="AVX2",
   )
@@ -295,6 +296,7 @@ print("calls", jax.jit(auto).lower(x16, w16).as_text().count(onednn_conv.CUSTOM_
   assert "avx2" in out["float32"], p.stdout
   assert out["dtypes"] == "bfloat16,bfloat16,bfloat16" and out["bitwise"] == "True", p.stdout
   assert int(out["calls"]) == 1, p.stdout  # oneDNN, not XLA
+  assert out["implements_bfloat16"] == "False", p.stdout  # so model.dtype="auto" computes in float32
   notes = [line for line in p.stderr.splitlines() if line.startswith("note:")]
   assert len(notes) == 1, p.stderr
   assert "bfloat16" in notes[0] and "in float32" in notes[0] and "conv_backend='auto'" in notes[0], p.stderr

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import chex
 import jax
@@ -161,6 +162,55 @@ def test_bfloat16_compute_keeps_float32_parameters():
     losses.append(float(m["loss"]))
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(state.params))
   assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
+def _device(platform: str, **attributes):
+  """A stand-in for a jax.Device: what compute_dtype reads (the platform, a GPU's compute capability)."""
+  return types.SimpleNamespace(platform=platform, **attributes)
+
+
+@pytest.mark.parametrize(
+  "dtype, model, backend, devices, device, native, want",
+  [
+    ("float32", "resnet20", "auto", 1, _device("tpu"), True, "float32"),  # set explicitly: kept
+    ("bfloat16", "resnet20", "xla", 1, _device("cpu"), False, "bfloat16"),
+    ("auto", "resnet20", "auto", 8, _device("tpu"), False, "bfloat16"),
+    ("auto", "resnet20", "auto", 1, _device("gpu", compute_capability="9.0"), False, "bfloat16"),
+    ("auto", "resnet20", "auto", 1, _device("gpu", compute_capability="8.0"), False, "bfloat16"),
+    ("auto", "resnet20", "auto", 1, _device("gpu", compute_capability="7.5"), True, "float32"),
+    ("auto", "resnet20", "auto", 1, _device("gpu"), True, "float32"),  # no NVIDIA capability reported
+    ("auto", "resnet20", "auto", 1, _device("cpu"), True, "bfloat16"),  # AVX-512 bf16 or AMX in oneDNN
+    ("auto", "resnet20", "onednn", 1, _device("cpu"), True, "bfloat16"),
+    ("auto", "resnet20", "auto", 1, _device("cpu"), False, "float32"),  # AVX2 only
+    ("auto", "resnet20", "xla", 1, _device("cpu"), True, "float32"),  # XLA's CPU convolutions
+    ("auto", "resnet20", "auto", 2, _device("cpu"), True, "float32"),  # several devices: XLA's
+    ("auto", "residual_mlp", "auto", 1, _device("cpu"), True, "float32"),  # no convolutions
+  ],
+)
+def test_auto_dtype_is_bfloat16_where_the_device_computes_it_natively(
+  dtype, model, backend, devices, device, native, want, monkeypatch
+):
+  from resnet_jax import onednn_conv
+
+  monkeypatch.setattr(onednn_conv, "implements_bfloat16", lambda: native)
+  c = tiny_config(model, **{"model.dtype": dtype, "model.conv_backend": backend})
+  assert run_setup.compute_dtype(c, devices, device) == want
+  if device.platform == "cpu":  # the model is built with it
+    built = run_setup.build_model(c, 10, devices, device)
+    assert (getattr(built, "dtype", None) == jnp.bfloat16) == (want == "bfloat16")
+
+
+def test_onednn_implements_bfloat16_where_the_cpu_flags_say():
+  """Whether oneDNN has bfloat16 convolutions here (what model.dtype="auto" follows on a CPU) agrees with the
+  CPU's own flags: never on an AVX2-only CPU or without oneDNN, always with AVX-512 bf16 or AMX."""
+  from resnet_jax import onednn_conv, onednn_lib
+
+  isa = machine.cpu_isa()
+  native = onednn_conv.implements_bfloat16()
+  if isa in ("AVX2", "SSE") or not onednn_lib.available():
+    assert not native
+  elif "bf16" in isa or "AMX" in isa:
+    assert native
 
 
 def test_onednn_conv_backend_trains_like_xla():
