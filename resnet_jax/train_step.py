@@ -47,9 +47,10 @@ def init_variables(model: Any, image_shape: tuple[int, ...], key: jax.Array) -> 
 
   On the CPU the program is compiled without XLA's LLVM optimisation (``xla_backend_optimization_level=0``):
   it runs once, and optimising the threefry random bits of every parameter's initialiser costs far more than
-  it saves. ResNet-20 on a 2-core AMD EPYC (jax 0.12): 24.5 s optimised, 10 s op by op (one small program
-  per operation and shape), 1.9 s unoptimised. The values are those of ``model.init`` up to rounding in the
-  last bit or two of the normal samples (the same random bits, another evaluation order of the float math).
+  it saves (on a 2-core CPU, longer than an op-by-op ``model.init``, which compiles one small program per
+  operation and shape; docs/training.md, "Start-up", has the measured start-up of ``train.py``). The values
+  are those of ``model.init`` up to rounding in the last bit or two of the normal samples (the same random
+  bits, another evaluation order of the float math).
   ``model`` (a flax module) must be hashable: it and ``image_shape`` key the compiled programs. Inside a
   transformation (``jax.eval_shape``, ``jax.jit``) it is traced as part of the outer program.
   """
