@@ -164,6 +164,42 @@ def test_bfloat16_compute_keeps_float32_parameters():
   assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
 
 
+@pytest.mark.parametrize("name", ["resnet20", "preact_resnet20", "residual_mlp"])
+def test_init_variables_is_model_init_compiled_once(name):
+  """One compiled program gives model.init's variables (to the last bits of the normal samples); an equal
+  model reuses it, and under jax.eval_shape it is traced, not compiled."""
+  options = {"depth": 2, "dim": 16, "hidden": 16} if name == "residual_mlp" else {"num_filters": 4}
+  shape = (8, 8, 1)
+  model = create_model(name, num_classes=10, **options)
+  key = jax.random.PRNGKey(3)
+  got = train_step.init_variables(model, shape, key)
+  want = model.init(key, jnp.zeros((1, *shape), jnp.float32), train=False)
+  chex.assert_trees_all_equal_shapes_and_dtypes(got, want)
+  chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-7)
+  with jax.log_compiles(True), _count_compiles() as compiles:
+    again = train_step.init_variables(create_model(name, num_classes=10, **options), shape, key)
+    abstract = jax.eval_shape(lambda k: train_step.init_variables(model, shape, k), key)
+  assert compiles == [], compiles
+  chex.assert_trees_all_equal(again, got)
+  chex.assert_trees_all_equal_shapes_and_dtypes(abstract, got)
+
+
+class _count_compiles(list):
+  """The "Compiling ..." log records of jax (with jax.log_compiles) inside the block."""
+
+  def __enter__(self):
+    import logging
+
+    self._handler = logging.Handler()
+    self._handler.emit = lambda record: self.append(record.getMessage()) if "Compiling" in record.getMessage() else None
+    self._logger = logging.getLogger("jax")
+    self._logger.addHandler(self._handler)
+    return self
+
+  def __exit__(self, *exc):
+    self._logger.removeHandler(self._handler)
+
+
 def _device(platform: str, **attributes):
   """A stand-in for a jax.Device: what compute_dtype reads (the platform, a GPU's compute capability)."""
   return types.SimpleNamespace(platform=platform, **attributes)
