@@ -161,7 +161,7 @@ def check_stack(depth, dim, hidden, batch, activation, res, seed, scale=1.0):
 
 
 @given(
-  depth=st.integers(1, 20),  # depth 50: test_depth_50_stacks, every activation, residual and plain
+  depth=st.integers(1, 50),
   shape=st.sampled_from(SHAPES[:2]),
   activation=st.sampled_from(ACTS),
   res=st.booleans(),
