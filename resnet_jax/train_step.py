@@ -36,7 +36,7 @@ def create_train_state(
 
   ``apply_fn`` replaces ``model.apply`` in the state (fine-tuning with frozen BatchNorm statistics).
   """
-  variables = init_variables(model, tuple(image_shape), key)
+  variables = init_variables(model, image_shape, key)
   params = variables["params"]
   batch_stats = variables.get("batch_stats", {})
   return TrainState.create(apply_fn=apply_fn or model.apply, params=params, tx=tx, batch_stats=batch_stats)

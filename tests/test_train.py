@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -165,7 +166,7 @@ def test_bfloat16_compute_keeps_float32_parameters():
 
 
 @pytest.mark.parametrize("name", ["resnet20", "preact_resnet20", "residual_mlp"])
-def test_init_variables_is_model_init_compiled_once(name):
+def test_init_variables_is_model_init_compiled_once(name, caplog):
   """One compiled program gives model.init's variables (to the last bits of the normal samples); an equal
   model reuses it, and under jax.eval_shape it is traced, not compiled."""
   options = {"depth": 2, "dim": 16, "hidden": 16} if name == "residual_mlp" else {"num_filters": 4}
@@ -176,28 +177,14 @@ def test_init_variables_is_model_init_compiled_once(name):
   want = model.init(key, jnp.zeros((1, *shape), jnp.float32), train=False)
   chex.assert_trees_all_equal_shapes_and_dtypes(got, want)
   chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-7)
-  with jax.log_compiles(True), _count_compiles() as compiles:
+  caplog.clear()
+  with jax.log_compiles(True), caplog.at_level(logging.DEBUG, logger="jax"):
     again = train_step.init_variables(create_model(name, num_classes=10, **options), shape, key)
     abstract = jax.eval_shape(lambda k: train_step.init_variables(model, shape, k), key)
+  compiles = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
   assert compiles == [], compiles
   chex.assert_trees_all_equal(again, got)
   chex.assert_trees_all_equal_shapes_and_dtypes(abstract, got)
-
-
-class _count_compiles(list):
-  """The "Compiling ..." log records of jax (with jax.log_compiles) inside the block."""
-
-  def __enter__(self):
-    import logging
-
-    self._handler = logging.Handler()
-    self._handler.emit = lambda record: self.append(record.getMessage()) if "Compiling" in record.getMessage() else None
-    self._logger = logging.getLogger("jax")
-    self._logger.addHandler(self._handler)
-    return self
-
-  def __exit__(self, *exc):
-    self._logger.removeHandler(self._handler)
 
 
 def _device(platform: str, **attributes):
