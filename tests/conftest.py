@@ -1,5 +1,6 @@
-"""Shared test settings: one XLA compilation cache for the session; hypothesis profiles sized for a
-2-core CPU; the finished training run that the reliability tests resume, damage and compare with."""
+"""Shared test settings: how many test processes `-n auto` starts; one XLA compilation cache for the
+session, shared by those processes and their subprocesses; hypothesis profiles sized for a 2-core CPU;
+the finished training run that the reliability tests resume, damage and compare with."""
 
 import os
 import shutil
@@ -27,6 +28,8 @@ def pytest_configure(config):
     config.add_cleanup(lambda: shutil.rmtree(folder, ignore_errors=True))
   for name, value in _CACHE_ENV.items():
     os.environ.setdefault(name, value)
+  # Several test processes may share one GPU: each takes memory as it needs it, not 75% up front.
+  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   if "jax" in sys.modules:  # Imported before this file (by a plugin): its flags were read already.
     import jax
 
@@ -37,6 +40,29 @@ def pytest_configure(config):
     jax.config.update(
       "jax_persistent_cache_min_entry_size_bytes", int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"])
     )
+
+
+# Memory one test process may reach (the torchvision parity tests build ResNet-50 and ResNet-152).
+_GIB_PER_WORKER = 3
+
+
+def pytest_xdist_auto_num_workers(config):
+  """How many processes `-n auto` (pyproject's default) starts: one per CPU this process may run on,
+  no more than the machine's memory holds at `_GIB_PER_WORKER` each, and at least one.
+
+  Most of the suite's time is XLA compiling small programs, which keeps one core busy per process, so a
+  process per core is what makes the suite faster. PYTEST_XDIST_AUTO_NUM_WORKERS overrides the count, as
+  in pytest-xdist itself; `-n 0` runs the tests in this process.
+  """
+  del config
+  if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+    return None  # pytest-xdist's own hook reads it.
+  cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+  try:
+    memory_gib = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+  except (ValueError, OSError, AttributeError):  # No sysconf (Windows) or no such name.
+    memory_gib = _GIB_PER_WORKER * cpus
+  return max(1, min(cpus, int(memory_gib // _GIB_PER_WORKER)))
 
 
 # JIT compilation makes the first example slow; deadlines would only measure the compiler.
