@@ -18,7 +18,8 @@ reports those. Measured on 2 vCPUs of an AMD EPYC (AVX-512 with bf16): 85.58% on
 images after 50 epochs in 37.3 minutes, everything included: short of the paper's 91.25%. bfloat16 pays
 on a CPU whose oneDNN computes it (AVX-512 bf16 or AMX). On an AVX2-only CPU "auto" computes in float32,
 the faster dtype there (421 against 334 images/s for the step alone, the README's CPU table), so 50 epochs
-take about 90 minutes; --config.num_epochs=22 fits 45 minutes there. Results and the
+take about 90 minutes; --config.num_epochs=22 fits 45 minutes there (about 15 on a slower AVX2 EPYC that
+runs the step at 270-293 images/s). Results and the
 accuracy-against-wall-time curves (29 float32 epochs: 84.94%): docs/cifar.md.
 """
 

@@ -23,6 +23,30 @@ def cpu_name() -> str:
   return platform.processor() or platform.machine()
 
 
+def cpu_id(cpuinfo: str | None = None) -> str:
+  """The x86 CPU's family, model and stepping (``"family 25 model 17 stepping 1"``), from the first
+  processor of ``/proc/cpuinfo`` (or of the text ``cpuinfo``); ``""`` where it has no ``cpu family`` (ARM,
+  macOS). Virtual machines often name the CPU only ``"AMD EPYC"``: these numbers tell one generation from
+  another (AMD's family 23 is Zen 1 and 2, 25 is Zen 3 and 4)."""
+  if cpuinfo is None:
+    try:
+      with open("/proc/cpuinfo") as f:
+        cpuinfo = f.read()
+    except OSError:
+      return ""
+  fields = {}
+  for line in cpuinfo.splitlines():
+    if not line.strip():
+      break  # the first processor's block is enough
+    key, _, value = line.partition(":")
+    fields[key.strip()] = value.strip()
+  if "cpu family" not in fields:
+    return ""
+  return " ".join(
+    f"{name.split()[-1]} {fields[name]}" for name in ("cpu family", "model", "stepping") if name in fields
+  )
+
+
 def _cpu_flags() -> set[str]:
   try:
     with open("/proc/cpuinfo") as f:
@@ -63,13 +87,14 @@ def one_line() -> str:
 
 
 def describe() -> dict:
-  """CPU model, vector instruction set (:func:`cpu_isa`) and count, OS, Python, jax's version and default
-  backend, and on a GPU or TPU the device (``device``: ``"<count> x <kind>"``). Asking for the backend
-  starts it: a script that sets ``XLA_FLAGS`` calls this afterwards."""
+  """CPU model, family/model/stepping (:func:`cpu_id`), vector instruction set (:func:`cpu_isa`) and count,
+  OS, Python, jax's version and default backend, and on a GPU or TPU the device (``device``: ``"<count> x
+  <kind>"``). Asking for the backend starts it: a script that sets ``XLA_FLAGS`` calls this afterwards."""
   import jax
 
   out = {
     "cpu": cpu_name(),
+    "cpu_id": cpu_id(),
     "cpu_isa": cpu_isa(),
     "cpus": available_cpus(),
     "platform": platform.platform(),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 from resnet_jax import machine
@@ -52,3 +53,19 @@ def test_the_vector_instruction_set_is_named():
     with open("/proc/cpuinfo") as f:
       flags = set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
     assert ("AVX-512" in d["cpu_isa"]) == ("avx512f" in flags)
+
+
+def test_the_cpu_is_told_apart_by_family_model_and_stepping():
+  two = (
+    "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC\n"
+    "stepping\t: 1\n\nprocessor\t: 1\ncpu family\t: 23\nmodel\t\t: 49\nstepping\t: 0\n"
+  )
+  assert machine.cpu_id(two) == "family 25 model 17 stepping 1"  # the first processor's
+  arm = "processor\t: 0\nBogoMIPS\t: 50.00\nCPU implementer\t: 0x41\nCPU part\t: 0xd0c\n"
+  assert machine.cpu_id(arm) == "" and machine.cpu_id("") == ""
+  assert machine.describe()["cpu_id"] == machine.cpu_id()
+  if os.path.exists("/proc/cpuinfo"):
+    with open("/proc/cpuinfo") as f:
+      text = f.read()
+    family = re.search(r"^cpu family\s*:\s*(\d+)$", text, re.M)
+    assert machine.cpu_id().startswith(f"family {family[1]} model ") if family else machine.cpu_id() == ""
