@@ -482,3 +482,27 @@ def test_jpeg_quality_table():
     _assert_in(f"| {r['quality']} |", os.path.join("docs", "figures", "cifar", "jpeg_quality.md"))
     _assert_in(f"| {100 * r['accuracy']:.2f}% | {r['steps']} |", "docs/cifar.md")
   _assert_in(result["command"].replace("CIFAR10_DIR", "DIR"), "docs/cifar.md")
+
+
+def test_the_slower_avx2_epyc_is_named_by_its_family_and_model():
+  """The README's and benchmarks/README.md's figures for a second AVX2 EPYC are its JSON, which names it."""
+  with open(os.path.join(ROOT, "benchmarks", "results", "cpu_amd_avx2_f25m17_r20_defaults_j012.json")) as f:
+    r = json.load(f)
+  c = r["config"]
+  assert (c["conv_backend"], c["host_memory"], c["xla_flags"], c["dtype"]) == ("auto", "auto", "", "float32")
+  assert r["machine"]["cpu_isa"] == "AVX2" and r["machine"]["cpu_id"] == "family 25 model 17 stepping 1"
+  jax_, torch = r["jax"], r["torch"]["channels_last"]
+  train = (jax_["train"]["images_per_s"], torch["train"]["images_per_s"])
+  infer = (jax_["infer"]["images_per_s"], torch["infer"]["images_per_s"])
+  ratio, infer_ratio = train[0] / train[1], infer[0] / infer[1]
+  _assert_in(
+    f"family 25, model 17, stepping 1; idle, 2026-12-01), runs the first command at {train[0]:.1f} vs {train[1]:.1f} "
+    f"images/s (**{ratio:.2f}**; inference {infer[0]:.1f} vs {infer[1]:.1f}, {infer_ratio:.2f};",
+    "README.md",
+  )
+  _assert_in(
+    f"ResNet-20 b128 at {train[0]:.1f} / {train[1]:.1f} ({ratio:.2f}; inference {infer[0]:.1f} / {infer[1]:.1f}, "
+    f"{infer_ratio:.2f};",
+    "benchmarks/README.md",
+  )
+  _assert_in(f"step alone runs at {train[0]:.1f}-292.6 images/s", "docs/cifar.md")
