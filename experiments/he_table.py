@@ -87,6 +87,7 @@ def markdown(rows: list[dict], eval_split: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
   from resnet_jax import machine
+  from resnet_jax.data import eval_split_name
   from resnet_jax.errors import ConfigError, parse_args
 
   parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
   rows = [row(d, os.path.join(args.workdir, f"resnet{d}")) for d in depths]
   with open(os.path.join(args.workdir, f"resnet{depths[0]}", "data.json")) as f:
     info = json.load(f)
-  eval_split = f"{info['holdout']['images']:,} held-out images" if info.get("eval_split") == "holdout" else "test"
+  eval_split = eval_split_name(info)
   result = {
     "command": f"python experiments/he_table.py --data_dir CIFAR10_DIR --depths {args.depths} --steps {args.steps}",
     "machine": machine.one_line(),

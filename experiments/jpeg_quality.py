@@ -155,6 +155,7 @@ def markdown(rows: list[dict], eval_split: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
   from resnet_jax import machine
+  from resnet_jax.data import eval_split_name
   from resnet_jax.errors import ConfigError, parse_args
 
   parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
@@ -223,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     )
   with open(os.path.join(runs[qualities[0]], "data.json")) as f:
     info = json.load(f)
-  eval_split = f"{info['holdout']['images']:,} held-out images" if info.get("eval_split") == "holdout" else "test split"
+  eval_split = eval_split_name(info)
   result = {
     "command": f"python experiments/jpeg_quality.py --data_dir CIFAR10_DIR --qualities {args.qualities} "
     f"--epochs {args.epochs:g} --dtype {args.dtype}",

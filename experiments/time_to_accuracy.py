@@ -38,6 +38,7 @@ def time_to_accuracy(records: list[dict], target: float) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
   from resnet_jax import machine
+  from resnet_jax.data import eval_split_name
   from resnet_jax.errors import ConfigError, parse_args
   from resnet_jax.metrics import read_metrics
 
@@ -58,6 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     raise ConfigError(f"--target={args.target}: expected an accuracy in (0, 1]")
   with open(summary_path) as f:
     summary = json.load(f)
+  data_path = os.path.join(args.workdir, "data.json")
+  if not os.path.isfile(data_path):
+    raise ConfigError(f"{data_path} not found: --workdir must be a finished train.py run")
+  with open(data_path) as f:
+    eval_split = eval_split_name(json.load(f))
   curve = time_to_accuracy(read_metrics(args.workdir), args.target)
   if not curve["wall_time_s"]:
     raise ConfigError(f"{args.workdir}/metrics.jsonl has no evaluation with wall_time_s")
@@ -81,9 +87,7 @@ def main(argv: list[str] | None = None) -> int:
       k: summary["config"].get(k)
       for k in ("batch_size", "num_epochs", "optimizer", "schedule", "label_smoothing", "eval_flip")
     },
-    "eval_split": "5,000 images held out of the training set"
-    if summary["config"]["dataset"].get("holdout")
-    else "test",
+    "eval_split": eval_split,
     **curve,
   }
   os.makedirs(args.out, exist_ok=True)

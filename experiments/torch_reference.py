@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
       k: cfg[k].to_dict() if hasattr(cfg[k], "to_dict") else cfg[k]
       for k in ("batch_size", "num_epochs", "optimizer", "schedule", "label_smoothing", "eval_flip")
     },
-    "eval_split": "5,000 images held out of the training set" if ds.info.get("holdout") else "test",
+    "eval_split": data.eval_split_name(ds.info),
     **curve,
   }
   os.makedirs(args.out, exist_ok=True)

@@ -354,6 +354,17 @@ def _info(
   return info
 
 
+def eval_split_name(info: dict[str, Any]) -> str:
+  """What a run evaluated on, in words, from its :attr:`Dataset.info` (``WORKDIR/data.json``).
+
+  ``"5,000 held-out images"`` where the evaluations ran on images held out of the training split (their
+  number from ``info["holdout"]``), else ``"test split"``.
+  """
+  if info.get("eval_split") == "holdout":
+    return f"{info['holdout']['images']:,} held-out images"
+  return "test split"
+
+
 def load_dataset(cfg: Any, progress: bool = True, log: Callable[[str], None] | None = None) -> Dataset:
   """Load the dataset that ``cfg`` (the ``config.dataset`` ConfigDict) names.
 

@@ -297,6 +297,7 @@ def test_he_table_runs_the_paper_recipe_with_its_drops_at_the_same_fractions():
     ("jpeg_quality.py", ["--data_dir", "x", "--qualities", "source,100"], "--qualities='source,100'"),
     ("jpeg_quality.py", ["--data_dir", "x", "--qualities", "50,50"], "expected distinct entries"),
     ("jpeg_quality.py", ["--data_dir", "x", "--epochs", "0"], "--epochs=0.0"),
+    ("time_to_accuracy.py", ["--workdir", "nope"], "nope/summary.json not found"),
   ],
 )
 def test_experiment_cli_bad_input_is_one_line(script, args, needle, tmp_path):
@@ -304,6 +305,40 @@ def test_experiment_cli_bad_input_is_one_line(script, args, needle, tmp_path):
   proc = _experiment(script, args, tmp_path)
   lines = proc.stderr.strip().splitlines()
   assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], proc.stderr
+
+
+def test_eval_split_name_says_how_many_images_were_held_out():
+  assert data.eval_split_name({"eval_split": "holdout", "holdout": {"images": 5000}}) == "5,000 held-out images"
+  assert data.eval_split_name({"eval_split": "test"}) == "test split"
+
+
+@pytest.mark.slow
+def test_time_to_accuracy_writes_the_runs_curve_and_names_its_evaluation_split(tmp_path):
+  from test_configs import load_config
+
+  c = load_config("cifar10_fast")
+  c.dataset.data_dir = write_cifar_folder(str(tmp_path / "data"), per_class=15)  # 15 of 150 held out
+  c.num_epochs, c.batch_size, c.eval_batch_size, c.eval_every_steps, c.progress_bar = 2.0, 32, 8, 3, False
+  workdir = tmp_path / "cifar10_tiny"
+  summary = train_loop.train_and_evaluate(c, str(workdir), log=lambda *_: None)
+  out = tmp_path / "out"
+  proc = _experiment(
+    "time_to_accuracy.py", ["--workdir", str(workdir), "--target", "1e-9", "--out", str(out)], tmp_path
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(out / "cifar10_tiny.json") as f:
+    result = json.load(f)
+  assert result["eval_split"] == "15 held-out images" and result["steps"] == summary["steps"]
+  assert (
+    result["step"] == [3, 6, summary["steps"]] == [3, 6, 8] and result["final_accuracy"] == summary["test_accuracy"]
+  )
+  times = result["wall_time_s"]
+  assert 0 < times[0] < times[1] < times[2] and result["target_reached_s"] == times[0]
+  assert (out / "cifar10_tiny.png").stat().st_size > 0 and "first reached at" in proc.stdout
+  # The split comes from the run's data.json, not from its config: without it, no guess.
+  os.remove(workdir / "data.json")
+  missing = _experiment("time_to_accuracy.py", ["--workdir", str(workdir), "--out", str(out)], tmp_path)
+  assert missing.returncode == 2 and "data.json not found" in missing.stderr, missing.stderr
 
 
 @pytest.mark.slow
@@ -339,7 +374,7 @@ def test_torch_reference_trains_the_config_on_the_same_data_and_writes_its_curve
     "float32",
   )
   assert result["step"] == [2] and 0 <= result["final_accuracy"] <= 1 and result["train_images_per_sec"] > 0
-  assert result["eval_split"] == "5,000 images held out of the training set"
+  assert result["eval_split"] == "15 held-out images"  # 10% of the 150 images
 
 
 # ----------------------------------------------------------------------------------------------
