@@ -12,15 +12,18 @@ are augmented on the device (``dataset.augment_on='auto'``), so the input pipeli
 
 Each run is a ``train.py`` workdir, ``WORKDIR/resnetN``, checkpointed every 2,000 steps: the same
 command resumes what is unfinished, so the table can be filled over several sessions. Writes
-``OUT/he_table.json`` (per depth: parameters, steps, error, wall time, images/s, the machine, and the
-paper's figure) and ``OUT/he_table.md`` (the table). With the pickle release the error is on the 10,000
-test images, as in the paper; an image folder without ``test/`` reports its 5,000 held-out images.
+``OUT/he_table.json`` (per depth: parameters, steps, error, wall time, images/s, the machine, the
+paper's figure, and the run's curves), ``OUT/he_table.md`` (the table) and ``OUT/he_table.png`` (the
+curves as in the paper's Fig. 6: training error dashed, evaluation error bold, against iterations). With
+the pickle release the error is on the 10,000 test images, as in the paper; an image folder without
+``test/`` reports its 5,000 held-out images.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -51,11 +54,28 @@ def run_config(depth: int, data_dir: str, steps: int):
   return c
 
 
+def curve(workdir: str) -> dict:
+  """A run's error curves (%) from its ``metrics.jsonl``: the training error on the augmented batches at
+  each log step (``log_every_steps``, a mean over those steps), and the evaluation error at each evaluation."""
+  from resnet_jax.metrics import read_metrics
+
+  records = read_metrics(workdir)
+  train = [r for r in records if r.get("split") == "train"]
+  test = [r for r in records if r.get("split") == "test"]
+  return {
+    "steps": [r["step"] for r in train],
+    "train_error": [100 * (1 - r["accuracy"]) for r in train],
+    "eval_steps": [r["step"] for r in test],
+    "error": [100 * (1 - r["accuracy"]) for r in test],
+  }
+
+
 def row(depth: int, workdir: str) -> dict:
-  """One finished run's line of the table."""
+  """One finished run's line of the table, with its curves."""
   with open(os.path.join(workdir, "summary.json")) as f:
     s = json.load(f)
   machine = s.get("machine", {})
+  c = curve(workdir)
   return {
     "depth": depth,
     "model": s["model"],
@@ -67,22 +87,61 @@ def row(depth: int, workdir: str) -> dict:
     "wall_time_s": s.get("wall_time_s"),
     "images_per_sec": s["images_per_sec"],
     "machine": machine.get("device") or f"{machine.get('cpu', '?')}, {machine.get('cpus', '?')} CPUs",
+    # The paper's dashed curves end here: the mean of the last five log steps' training error.
+    "final_train_error": sum(c["train_error"][-5:]) / len(c["train_error"][-5:]) if c["train_error"] else None,
+    "curve": c,
   }
 
 
 def markdown(rows: list[dict], eval_split: str) -> str:
   lines = [
-    f"| net | parameters | iterations | error here ({eval_split}) | He et al. (test) | wall time | images/s |",
-    "|---|---|---|---|---|---|---|",
+    f"| net | parameters | iterations | error here ({eval_split}) | He et al. (test) "
+    "| training error at the end (augmented batches) | wall time | images/s |",
+    "|---|---|---|---|---|---|---|---|",
   ]
   for r in rows:
+    train = f"{r['final_train_error']:.2f}%" if r["final_train_error"] is not None else "-"
     wall = f"{r['wall_time_s'] / 60:.1f} min" if r["wall_time_s"] else "-"
     speed = f"{r['images_per_sec']:,.0f}" if r["images_per_sec"] else "-"  # None: too few steps to time
     lines.append(
       f"| ResNet-{r['depth']} | {r['parameters']:,} | {r['steps']:,} | {r['error']:.2f}% | {r['paper_error']:.2f}% "
-      f"| {wall} | {speed} |"
+      f"| {train} | {wall} | {speed} |"
     )
   return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], eval_split: str, path: str, smooth: int = 5) -> None:
+  """He et al.'s Fig. 6 (right) from these runs: per depth the training error (dashed; a moving mean over
+  ``smooth`` log steps) and the evaluation error (bold) against iterations, with the learning-rate drops."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  import numpy as np
+
+  fig, ax = plt.subplots(figsize=(7, 4.6))
+  for r in rows:
+    c = r["curve"]
+    train = np.asarray(c["train_error"], dtype=float)
+    k = max(1, min(smooth, len(train)))
+    mean = np.convolve(train, np.ones(k) / k, mode="valid")
+    (line,) = ax.plot(c["steps"][k - 1 :], mean, "--", lw=0.9)
+    ax.plot(c["eval_steps"], c["error"], "-", lw=2.2, color=line.get_color(), label=f"ResNet-{r['depth']}")
+  steps = max(r["steps"] for r in rows)
+  for b in run_config(rows[0]["depth"], "", steps).schedule.boundaries:
+    ax.axvline(b, color="0.5", lw=0.7, ls=":")
+  # As in the paper, the scale fits the curves after their first tenth; the first evaluations run off the top.
+  later = [e for r in rows for s, e in zip(r["curve"]["eval_steps"], r["curve"]["error"]) if s >= steps / 10]
+  ax.set_ylim(0, min(100, 5 * math.ceil(max(later) / 5) + 5) if later else 100)
+  ax.set_xlim(0, steps)
+  ax.set_xlabel("iterations (batch 128); dotted: learning rate / 10")
+  ax.set_ylabel("error (%)")
+  ax.set_title(f"CIFAR-10, the paper's recipe: training error dashed, error on the {eval_split} bold", fontsize=9)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,8 +205,9 @@ def main(argv: list[str] | None = None) -> int:
   table = markdown(rows, eval_split)
   with open(os.path.join(args.out, "he_table.md"), "w") as f:
     f.write(table)
+  plot(rows, eval_split, os.path.join(args.out, "he_table.png"))
   print(table)
-  print(f"wrote {os.path.join(args.out, 'he_table.json')} and he_table.md")
+  print(f"wrote {os.path.join(args.out, 'he_table.json')}, he_table.md and he_table.png")
   return 0
 
 

@@ -353,7 +353,16 @@ def test_he_table_trains_each_depth_writes_the_table_and_resumes(tmp_path):
   (r,) = table["rows"]
   assert (r["model"], r["parameters"], r["steps"], r["paper_error"]) == ("resnet20", 269_722, 8, 8.75)
   assert 0 <= r["error"] <= 100 and table["eval_split"] == "15 held-out images"
-  assert "| ResNet-20 | 269,722 | 8 |" in (out / "he_table.md").read_text()
+  # The curves of the paper's Fig. 6: the run's own log and evaluation records, the last one the table's.
+  c = r["curve"]
+  assert c["eval_steps"][-1] == 8 and c["error"][-1] == pytest.approx(r["error"])
+  assert len(c["steps"]) == len(c["train_error"]) >= 1 and all(0 <= e <= 100 for e in c["train_error"])
+  assert r["final_train_error"] == pytest.approx(sum(c["train_error"][-5:]) / len(c["train_error"][-5:]))
+  assert (
+    f"| ResNet-20 | 269,722 | 8 | {r['error']:.2f}% | 8.75% | {r['final_train_error']:.2f}% |"
+    in (out / "he_table.md").read_text()
+  )
+  assert (out / "he_table.png").stat().st_size > 0
   again = _experiment("he_table.py", [*args, "--table_only"], tmp_path)
   assert again.returncode == 0 and "ResNet-20" in again.stdout
 
