@@ -7,20 +7,35 @@ Results files (``summary.json`` of a run, the JSON of ``benchmarks/`` and ``expe
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 
 
-def cpu_name() -> str:
-  """The CPU's model name (``/proc/cpuinfo``, e.g. ``"AMD EPYC"``), else what :mod:`platform` knows."""
+@functools.cache
+def _proc_cpuinfo() -> str:
+  """``/proc/cpuinfo``, read once per process; ``""`` where there is none (macOS, Windows)."""
   try:
     with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
+      return f.read()
   except OSError:
-    pass
-  return platform.processor() or platform.machine()
+    return ""
+
+
+def _first_processor(cpuinfo: str) -> dict[str, str]:
+  """The fields of the first processor's block of a ``/proc/cpuinfo`` text (``"model name"``, ``"flags"``, ...)."""
+  fields = {}
+  for line in cpuinfo.splitlines():
+    if not line.strip():
+      break  # the first processor's block is enough
+    key, _, value = line.partition(":")
+    fields[key.strip()] = value.strip()
+  return fields
+
+
+def cpu_name() -> str:
+  """The CPU's model name (``/proc/cpuinfo``, e.g. ``"AMD EPYC"``), else what :mod:`platform` knows."""
+  return _first_processor(_proc_cpuinfo()).get("model name") or platform.processor() or platform.machine()
 
 
 def cpu_id(cpuinfo: str | None = None) -> str:
@@ -28,18 +43,7 @@ def cpu_id(cpuinfo: str | None = None) -> str:
   processor of ``/proc/cpuinfo`` (or of the text ``cpuinfo``); ``""`` where it has no ``cpu family`` (ARM,
   macOS). Virtual machines often name the CPU only ``"AMD EPYC"``: these numbers tell one generation from
   another (AMD's family 23 is Zen 1 and 2, 25 is Zen 3 and 4)."""
-  if cpuinfo is None:
-    try:
-      with open("/proc/cpuinfo") as f:
-        cpuinfo = f.read()
-    except OSError:
-      return ""
-  fields = {}
-  for line in cpuinfo.splitlines():
-    if not line.strip():
-      break  # the first processor's block is enough
-    key, _, value = line.partition(":")
-    fields[key.strip()] = value.strip()
+  fields = _first_processor(_proc_cpuinfo() if cpuinfo is None else cpuinfo)
   if "cpu family" not in fields:
     return ""
   return " ".join(
@@ -48,14 +52,7 @@ def cpu_id(cpuinfo: str | None = None) -> str:
 
 
 def _cpu_flags() -> set[str]:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("flags"):
-          return set(line.split(":", 1)[1].split())
-  except OSError:
-    pass
-  return set()
+  return set(_first_processor(_proc_cpuinfo()).get("flags", "").split())
 
 
 def cpu_isa(flags: set[str] | None = None) -> str:
