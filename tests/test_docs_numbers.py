@@ -382,6 +382,7 @@ def test_cifar_effects_tables():
     _assert_in(f"| {label} | {r['parameters']:,} |", doc)
     for key in ("final_train_error", "final_val_error"):
       assert f"{100 * r[key]:.1f}%" in _text(doc)
+    _assert_in(f"{100 * r['final_train_error']:.1f}%", "README.md")  # the README's summary of the study
     blocks = [b for b in r["grad_norm"] if b.startswith("layer")]
     for i in (r["steps"].index(50), r["steps"].index(250)):  # windows of steps 1-50 and 201-250
       values = [r["grad_norm"][b][i] for b in blocks]
@@ -413,6 +414,7 @@ def test_cifar_effects_tables():
     assert cell in _text(doc), cell
   assert r["final_train_error"] - runs["plain20"]["final_train_error"] > 0.3  # "ends 33 points higher"
   _assert_in(f"--epochs {results['epochs']:g} --out docs/figures/cifar", doc)
+  _assert_in(f"experiments/cifar_effects.py --data_dir DIR --epochs {results['epochs']:g}`", "README.md")
 
 
 def test_idle_resnet20_ratios_against_pytorch():
@@ -459,6 +461,7 @@ def test_pytorch_reference_of_the_fast_recipe():
   assert torch["recipe"]["optimizer"] == ours["recipe"]["optimizer"]
   minutes = torch["total_wall_time_s"] / 60
   _assert_in(f"it ends at **{100 * torch['final_accuracy']:.2f}%** after {minutes:.1f} min", doc)
+  _assert_in(f"stops at {100 * torch['final_accuracy']:.2f}%.", "README.md")
   diff = [100 * (a - b) for a, b in zip(torch["accuracy"], ours["accuracy"])]
   assert torch["epoch"] == ours["epoch"]
   _assert_in(
