@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 
@@ -358,10 +359,12 @@ def test_he_table_trains_each_depth_writes_the_table_and_resumes(tmp_path):
   assert c["eval_steps"][-1] == 8 and c["error"][-1] == pytest.approx(r["error"])
   assert len(c["steps"]) == len(c["train_error"]) >= 1 and all(0 <= e <= 100 for e in c["train_error"])
   assert r["final_train_error"] == pytest.approx(sum(c["train_error"][-5:]) / len(c["train_error"][-5:]))
-  assert (
-    f"| ResNet-20 | 269,722 | 8 | {r['error']:.2f}% | 8.75% | {r['final_train_error']:.2f}% |"
-    in (out / "he_table.md").read_text()
-  )
+  speeds = sorted(v for v in c["images_per_sec"] if v)
+  assert len(c["images_per_sec"]) == len(c["steps"]) and speeds
+  assert r["median_images_per_sec"] == pytest.approx(statistics.median(speeds))
+  line = f"| ResNet-20 | 269,722 | 8 | {r['error']:.2f}% | 8.75% | {r['final_train_error']:.2f}% |"
+  assert line in (out / "he_table.md").read_text()
+  assert f"| {r['median_images_per_sec']:,.0f} |\n" in (out / "he_table.md").read_text()
   assert (out / "he_table.png").stat().st_size > 0
   again = _experiment("he_table.py", [*args, "--table_only"], tmp_path)
   assert again.returncode == 0 and "ResNet-20" in again.stdout
