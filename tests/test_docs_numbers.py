@@ -509,3 +509,40 @@ def test_the_slower_avx2_epyc_is_named_by_its_family_and_model():
     "benchmarks/README.md",
   )
   _assert_in(f"step alone runs at {train[0]:.1f}-292.6 images/s", "docs/cifar.md")
+
+
+def test_the_paper_recipe_run():
+  """docs/cifar.md's section 2, the README and the config quote ``experiments/he_table.py``'s JSON."""
+  result = _load(os.path.join("cifar", "he_table.json"))
+  (r,) = result["rows"]
+  assert (r["model"], r["steps"], r["parameters"], r["paper_error"]) == ("resnet20", 64_000, 269_722, 8.75)
+  assert os.path.getsize(os.path.join(FIG, "cifar", "he_table.png")) > 0
+  doc = "docs/cifar.md"
+  for line in _text(os.path.join("docs", "figures", "cifar", "he_table.md")).strip().splitlines():
+    _assert_in(line, doc)
+  _assert_in(result["command"].replace("CIFAR10_DIR", "DIR"), doc)
+  accuracy = 100 - r["error"]
+  _assert_in(f"reaches {accuracy:.2f}% on the 5,000 held-out images after 64,000 iterations**", doc)
+  _assert_in(f"ends at {accuracy:.2f}%", "README.md")
+  _assert_in(f"{accuracy:.2f}% on the held-out JPEGs after 64,000 iterations", "configs/cifar10_resnet20.py")
+  _assert_in(f"the paper's own 64k-iteration recipe on these images ({accuracy:.2f}%", "configs/cifar10_fast.py")
+  # The accuracy around the first drop, from the run's own evaluations.
+  c = r["curve"]
+  at = {s: 100 - e for s, e in zip(c["eval_steps"], c["error"])}
+  _assert_in(f"{at[32_000]:.2f}% at 32k to {at[34_000]:.2f}% at 34k", doc)
+  for step in (34_000, 48_000):  # the training error: the mean of the five log steps up to it
+    train = [e for s, e in zip(c["steps"], c["train_error"]) if step - 500 < s <= step]
+    _assert_in(f"{sum(train) / len(train):.2f}% at {step // 1000}k", doc)
+  fast = _load(os.path.join("cifar", "cifar10_fast.json"))
+  _assert_in(f"ends {accuracy - 100 * fast['final_accuracy']:.2f} points below the full recipe", doc)
+  _assert_in(f"{r['steps'] / fast['steps']:.1f} times as many iterations", doc)
+  _assert_in(f"lacks {91.25 - accuracy:.2f} points as well", doc)
+  _assert_in(f"the paper's own recipe, run in full on these images, ends at {accuracy:.2f}%", doc)
+  _assert_in(f"{r['final_train_error']:.2f}% at the end", doc)
+  # Wall time and speed: the run's, and the full run at its median log-window speed.
+  hours = r["wall_time_s"] / 3600
+  median = r["median_images_per_sec"]
+  _assert_in(f"{hours:.1f} hours of wall time", doc)
+  _assert_in(f"median log window {median:.0f} images/s", doc)
+  _assert_in(f"about {64_000 * 128 / median / 3600:.1f} hours", doc)
+  _assert_in(f"{hours:.1f} hours", "README.md")
