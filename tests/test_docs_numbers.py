@@ -452,6 +452,46 @@ def test_avx2_default_flag_ratios_against_pytorch():
   _assert_in(f"AVX2-only AMD EPYC: {bf16:.1f} against {f32:.1f} images/s", "docs/cifar.md")
 
 
+def test_avx512_default_flag_ratios_against_pytorch():
+  """The no-flags figures on the AVX-512 EPYC (family 26, model 2), in the README and benchmarks/README.md,
+  are ``benchmarks/bench.py``'s JSON, both runs, each naming that CPU."""
+  results = os.path.join(ROOT, "benchmarks", "results")
+  bench = os.path.join("benchmarks", "README.md")
+  speeds = []
+  for name in ("r20_defaults", "r18_defaults", "r20_bf16"):
+    runs = []
+    for suffix in ("", "_run2"):
+      with open(os.path.join(results, f"cpu_amd_avx512_f26m2_{name}{suffix}_j012.json")) as f:
+        r = json.load(f)
+      c, m = r["config"], r["machine"]
+      assert (c["conv_backend"], c["host_memory"], c["cpu_conv"], c["xla_flags"]) == ("auto", "auto", "default", "")
+      assert c["host_memory_kept"] is True and c["dtype"] == ("bfloat16" if "bf16" in name else "float32")
+      assert (m["cpu_id"], m["cpu_isa"]) == ("family 26 model 2 stepping 1", "AVX-512 with bf16")
+      ours, torch = r["jax"]["train"]["images_per_s"], r["torch"]["channels_last"]["train"]["images_per_s"]
+      infer = r["jax"].get("infer", {}).get("images_per_s")
+      infer = infer and infer / r["torch"]["channels_last"]["infer"]["images_per_s"]
+      runs.append((ours, torch, infer))
+      speeds.append((name, ours, torch, ours / torch))
+    (a, b, i1), (a2, b2, i2) = runs
+    inf1, inf2 = (f" (inference {i:.2f})" if i else "" for i in (i1, i2))
+    second = f"{a2:.1f} / {b2:.1f}: {a2 / b2:.2f}"
+    _assert_in(f"| {a:.1f} / {b:.1f} | {a / b:.2f}{inf1} | {second}{inf2} |", bench)
+    _assert_in(f"| {a:.1f} | {b:.1f} | **{a / b:.2f}**{inf1} | {second} |", "README.md")
+  with open(os.path.join(results, "cpu_amd_avx512_f26m2_r20_bf16_xla_j012.json")) as f:
+    r = json.load(f)
+  assert (r["config"]["conv_backend"], r["config"]["dtype"]) == ("xla", "bfloat16")
+  assert r["machine"]["cpu_id"] == "family 26 model 2 stepping 1"
+  xla = f"{r['jax']['train']['images_per_s']:.1f} images/s"
+  _assert_in(f"(`--conv-backend xla`) give {xla}", "README.md")
+  _assert_in(f"--conv-backend xla`) reach {xla}", bench)
+  # "moved by up to 35% between the two runs, the ratios by 0.06 at most"
+  moved = [max(s[i] / t[i], t[i] / s[i]) - 1 for s, t in zip(speeds[::2], speeds[1::2]) for i in (1, 2)]
+  ratio_moved = [abs(s[3] - t[3]) for s, t in zip(speeds[::2], speeds[1::2])]
+  for path in ("README.md", bench):
+    _assert_in(f"by up to {100 * max(moved):.0f}% between the", path)
+    _assert_in(f"ratios by {max(ratio_moved):.2f} at most", path)
+
+
 def test_pytorch_reference_of_the_fast_recipe():
   """docs/cifar.md quotes ``experiments/torch_reference.py``'s JSON next to the run of this library."""
   torch = _load(os.path.join("cifar", "cifar10_fast_torch_float32.json"))
