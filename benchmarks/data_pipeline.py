@@ -6,11 +6,14 @@ any model.
 
   python benchmarks/data_pipeline.py                                   # 5,000 random 32x32 JPEGs, q75
   python benchmarks/data_pipeline.py --images 20000 --json data.json
+  python benchmarks/data_pipeline.py --folder DIR                      # an existing image folder, read only
 
 The folder (``train/<class>/NNNN.jpg``, random pixels, written with Pillow) goes to a temporary folder,
-or to ``--dir``, reused when it already holds the images. Decode time (wall and CPU seconds of the
-process): :func:`resnet_jax.image_files.decode_images` of every file, with 1 thread and with the default thread
-count (the CPUs usable). Pipeline images/s:
+or to ``--dir``, reused when it already holds the images; ``--folder`` times an existing image folder
+(``train/<class>/*``, CIFAR-10's JPEGs say) instead, and writes nothing into it. Decode time (wall and
+CPU seconds of the process): :func:`resnet_jax.image_files.decode_images` of every file, with 1 thread
+and with the default thread count (the CPUs usable), in that order (the first pass also reads the files
+from disk unless they are in the page cache). Pipeline images/s:
 ``train_pipeline`` (``--augment``, default pad_crop_flip, ``--num-threads`` grain threads), batches of
 ``--batch`` read for ``--seconds`` after ``--warmup`` batches; the median of ``--repeats`` such windows,
 the two storages interleaved round by round.
@@ -96,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--classes", type=int, default=10)
   p.add_argument("--quality", type=int, default=75, help="JPEG quality")
   p.add_argument("--dir", default=None, help="where the folder is written (default: a temporary folder)")
+  p.add_argument(
+    "--folder", default=None, help="an existing image folder (train/<class>/*) to time instead; never written"
+  )
   p.add_argument("--augment", default="pad_crop_flip")
   p.add_argument("--batch", type=int, default=128)
   p.add_argument("--num-threads", type=int, default=2, help="grain read threads (config default: 2)")
@@ -104,10 +110,13 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--json", dest="json_out", default=None)
   args = p.parse_args(argv)
+  if args.folder and args.dir:
+    p.error("--folder times an existing folder and --dir names where to write one: give one of them")
 
   with tempfile.TemporaryDirectory() as tmp:
-    root = args.dir or tmp
-    write_folder(root, args.images, args.size, args.classes, args.quality)
+    root = args.folder or args.dir or tmp
+    if not args.folder:
+      write_folder(root, args.images, args.size, args.classes, args.quality)
     paths, _, _ = datasets.scan_image_folder(root, "train")
     decode, decode_cpu = {}, {}
     for threads in (1, None):
@@ -144,12 +153,19 @@ def main(argv: list[str] | None = None) -> int:
       )
       rates["device batch"].append(make_batch(args.warmup, args.seconds))
 
+  import PIL
+
   result = {
     "cpu": machine.cpu_name(),
+    # The CPU by name, family/model and instruction set (one name covers CPUs of different speed), and the
+    # versions that decode and batch: Pillow decodes the JPEGs, numpy and jax augment.
+    "machine": {**machine.describe(), "pillow": PIL.__version__, "numpy": np.__version__},
     "cpus_usable": image_files.decode_threads(),
-    "images": args.images,
+    "images": len(paths),
     "image_size": args.size,
-    "jpeg_quality": args.quality,
+    # Random pixels written here at --quality, or the files of --folder as they are.
+    "source": "folder" if args.folder else "random",
+    "jpeg_quality": None if args.folder else args.quality,
     "decode_s": {k: round(v, 3) for k, v in decode.items()},
     "decode_cpu_s": {k: round(v, 3) for k, v in decode_cpu.items()},
     "load_average": [round(v, 2) for v in os.getloadavg()],

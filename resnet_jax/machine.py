@@ -42,7 +42,7 @@ def cpu_id(cpuinfo: str | None = None) -> str:
   """The x86 CPU's family, model and stepping (``"family 25 model 17 stepping 1"``), from the first
   processor of ``/proc/cpuinfo`` (or of the text ``cpuinfo``); ``""`` where it has no ``cpu family`` (ARM,
   macOS). Virtual machines often name the CPU only ``"AMD EPYC"``: these numbers tell one generation from
-  another (AMD's family 23 is Zen 1 and 2, 25 is Zen 3 and 4)."""
+  another (AMD's family 23 is Zen 1 and 2, 25 is Zen 3 and 4, 26 is Zen 5)."""
   fields = _first_processor(_proc_cpuinfo() if cpuinfo is None else cpuinfo)
   if "cpu family" not in fields:
     return ""

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from resnet_jax import machine
@@ -287,6 +288,39 @@ def test_data_pipeline_reports_every_storage_and_both_halves_of_device_augmentat
   assert set(res["pipeline_images_per_s"]) == {"memory", "per-step decode", "device draws", "device batch"}
   assert all(v > 0 for v in res["pipeline_images_per_s"].values())
   assert len(list((tmp_path / "jpegs" / "train").glob("*/*.jpg"))) == 60
+  m = res["machine"]  # the figures name the CPU they were measured on
+  assert m["cpu"] == res["cpu"] and m["cpu_isa"] and m["cpu_id"] is not None and m["pillow"] and m["jax"]
+
+
+def test_data_pipeline_times_an_existing_folder_without_writing_into_it(tmp_path):
+  from PIL import Image
+
+  rng = np.random.default_rng(0)
+  for i in range(24):  # a tiny image folder of another size and layout than the script's own
+    folder = tmp_path / "photos" / "train" / ("cat", "dog", "owl")[i % 3]
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+  before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+  script = os.path.join(ROOT, "benchmarks", "data_pipeline.py")
+  args = ["--batch", "4", "--seconds", "0.2", "--warmup", "1", "--repeats", "1"]
+  out = tmp_path.parent / f"{tmp_path.name}_pipeline.json"
+  p = subprocess.run(
+    [sys.executable, script, *args, "--folder", str(tmp_path / "photos"), "--json", str(out)],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert p.returncode == 0, p.stderr
+  res = json.loads(out.read_text())
+  assert (res["source"], res["images"], res["jpeg_quality"]) == ("folder", 24, None)
+  assert all(v > 0 for v in res["pipeline_images_per_s"].values())
+  assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written there
+
+  p = subprocess.run(
+    [sys.executable, script, "--folder", str(tmp_path / "missing")], capture_output=True, text=True, timeout=300
+  )
+  assert p.returncode != 0 and "Traceback" not in p.stderr and "missing" in p.stderr, p.stderr
+  assert len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 
 ONEDNN_CHECK = os.path.join(ROOT, "benchmarks", "onednn_check.py")

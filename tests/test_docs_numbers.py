@@ -492,6 +492,69 @@ def test_avx512_default_flag_ratios_against_pytorch():
     _assert_in(f"ratios by {max(ratio_moved):.2f} at most", path)
 
 
+def test_input_pipeline_against_the_step_on_cifar10():
+  """docs/cifar.md section 3, docs/training.md and benchmarks/README.md quote ``benchmarks/data_pipeline.py``'s
+  JSON for the CIFAR-10 JPEGs and for random JPEGs, and the step's images/s from ``bench.py``'s."""
+  results = os.path.join(ROOT, "benchmarks", "results")
+
+  def load(name):
+    with open(os.path.join(results, name)) as f:
+      return json.load(f)
+
+  cifar = load("cpu_amd_avx512_f26m2_data_pipeline_cifar10_j012.json")
+  rand = load("cpu_amd_avx512_f26m2_data_pipeline_j012.json")
+  for r in (cifar, rand):
+    assert r["machine"]["cpu_id"] == "family 26 model 2 stepping 1" and r["machine"]["jax"] == "0.12.0.1"
+    assert r["pipeline"] == {"augment": "pad_crop_flip", "batch": 128, "grain_threads": 2}
+    assert len(r["pipeline_images_per_s_repeats"]["memory"]) == 5
+  assert (cifar["source"], cifar["images"], rand["source"]) == ("folder", 50000, "random")
+  rates, reps = cifar["pipeline_images_per_s"], cifar["pipeline_images_per_s_repeats"]
+  steps = [
+    load(f"cpu_amd_avx512_f26m2_r20_defaults{s}_j012.json")["jax"]["train"]["images_per_s"] for s in ("", "_run2")
+  ]
+  doc, bench, training = "docs/cifar.md", os.path.join("benchmarks", "README.md"), "docs/training.md"
+
+  def n(x):
+    return f"{x:,}"
+
+  for key in ("memory", "per-step decode"):
+    _assert_in(f"| {n(rates[key])} ({n(min(reps[key]))}-{n(max(reps[key]))}) |", doc)
+  _assert_in(f"| {n(rates['device draws'])} |", doc)
+  _assert_in(f"| {steps[0]:.1f} / {steps[1]:.1f} |", doc)
+  memory_x = [rates["memory"] / s for s in steps]
+  decode_x = [rates["per-step decode"] / s for s in steps]
+  assert all(abs(x - 70) < 5 for x in memory_x) and all(round(x) == 9 for x in decode_x)
+  _assert_in("about 70 times faster than the step", doc)
+  _assert_in("would feed it 9 times over", doc)
+  load_s, (one, two), (cpu1, cpu2) = (
+    cifar["load_dataset_in_memory_s"],
+    cifar["decode_s"].values(),
+    cifar["decode_cpu_s"].values(),
+  )
+  _assert_in(f"takes {load_s:.1f} s once; the decode alone takes {one:.1f} s with one thread and {two:.1f} s", doc)
+  _assert_in(f"(CPU time {cpu1:.1f} and {cpu2:.1f} s)", doc)
+  _assert_in(
+    f"give {n(rand['pipeline_images_per_s']['memory'])} images/s in memory and "
+    f"{n(rand['pipeline_images_per_s']['per-step decode'])} per-step decode",
+    doc,
+  )
+  _assert_in(
+    f"loading into memory {load_s:.1f} s, decode {one:.1f} s with 1 thread and {two:.1f} s with 2, in memory "
+    f"{n(rates['memory'])} images/s, per-step decode {n(rates['per-step decode'])}, the host's draws for "
+    f"augmentation on the device {n(rates['device draws'])}, the jitted device batch alone {n(rates['device batch'])}",
+    bench,
+  )
+  _assert_in(
+    f"{n(rand['pipeline_images_per_s']['memory'])} and {n(rand['pipeline_images_per_s']['per-step decode'])} images/s",
+    bench,
+  )
+  _assert_in(
+    f"memory in {load_s:.1f} s, and the pipeline delivers {n(rates['memory'])} images/s from memory against "
+    f"{n(rates['per-step decode'])} decoding at every step",
+    training,
+  )
+
+
 def test_pytorch_reference_of_the_fast_recipe():
   """docs/cifar.md quotes ``experiments/torch_reference.py``'s JSON next to the run of this library."""
   torch = _load(os.path.join("cifar", "cifar10_fast_torch_float32.json"))
