@@ -35,7 +35,7 @@ import numpy as np  # noqa: E402
 
 from resnet_jax import data, datasets, image_files, machine  # noqa: E402
 from resnet_jax.config_check import base_config  # noqa: E402
-from resnet_jax.errors import run_cli  # noqa: E402
+from resnet_jax.errors import ConfigError, run_cli  # noqa: E402
 
 
 def write_folder(root: str, images: int, size: int, classes: int, quality: int) -> None:
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--json", dest="json_out", default=None)
   args = p.parse_args(argv)
   if args.folder and args.dir:
-    p.error("--folder times an existing folder and --dir names where to write one: give one of them")
+    raise ConfigError("--folder times an existing folder and --dir names where to write one: give one of them")
 
   with tempfile.TemporaryDirectory() as tmp:
     root = args.folder or args.dir or tmp

@@ -273,21 +273,22 @@ def test_bench_onednn_backend_counts_the_same_flops(tmp_path):
   assert res["jax"]["forward_flops_per_image"] == pytest.approx(expected)
 
 
+def _data_pipeline(*args: str) -> subprocess.CompletedProcess:
+  """``benchmarks/data_pipeline.py`` with short timing windows and the given arguments."""
+  script = os.path.join(ROOT, "benchmarks", "data_pipeline.py")
+  quick = ["--batch", "8", "--seconds", "0.2", "--warmup", "1", "--repeats", "1"]
+  return subprocess.run([sys.executable, script, *quick, *args], capture_output=True, text=True, timeout=300)
+
+
 def test_data_pipeline_reports_every_storage_and_both_halves_of_device_augmentation(tmp_path):
   out = tmp_path / "pipeline.json"
-  script = os.path.join(ROOT, "benchmarks", "data_pipeline.py")
-  args = ["--images", "60", "--batch", "8", "--seconds", "0.2", "--warmup", "1", "--repeats", "1"]
-  p = subprocess.run(
-    [sys.executable, script, *args, "--dir", str(tmp_path / "jpegs"), "--json", str(out)],
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
+  p = _data_pipeline("--images", "60", "--dir", str(tmp_path / "jpegs"), "--json", str(out))
   assert p.returncode == 0, p.stderr
   res = json.loads(out.read_text())
   assert set(res["pipeline_images_per_s"]) == {"memory", "per-step decode", "device draws", "device batch"}
   assert all(v > 0 for v in res["pipeline_images_per_s"].values())
   assert len(list((tmp_path / "jpegs" / "train").glob("*/*.jpg"))) == 60
+  assert (res["source"], res["images"], res["jpeg_quality"]) == ("random", 60, 75)
   m = res["machine"]  # the figures name the CPU they were measured on
   assert m["cpu"] == res["cpu"] and m["cpu_isa"] and m["cpu_id"] is not None and m["pillow"] and m["jax"]
 
@@ -301,26 +302,18 @@ def test_data_pipeline_times_an_existing_folder_without_writing_into_it(tmp_path
     folder.mkdir(parents=True, exist_ok=True)
     Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / f"{i}.png")
   before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
-  script = os.path.join(ROOT, "benchmarks", "data_pipeline.py")
-  args = ["--batch", "4", "--seconds", "0.2", "--warmup", "1", "--repeats", "1"]
   out = tmp_path.parent / f"{tmp_path.name}_pipeline.json"
-  p = subprocess.run(
-    [sys.executable, script, *args, "--folder", str(tmp_path / "photos"), "--json", str(out)],
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
+  p = _data_pipeline("--batch", "4", "--folder", str(tmp_path / "photos"), "--json", str(out))
   assert p.returncode == 0, p.stderr
   res = json.loads(out.read_text())
   assert (res["source"], res["images"], res["jpeg_quality"]) == ("folder", 24, None)
   assert all(v > 0 for v in res["pipeline_images_per_s"].values())
   assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written there
 
-  p = subprocess.run(
-    [sys.executable, script, "--folder", str(tmp_path / "missing")], capture_output=True, text=True, timeout=300
-  )
-  assert p.returncode != 0 and "Traceback" not in p.stderr and "missing" in p.stderr, p.stderr
-  assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+  for args in (["--folder", str(tmp_path / "missing")], ["--folder", str(tmp_path), "--dir", str(tmp_path)]):
+    p = _data_pipeline(*args)
+    assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and ("missing" in p.stderr or "--dir" in p.stderr), p.stderr
 
 
 ONEDNN_CHECK = os.path.join(ROOT, "benchmarks", "onednn_check.py")
