@@ -15,7 +15,8 @@ data_dir holds either the python-pickle release (cifar-10-batches-py/) or the im
 train/<class>/*.png|jpg. With the pickles the run trains on the 50,000 training images and reports
 the test split; a folder without test/ holds out 5,000 training images (dataset.holdout=-1) and
 reports those. Measured on 2 vCPUs of an AMD EPYC (AVX-512 with bf16): 85.58% on 5,000 held-out JPEG
-images after 50 epochs in 37.3 minutes, everything included: short of the paper's 91.25%, as is
+images after 50 epochs in 37.3 minutes, everything included (86.44% in 42.2 minutes with
+--config.seed=1, on another AVX-512 EPYC): short of the paper's 91.25%, as is
 the paper's own 64k-iteration recipe on these images (86.10%, docs/cifar.md section 2). bfloat16 pays
 on a CPU whose oneDNN computes it (AVX-512 bf16 or AMX). On an AVX2-only CPU "auto" computes in float32,
 the faster dtype there (421 against 334 images/s for the step alone, the README's CPU table), so 50 epochs

@@ -36,6 +36,15 @@ def time_to_accuracy(records: list[dict], target: float) -> dict:
   }
 
 
+def run_machine(m: dict) -> str:
+  """The machine of a run's ``summary.json`` on one line: ``"AMD EPYC (AVX-512 with bf16; family 26 model 2
+  stepping 1), 2 CPUs"``, with the accelerator in front where the run had one. One name covers CPUs of
+  different speed, so the instruction set and family/model go with it where the run recorded them."""
+  detail = "; ".join(v for v in (m.get("cpu_isa"), m.get("cpu_id")) if v)
+  line = f"{m['cpu']}{f' ({detail})' if detail else ''}, {m['cpus']} CPUs"
+  return f"{m['device']}, host {line}" if m.get("device") else line
+
+
 def main(argv: list[str] | None = None) -> int:
   from resnet_jax import machine
   from resnet_jax.data import eval_split_name
@@ -71,9 +80,9 @@ def main(argv: list[str] | None = None) -> int:
   result = {
     "name": name,
     # The run's own machine (summary.json names it); runs from before it did: this one, where it ran.
-    "machine": f"{summary['machine']['cpu']}, {summary['machine']['cpus']} CPUs"
-    if "machine" in summary
-    else machine.one_line(),
+    "machine": run_machine(summary["machine"]) if "machine" in summary else machine.one_line(),
+    # Everything summary.json records of it: CPU family/model, instruction set, jax, or the accelerator.
+    "machine_details": summary.get("machine"),
     "dtype": summary.get("compute_dtype", summary["config"]["model"]["dtype"]),  # what "auto" resolved to
     "model": summary["model"],
     "parameters": summary["parameters"],

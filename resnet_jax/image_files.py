@@ -78,8 +78,10 @@ def decode_images(
 ) -> tuple[np.ndarray, list[int]]:
   """Decode ``paths`` once, in parallel (a thread pool), into one uint8 array at the model size.
 
-  Each image goes through :func:`fit_to_size`. Pillow decodes with the GIL released, so the threads
-  use the cores; a progress bar (tqdm, on stderr) counts the images.
+  Each image goes through :func:`fit_to_size`. Pillow decodes with the GIL released, so for large
+  images the threads use the cores; for 32x32 JPEGs the per-file work that holds the GIL dominates, and
+  threads help mainly while the files are read from disk (``benchmarks/data_pipeline.py`` times both).
+  A progress bar (tqdm, on stderr) counts the images.
 
   Args:
     paths: image files.

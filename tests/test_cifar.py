@@ -16,7 +16,7 @@ import numpy as np
 import optax
 import pytest
 
-from resnet_jax import augment, data, datasets, metrics, onednn_conv, optim, run_setup, train_loop, train_step
+from resnet_jax import augment, data, datasets, machine, metrics, onednn_conv, optim, run_setup, train_loop, train_step
 from resnet_jax.config_check import base_config, validate_config
 from resnet_jax.errors import ConfigError, DataError
 from resnet_jax.models import create_model
@@ -336,6 +336,10 @@ def test_time_to_accuracy_writes_the_runs_curve_and_names_its_evaluation_split(t
   times = result["wall_time_s"]
   assert 0 < times[0] < times[1] < times[2] and result["target_reached_s"] == times[0]
   assert (out / "cifar10_tiny.png").stat().st_size > 0 and "first reached at" in proc.stdout
+  # The run's machine, by name, instruction set and family/model where the CPU has them.
+  assert result["machine_details"] == summary["machine"]
+  assert result["machine"].startswith(machine.cpu_name()) and machine.cpu_isa() in result["machine"]
+  assert machine.cpu_id() in result["machine"] and result["machine"].endswith(f"{machine.available_cpus()} CPUs")
   # The split comes from the run's data.json, not from its config: without it, no guess.
   os.remove(workdir / "data.json")
   missing = _experiment("time_to_accuracy.py", ["--workdir", str(workdir), "--out", str(out)], tmp_path)

@@ -555,6 +555,35 @@ def test_input_pipeline_against_the_step_on_cifar10():
   )
 
 
+def test_second_seed_of_the_fast_recipe():
+  """docs/cifar.md and the README quote the seed-1 run of ``configs/cifar10_fast.py`` from its
+  ``experiments/time_to_accuracy.py`` JSON, against the seed-0 run's."""
+  seed1, seed0 = (
+    _load(os.path.join("cifar", "cifar10_fast_seed1.json")),
+    _load(os.path.join("cifar", "cifar10_fast.json")),
+  )
+  assert seed1["recipe"] == seed0["recipe"] and seed1["steps"] == seed0["steps"] == 17550
+  assert seed1["epoch"] == seed0["epoch"] and seed1["dtype"] == seed0["dtype"] == "bfloat16"
+  m = seed1["machine_details"]
+  assert (m["cpu_id"], m["cpu_isa"], m["cpus"]) == ("family 26 model 2 stepping 1", "AVX-512 with bf16", 2)
+  acc, minutes = 100 * seed1["final_accuracy"], seed1["total_wall_time_s"] / 60
+  doc = "docs/cifar.md"
+  _assert_in(f"**A second seed, on another CPU: {acc:.2f}% in {minutes:.1f} min.**", doc)
+  _assert_in(f"and at {acc:.2f}% with a second seed, below the table", doc)
+  _assert_in(f"ends at **{acc:.2f}%** after {minutes:.1f} min, everything included", doc)
+  _assert_in(f"at {seed1['train_images_per_sec']:.0f} images/s on average", doc)
+  ahead = sum(a > b for a, b in zip(seed1["accuracy"], seed0["accuracy"]))
+  gap = acc - 100 * seed0["final_accuracy"]
+  _assert_in(f"seed 1 is ahead at {ahead} of the {len(seed1['accuracy'])} evaluations and ends {gap:.2f} points", doc)
+  torch = _load(os.path.join("cifar", "cifar10_fast_torch_float32.json"))
+  torch_gap = 100 * (torch["final_accuracy"] - seed0["final_accuracy"])
+  _assert_in(f"the gap to PyTorch's run below ({torch_gap:.2f} points)", doc)
+  assert abs(gap) >= abs(torch_gap) - 0.1  # "as large as"
+  _assert_in(f"86.44% in {minutes:.1f} min with another seed".replace("86.44", f"{acc:.2f}"), "README.md")
+  _assert_in(f"family 26, model 2 (2026-12-02), {acc:.2f}% in {minutes:.1f} min", "README.md")
+  _assert_in(f"({acc:.2f}% in {minutes:.1f} minutes with --config.seed=1", "configs/cifar10_fast.py")
+
+
 def test_pytorch_reference_of_the_fast_recipe():
   """docs/cifar.md quotes ``experiments/torch_reference.py``'s JSON next to the run of this library."""
   torch = _load(os.path.join("cifar", "cifar10_fast_torch_float32.json"))
