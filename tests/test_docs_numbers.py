@@ -426,8 +426,7 @@ def test_cifar_effects_tables():
 def test_idle_resnet20_ratios_against_pytorch():
   """The README's idle-machine ResNet-20 figures are ``benchmarks/bench.py``'s JSON."""
   for name in ("cpu_amd_r20_keep_idle_j012.json", "cpu_amd_r20_keep_bf16_idle_j012.json"):
-    with open(os.path.join(ROOT, "benchmarks", "results", name)) as f:
-      r = json.load(f)
+    r = _bench_result(name)
     ours, torch = r["jax"]["train"]["images_per_s"], r["torch"]["channels_last"]["train"]["images_per_s"]
     _assert_in(f"{ours:.1f} vs {torch:.1f} img/s, **{ours / torch:.2f}**", "README.md")
 
@@ -436,8 +435,7 @@ def test_avx2_default_flag_ratios_against_pytorch():
   """The README's no-flags table on the AVX2-only CPU is ``benchmarks/bench.py``'s JSON: defaults only."""
   rows = {}
   for name in ("cpu_amd_avx2_r20_defaults_j012", "cpu_amd_avx2_r18_defaults_j012", "cpu_amd_avx2_r20_bf16_j012"):
-    with open(os.path.join(ROOT, "benchmarks", "results", f"{name}.json")) as f:
-      r = json.load(f)
+    r = _bench_result(f"{name}.json")
     c = r["config"]
     assert (c["conv_backend"], c["host_memory"], c["cpu_conv"], c["xla_flags"]) == ("auto", "auto", "default", "")
     assert c["host_memory_kept"] is True and r["machine"]["cpu"] == "AMD EPYC"
@@ -452,8 +450,7 @@ def test_avx2_default_flag_ratios_against_pytorch():
   bf16 = r["jax"]["train"]["images_per_s"]
   assert r["config"]["dtype"] == "bfloat16"
   _assert_in(f"float32 on the bfloat16 inputs ({bf16:.1f} images/s;", "README.md")
-  with open(os.path.join(ROOT, "benchmarks", "results", "cpu_amd_avx2_r20_defaults_j012.json")) as f:
-    f32 = json.load(f)["jax"]["train"]["images_per_s"]
+  f32 = _bench_result("cpu_amd_avx2_r20_defaults_j012.json")["jax"]["train"]["images_per_s"]
   _assert_in(f"float32\n({f32:.1f}) is the faster choice", "README.md")
   _assert_in(f"AVX2-only AMD EPYC: {bf16:.1f} against {f32:.1f} images/s", "docs/cifar.md")
 
@@ -619,8 +616,7 @@ def test_jpeg_quality_table():
 
 def test_the_slower_avx2_epyc_is_named_by_its_family_and_model():
   """The README's and benchmarks/README.md's figures for a second AVX2 EPYC are its JSON, which names it."""
-  with open(os.path.join(ROOT, "benchmarks", "results", "cpu_amd_avx2_f25m17_r20_defaults_j012.json")) as f:
-    r = json.load(f)
+  r = _bench_result("cpu_amd_avx2_f25m17_r20_defaults_j012.json")
   c = r["config"]
   assert (c["conv_backend"], c["host_memory"], c["xla_flags"], c["dtype"]) == ("auto", "auto", "", "float32")
   assert r["machine"]["cpu_isa"] == "AVX2" and r["machine"]["cpu_id"] == "family 25 model 17 stepping 1"
