@@ -140,11 +140,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def is_cifar_model(name: str) -> bool:
-  """Whether the registered model ``name`` is a CIFAR net (3x3 stem for 32x32 images), as the model registry
-  builds it."""
+  """Whether the registered model ``name`` is a net for 32x32 images (the CIFAR ResNets and ResNet-9), as the
+  model registry builds it: one that downsamples by less than 32."""
   from resnet_jax import models
 
-  return getattr(models.create_model(name, num_classes=10), "stem", None) == "cifar"
+  return getattr(models.create_model(name, num_classes=10), "min_input_size", 32) < 32
 
 
 def set_model_defaults(args: argparse.Namespace) -> None:

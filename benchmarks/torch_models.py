@@ -4,7 +4,8 @@ ImageNet ResNets come from torchvision (same architecture: v1.5 bottlenecks, pro
 torchvision has no CIFAR ResNets, so the CIFAR ResNet-20..110 of He et al. (2015) and their plain twins are
 written here the way ``resnet_jax.models`` builds them: 3x3 stem with 16 filters, BN, ReLU, three stages of
 16/32/64 filters with ``n = (depth - 2) / 6`` basic blocks each, option A shortcuts (strided identity with
-zero channels appended), global average pool, linear head.
+zero channels appended), global average pool, linear head. ``resnet9`` is Page's DAWNBench ResNet-9 at full
+width, as ``resnet_jax.models.ResNet9`` builds it (max-pool before BN and ReLU, relu_before_add blocks).
 
 torch is imported lazily: this module can be imported (and ``torch_counterpart`` asked) without torch.
 """
@@ -20,7 +21,7 @@ _CIFAR = re.compile(r"^(resnet|plain)(20|32|44|56|110)$")
 
 def has_counterpart(name: str) -> bool:
   """Whether ``name`` has a PyTorch model with the same architecture here."""
-  return name in TORCHVISION_NAMES or _CIFAR.match(name) is not None
+  return name in TORCHVISION_NAMES or name == "resnet9" or _CIFAR.match(name) is not None
 
 
 def create_torch_model(name: str, num_classes: int) -> Any:
@@ -29,6 +30,8 @@ def create_torch_model(name: str, num_classes: int) -> Any:
     import torchvision
 
     return getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
+  if name == "resnet9":
+    return _resnet9(num_classes)
   m = _CIFAR.match(name)
   if m is None:
     raise KeyError(name)
@@ -93,3 +96,39 @@ def _cifar_resnet(depth: int, num_classes: int, residual: bool) -> Any:
       cin = cout
   layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes)]
   return torch.nn.Sequential(*layers)
+
+
+def _resnet9(num_classes: int, w: int = 64) -> Any:
+  import torch
+  from torch import nn
+
+  def layer(cin: int, cout: int, pool: bool) -> nn.Module:
+    parts = [nn.Conv2d(cin, cout, 3, 1, 1, bias=False)] + ([nn.MaxPool2d(2)] if pool else [])
+    return nn.Sequential(*parts, nn.BatchNorm2d(cout), nn.ReLU())
+
+  class Residual(nn.Module):
+    """y = ReLU(BN(conv(ReLU(BN(conv(x)))))) + x."""
+
+    def __init__(self, c: int):
+      super().__init__()
+      self.branch = nn.Sequential(layer(c, c, False), layer(c, c, False))
+
+    def forward(self, x):
+      return self.branch(x) + x
+
+  class Scale(nn.Module):
+    def forward(self, x):
+      return 0.125 * x
+
+  return torch.nn.Sequential(
+    layer(3, w, False),
+    layer(w, 2 * w, True),
+    Residual(2 * w),
+    layer(2 * w, 4 * w, True),
+    layer(4 * w, 8 * w, True),
+    Residual(8 * w),
+    nn.AdaptiveMaxPool2d(1),
+    nn.Flatten(),
+    nn.Linear(8 * w, num_classes, bias=False),
+    Scale(),
+  )

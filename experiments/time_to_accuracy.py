@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     "machine_details": summary.get("machine"),
     "dtype": summary.get("compute_dtype", summary["config"]["model"]["dtype"]),  # what "auto" resolved to
     "model": summary["model"],
+    "model_options": summary["config"]["model"].get("options", {}),  # e.g. ResNet-9's num_filters
     "parameters": summary["parameters"],
     "steps": summary["steps"],
     "epochs": summary["epochs"],

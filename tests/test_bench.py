@@ -92,7 +92,7 @@ def test_torch_counterparts_match_parameter_counts():
     sys.path.pop(0)
   from resnet_jax import create_model
 
-  for name, classes, size in (("resnet20", 10, 8), ("plain20", 10, 8), ("resnet18", 7, 32)):
+  for name, classes, size in (("resnet20", 10, 8), ("plain20", 10, 8), ("resnet18", 7, 32), ("resnet9", 10, 32)):
     assert torch_models.has_counterpart(name)
     model = create_model(name, num_classes=classes)
     shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3))))
@@ -139,7 +139,8 @@ def test_cifar_models_are_read_from_the_model_registry():
 
   bench = _import_bench()
   cifar = {name for name in list_models() if bench.is_cifar_model(name)}
-  assert cifar == {f"{kind}{depth}" for kind in ("resnet", "preact_resnet", "plain") for depth in (20, 32, 44, 56, 110)}
+  expected = {f"{kind}{depth}" for kind in ("resnet", "preact_resnet", "plain") for depth in (20, 32, 44, 56, 110)}
+  assert cifar == expected | {"resnet9"}
 
 
 @pytest.mark.parametrize("name", ["sgd", "nesterov"])

@@ -680,3 +680,73 @@ def test_the_paper_recipe_run():
   _assert_in(f"median log window {median:.0f} images/s", doc)
   _assert_in(f"about {64_000 * 128 / median / 3600:.1f} hours", doc)
   _assert_in(f"{hours:.1f} hours", "README.md")
+
+
+def test_resnet9_runs_on_cifar10():
+  """docs/cifar.md, the README, docs/training.md and the config quote the two ResNet-9 runs from their
+  ``experiments/time_to_accuracy.py`` JSON; the committed config is the 32-epoch run's recipe."""
+  import importlib.util
+
+  full, short = (
+    _load(os.path.join("cifar", "cifar10_resnet9.json")),
+    _load(os.path.join("cifar", "cifar10_resnet9_26epochs.json")),
+  )
+  r20 = [_load(os.path.join("cifar", f"cifar10_fast{s}.json")) for s in ("", "_seed1")]
+  spec = importlib.util.spec_from_file_location("cifar10_resnet9", os.path.join(ROOT, "configs", "cifar10_resnet9.py"))
+  config_module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(config_module)
+  config = config_module.get_config()
+  for run in (full, short):
+    assert run["model"] == "resnet9" and run["model_options"] == {"num_filters": 32}
+    assert run["parameters"] == 1_646_112 and run["dtype"] == "bfloat16"
+    m = run["machine_details"]
+    assert (m["cpu_id"], m["cpu_isa"], m["cpus"]) == ("family 26 model 2 stepping 1", "AVX-512 with bf16", 2)
+    assert run["recipe"]["batch_size"] == config.batch_size == 512
+    assert run["recipe"]["optimizer"]["learning_rate"] == config.optimizer.learning_rate
+    assert run["recipe"]["label_smoothing"] == config.label_smoothing
+  assert full["recipe"]["num_epochs"] == config.num_epochs == 32 and short["recipe"]["num_epochs"] == 26
+  assert {k: v for k, v in full["recipe"].items() if k != "num_epochs"} == {
+    k: v for k, v in short["recipe"].items() if k != "num_epochs"
+  }
+  acc, minutes = 100 * full["final_accuracy"], full["total_wall_time_s"] / 60
+  acc26, minutes26 = 100 * short["final_accuracy"], short["total_wall_time_s"] / 60
+  doc = "docs/cifar.md"
+  _assert_in(f"| 32 ({full['steps']:,}) | **{acc:.2f}%** | {minutes:.1f} min", doc)
+  _assert_in(f"{full['train_images_per_sec']:.0f} |", doc)
+  _assert_in(f"| 26 ({short['steps']:,}) | **{acc26:.2f}%** | {minutes26:.1f} min", doc)
+  _assert_in(f"**Still short of 91%, by {91 - acc:.2f} points.**", doc)
+  _assert_in(f"comes within {91 - acc:.2f} points of the goal on the same images: {acc:.2f}% in {minutes:.1f} min", doc)
+  _assert_in(f"{full['train_images_per_sec']:.0f} images/s in the run", doc)
+  best_r20 = max(100 * r["final_accuracy"] for r in r20)
+  passed = next(t for t, a in zip(full["wall_time_s"], full["accuracy"]) if 100 * a > best_r20)
+  _assert_in(f"passes the best ResNet-20 result of this page ({best_r20:.2f}%) after {passed / 60:.1f} min", doc)
+  _assert_in(f"ends {acc - best_r20:.2f} points above it", doc)
+  _assert_in(f"reaches {acc:.2f}% on the same held-out images in {minutes:.1f} min", "README.md")
+  _assert_in(
+    f"reaches {acc:.2f}% in 32 epochs and {minutes:.1f} min wall, everything included "
+    f"({full['train_images_per_sec']:.0f} images/s), and {acc26:.2f}% in 26 epochs and {minutes26:.1f} min",
+    "README.md",
+  )
+  _assert_in(f"{acc:.2f}% on 5,000 held-out images in {minutes:.1f} min", "docs/training.md")
+  _assert_in(f"JPEGs: {acc:.2f}% in {minutes:.1f} minutes, everything included", "configs/cifar10_resnet9.py")
+  _assert_in(f"{acc26:.2f}% in {minutes26:.1f} minutes with", "configs/cifar10_resnet9.py")
+
+
+def test_resnet9_speed_against_pytorch():
+  """benchmarks/README.md quotes bench.py's ResNet-9 figures against PyTorch from their JSON."""
+  f32 = _bench_result("cpu_amd_avx512_f26m2_resnet9_b512_j012.json")
+  bf16 = _bench_result("cpu_amd_avx512_f26m2_resnet9_b512_bf16_j012.json")
+  for r, dtype in ((f32, "float32"), (bf16, "bfloat16")):
+    assert r["config"]["model"] == "resnet9" and r["config"]["batch"] == 512 and r["config"]["dtype"] == dtype
+    assert r["config"]["conv_backend"] == "auto" and r["config"]["xla_flags"] == ""
+    assert r["machine"]["cpu_id"] == "family 26 model 2 stepping 1" and r["jax"]["params"] == 6_573_120
+  jt, tt = f32["jax"]["train"]["images_per_s"], f32["torch"]["channels_last"]["train"]["images_per_s"]
+  ji, ti = f32["jax"]["infer"]["images_per_s"], f32["torch"]["channels_last"]["infer"]["images_per_s"]
+  doc = "benchmarks/README.md"
+  _assert_in(
+    f"{jt:.1f} against {tt:.1f} images/s, **{jt / tt:.2f}** (inference {ji:.1f} against {ti:.1f}, {ji / ti:.2f})", doc
+  )
+  jb, tb = bf16["jax"]["train"]["images_per_s"], bf16["torch"]["channels_last"]["train"]["images_per_s"]
+  _assert_in(f"{jb:.1f} against {tb:.1f}, **{jb / tb:.2f}**", doc)
+  _assert_in(f"PyTorch's autocast step is {tb / jb:.2f} times as fast", doc)
+  _assert_in(f"full width: {jb:.1f} (step alone)", "configs/cifar10_resnet9.py")

@@ -127,6 +127,7 @@ def test_list_models_has_every_family():
     "wide_resnet50_2",
     "resnext50_32x4d",
     "residual_mlp",
+    "resnet9",
   }
   expected |= {f"preact_resnet{d}" for d in (18, 34, 50, 101, 152)}
   expected |= {f"{p}{d}" for p in ("resnet", "preact_resnet", "plain") for d in CIFAR_DEPTHS}
@@ -154,8 +155,9 @@ def test_count_formula_reproduces_published_counts():
     assert expected_params(int(name[6:]), 10, cifar=True, shortcut="A") == n, name
 
 
-@pytest.mark.parametrize("name", [n for n in list_models() if n != "residual_mlp"])
+@pytest.mark.parametrize("name", [n for n in list_models() if n not in ("residual_mlp", "resnet9")])
 def test_every_conv_model_counts_as_its_description(name):
+  """Every ResNet of the registry (ResNet-9 has its own count, tests/test_resnet9.py)."""
   base = name.replace("preact_", "").replace("plain", "resnet")
   depth = int(base[len("resnet") :].split("_")[0]) if base.startswith("resnet") else 50
   cifar = depth in CIFAR_DEPTHS
@@ -462,6 +464,7 @@ def test_resnet_module_is_public():
   "name,options,size",
   [
     ("resnet20", {}, 8),  # basic blocks, CIFAR stem, option A shortcuts
+    ("resnet9", {"num_filters": 8}, 16),  # max-pools, relu_before_add blocks, global max pool
     # Bottlenecks, 7x7/2 stem, max-pool, projections; at 64x64 the last stage's BatchNorm still sees 2x2
     # pixels per image (at 32x32, one pixel of two images makes the float32 gradients ill-conditioned).
     pytest.param("resnet50", {"num_filters": 8}, 64, marks=pytest.mark.slow),

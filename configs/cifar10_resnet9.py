@@ -1,0 +1,48 @@
+"""CIFAR-10 with a faster network, not the paper's: ResNet-9 (Page's DAWNBench net) at half width.
+
+The headline CIFAR recipe of this library is configs/cifar10_fast.py, the paper's ResNet-20. This config
+trains another residual network for the same question, the best accuracy in about 45 minutes of a 2-core
+CPU: create_model("resnet9", num_filters=32), 32/64/128/256 filters, 1,646,112 parameters, two residual
+blocks with the ReLU before the addition. Page's recipe: batch 512, Nesterov 0.9, 5 warmup epochs to lr 0.4
+then linear to 0, weight decay 5e-4, label smoothing 0.2, pad-4 crop and flip, test-time flip; bfloat16
+where the CPU's oneDNN computes it (model.dtype="auto"), float32 elsewhere.
+
+  python train.py --config=configs/cifar10_resnet9.py --config.dataset.data_dir=/data/cifar10 \
+      --workdir=runs/cifar10_resnet9
+
+data_dir as for configs/cifar10_fast.py (the pickle release, or train/<class>/ images with 5,000 held
+out). Measured on 2 vCPUs of an AMD EPYC of family 26, model 2 (AVX-512 with bf16), on the 5,000 held-out
+JPEGs: 90.60% in 39.4 minutes, everything included (620 images/s); 90.12% in 32.5 minutes with
+--config.num_epochs=26. One seed each; docs/cifar.md has the curves. An AVX2-only CPU computes in float32;
+the wall time there was not measured.
+"""
+
+from resnet_jax.config_check import base_config
+
+
+def get_config():
+  c = base_config()
+  c.dataset.name = "cifar10"
+  c.dataset.data_dir = ""  # set on the command line
+  c.dataset.holdout = -1  # 10% of train/ when there is no test split
+  c.dataset.augment = "pad_crop_flip"
+  c.dataset.crop_padding = 4
+  c.model.name = "resnet9"
+  c.model.options.num_filters = 32  # half of Page's widths: 620 images/s in the run; full width: 221.5 (step alone)
+  c.model.dtype = "auto"
+  c.batch_size = 512
+  c.eval_batch_size = 500
+  c.num_epochs = 32.0
+  c.optimizer.name = "nesterov"
+  c.optimizer.learning_rate = 0.4
+  c.optimizer.momentum = 0.9
+  c.optimizer.weight_decay = 5e-4
+  c.schedule.name = "linear"
+  c.schedule.unit = "epochs"
+  c.schedule.warmup = 5.0
+  c.label_smoothing = 0.2
+  c.eval_flip = True
+  c.log_every_steps = 20
+  c.eval_every_steps = 176  # every 2 epochs of 45,000 images: the accuracy-against-wall-time curve
+  c.keep_checkpoints = 2
+  return c
