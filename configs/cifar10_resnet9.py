@@ -3,9 +3,10 @@
 The headline CIFAR recipe of this library is configs/cifar10_fast.py, the paper's ResNet-20. This config
 trains another residual network for the same question, the best accuracy in about 45 minutes of a 2-core
 CPU: create_model("resnet9", num_filters=32), 32/64/128/256 filters, 1,646,112 parameters, two residual
-blocks with the ReLU before the addition. Page's recipe: batch 512, Nesterov 0.9, 5 warmup epochs to lr 0.4
-then linear to 0, weight decay 5e-4, label smoothing 0.2, pad-4 crop and flip, test-time flip; bfloat16
-where the CPU's oneDNN computes it (model.dtype="auto"), float32 elsewhere.
+blocks with the ReLU before the addition. The recipe follows Page's, without his cutout and weight
+averaging: batch 512, Nesterov 0.9, 5 warmup epochs to lr 0.4 then linear to 0, weight decay 5e-4, label
+smoothing 0.2, pad-4 crop and flip, test-time flip; bfloat16 where the CPU's oneDNN computes it
+(model.dtype="auto"), float32 elsewhere.
 
   python train.py --config=configs/cifar10_resnet9.py --config.dataset.data_dir=/data/cifar10 \
       --workdir=runs/cifar10_resnet9

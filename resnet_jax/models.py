@@ -283,8 +283,10 @@ class ResNet9(nn.Module):
   where ``F(y) = ReLU(BN(conv(ReLU(BN(conv(y))))))`` is a :class:`~resnet_jax.blocks.BasicBlock` of order
   ``relu_before_add`` with an identity shortcut: the ordering of the derivation's residual unit. Its last BN
   starts at 1, not 0 (with ``ReLU'(0) = 0`` a zeroed last BN would keep the branch at zero for good).
-  Pooling before BN and ReLU gives the same function class as after (max-pooling commutes with a monotone
-  per-channel map) and costs a quarter of the BN work. Parameters at ``w = 64``: 6,573,120 (10 classes).
+  The max-pool sits between the conv and its BN, where Page's net pools after the ReLU: with fixed statistics
+  and a positive BN scale the two orders give the same output (max-pooling commutes with a non-decreasing
+  per-channel map); in training the batch statistics are taken over the pooled map, and BN and ReLU run on
+  a quarter of the pixels. Parameters at ``w = 64``: 6,573,120 (10 classes).
   Layer names: ``prep_conv``/``prep_bn``, ``layer1_conv``/``layer1_bn``, the block ``layer1_res``,
   ``layer2_*``, ``layer3_*``, ``layer3_res`` and ``fc``.
 
