@@ -64,6 +64,12 @@ def _assert_in(fragment, path):
   assert _flat(fragment) in _flat(_text(path)), f"{path} should say {fragment!r} (from its results file)"
 
 
+def _assert_ran_on_avx512_epyc_f26m2(run):
+  """A time_to_accuracy.py JSON whose run recorded the 2-vCPU AVX-512 EPYC of family 26, model 2."""
+  m = run["machine_details"]
+  assert (m["cpu_id"], m["cpu_isa"], m["cpus"]) == ("family 26 model 2 stepping 1", "AVX-512 with bf16", 2)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Tables, regenerated from the results files
 
@@ -559,8 +565,7 @@ def test_second_seed_of_the_fast_recipe():
   )
   assert seed1["recipe"] == seed0["recipe"] and seed1["steps"] == seed0["steps"] == 17550
   assert seed1["epoch"] == seed0["epoch"] and seed1["dtype"] == seed0["dtype"] == "bfloat16"
-  m = seed1["machine_details"]
-  assert (m["cpu_id"], m["cpu_isa"], m["cpus"]) == ("family 26 model 2 stepping 1", "AVX-512 with bf16", 2)
+  _assert_ran_on_avx512_epyc_f26m2(seed1)
   acc, minutes = 100 * seed1["final_accuracy"], seed1["total_wall_time_s"] / 60
   doc = "docs/cifar.md"
   _assert_in(f"**A second seed, on another CPU: {acc:.2f}% in {minutes:.1f} min.**", doc)
@@ -685,22 +690,18 @@ def test_the_paper_recipe_run():
 def test_resnet9_runs_on_cifar10():
   """docs/cifar.md, the README, docs/training.md and the config quote the two ResNet-9 runs from their
   ``experiments/time_to_accuracy.py`` JSON; the committed config is the 32-epoch run's recipe."""
-  import importlib.util
-
   full, short = (
     _load(os.path.join("cifar", "cifar10_resnet9.json")),
     _load(os.path.join("cifar", "cifar10_resnet9_26epochs.json")),
   )
   r20 = [_load(os.path.join("cifar", f"cifar10_fast{s}.json")) for s in ("", "_seed1")]
-  spec = importlib.util.spec_from_file_location("cifar10_resnet9", os.path.join(ROOT, "configs", "cifar10_resnet9.py"))
-  config_module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(config_module)
-  config = config_module.get_config()
+  from resnet_jax.config_check import load_config_file
+
+  config = load_config_file(os.path.join(ROOT, "configs", "cifar10_resnet9.py"))
   for run in (full, short):
     assert run["model"] == "resnet9" and run["model_options"] == {"num_filters": 32}
     assert run["parameters"] == 1_646_112 and run["dtype"] == "bfloat16"
-    m = run["machine_details"]
-    assert (m["cpu_id"], m["cpu_isa"], m["cpus"]) == ("family 26 model 2 stepping 1", "AVX-512 with bf16", 2)
+    _assert_ran_on_avx512_epyc_f26m2(run)
     assert run["recipe"]["batch_size"] == config.batch_size == 512
     assert run["recipe"]["optimizer"]["learning_rate"] == config.optimizer.learning_rate
     assert run["recipe"]["label_smoothing"] == config.label_smoothing
