@@ -97,7 +97,7 @@ def test_logit_scale_scales_the_logits():
   ],
 )
 def test_bad_options_are_model_errors(options, needle):
-  with pytest.raises(ModelError, match=None) as e:
+  with pytest.raises(ModelError) as e:
     model = create_model("resnet9", num_classes=10, **options)
     model.init(INIT_KEY, normal(0, (1, 32, 32, 3)))
   assert needle in str(e.value)
