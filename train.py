@@ -151,6 +151,11 @@ def main(argv: list[str]) -> int:
     f"{summary['model']} on {summary['dataset']}: test accuracy {summary['test_accuracy']:.4f} "
     f"(best {summary['best_test_accuracy']:.4f}) after {summary['steps']} steps, "
     f"{summary['train_time_s']:.1f} s"
+    + (
+      f" (weight average; the last weights alone: {summary['unaveraged_test_accuracy']:.4f})"
+      if "unaveraged_test_accuracy" in summary
+      else ""
+    )
   )
   w = summary["workdir"]
   print(f"outputs in {w}: summary.json, metrics.jsonl, TensorBoard events, curves.png, config.json, checkpoints/")

@@ -76,7 +76,7 @@ def device_batch_rate(ds: data.Dataset, batch: int):
   from resnet_jax import device_augment
 
   images = jax.device_put(ds.train_x)
-  make = jax.jit(device_augment.make_batch(ds.crop_padding_used, ds.mean, ds.std))
+  make = jax.jit(device_augment.make_batch(ds.crop_padding_used, ds.mean, ds.std, ds.cutout))
   draws = [ds.train_draws(np.arange(i, i + batch) % ds.num_train, np.random.default_rng(i)) for i in range(8)]
   draws = [jax.device_put(d) for d in draws]
 

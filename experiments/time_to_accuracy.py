@@ -73,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     raise ConfigError(f"{data_path} not found: --workdir must be a finished train.py run")
   with open(data_path) as f:
     eval_split = eval_split_name(json.load(f))
-  curve = time_to_accuracy(read_metrics(args.workdir), args.target)
+  records = read_metrics(args.workdir)
+  curve = time_to_accuracy(records, args.target)
+  train_records = [r for r in records if r.get("split") == "train"]
   if not curve["wall_time_s"]:
     raise ConfigError(f"{args.workdir}/metrics.jsonl has no evaluation with wall_time_s")
   name = args.name or os.path.basename(os.path.normpath(args.workdir))
@@ -93,9 +95,18 @@ def main(argv: list[str] | None = None) -> int:
     "best_accuracy": summary["best_test_accuracy"],
     "total_wall_time_s": summary.get("wall_time_s"),
     "train_images_per_sec": summary["images_per_sec"],
+    # With config.ema_decay > 0 the curve is the weight average's, and this the last weights' own accuracy.
+    "final_unaveraged_accuracy": summary.get("unaveraged_test_accuracy"),
+    # Accuracy on the augmented training batches of the last logged window (log_every_steps steps).
+    "final_train_accuracy": train_records[-1]["accuracy"] if train_records else None,
     "recipe": {
-      k: summary["config"].get(k)
-      for k in ("batch_size", "num_epochs", "optimizer", "schedule", "label_smoothing", "eval_flip")
+      **{
+        k: summary["config"].get(k)
+        for k in ("batch_size", "num_epochs", "optimizer", "schedule", "label_smoothing", "eval_flip")
+      },
+      "ema_decay": summary["config"].get("ema_decay", 0.0),
+      "augment": summary["config"]["dataset"].get("augment"),
+      "cutout": summary["config"]["dataset"].get("cutout", 0),
     },
     "eval_split": eval_split,
     **curve,

@@ -9,6 +9,12 @@ unchanged when it is already ``image_size`` square, otherwise a resize of the sh
 ``image_size / 0.875`` and a centre crop of ``image_size`` (evaluation, ``none`` and ``pad_crop*``, streamed
 or in memory alike).
 
+Cutout (``config.dataset.cutout``, DeVries & Taylor 2017, "Improved Regularization of Convolutional Neural
+Networks with Cutout"): after any of these augmentations and after normalisation, one square of
+``cutout`` x ``cutout`` pixels per training image is set to zero, i.e. to the channel mean; its centre is
+uniform over the image's pixels and it is clipped at the border (:func:`cutout_draws`, :func:`cutout`).
+0 (the default) turns it off. Evaluation batches never get it.
+
 Normalisation (:func:`normalize`): ``(x - mean) / std`` per channel after augmentation, with pixels in
 [0, 1]:
 
@@ -79,6 +85,39 @@ def crop_draws(rng: np.random.Generator, n: int, part: slice, padding: int, flip
   dx = rng.integers(0, 2 * padding + 1, size=n)[part]
   mirror = (rng.random(n) < 0.5)[part] & flip
   return np.stack([dy, dx, mirror], axis=1).astype(np.int32)
+
+
+def cutout_draws(rng: np.random.Generator, n: int, part: slice, h: int, w: int) -> np.ndarray:
+  """The random draws of :func:`cutout` for the ``part`` of a batch of ``n`` images of ``h`` x ``w``: int32
+  rows ``(cy, cx)``, each square's centre, uniform over the image's pixels (``[0, h)`` x ``[0, w)``).
+
+  Made for all ``n`` images and then sliced, like :func:`crop_draws`, so one host's share of a global
+  batch is cut as in the whole batch. :meth:`resnet_jax.data.Dataset.train_batch` draws them from the
+  batch's generator after the crop's draws, and only when cutout is on. The host (:func:`cutout`) and
+  the device (:func:`resnet_jax.device_augment.make_batch`) cut with the same draws.
+  """
+  cy = rng.integers(0, h, size=n)[part]
+  cx = rng.integers(0, w, size=n)[part]
+  return np.stack([cy, cx], axis=1).astype(np.int32)
+
+
+def cutout(x: np.ndarray, centres: np.ndarray, size: int) -> np.ndarray:
+  """Cutout (DeVries & Taylor 2017, "Improved Regularization of Convolutional Neural Networks with
+  Cutout") of the NHWC batch ``x``, in place: in image ``i``, every channel of rows
+  ``[cy - size // 2, cy - size // 2 + size)`` and columns ``[cx - size // 2, cx - size // 2 + size)``,
+  clipped to the image, is set to 0, ``(cy, cx) = centres[i]`` (:func:`cutout_draws`). A square may
+  thus lie partly outside the image; it covers ``size * size`` pixels when it lies inside. Applied to
+  normalised images, 0 is the channel mean. Returns ``x``.
+
+  One slice assignment per image: several times faster than a boolean mask over the batch.
+  """
+  if size <= 0:
+    return x
+  _, h, w, _ = x.shape
+  for i, (cy, cx) in enumerate(centres.tolist()):
+    top, left = cy - size // 2, cx - size // 2
+    x[i, max(top, 0) : max(min(top + size, h), 0), max(left, 0) : max(min(left + size, w), 0)] = 0
+  return x
 
 
 def random_resized_crop(

@@ -3,7 +3,8 @@
 Layout: ``WORKDIR/checkpoints/<step>/{state,data,meta}``:
 
 - ``state``: the :class:`~resnet_jax.train_step.TrainState` pytree (step, params, optimizer state,
-  BatchNorm statistics), saved with ``orbax.checkpoint.args.StandardSave``;
+  BatchNorm statistics, and the weight average with ``config.ema_decay > 0``), saved with
+  ``orbax.checkpoint.args.StandardSave``;
 - ``data``: the grain iterator state (``iterator.get_state()``, JSON), so a resumed run reads the
   same batches as an uninterrupted one;
 - ``meta``: JSON run metadata (the config, the best test accuracy so far, the training time so far).
@@ -165,6 +166,16 @@ class Checkpointer:
     except Exception as e:  # noqa: BLE001 -- orbax and tensorstore raise ValueError, OSError, KeyError, ...
       raise self._damaged(path, step, e, f"in {os.path.join(path, 'state')} (the arrays' files)") from None
     return restored["state"], dict(restored["data"] or {}), dict(restored["meta"] or {})
+
+  def read_meta(self, step: int) -> dict:
+    """The run metadata of the checkpoint of ``step`` alone (no array is read); ``{}`` when it cannot be
+    read (then :meth:`restore` says why)."""
+    try:
+      with stray_async_errors_silenced():
+        restored = self._manager.restore(step, args=self._ocp.args.Composite(meta=self._ocp.args.JsonRestore()))
+      return dict(restored["meta"] or {})
+    except Exception:  # noqa: BLE001 -- orbax raises many types; restore() reports the damage.
+      return {}
 
   def _stored_arrays(self, path: str, step: int) -> dict[str, tuple] | None:
     """``{array name: (shape, dtype)}`` of the train state in the checkpoint of ``step``, read from orbax's

@@ -48,6 +48,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.test_fraction = 0.2  # digits: fraction held out (stratified, fixed)
   c.dataset.augment = "none"  # none | pad_crop | pad_crop_flip | random_resized_crop_flip
   c.dataset.crop_padding = 4  # pad_crop*: zero padding per side before the random crop
+  c.dataset.cutout = 0  # side in pixels of one square per training image set to 0 after normalisation
+  # (the channel mean; DeVries & Taylor 2017), centred anywhere, clipped at the border; 0 = off
   c.dataset.normalize = "default"  # default: the dataset's usual statistics (docs/training.md) |
   # dataset: mean / std of the training images (not the held-out ones)
   c.dataset.mean = ()  # per-channel normalisation; () = as `normalize` says
@@ -106,6 +108,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.label_smoothing = 0.0  # e: the targets are (1 - e) one-hot + e / classes
   c.eval_flip = False  # evaluate on the mean logits of each image and its mirror image
+  c.ema_decay = 0.0  # d > 0: keep an exponential moving average of the weights and BatchNorm
+  # statistics, m = d m + (1 - d) theta after every step, debiased; evaluations, checkpoints'
+  # exports, predict and fine-tuning from the workdir use it (resnet_jax.train_step.averaged_variables)
   c.log_every_steps = 20  # a train record (metrics.jsonl, TensorBoard) every N steps
   c.log_grad_norms = False  # train records: "grad_norm/<module>", the window's mean L2 norm of
   # the gradient of each top-level module (stem, each block, head)
@@ -252,6 +257,7 @@ SCHEMA: dict[str, Any] = {
     "test_fraction": lambda v: _num(0.0, 1.0, lo_open=True)(v) or ("< 1" if v >= 1.0 else None),
     "augment": _choice(AUGMENTATIONS),
     "crop_padding": _num(0, integer=True),
+    "cutout": _num(0, integer=True),
     "normalize": _choice(NORMALIZATIONS),
     "mean": _floats,
     "std": _floats,
@@ -301,6 +307,7 @@ SCHEMA: dict[str, Any] = {
   },
   "label_smoothing": _num(0.0, 1.0),
   "eval_flip": _type(bool, "True or False"),
+  "ema_decay": lambda v: _num(0.0)(v) or ("< 1" if v >= 1.0 else None),
   "log_grad_norms": _type(bool, "True or False"),
   "log_every_steps": _pos_int,
   "eval_every_steps": _pos_int_or_auto,

@@ -38,7 +38,15 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from resnet_jax.augment import ARRAY_AUGMENTATIONS, channel_stats, crop_draws, normalize, pad_crop_flip_part
+from resnet_jax.augment import (
+  ARRAY_AUGMENTATIONS,
+  channel_stats,
+  crop_draws,
+  cutout,
+  cutout_draws,
+  normalize,
+  pad_crop_flip_part,
+)
 from resnet_jax.datasets import Split, Splits, fixed_subset, holdout_mask, load_splits
 from resnet_jax.errors import ConfigError, DataError
 from resnet_jax.image_files import ImageFiles, decode_images, unreadable_images
@@ -66,6 +74,8 @@ class Dataset:
       split (the held-out images when ``config.dataset.holdout`` is set).
     train_y / test_y: int32 labels.
     augment: augmentation name, crop_padding: pixels of the pad-crop.
+    cutout: side of the square each training image loses after normalisation
+      (:func:`resnet_jax.augment.cutout`); 0: none.
     classes: class names (image folders).
     skipped_files: unreadable images left out (``on_corrupt_image='skip'``).
     info: what a run records about its data (``WORKDIR/data.json``): the normalisation used and where
@@ -85,6 +95,7 @@ class Dataset:
   test_y: np.ndarray
   augment: str = "none"
   crop_padding: int = 4
+  cutout: int = 0
   classes: list[str] | None = None
   skipped_files: list[str] = dataclasses.field(default_factory=list)
   info: dict = dataclasses.field(default_factory=dict)
@@ -103,12 +114,17 @@ class Dataset:
     """Load, augment and normalise the training examples ``indices[part]``.
 
     The augmentation of an example depends on ``rng`` and its position in ``indices`` only, so each
-    host loading its ``part`` of a global batch gets what one host loading all of it would.
+    host loading its ``part`` of a global batch gets what one host loading all of it would. With
+    :attr:`cutout`, its squares are cut from the normalised images, drawn from ``rng`` after the
+    augmentation's draws (none are drawn without it).
     """
     indices = np.asarray(indices)
     rows = indices[part]
     x = self._augmented(rows, rng, len(indices), part)
-    return {"image": normalize(x, self.mean, self.std), "label": self.train_y[rows]}
+    image = normalize(x, self.mean, self.std)
+    if self.cutout > 0:
+      cutout(image, cutout_draws(rng, len(indices), part, *self.image_shape[:2]), self.cutout)
+    return {"image": image, "label": self.train_y[rows]}
 
   def _augmented(self, rows: np.ndarray, rng: np.random.Generator, n: int, part: slice) -> np.ndarray:
     """The training images ``rows``, the ``part`` of a batch of ``n``, augmented (draws made for all ``n``)."""
@@ -141,7 +157,8 @@ class Dataset:
     self, indices: np.ndarray, rng: np.random.Generator, part: slice = slice(None)
   ) -> dict[str, np.ndarray]:
     """What :meth:`train_batch` would draw for ``indices[part]``, without the images: ``index`` (int32),
-    ``label`` and ``crop`` (int32 ``(dy, dx, mirror)`` rows, :func:`resnet_jax.augment.crop_draws`).
+    ``label`` and ``crop`` (int32 ``(dy, dx, mirror)`` rows, :func:`resnet_jax.augment.crop_draws`),
+    and with :attr:`cutout` ``cutout`` (int32 ``(cy, cx)`` rows, :func:`resnet_jax.augment.cutout_draws`).
     :func:`resnet_jax.device_augment.make_batch` turns them into that very batch on the device.
     """
     self.check_augmentable_on_device()
@@ -151,7 +168,10 @@ class Dataset:
       crop = np.zeros((len(rows), 3), np.int32)
     else:
       crop = crop_draws(rng, len(indices), part, self.crop_padding, flip=self.augment == "pad_crop_flip")
-    return {"index": rows.astype(np.int32), "label": self.train_y[rows], "crop": crop}
+    draws = {"index": rows.astype(np.int32), "label": self.train_y[rows], "crop": crop}
+    if self.cutout > 0:
+      draws["cutout"] = cutout_draws(rng, len(indices), part, *self.image_shape[:2])
+    return draws
 
   def test_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
     """Load and normalise the evaluation examples ``indices``."""
@@ -417,6 +437,7 @@ def load_dataset(cfg: Any, progress: bool = True, log: Callable[[str], None] | N
     test.y,
     augment=cfg.augment,
     crop_padding=int(cfg.crop_padding),
+    cutout=int(cfg.get("cutout", 0)),
     classes=raw.classes,
     skipped_files=skipped,
     info=info,
@@ -450,7 +471,7 @@ def train_pipeline(
     process_index / process_count: this host's slice of each batch.
     num_threads: grain read threads in this process.
     num_workers: grain worker processes (``mp_prefetch``); 0 loads in this process.
-    on_device: yield :meth:`Dataset.train_draws` (indices, labels, crop draws) instead of images, for
+    on_device: yield :meth:`Dataset.train_draws` (indices, labels, crop and cutout draws) instead of images, for
       a step that makes the batch on the device (:mod:`resnet_jax.device_augment`).
   """
   import grain

@@ -165,7 +165,8 @@ def latest_run_checkpoint(workdir: str) -> tuple[str, int]:
 
 
 def read_run_variables(workdir: str) -> tuple[dict, dict]:
-  """``({"params", "batch_stats"}, run config as a dict)`` of the newest checkpoint of a ``train.py`` run."""
+  """``({"params", "batch_stats"}, run config as a dict)`` of the newest checkpoint of a ``train.py`` run:
+  its weight average when the run kept one (``config.ema_decay > 0``), as the run's evaluations used."""
   import orbax.checkpoint as ocp
 
   state_path, step = latest_run_checkpoint(workdir)
@@ -184,7 +185,24 @@ def read_run_variables(workdir: str) -> tuple[dict, dict]:
   if not isinstance(restored, dict) or "params" not in restored:
     raise CheckpointError(f"{state_path} does not hold a train state with params")
   variables = {"params": restored["params"], "batch_stats": restored.get("batch_stats") or {}}
+  if isinstance(restored.get("ema"), dict):  # A run with config.ema_decay > 0: its weight average.
+    variables = _averaged(restored["ema"], variables, run_config.get("ema_decay"), state_path)
   return jax.tree.map(np.asarray, variables), run_config
+
+
+def _averaged(ema: dict, own: dict, decay: Any, state_path: str) -> dict:
+  """The debiased weight average of a checkpoint (:func:`resnet_jax.train_step.averaged_variables`)."""
+  from resnet_jax.train_step import debiased_average
+
+  if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay < 1:
+    raise CheckpointError(
+      f"{state_path} holds a weight average, but the run's config.json gives no ema_decay in (0, 1) "
+      f"(got {decay!r}): restore config.json next to checkpoints/"
+    )
+  if int(ema["count"]) == 0:  # Saved before the first step: nothing averaged yet.
+    return own
+  avg = debiased_average(ema["ema"], float(decay), ema["count"])
+  return {"params": avg["params"], "batch_stats": avg.get("batch_stats") or {}}
 
 
 def _from_workdir(workdir: str, target: dict, model_label: str) -> tuple[dict, tuple | None]:

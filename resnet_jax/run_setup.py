@@ -181,19 +181,20 @@ class Setup:
     self.schedule = optim.make_schedule(config, self.steps_per_epoch, self.total_steps)
     self.tx = build_optimizer(config, self.schedule)
     self.apply_fn = finetune.make_apply_fn(config, self.model)
+    self.ema_decay = float(config.get("ema_decay", 0.0))
     self.augment_on = augment_on(config.dataset.augment_on, self.data, self.dp.devices[0].platform)
     on_device = None
     if self.augment_on == "device":
       images = self.dp.replicate_host_array(self.data.train_x)
       ds = self.data
-      on_device = (images, device_augment.make_batch(ds.crop_padding_used, ds.mean, ds.std))
+      on_device = (images, device_augment.make_batch(ds.crop_padding_used, ds.mean, ds.std, ds.cutout))
     self.train_step = build_train_step(config, self.data.num_classes, self.dp, on_device)
     self.eval_step = self.dp.jit_eval_step(make_eval_step(self.data.num_classes, bool(config.get("eval_flip", False))))
 
   def init_state(self, log: Callable[[str], None] = print) -> TrainState:
     """The state of step 0: a fresh initialisation, or the weights of ``config.finetune.weights``."""
     state = create_train_state(
-      self.model, self.tx, self.data.image_shape, jax.random.PRNGKey(self.config.seed), self.apply_fn
+      self.model, self.tx, self.data.image_shape, jax.random.PRNGKey(self.config.seed), self.apply_fn, self.ema_decay
     )
     state = finetune.initial_state(self.config, self.model, state, log)
     return self.dp.replicate(state)
@@ -201,7 +202,8 @@ class Setup:
   def abstract_state(self) -> TrainState:
     """Shapes, dtypes and shardings of the train state, without computing it (a restore target)."""
     shapes = jax.eval_shape(
-      lambda k: create_train_state(self.model, self.tx, self.data.image_shape, k, self.apply_fn), jax.random.PRNGKey(0)
+      lambda k: create_train_state(self.model, self.tx, self.data.image_shape, k, self.apply_fn, self.ema_decay),
+      jax.random.PRNGKey(0),
     )
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.dp.replicated), shapes)
 

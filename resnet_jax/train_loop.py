@@ -9,7 +9,9 @@ See :func:`resnet_jax.config_check.base_config` for every key. A run writes into
   (:mod:`resnet_jax.metrics`);
 - ``checkpoints/<step>/``: orbax checkpoints (state, data iterator state, metadata), the last K kept;
 - ``summary.json``: config, model, parameters, steps, train_time_s, images_per_sec,
-  final_train_loss, test_accuracy, best_test_accuracy (and a few more);
+  final_train_loss, test_accuracy, best_test_accuracy (and a few more); with ``config.ema_decay > 0`` the
+  evaluations are of the weight average, and ``unaveraged_test_accuracy`` / ``_loss`` are the last
+  weights' own;
 - ``curves.png``: loss and accuracy against step, train and test.
 
 Running again with the same ``workdir`` resumes from its newest checkpoint. A run holds the lock
@@ -308,18 +310,26 @@ def _restore(
   restore_step = config.restore_step if config.restore_step >= 0 else None
   if ckpt.latest_step() is None and restore_step is None:
     return setup.init_state(log), None, meta, [], None
+  per_epoch = setup.steps_per_epoch
+
+  def changes_since(saved_meta: dict, step: int) -> list[dict]:
+    return workdir_lib.check_resume(
+      saved_meta,
+      config,
+      _counts(setup),
+      lambda c: optim.total_train_steps(c, per_epoch),
+      lambda c: optim.make_schedule(c, per_epoch, optim.total_train_steps(c, per_epoch)),
+      step,
+    )
+
+  # The settings first: a change that also changes the state's structure (config.ema_decay) is then
+  # refused with its reason, not as a checkpoint that does not fit.
+  planned = restore_step if restore_step is not None else ckpt.latest_step()
+  changes_since(ckpt.read_meta(planned), planned)
   state, data_state, saved_meta = ckpt.restore(setup.abstract_state(), restore_step)
   meta.update({k: v for k, v in saved_meta.items() if k in meta})
   restored = int(jax.device_get(state.step))
-  per_epoch = setup.steps_per_epoch
-  changes = workdir_lib.check_resume(
-    saved_meta,
-    config,
-    _counts(setup),
-    lambda c: optim.total_train_steps(c, per_epoch),
-    lambda c: optim.make_schedule(c, per_epoch, optim.total_train_steps(c, per_epoch)),
-    restored,
-  )
+  changes = changes_since(saved_meta, restored)
   saved_config = saved_meta.get("config") if isinstance(saved_meta.get("config"), dict) else None
   log(f"resuming {workdir} from step {restored}")
   if restore_step is not None:
@@ -380,6 +390,9 @@ def _finish(
     if run.meta["best_test_accuracy"] is None:
       run.meta["best_test_accuracy"] = run.last_test["accuracy"]
   summary = _summary(config, workdir, setup, run, records, end_step)
+  if run.state.ema is not None:  # What the weight average changed: the last weights' own accuracy.
+    own = setup.evaluate(run.state.replace(ema=None))
+    summary["unaveraged_test_loss"], summary["unaveraged_test_accuracy"] = own["loss"], own["accuracy"]
   if jax.process_index() == 0:
     write_json(os.path.join(workdir, "summary.json"), summary)
     plot_curves(records, os.path.join(workdir, "curves.png"), f"{config.model.name} on {config.dataset.name}")

@@ -3,7 +3,8 @@ library runs (``train.py``, the gradient-flow experiments, ``benchmarks/bench.py
 
 The training step is a forward pass in train mode (BatchNorm statistics of the batch, updated in the
 step), softmax cross-entropy with optional label smoothing, gradients and the optax update (the weight
-decay and its mask are the optimizer's: :func:`resnet_jax.optim.make_optimizer`). It is not jitted here:
+decay and its mask are the optimizer's: :func:`resnet_jax.optim.make_optimizer`), and, when the state
+keeps one, the update of the weight average (``config.ema_decay``, :func:`averaged_variables`). It is not jitted here:
 :class:`resnet_jax.distributed.DataParallel` jits it over the device mesh, with the state donated.
 """
 
@@ -16,13 +17,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import struct
 from flax.training import train_state
 
 
 class TrainState(train_state.TrainState):
-  """flax's TrainState (step, params, opt_state) plus the BatchNorm statistics."""
+  """flax's TrainState (step, params, opt_state) plus the BatchNorm statistics and, with ``ema_decay > 0``,
+  an exponential moving average of both (``ema``: the :class:`optax.EmaState` of ``{"params",
+  "batch_stats"}``; :func:`averaged_variables`)."""
 
   batch_stats: Any = None
+  ema: Any = None
+  ema_decay: float = struct.field(pytree_node=False, default=0.0)
 
 
 def create_train_state(
@@ -31,15 +37,53 @@ def create_train_state(
   image_shape: tuple[int, ...],
   key: jax.Array,
   apply_fn: Callable | None = None,
+  ema_decay: float = 0.0,
 ) -> TrainState:
   """Initialise parameters and BatchNorm statistics on a dummy batch and wrap them with ``tx``.
 
   ``apply_fn`` replaces ``model.apply`` in the state (fine-tuning with frozen BatchNorm statistics).
+  ``ema_decay`` in (0, 1): the state also keeps the weight average of :func:`averaged_variables`.
   """
   variables = init_variables(model, image_shape, key)
   params = variables["params"]
   batch_stats = variables.get("batch_stats", {})
-  return TrainState.create(apply_fn=apply_fn or model.apply, params=params, tx=tx, batch_stats=batch_stats)
+  state = TrainState.create(apply_fn=apply_fn or model.apply, params=params, tx=tx, batch_stats=batch_stats)
+  return with_weight_average(state, ema_decay)
+
+
+def with_weight_average(state: TrainState, ema_decay: float) -> TrainState:
+  """``state`` with a fresh weight average of decay ``ema_decay`` (none when it is 0): nothing averaged
+  yet, so :func:`averaged_variables` gives the state's own variables until the first training step."""
+  if not 0.0 <= ema_decay < 1.0:
+    raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+  if ema_decay == 0.0:
+    return state.replace(ema=None, ema_decay=0.0)
+  tracked = {"params": state.params, "batch_stats": state.batch_stats}
+  return state.replace(ema=optax.ema(ema_decay).init(tracked), ema_decay=float(ema_decay))
+
+
+def averaged_variables(state: TrainState) -> dict:
+  """The variables a run evaluates, exports and predicts with: ``{"params", "batch_stats"}`` of the state,
+  or, when it keeps a weight average (``ema_decay`` d > 0), their exponential moving average over the
+  training steps, debiased (Polyak & Juditsky 1992; as in Adam, Kingma & Ba 2015, section 3):
+
+      m_t = d m_{t-1} + (1 - d) theta_t,  m_0 = 0,    theta_bar_t = m_t / (1 - d^t)
+
+  ``theta_t`` is the parameters and BatchNorm statistics after step t, and ``theta_bar_t`` is a weighted
+  mean of ``theta_1 .. theta_t`` with weights proportional to d^(t-k), which sum to 1 from the first step
+  on (no warm-up of the decay is needed). Before the first step (t = 0) it is the state's own variables.
+  """
+  if state.ema is None:
+    return _variables(state.params, state.batch_stats)
+  avg = debiased_average(state.ema.ema, state.ema_decay, state.ema.count)
+  own = {"params": state.params, "batch_stats": state.batch_stats}
+  avg = jax.tree.map(lambda a, x: jnp.where(state.ema.count > 0, a, x), avg, own)
+  return _variables(avg["params"], avg["batch_stats"])
+
+
+def debiased_average(moment: Any, decay: float, count: Any) -> Any:
+  """``moment / (1 - decay**count)`` leaf by leaf (:func:`optax.tree.bias_correction`), for ``count >= 1``."""
+  return optax.tree.bias_correction(moment, decay, jnp.asarray(count, jnp.int32))
 
 
 def init_variables(model: Any, image_shape: tuple[int, ...], key: jax.Array) -> dict:
@@ -86,8 +130,8 @@ def make_train_step(
   """The (un-jitted) training step ``(state, batch) -> (state, metrics)``.
 
   metrics: ``loss`` (mean cross-entropy of the batch), ``accuracy``, ``finite`` (1 when the loss, every
-  gradient and every floating-point array of the updated state, parameters, optimizer state and
-  BatchNorm statistics, are finite), ``grads_finite`` (the loss and gradients alone),
+  gradient and every floating-point array of the updated state, parameters, optimizer state,
+  BatchNorm statistics and weight average, are finite), ``grads_finite`` (the loss and gradients alone),
   ``state_finite`` (the updated state alone). With
   ``skip_nonfinite`` a non-finite step leaves the state unchanged, so a NaN or Inf never reaches the
   state that is kept (and checkpointed). With ``grad_norms``, ``grad_norm``: for each top-level
@@ -105,7 +149,11 @@ def make_train_step(
 
     (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     new_state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", state.batch_stats))
-    state_finite = all_finite((new_state.params, new_state.opt_state, new_state.batch_stats))
+    if state.ema is not None:
+      tracked = {"params": new_state.params, "batch_stats": new_state.batch_stats}
+      _, ema = optax.ema(state.ema_decay).update(tracked, state.ema)
+      new_state = new_state.replace(ema=ema)
+    state_finite = all_finite((new_state.params, new_state.opt_state, new_state.batch_stats, new_state.ema))
     grads_finite = jnp.isfinite(loss) & all_finite(grads)
     finite = grads_finite & state_finite
     if skip_nonfinite:  # Keep the old parameters and optimizer state; the step count still advances.
@@ -143,11 +191,12 @@ def all_finite(tree: Any) -> jax.Array:
 def make_eval_step(num_classes: int, flip: bool = False) -> Callable[[TrainState, dict], dict]:
   """The (un-jitted) evaluation step: sums of loss and correct predictions over ``batch["mask"]``.
 
-  With ``flip`` the logits are the mean of the image's and its mirror image's (test-time flip).
+  With ``flip`` the logits are the mean of the image's and its mirror image's (test-time flip). A state
+  that keeps a weight average is evaluated with it (:func:`averaged_variables`).
   """
 
   def eval_step(state: TrainState, batch: dict) -> dict:
-    variables = _variables(state.params, state.batch_stats)
+    variables = averaged_variables(state)
     logits = state.apply_fn(variables, batch["image"], train=False)
     if flip:  # NHWC: axis 2 is the width.
       logits = (logits + state.apply_fn(variables, batch["image"][:, :, ::-1], train=False)) / 2

@@ -34,8 +34,8 @@ HISTORY_NAME = "config_history.jsonl"
 SUPERSEDED = "checkpoints_superseded"
 
 # Settings a resumed run may not change: the data it reads, the order it reads it in, the model and
-# the optimizer's state. ``dataset.data_dir`` and ``dataset.on_corrupt_image`` may change (a moved
-# copy of the same data) when the example and class counts stay those of the checkpoint.
+# the optimizer's state and weight average. ``dataset.data_dir`` and ``dataset.on_corrupt_image`` may
+# change (a moved copy of the same data) when the example and class counts stay those of the checkpoint.
 FIXED = (
   "seed",
   "batch_size",
@@ -43,12 +43,14 @@ FIXED = (
   "model.options",
   "model.dtype",
   "optimizer.name",
+  "ema_decay",
   "dataset.name",
   "dataset.image_size",
   "dataset.num_classes",
   "dataset.test_fraction",
   "dataset.augment",
   "dataset.crop_padding",
+  "dataset.cutout",
   "dataset.mean",
   "dataset.std",
   "dataset.max_train_examples",
@@ -60,6 +62,7 @@ WHY_FIXED = {
   "batch_size": "the saved position in the data is a batch index of the old batch size (examples "
   "would be read twice or skipped) and the optimizer was tuned to it",
   "optimizer.name": "the saved optimizer state belongs to the old optimizer",
+  "ema_decay": "the saved weight average was built with the old decay (a run without one has none to go on with)",
   "dataset.num_workers": "the saved position of the data iterator is in another format with worker processes",
   "model.": "the checkpoint's parameters belong to the old model",
   "dataset.": "the run must go on reading the same examples, transformed the same way, from its saved "
@@ -246,8 +249,12 @@ def check_resume(
   old_dict = saved.get("config")
   if not isinstance(old_dict, dict):
     return []
+  from resnet_jax.config_check import base_config
+
   new_dict = _plain(config.to_dict())
-  old, new = flatten(old_dict), flatten(new_dict)
+  # A key the checkpoint's config lacks was added after the run started: the run had its default.
+  old = {**flatten(_plain(base_config().to_dict())), **flatten(old_dict)}
+  new = flatten(new_dict)
   changes = [
     {"key": k, "before": old.get(k), "after": new.get(k)}
     for k in sorted(set(old) | set(new))

@@ -320,6 +320,7 @@ def test_time_to_accuracy_writes_the_runs_curve_and_names_its_evaluation_split(t
   c = load_config("cifar10_fast")
   c.dataset.data_dir = write_cifar_folder(str(tmp_path / "data"), per_class=15)  # 15 of 150 held out
   c.num_epochs, c.batch_size, c.eval_batch_size, c.eval_every_steps, c.progress_bar = 2.0, 32, 8, 3, False
+  c.ema_decay, c.dataset.cutout = 0.5, 4
   workdir = tmp_path / "cifar10_tiny"
   summary = train_loop.train_and_evaluate(c, str(workdir), log=lambda *_: None)
   out = tmp_path / "out"
@@ -333,6 +334,15 @@ def test_time_to_accuracy_writes_the_runs_curve_and_names_its_evaluation_split(t
   assert (
     result["step"] == [3, 6, summary["steps"]] == [3, 6, 8] and result["final_accuracy"] == summary["test_accuracy"]
   )
+  # The weight average's curve, the last weights' own final accuracy, and the recipe that says so.
+  assert result["final_unaveraged_accuracy"] == summary["unaveraged_test_accuracy"]
+  assert (result["recipe"]["ema_decay"], result["recipe"]["cutout"], result["recipe"]["augment"]) == (
+    0.5,
+    4,
+    "pad_crop_flip",
+  )
+  last_train = [r for r in metrics.read_metrics(str(workdir)) if r["split"] == "train"][-1]
+  assert result["final_train_accuracy"] == last_train["accuracy"]
   times = result["wall_time_s"]
   assert 0 < times[0] < times[1] < times[2] and result["target_reached_s"] == times[0]
   assert (out / "cifar10_tiny.png").stat().st_size > 0 and "first reached at" in proc.stdout

@@ -134,6 +134,8 @@ def test_unknown_key_in_a_config_file_suggests_the_close_name():
     ("progress_bar", 1, "True or False"),
     ("num_epochs", float("nan"), "finite"),
     ("dataset.test_fraction", 1.0, "test_fraction"),
+    ("dataset.cutout", -1, r"config\.dataset\.cutout = -1 .*expected >= 0"),
+    ("dataset.cutout", 2.5, r"config\.dataset\.cutout = 2\.5 .*integer"),
   ],
 )
 def test_bad_values_are_config_errors(key, value, expected):

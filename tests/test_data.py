@@ -254,6 +254,106 @@ def test_pad_crop_flip_moves_and_flips_some_images():
   assert 32 < sum(changed) < 64
 
 
+def _constant_dataset(
+  n: int, h: int, w: int, augment_name: str = "none", cutout: int = 0, crop_padding: int = 0
+) -> data.ArrayDataset:
+  """``n`` images of ``h`` x ``w`` x 2, every pixel 200 (normalised: not 0), or random with a pad-crop."""
+  rng = np.random.default_rng(0)
+  if augment_name == "none":
+    x = np.full((n, h, w, 2), 200, np.uint8)
+  else:
+    x = rng.integers(1, 255, size=(n, h, w, 2), dtype=np.uint8)
+  y = rng.integers(0, 3, size=n).astype(np.int32)
+  return data.ArrayDataset(
+    name="constant",
+    num_classes=3,
+    image_shape=(h, w, 2),
+    mean=np.asarray([0.4, 0.6], np.float32),
+    std=np.asarray([0.2, 0.3], np.float32),
+    train_x=x,
+    train_y=y,
+    test_x=x[:4],
+    test_y=y[:4],
+    augment=augment_name,
+    crop_padding=crop_padding,
+    cutout=cutout,
+  )
+
+
+def _clipped(centre: int, size: int, extent: int) -> range:
+  return range(max(centre - size // 2, 0), min(centre - size // 2 + size, extent))
+
+
+@given(st.integers(1, 12), st.integers(1, 9), st.integers(1, 9), st.integers(0, 2**31 - 1))
+def test_cutout_zeros_exactly_the_clipped_square_after_normalisation(size, h, w, seed):
+  ds = _constant_dataset(16, h, w, cutout=size)
+  image = ds.train_batch(np.arange(16), np.random.default_rng(seed))["image"]
+  # augment='none' draws nothing, so the centres are the generator's first draws.
+  centres = augment.cutout_draws(np.random.default_rng(seed), 16, slice(None), h, w)
+  assert centres.dtype == np.int32 and ((0 <= centres) & (centres < (h, w))).all()
+  plain = augment.normalize(ds.train_x[:1], ds.mean, ds.std)[0]
+  assert (plain != 0).all()
+  for img, (cy, cx) in zip(image, centres):
+    rows, cols = _clipped(cy, size, h), _clipped(cx, size, w)
+    square = np.zeros((h, w), bool)
+    square[rows.start : rows.stop, cols.start : cols.stop] = True
+    assert not img.view(np.uint32)[square].any()  # +0.0 in every channel: the channel mean
+    np.testing.assert_array_equal(img[~square], plain[~square])  # nothing else changes
+    assert square.sum() == len(rows) * len(cols) >= 1
+    inside = cy - size // 2 >= 0 and cy - size // 2 + size <= h and cx - size // 2 >= 0 and cx - size // 2 + size <= w
+    if inside:
+      assert square.sum() == size * size
+
+
+def test_cutout_covers_the_expected_fraction_on_average():
+  size, h, w = 4, 8, 6
+  ds = _constant_dataset(2000, h, w, cutout=size)
+  image = ds.train_batch(np.arange(2000), np.random.default_rng(3))["image"]
+  zeroed = (image == 0).all(axis=-1).mean()
+  rows = np.mean([len(_clipped(c, size, h)) for c in range(h)])  # expected clipped height, centre uniform
+  cols = np.mean([len(_clipped(c, size, w)) for c in range(w)])
+  assert abs(zeroed - rows * cols / (h * w)) < 0.01
+  centres = augment.cutout_draws(np.random.default_rng(3), 2000, slice(None), h, w)
+  assert set(centres[:, 0]) == set(range(h)) and set(centres[:, 1]) == set(range(w))
+
+
+@pytest.mark.parametrize("augment_name", ["none", "pad_crop", "pad_crop_flip"])
+def test_cutout_off_draws_nothing_and_leaves_the_batch_as_it_was(augment_name):
+  ds = _constant_dataset(12, 7, 5, augment_name, crop_padding=2)
+  idx = np.arange(12)[::-1]
+  rng = np.random.default_rng(9)
+  got = ds.train_batch(idx, rng)
+  ref_rng = np.random.default_rng(9)
+  x = ds.train_x[idx]
+  if augment_name != "none":
+    x = augment.pad_crop_flip(x, ref_rng, 2, augment_name == "pad_crop_flip")
+  np.testing.assert_array_equal(got["image"], augment.normalize(x, ds.mean, ds.std))
+  assert rng.bit_generator.state == ref_rng.bit_generator.state  # no extra draws
+  on_rng = np.random.default_rng(9)
+  cut = dataclasses.replace(ds, cutout=3).train_batch(idx, on_rng)["image"]
+  assert on_rng.bit_generator.state != ref_rng.bit_generator.state  # cutout does draw, after the crop:
+  square = (cut == 0).all(axis=-1, keepdims=True) & (got["image"] != 0)
+  assert square.any()
+  np.testing.assert_array_equal(np.where(square, 0, got["image"]), cut)  # the same crops, then the squares
+
+
+@given(st.integers(0, 2**31 - 1), st.integers(0, 11), st.integers(1, 12), st.sampled_from(["none", "pad_crop_flip"]))
+def test_cutout_of_a_slice_is_the_slice_of_the_whole_batch(seed, lo, length, augment_name):
+  ds = _constant_dataset(12, 6, 6, augment_name, cutout=3, crop_padding=1)
+  idx = np.random.default_rng(seed).permutation(12)
+  part = slice(lo, min(lo + length, 12))
+  whole = ds.train_batch(idx, np.random.default_rng(seed))
+  piece = ds.train_batch(idx, np.random.default_rng(seed), part)
+  np.testing.assert_array_equal(piece["image"], whole["image"][part])
+  np.testing.assert_array_equal(piece["label"], whole["label"][part])
+
+
+def test_evaluation_batches_never_get_cutout():
+  ds = _constant_dataset(8, 6, 6, "pad_crop_flip", cutout=6, crop_padding=1)
+  batch = ds.test_batch(np.arange(4))
+  np.testing.assert_array_equal(batch["image"], augment.normalize(ds.test_x, ds.mean, ds.std))
+
+
 # ----------------------------------------------------------------------------------------------
 # grain pipelines.
 
@@ -446,6 +546,35 @@ def test_random_resized_crop_needs_streamed_images(tmp_path):
   config.dataset = dataset_config(name="cifar10", data_dir=root, in_memory="never")
   with pytest.raises(ConfigError, match="image folders only"):
     validate_config(config)
+
+
+@pytest.mark.parametrize(
+  "augment_name,in_memory", [("random_resized_crop_flip", "never"), ("pad_crop_flip", "never"), ("none", "always")]
+)
+def test_load_dataset_cuts_out_after_any_augmentation(tmp_path, augment_name, in_memory):
+  root = write_image_folder(str(tmp_path), per_class=4, size=(12, 10))
+  kw = dict(name="image_folder", data_dir=root, image_size=8, augment=augment_name, in_memory=in_memory)
+  plain = data.load_dataset(dataset_config(**kw), progress=False)
+  cut = data.load_dataset(dataset_config(cutout=5, **kw), progress=False)
+  assert (plain.cutout, cut.cutout) == (0, 5)
+  idx = np.arange(cut.num_train)
+  a = plain.train_batch(idx, np.random.default_rng(4))["image"]
+  b = cut.train_batch(idx, np.random.default_rng(4))["image"]
+  square = (b == 0).all(axis=-1) & (a != 0).any(axis=-1)
+  # One square per image of at least 3 x 3 pixels (a side of 5 clipped to 8 x 8), and the same crops.
+  assert all(9 <= k <= 25 for k in square.sum(axis=(1, 2)))
+  np.testing.assert_array_equal(np.where(square[..., None], 0, a), b)
+  for u, v in zip(data.eval_batches(plain, 3), data.eval_batches(cut, 3)):
+    np.testing.assert_array_equal(u["image"], v["image"])
+
+
+def test_train_pipeline_process_slices_make_the_global_batch_with_cutout(digits_ds):
+  ds = dataclasses.replace(digits_ds, cutout=3)
+  full = _take(iter(data.train_pipeline(ds, 8, seed=1)), 3)
+  parts = [_take(iter(data.train_pipeline(ds, 8, seed=1, process_index=p, process_count=2)), 3) for p in range(2)]
+  for k in range(3):
+    assert (full[k]["image"] == 0).any()
+    np.testing.assert_array_equal(full[k]["image"], np.concatenate([parts[0][k]["image"], parts[1][k]["image"]]))
 
 
 def test_decode_images_in_parallel_keeps_the_order_and_names_the_first_bad_file(tmp_path):

@@ -3,6 +3,7 @@ draws is the host pipeline's batch, a run trains the same either way, and where 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 
@@ -22,7 +23,9 @@ from test_data import dataset_config, write_image_folder  # noqa: E402
 from test_train import tiny_config  # noqa: E402
 
 
-def _dataset(augment: str, dtype, padding: int, n: int = 40, size: int = 6, channels: int = 3) -> data.ArrayDataset:
+def _dataset(
+  augment: str, dtype, padding: int, n: int = 40, size: int = 6, channels: int = 3, cutout: int = 0
+) -> data.ArrayDataset:
   rng = np.random.default_rng(0)
   if dtype == np.uint8:
     x = rng.integers(0, 256, size=(n, size, size, channels), dtype=np.uint8)
@@ -41,7 +44,18 @@ def _dataset(augment: str, dtype, padding: int, n: int = 40, size: int = 6, chan
     test_y=y[:4],
     augment=augment,
     crop_padding=padding,
+    cutout=cutout,
   )
+
+
+def _squares(centres: np.ndarray, size: int, h: int, w: int) -> np.ndarray:
+  """Boolean ``[B, h, w]``: the pixels of each image's cutout square, pixel by pixel from the definition."""
+  mask = np.zeros((len(centres), h, w), bool)
+  for i, (cy, cx) in enumerate(centres):
+    for y in range(h):
+      for x in range(w):
+        mask[i, y, x] = cy - size // 2 <= y < cy - size // 2 + size and cx - size // 2 <= x < cx - size // 2 + size
+  return mask
 
 
 @settings(max_examples=20, deadline=None)
@@ -51,17 +65,27 @@ def _dataset(augment: str, dtype, padding: int, n: int = 40, size: int = 6, chan
   padding=st.integers(0, 3),
   seed=st.integers(0, 2**31),
   part=st.sampled_from([slice(None), slice(0, 4), slice(4, 8)]),
+  cutout=st.sampled_from([0, 1, 2, 3, 4, 5, 13, 40]),  # 6x6 images: squares larger than the image too
 )
-def test_the_device_batch_is_the_host_batch_of_the_same_draws(augment, uint8, padding, seed, part):
-  ds = _dataset(augment, np.uint8 if uint8 else np.float32, padding)
+def test_the_device_batch_is_the_host_batch_of_the_same_draws(augment, uint8, padding, seed, part, cutout):
+  ds = _dataset(augment, np.uint8 if uint8 else np.float32, padding, cutout=cutout)
   indices = np.random.default_rng(seed).permutation(ds.num_train)[:8]
   host = ds.train_batch(indices, np.random.default_rng(seed), part)
   draws = ds.train_draws(indices, np.random.default_rng(seed), part)
   assert draws["index"].dtype == np.int32 and draws["crop"].shape == (len(host["label"]), 3)
-  make = jax.jit(device_augment.make_batch(ds.crop_padding_used, ds.mean, ds.std))
+  assert ("cutout" in draws) == (cutout > 0)
+  make = jax.jit(device_augment.make_batch(ds.crop_padding_used, ds.mean, ds.std, ds.cutout))
   device = make(jnp.asarray(ds.train_x), draws)
+  image = np.asarray(device["image"])
   np.testing.assert_array_equal(np.asarray(device["label"]), host["label"])
-  np.testing.assert_allclose(np.asarray(device["image"]), host["image"], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(image, host["image"], rtol=1e-6, atol=1e-6)
+  if cutout:
+    assert draws["cutout"].dtype == np.int32 and draws["cutout"].shape == (len(host["label"]), 2)
+    square = np.broadcast_to(_squares(draws["cutout"], cutout, 6, 6)[..., None], image.shape)
+    # The squares: +0.0 on both sides, bit for bit; nothing else is cut.
+    assert not image.view(np.uint32)[square].any() and not host["image"].view(np.uint32)[square].any()
+    uncut = dataclasses.replace(ds, cutout=0).train_batch(indices, np.random.default_rng(seed), part)["image"]
+    np.testing.assert_array_equal(host["image"][~square], uncut[~square])
 
 
 def test_crop_draws_shift_and_mirror_every_image_on_its_own():
@@ -75,11 +99,15 @@ def test_crop_draws_shift_and_mirror_every_image_on_its_own():
   assert not no_flip[:, 2].any()
 
 
-@pytest.mark.parametrize("model", [pytest.param("resnet20", marks=pytest.mark.slow), "residual_mlp"])
-def test_a_run_augmented_on_the_device_trains_as_on_the_host(model, tmp_path):
+@pytest.mark.parametrize(
+  "model,cutout", [pytest.param("resnet20", 0, marks=pytest.mark.slow), ("residual_mlp", 0), ("residual_mlp", 3)]
+)
+def test_a_run_augmented_on_the_device_trains_as_on_the_host(model, cutout, tmp_path):
   runs = {}
   for where in ("host", "device"):
-    config = tiny_config(model, **{"dataset.augment": "pad_crop_flip", "dataset.augment_on": where})
+    config = tiny_config(
+      model, **{"dataset.augment": "pad_crop_flip", "dataset.augment_on": where, "dataset.cutout": cutout}
+    )
     setup = run_setup.Setup(config)
     assert setup.augment_on == where
     workdir = str(tmp_path / where)

@@ -1,8 +1,8 @@
 """Data parallelism over 4 CPU devices (a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=4).
 
 The same config trained on 1 device and on 4 devices, same global batch, must give the same loss
-trajectory and final parameters to float tolerance: BatchNorm statistics and gradients are over the
-global batch, not per device. The same holds when the step makes its batch on the devices
+trajectory, final parameters and weight average to float tolerance: BatchNorm statistics and gradients
+are over the global batch, not per device. The same holds when the step makes its batch on the devices
 (``dataset.augment_on='device'``: the training images replicated, the draws sharded).
 """
 
@@ -30,7 +30,7 @@ CHILD = textwrap.dedent("""
 
     assert jax.device_count() == 4, jax.devices()
     config = tiny_config("resnet20", num_train_steps=6, log_every_steps=1, eval_every_steps=3,
-                         checkpoint_every_steps=6)
+                         checkpoint_every_steps=6, ema_decay=0.5)
     out = {{}}
     for n, where in ((1, "host"), (4, "host"), (4, "device")):
       config.dataset.augment_on = where
@@ -47,6 +47,7 @@ CHILD = textwrap.dedent("""
           "test": [r["accuracy"] for r in metrics.read_metrics(workdir) if r["split"] == "test"],
           "params": [np.asarray(p).ravel().tolist() for p in jax.tree.leaves(state.params)],
           "batch_stats": [np.asarray(p).ravel().tolist() for p in jax.tree.leaves(state.batch_stats)],
+          "ema": [np.asarray(p).ravel().tolist() for p in jax.tree.leaves(state.ema)],
       }}
     print("RESULT " + json.dumps(out))
 """)
@@ -73,5 +74,7 @@ def test_four_devices_match_one_device(tmp_path):
     assert four["shards"] == 4 and four["devices"] == 4
     np.testing.assert_allclose(four["train_loss"], one["train_loss"], rtol=2e-5, atol=1e-6)
     assert four["test"] == one["test"]
-    for a, b in zip(four["params"] + four["batch_stats"], one["params"] + one["batch_stats"]):
+    assert len(four["ema"]) == len(one["ema"]) > 1  # The weight average, kept on every device alike.
+    keys = ("params", "batch_stats", "ema")
+    for a, b in zip(sum((four[k] for k in keys), []), sum((one[k] for k in keys), []), strict=True):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5)

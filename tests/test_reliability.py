@@ -367,7 +367,10 @@ def test_workdir_of_the_same_model_with_other_options_is_refused_untouched(finis
   shutil.copytree(finished_run, workdir)
   before = snapshot(workdir)
   proc = train_cli(workdir, *tiny_args(8), "--config.model.options.dim=32")
-  assert_one_line_error(proc, str(workdir / "checkpoints" / "8"), "another configuration", "another --workdir")
+  # The settings are compared before any array is read: the message names the key, both values and why.
+  assert_one_line_error(
+    proc, "config.model.options", "'dim': 32", "up to step 8", "cannot change on resume", "another --workdir"
+  )
   assert snapshot(workdir) == before
 
 

@@ -229,6 +229,8 @@ def test_restore_step_keeps_the_superseded_metrics_summary_and_config(finished_r
     ("--config.model.options.activation=tanh", "model.options"),
     ("--config.dataset.crop_padding=2", "dataset.crop_padding"),
     ("--config.dataset.max_train_examples=48", "dataset.max_train_examples"),
+    ("--config.dataset.cutout=2", "dataset.cutout"),
+    ("--config.ema_decay=0.9", "ema_decay"),
   ],
 )
 def test_resume_refuses_settings_that_would_corrupt_the_run(finished_run, tmp_path, flag, key):

@@ -322,9 +322,9 @@ def test_workdir_of_another_model_is_refused(mlp_run):
     train_loop.train_and_evaluate(tiny_config("resnet20"), workdir, log=_quiet)
 
 
-@pytest.mark.parametrize("augment_on", ["host", "device"])
-def test_resume_matches_an_uninterrupted_run_bitwise(augment_on, tmp_path):
-  config = tiny_config("resnet20", **{"dataset.augment_on": augment_on})
+@pytest.mark.parametrize("augment_on, ema_decay", [("host", 0.0), ("device", 0.0), ("host", 0.9)])
+def test_resume_matches_an_uninterrupted_run_bitwise(augment_on, ema_decay, tmp_path):
+  config = tiny_config("resnet20", **{"dataset.augment_on": augment_on, "ema_decay": ema_decay})
   full, split = str(tmp_path / "full"), str(tmp_path / "split")
   setup = run_setup.Setup(config)  # Shared: one compilation for the three runs.
   train_loop.train_and_evaluate(config, full, log=_quiet, setup=setup)
@@ -336,8 +336,11 @@ def test_resume_matches_an_uninterrupted_run_bitwise(augment_on, tmp_path):
   a, data_a, _ = Checkpointer(os.path.join(full, "checkpoints")).restore(setup.abstract_state())
   b, data_b, _ = Checkpointer(os.path.join(split, "checkpoints")).restore(setup.abstract_state())
   assert int(a.step) == int(b.step) == 8 and data_a == data_b
+  assert (a.ema is None) == (b.ema is None) == (ema_decay == 0.0)
   for x, y in zip(
-    jax.tree.leaves((a.params, a.batch_stats, a.opt_state)), jax.tree.leaves((b.params, b.batch_stats, b.opt_state))
+    jax.tree.leaves((a.params, a.batch_stats, a.opt_state, a.ema)),
+    jax.tree.leaves((b.params, b.batch_stats, b.opt_state, b.ema)),
+    strict=True,
   ):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   assert _metrics(full) == _metrics(split)
