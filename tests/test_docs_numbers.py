@@ -733,6 +733,41 @@ def test_resnet9_runs_on_cifar10():
   _assert_in(f"{acc26:.2f}% in {minutes26:.1f} minutes with", "configs/cifar10_resnet9.py")
 
 
+def test_resnet9_with_cutout_and_weight_average():
+  """docs/cifar.md quotes the ResNet-9 run with Cutout and the weight average from its JSON: the average's
+  accuracy, the last weights' own, the gap to the committed run, and how the two curves compare."""
+  run = _load(os.path.join("cifar", "cifar10_resnet9_cutout_ema.json"))
+  base = _load(os.path.join("cifar", "cifar10_resnet9.json"))
+  _assert_ran_on_avx512_epyc_f26m2(run)
+  assert (run["recipe"]["cutout"], run["recipe"]["ema_decay"]) == (8, 0.998)
+  assert (base["recipe"]["cutout"], base["recipe"]["ema_decay"]) == (0, 0.0)
+  assert {k: v for k, v in run["recipe"].items() if k not in ("cutout", "ema_decay")} == {
+    k: v for k, v in base["recipe"].items() if k not in ("cutout", "ema_decay")
+  }
+  assert run["steps"] == base["steps"] == 2784 and run["model_options"] == base["model_options"]
+  avg, own = 100 * run["final_accuracy"], 100 * run["final_unaveraged_accuracy"]
+  minutes = run["total_wall_time_s"] / 60
+  doc = "docs/cifar.md"
+  _assert_in(
+    f"| 32 ({run['steps']:,}) | **{avg:.2f}%** (the weight average; the last weights alone: {own:.2f}%) | "
+    f"{minutes:.1f} min",
+    doc,
+  )
+  _assert_in(f"| {run['train_images_per_sec']:.0f} |", doc)
+  _assert_in(f"the weight average reached {avg:.2f}% and the last weights {own:.2f}%", "configs/cifar10_resnet9.py")
+  _assert_in(f"The weight average ends at {avg:.2f}%, {own - avg:.2f} points below the run's own last weights", doc)
+  _assert_in(f"the last weights reach {own:.2f}%, against {100 * base['final_accuracy']:.2f}% without it", doc)
+  _assert_in(
+    f"ends at {100 * run['final_train_accuracy']:.1f}%, against {100 * base['final_train_accuracy']:.1f}% without it",
+    doc,
+  )
+  assert all(b > a for a, b in zip(run["accuracy"], run["accuracy"][1:]))  # "rises at every evaluation"
+  _assert_in(f"({100 * run['accuracy'][0]:.2f}% against {100 * base['accuracy'][0]:.2f}% at epoch 2)", doc)
+  middle = [(a, b) for e, a, b in zip(run["epoch"], run["accuracy"], base["accuracy"]) if 10 <= e <= 27]
+  _assert_in(f"ahead of the committed run at {sum(a > b for a, b in middle)} of the {len(middle)} evaluations", doc)
+  assert all(a < b for a, b in zip(run["accuracy"][-3:], base["accuracy"][-3:]))  # "behind at the last three"
+
+
 def test_resnet9_speed_against_pytorch():
   """benchmarks/README.md quotes bench.py's ResNet-9 figures against PyTorch from their JSON."""
   f32 = _bench_result("cpu_amd_avx512_f26m2_resnet9_b512_j012.json")
