@@ -733,6 +733,34 @@ def test_resnet9_runs_on_cifar10():
   _assert_in(f"{acc26:.2f}% in {minutes26:.1f} minutes with", "configs/cifar10_resnet9.py")
 
 
+def test_second_seed_of_resnet9():
+  """The committed ResNet-9 config with seed 1: the same recipe and steps, and every figure docs/cifar.md, the
+  README and the config quote of it and of the two seeds together."""
+  seed0 = _load(os.path.join("cifar", "cifar10_resnet9.json"))
+  seed1 = _load(os.path.join("cifar", "cifar10_resnet9_seed1.json"))
+  _assert_ran_on_avx512_epyc_f26m2(seed1)
+  assert seed1["recipe"] == seed0["recipe"] and seed1["steps"] == seed0["steps"] == 2784
+  assert seed1["model_options"] == seed0["model_options"] and seed1["dtype"] == seed0["dtype"]
+  acc0, acc1 = 100 * seed0["final_accuracy"], 100 * seed1["final_accuracy"]
+  minutes = seed1["total_wall_time_s"] / 60
+  assert minutes <= 45 and acc1 < 91
+  doc = "docs/cifar.md"
+  _assert_in(f"| 32 ({seed1['steps']:,}) | **{acc1:.2f}%** | {minutes:.1f} min", doc)
+  _assert_in(f"| {seed1['train_images_per_sec']:.0f} |", doc)
+  _assert_in(f"A second seed of the committed config ends at {acc1:.2f}%, {91 - acc1:.2f} points short, after", doc)
+  _assert_in(f"the two seeds differ by {abs(acc1 - acc0):.2f} points at the end (mean {(acc0 + acc1) / 2:.2f}%)", doc)
+  gaps = [abs(a - b) for a, b in zip(seed0["accuracy"], seed1["accuracy"], strict=True)]
+  ahead = sum(b > a for a, b in zip(seed0["accuracy"], seed1["accuracy"]))
+  _assert_in(f"differ by up to {100 * max(gaps):.2f} points during the run (seed 1 is ahead at {ahead} of the", doc)
+  _assert_in(f"{len(gaps)} evaluations)", doc)
+  _assert_in(f"(and {acc1:.2f}% with seed 1)", doc)
+  rates = (seed0["train_images_per_sec"], seed1["train_images_per_sec"])
+  _assert_in(f"{rates[0]:.0f} images/s with seed 0 and {rates[1]:.0f} with seed 1", doc)
+  _assert_in(f"and {acc1:.2f}% in {minutes:.1f} min with `--config.seed=1`", "README.md")
+  _assert_in(f"reaches {acc1:.2f}% in {minutes:.1f} min, {91 - acc1:.2f} points short", "README.md")
+  _assert_in(f"{acc1:.2f}% in {minutes:.1f} minutes with\n--config.seed=1", "configs/cifar10_resnet9.py")
+
+
 def test_resnet9_with_cutout_and_weight_average():
   """docs/cifar.md quotes the ResNet-9 run with Cutout and the weight average from its JSON: the average's
   accuracy, the last weights' own, the gap to the committed run, and how the two curves compare."""
