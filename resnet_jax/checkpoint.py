@@ -139,13 +139,7 @@ class Checkpointer:
         (the message names the folder, and the arrays that do not fit).
     """
     ocp = self._ocp
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise CheckpointError(f"no complete checkpoint in {self.directory}")
-    if step not in self.all_steps():
-      raise CheckpointError(
-        f"no complete checkpoint of step {step} in {self.directory}; complete checkpoints: steps {self.all_steps()}"
-      )
+    step = self._complete_step(step)
     path = os.path.join(self.directory, str(step))
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
     mismatch = _mismatch(self._stored_arrays(path, step), abstract)
@@ -167,15 +161,32 @@ class Checkpointer:
       raise self._damaged(path, step, e, f"in {os.path.join(path, 'state')} (the arrays' files)") from None
     return restored["state"], dict(restored["data"] or {}), dict(restored["meta"] or {})
 
-  def read_meta(self, step: int) -> dict:
-    """The run metadata of the checkpoint of ``step`` alone (no array is read); ``{}`` when it cannot be
-    read (then :meth:`restore` says why)."""
+  def _complete_step(self, step: int | None) -> int:
+    """``step``, or the newest complete checkpoint's when it is ``None``; a CheckpointError when there is none."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f"no complete checkpoint in {self.directory}")
+    if step not in self.all_steps():
+      raise CheckpointError(
+        f"no complete checkpoint of step {step} in {self.directory}; complete checkpoints: steps {self.all_steps()}"
+      )
+    return step
+
+  def read_meta(self, step: int | None = None) -> tuple[int, dict]:
+    """``(step, meta)``: the run metadata alone of the checkpoint of ``step`` (default: the newest complete
+    one), without reading any array: what a resume checks before it restores the state.
+
+    Raises:
+      CheckpointError: no such checkpoint, or its metadata cannot be read (naming the file).
+    """
+    step = self._complete_step(step)
+    path = os.path.join(self.directory, str(step))
     try:
       with stray_async_errors_silenced():
         restored = self._manager.restore(step, args=self._ocp.args.Composite(meta=self._ocp.args.JsonRestore()))
-      return dict(restored["meta"] or {})
-    except Exception:  # noqa: BLE001 -- orbax raises many types; restore() reports the damage.
-      return {}
+    except Exception as e:  # noqa: BLE001 -- orbax raises ValueError, OSError, JSONDecodeError, ...
+      raise self._damaged(path, step, e, f"in {os.path.join(path, 'meta')} (the run metadata)") from None
+    return step, dict(restored["meta"] or {})
 
   def _stored_arrays(self, path: str, step: int) -> dict[str, tuple] | None:
     """``{array name: (shape, dtype)}`` of the train state in the checkpoint of ``step``, read from orbax's

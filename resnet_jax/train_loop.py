@@ -310,26 +310,21 @@ def _restore(
   restore_step = config.restore_step if config.restore_step >= 0 else None
   if ckpt.latest_step() is None and restore_step is None:
     return setup.init_state(log), None, meta, [], None
+  # The settings first, before any array is read: a change that also changes the state's structure
+  # (config.ema_decay) is then refused with its reason, not as a checkpoint that does not fit.
+  step, saved_meta = ckpt.read_meta(restore_step)
   per_epoch = setup.steps_per_epoch
-
-  def changes_since(saved_meta: dict, step: int) -> list[dict]:
-    return workdir_lib.check_resume(
-      saved_meta,
-      config,
-      _counts(setup),
-      lambda c: optim.total_train_steps(c, per_epoch),
-      lambda c: optim.make_schedule(c, per_epoch, optim.total_train_steps(c, per_epoch)),
-      step,
-    )
-
-  # The settings first: a change that also changes the state's structure (config.ema_decay) is then
-  # refused with its reason, not as a checkpoint that does not fit.
-  planned = restore_step if restore_step is not None else ckpt.latest_step()
-  changes_since(ckpt.read_meta(planned), planned)
-  state, data_state, saved_meta = ckpt.restore(setup.abstract_state(), restore_step)
+  changes = workdir_lib.check_resume(
+    saved_meta,
+    config,
+    _counts(setup),
+    lambda c: optim.total_train_steps(c, per_epoch),
+    lambda c: optim.make_schedule(c, per_epoch, optim.total_train_steps(c, per_epoch)),
+    step,
+  )
+  state, data_state, _ = ckpt.restore(setup.abstract_state(), step)
   meta.update({k: v for k, v in saved_meta.items() if k in meta})
   restored = int(jax.device_get(state.step))
-  changes = changes_since(saved_meta, restored)
   saved_config = saved_meta.get("config") if isinstance(saved_meta.get("config"), dict) else None
   log(f"resuming {workdir} from step {restored}")
   if restore_step is not None:
