@@ -9,8 +9,11 @@ the window's taps instead (three times faster there, ``benchmarks/README.md``)::
   dx = sum over taps of  pad_to_x( g * [tap (i, j) is the first tap, in row-major order, equal to y] )
 
 "First" reproduces ``select_and_scatter``'s choice among equal values, so the gradient is the one XLA
-computes (up to the order in which overlapping windows' contributions are added). Other back ends keep
-XLA's own gradient.
+computes (up to the order in which overlapping windows' contributions are added). Windows that tile the
+input (window = strides, no padding: ResNet-9's 2x2 pools) take a shorter road to the same gradient: the
+input viewed as blocks, one broadcast of ``g`` and one select (``_bwd_disjoint``), instead of one strided
+pad and one addition per tap, which XLA's CPU back end fuses poorly (ResNet-9 at half width, bfloat16,
+batch 512: 1.35 times the images/s of the training step). Other back ends keep XLA's own gradient.
 """
 
 from __future__ import annotations
@@ -94,6 +97,8 @@ def _fwd(x, window, strides, padding):
 
 def _bwd(window, strides, padding, residuals, g):
   x, y = residuals
+  if window == strides and padding == ((0, 0), (0, 0)) and x.shape[1] % window[0] == 0 and x.shape[2] % window[1] == 0:
+    return (_bwd_disjoint(window, x, y, g),)
   (pt, pb), (pl, pr) = padding
   (kh, kw), (sh, sw) = window, strides
   xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)), constant_values=-jnp.inf)
@@ -115,6 +120,25 @@ def _bwd(window, strides, padding, residuals, g):
         ((0, 0, 0), (i, hp - 1 - last_h, sh - 1), (j, wp - 1 - last_w, sw - 1), (0, 0, 0)),
       )
   return (dxp[:, pt : hp - pb, pl : wp - pr, :],)
+
+
+def _bwd_disjoint(window: tuple[int, int], x: Array, y: Array, g: Array) -> Array:
+  """The gradient for windows that tile ``x`` (window = strides, no padding, sides divisible by the window).
+
+  Each window is one block of ``x`` viewed as ``(n, h/kh, kh, w/kw, kw, c)``; its first tap equal to the
+  maximum, in row-major order, has rank ``r* = min{kw*i + j : x[., i, ., j, .] = y}``, and::
+
+    dx[., i, ., j, .] = g  if kw*i + j = r*  else 0
+
+  one broadcast and select over ``x``'s elements, instead of one strided pad per tap."""
+  (kh, kw), (n, h, w, c) = window, x.shape
+  x6 = x.reshape(n, h // kh, kh, w // kw, kw, c)
+  rank = (jnp.arange(kh)[:, None] * kw + jnp.arange(kw)[None, :]).astype(jnp.int32).reshape(1, 1, kh, 1, kw, 1)
+  first = jnp.full(y.shape, kh * kw, jnp.int32)
+  for r in reversed(range(kh * kw)):  # the last assignment is the first tap in row-major order
+    first = jnp.where(x6[:, :, r // kw, :, r % kw, :] == y, r, first)
+  dx6 = jnp.where(rank == first[:, :, None, :, None, :], g[:, :, None, :, None, :], jnp.zeros((), g.dtype))
+  return dx6.reshape(x.shape)
 
 
 _max_pool_taps.defvjp(_fwd, _bwd)
