@@ -92,6 +92,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument(
     "--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype (parameters stay float32)"
   )
+  p.add_argument(
+    "--num-filters",
+    type=int,
+    default=None,
+    help="the model's num_filters option (first-stage width; default: the registered model's own)",
+  )
   p.add_argument("--mode", choices=("train", "infer", "both"), default="both")
   p.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is reported")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
@@ -136,6 +142,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
       raise ConfigError(f"--{name} must be at least 1, got {getattr(args, name)}")
   if args.warmup < 0:
     raise ConfigError(f"--warmup must be >= 0, got {args.warmup}")
+  if args.num_filters is not None and args.num_filters < 1:
+    raise ConfigError(f"--num-filters must be at least 1, got {args.num_filters}")
   return args
 
 
@@ -285,6 +293,8 @@ def bench_config(args: argparse.Namespace):
   config.model.name = args.model
   config.model.dtype = args.dtype
   config.model.conv_backend = args.conv_backend
+  if args.num_filters is not None:
+    config.model.options.num_filters = args.num_filters
   config.schedule.name = "constant"
   config.schedule.warmup = 0.0
   return config
@@ -461,6 +471,9 @@ def bench_torch(args: argparse.Namespace, threads: int, schedule: Schedule) -> d
       file=sys.stderr,
     )
     return {}
+  if args.num_filters is not None and not torch_models.has_counterpart(args.model, num_filters=True):
+    print(f"note: the PyTorch {args.model} has its fixed width, not --num-filters; torch not measured", file=sys.stderr)
+    return {}
   torch.set_num_threads(threads)
   torch.manual_seed(args.seed)
   device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -477,7 +490,9 @@ def bench_torch(args: argparse.Namespace, threads: int, schedule: Schedule) -> d
     if fmt not in ("channels_last", "contiguous"):
       raise ConfigError(f"unknown torch memory format {fmt!r}: expected channels_last or contiguous")
     mf = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
-    model = torch_models.create_torch_model(args.model, args.num_classes).to(device).to(memory_format=mf)
+    model = (
+      torch_models.create_torch_model(args.model, args.num_classes, args.num_filters).to(device).to(memory_format=mf)
+    )
     x = torch.randn(args.batch, 3, args.size, args.size, device=device).to(memory_format=mf)
     y = torch.randint(0, args.num_classes, (args.batch,), device=device)
     opt = torch_optimizer(model, bench_config(args))
@@ -561,6 +576,10 @@ def main(argv: list[str] | None = None) -> int:
   if args.model not in models.list_models():
     models.create_model(args.model)  # raises ModelError naming close matches
     raise ModelError(f"unknown model {args.model!r}")
+  if args.num_filters is not None and "num_filters" not in models.model_options(args.model):
+    raise ConfigError(
+      f"--num-filters: {args.model} has no num_filters option (its options: {models.model_options(args.model)})"
+    )
   set_model_defaults(args)
   from resnet_jax import host_memory  # before jax starts its backend (the model above is only described)
 
@@ -571,7 +590,8 @@ def main(argv: list[str] | None = None) -> int:
     "config": {k: v for k, v in vars(args).items() if k != "json_out"},
   }
   print(
-    f"{args.model}: batch {args.batch}, {args.size}x{args.size}, {args.dtype}, {args.num_classes} classes, "
+    f"{args.model}{'' if args.num_filters is None else f' (num_filters={args.num_filters})'}: "
+    f"batch {args.batch}, {args.size}x{args.size}, {args.dtype}, {args.num_classes} classes, "
     f"{jax.default_backend()} ({machine.one_line()}), "
     f"XLA_FLAGS={xla_flags!r}, host memory {'kept' if args.host_memory_kept else 'default'}",
     flush=True,

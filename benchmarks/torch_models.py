@@ -19,19 +19,25 @@ TORCHVISION_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152
 _CIFAR = re.compile(r"^(resnet|plain)(20|32|44|56|110)$")
 
 
-def has_counterpart(name: str) -> bool:
-  """Whether ``name`` has a PyTorch model with the same architecture here."""
+def has_counterpart(name: str, num_filters: bool = False) -> bool:
+  """Whether ``name`` has a PyTorch model with the same architecture here (with ``num_filters``: one whose
+  width can be set, as ``create_model(name, num_filters=...)`` sets it)."""
+  if num_filters:
+    return name == "resnet9"
   return name in TORCHVISION_NAMES or name == "resnet9" or _CIFAR.match(name) is not None
 
 
-def create_torch_model(name: str, num_classes: int) -> Any:
-  """The ``torch.nn.Module`` with the same architecture as ``resnet_jax.create_model(name, num_classes)``."""
+def create_torch_model(name: str, num_classes: int, num_filters: int | None = None) -> Any:
+  """The ``torch.nn.Module`` with the same architecture as ``resnet_jax.create_model(name, num_classes)``,
+  or, with ``num_filters`` (``resnet9`` only), as ``create_model(name, num_classes, num_filters=...)``."""
+  if num_filters is not None and not has_counterpart(name, num_filters=True):
+    raise ValueError(f"the PyTorch {name} has a fixed width; num_filters applies to resnet9 only")
   if name in TORCHVISION_NAMES:
     import torchvision
 
     return getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
   if name == "resnet9":
-    return _resnet9(num_classes)
+    return _resnet9(num_classes, 64 if num_filters is None else num_filters)
   m = _CIFAR.match(name)
   if m is None:
     raise KeyError(name)

@@ -100,6 +100,16 @@ def test_torch_counterparts_match_parameter_counts():
     n_torch = sum(p.numel() for p in torch_models.create_torch_model(name, classes).parameters())
     assert n_jax == n_torch, name
   assert not torch_models.has_counterpart("residual_mlp")
+  # Widths: ResNet-9 at half width (configs/cifar10_resnet9.py); the other PyTorch nets have theirs fixed.
+  half = create_model("resnet9", num_classes=10, num_filters=32)
+  shapes = jax.eval_shape(lambda: half.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))
+  n_jax = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes["params"]))
+  n_torch = sum(p.numel() for p in torch_models.create_torch_model("resnet9", 10, num_filters=32).parameters())
+  assert n_jax == n_torch == 1_646_112
+  assert torch_models.has_counterpart("resnet9", num_filters=True)
+  assert not torch_models.has_counterpart("resnet20", num_filters=True)
+  with pytest.raises(ValueError, match="resnet20 has a fixed width"):
+    torch_models.create_torch_model("resnet20", 10, num_filters=8)
 
 
 def test_bench_unknown_model_is_one_line_error():
@@ -123,6 +133,30 @@ def test_bench_compare_torch_without_torch_is_one_line_error(tmp_path):
 def test_bench_bad_value_is_one_line_error():
   p = run_bench(*MLP, "--batch", "0")
   assert p.returncode == 2 and p.stderr.strip().startswith("error: --batch must be at least 1")
+  p = run_bench(*MLP, "--num-filters", "0")
+  assert p.returncode == 2 and p.stderr.strip().startswith("error: --num-filters must be at least 1")
+  p = run_bench(*MLP, "--num-filters", "8")
+  lines = p.stderr.strip().splitlines()
+  assert p.returncode == 2 and len(lines) == 1 and "residual_mlp has no num_filters option" in lines[0]
+
+
+def test_bench_num_filters_sets_the_models_width(tmp_path):
+  """``--num-filters``: the model's width option, named on the first line and kept in the JSON."""
+  import jax
+
+  from resnet_jax import create_model
+
+  def count(**options):
+    model = create_model("resnet9", num_classes=10, **options)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), np.zeros((1, 8, 8, 3), np.float32)))
+    return sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes["params"]))
+
+  out = tmp_path / "bench.json"
+  p = run_bench("--model", "resnet9", *COMMON, "--num-filters", "4", "--mode", "infer", "--json", str(out))
+  assert p.returncode == 0, p.stderr
+  res = json.loads(out.read_text())
+  assert res["config"]["num_filters"] == 4 and "resnet9 (num_filters=4): batch 2" in p.stdout.splitlines()[0]
+  assert res["jax"]["params"] == count(num_filters=4) < count()
 
 
 def _import_bench():
@@ -158,7 +192,9 @@ def test_torch_optimizer_makes_the_updates_of_the_training_optimizer(name):
   from resnet_jax import optim
 
   bench = _import_bench()
-  config = bench.bench_config(argparse.Namespace(model="resnet20", dtype="float32", conv_backend="xla"))
+  config = bench.bench_config(
+    argparse.Namespace(model="resnet20", dtype="float32", conv_backend="xla", num_filters=None)
+  )
   config.optimizer.name = name
   rng = np.random.default_rng(0)
   params = {"kernel": rng.normal(size=(3, 4)), "bias": rng.normal(size=(4,))}
