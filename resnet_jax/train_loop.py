@@ -151,10 +151,12 @@ def _run(
     workdir_lib.record_settings(workdir, config, run.start_step, changes, saved_config)
     write_json(os.path.join(workdir, "data.json"), setup.data.info)  # Its normalisation, for evaluations.
   if is_main and run.start_step == 0:
+    augment = config.dataset.augment + (f" + cutout {config.dataset.cutout}" if config.dataset.cutout else "")
     log(
       f"training {config.model.name} on {config.dataset.name} ({setup.data.num_train} images, "
       f"{setup.total_steps} steps of {config.batch_size} in {setup.compute_dtype} on {len(setup.dp.devices)} "
-      f"{setup.dp.devices[0].platform} device(s), augmented on the {setup.augment_on}), writing to {workdir}"
+      f"{setup.dp.devices[0].platform} device(s), augmentation {augment} on the {setup.augment_on}), "
+      f"writing to {workdir}"
     )
   with contextlib.ExitStack() as stack:
     writer = stack.enter_context(MetricsWriter(workdir, run.start_step, enabled=is_main))

@@ -113,7 +113,8 @@ def test_a_run_augmented_on_the_device_trains_as_on_the_host(model, cutout, tmp_
     workdir = str(tmp_path / where)
     messages = []
     summary = train_loop.train_and_evaluate(config, workdir, log=messages.append, setup=setup)
-    assert summary["augment_on"] == where and f"augmented on the {where})" in messages[0]
+    augment = "pad_crop_flip + cutout 3" if cutout else "pad_crop_flip"
+    assert summary["augment_on"] == where and f"augmentation {augment} on the {where})" in messages[0]
     state, _, _ = Checkpointer(os.path.join(workdir, "checkpoints")).restore(setup.abstract_state())
     runs[where] = (metrics.read_metrics(workdir), jax.tree.leaves(state.params))
   (host_records, host_params), (device_records, device_params) = runs["host"], runs["device"]
