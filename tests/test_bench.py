@@ -79,31 +79,34 @@ def test_bench_compare_torch_reports_ratios(tmp_path):
   assert "ratio jax/torch channels_last" in p.stdout
 
 
+def jax_parameter_count(name: str, num_classes: int, size: int, **options) -> int:
+  """How many parameters ``create_model(name, num_classes, **options)`` has (shapes only, nothing computed)."""
+  import jax
+
+  from resnet_jax import create_model
+  from resnet_jax.train_step import count_parameters
+
+  model = create_model(name, num_classes=num_classes, **options)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), np.zeros((1, size, size, 3), np.float32)))
+  return count_parameters(shapes["params"])
+
+
 def test_torch_counterparts_match_parameter_counts():
   """The PyTorch models compared against have the same number of parameters as the JAX ones."""
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-
   sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
   try:
     import torch_models
   finally:
     sys.path.pop(0)
-  from resnet_jax import create_model
 
   for name, classes, size in (("resnet20", 10, 8), ("plain20", 10, 8), ("resnet18", 7, 32), ("resnet9", 10, 32)):
     assert torch_models.has_counterpart(name)
-    model = create_model(name, num_classes=classes)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3))))
-    n_jax = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes["params"]))
+    n_jax = jax_parameter_count(name, classes, size)
     n_torch = sum(p.numel() for p in torch_models.create_torch_model(name, classes).parameters())
     assert n_jax == n_torch, name
   assert not torch_models.has_counterpart("residual_mlp")
   # Widths: ResNet-9 at half width (configs/cifar10_resnet9.py); the other PyTorch nets have theirs fixed.
-  half = create_model("resnet9", num_classes=10, num_filters=32)
-  shapes = jax.eval_shape(lambda: half.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))
-  n_jax = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes["params"]))
+  n_jax = jax_parameter_count("resnet9", 10, 32, num_filters=32)
   n_torch = sum(p.numel() for p in torch_models.create_torch_model("resnet9", 10, num_filters=32).parameters())
   assert n_jax == n_torch == 1_646_112
   assert torch_models.has_counterpart("resnet9", num_filters=True)
@@ -142,21 +145,13 @@ def test_bench_bad_value_is_one_line_error():
 
 def test_bench_num_filters_sets_the_models_width(tmp_path):
   """``--num-filters``: the model's width option, named on the first line and kept in the JSON."""
-  import jax
-
-  from resnet_jax import create_model
-
-  def count(**options):
-    model = create_model("resnet9", num_classes=10, **options)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), np.zeros((1, 8, 8, 3), np.float32)))
-    return sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes["params"]))
-
   out = tmp_path / "bench.json"
   p = run_bench("--model", "resnet9", *COMMON, "--num-filters", "4", "--mode", "infer", "--json", str(out))
   assert p.returncode == 0, p.stderr
   res = json.loads(out.read_text())
   assert res["config"]["num_filters"] == 4 and "resnet9 (num_filters=4): batch 2" in p.stdout.splitlines()[0]
-  assert res["jax"]["params"] == count(num_filters=4) < count()
+  narrow, full = jax_parameter_count("resnet9", 10, 8, num_filters=4), jax_parameter_count("resnet9", 10, 8)
+  assert res["jax"]["params"] == narrow < full
 
 
 def _import_bench():
