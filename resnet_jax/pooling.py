@@ -1,4 +1,4 @@
-"""Max pooling whose gradient is fast on the CPU: the ImageNet stem's 3x3/2 max-pool.
+"""Max pooling whose gradient is fast on the CPU: the ImageNet stem's 3x3/2 max-pool and ResNet-9's 2x2 pools.
 
 The forward pass is ``flax.linen.max_pool`` (XLA's ``reduce_window``). Its gradient, as XLA differentiates
 it, is a ``select_and_scatter``, which XLA's CPU back end runs slowly: about 190 ms per ResNet-18 training
