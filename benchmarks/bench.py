@@ -23,6 +23,12 @@ in PyTorch (torchvision, or ``benchmarks/torch_models.py`` for the CIFAR nets) i
 same batch, the same thread count as XLA, in ``channels_last`` and contiguous NCHW memory formats, and prints
 the ratio jax / torch.
 
+``--profile N`` traces N more training steps with ``jax.profiler`` and splits their time by the compiled
+program's operations: convolutions against everything else (BatchNorm, activations, conversions, pooling,
+the optimizer), forward against backward against the update (from each operation's source location in the
+model), and the operations that take longest. It reads the per-operation events of XLA's CPU runtime; on
+other platforms it says that the trace has none.
+
 XLA's CPU options are read once, when jax starts: pass them with ``--xla-flags`` (added to ``XLA_FLAGS``)
 rather than after the fact. ``--cpu-conv eigen`` turns off the YNNPACK convolution fusion that jaxlib 0.10
 to 0.12 use by default on CPU, giving Eigen's convolutions back: faster for CIFAR ResNets (16-64 channels at
@@ -36,6 +42,7 @@ import argparse
 import json
 import math
 import os
+import re
 import resource
 import statistics
 import sys
@@ -135,6 +142,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument(
     "--threads", type=int, default=None, help="threads for torch (default: the CPUs this process may use, as XLA does)"
   )
+  p.add_argument(
+    "--profile",
+    type=int,
+    default=0,
+    help="N > 0: trace N more training steps and split their time by operation (see above; CPU)",
+  )
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
   for name in ("batch", "repeats"):
@@ -142,6 +155,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
       raise ConfigError(f"--{name} must be at least 1, got {getattr(args, name)}")
   if args.warmup < 0:
     raise ConfigError(f"--warmup must be >= 0, got {args.warmup}")
+  if args.profile < 0:
+    raise ConfigError(f"--profile must be >= 0 (steps to trace), got {args.profile}")
+  if args.profile and args.mode == "infer":
+    raise ConfigError("--profile traces training steps: use it with --mode train or both")
   if args.num_filters is not None and args.num_filters < 1:
     raise ConfigError(f"--num-filters must be at least 1, got {args.num_filters}")
   return args
@@ -324,8 +341,9 @@ def hlo_flops(compiled) -> float | None:
     return None
 
 
-def bench_jax(args: argparse.Namespace, schedule: Schedule) -> dict:
-  """Compile and warm up the jax steps, adding them to ``schedule``; the returned dict is filled by it.
+def bench_jax(args: argparse.Namespace, schedule: Schedule) -> tuple[dict, tuple | None]:
+  """Compile and warm up the jax steps, adding them to ``schedule``; the returned dict is filled by it, and
+  returned with the training step's ``(run, compiled)`` (``None`` with ``--mode infer``).
 
   The model, the train state and the jitted training step are built as training builds them
   (``resnet_jax.run_setup``: ``build_model``, ``build_optimizer``, ``create_train_state``, ``build_train_step``).
@@ -353,17 +371,18 @@ def bench_jax(args: argparse.Namespace, schedule: Schedule) -> dict:
   forward = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, x)
   out["forward_flops_per_image"] = matmul_flops(forward) / args.batch
   time_infer(args, model, variables, x, schedule, out)
+  train = None
   if args.mode in ("train", "both"):
     # Own copies: the step donates its state, while the inference step keeps using ``variables``.
     state = jax.tree.map(lambda a: jnp.array(a, copy=True), state)
-    time_train(args, config, state, {"image": images, "label": labels}, schedule, out)
+    train = time_train(args, config, state, {"image": images, "label": labels}, schedule, out)
   if dev.platform == "gpu":
     try:
       stats = dev.memory_stats() or {}
       out["device_peak_mb"] = stats.get("peak_bytes_in_use", 0) / 2**20
     except Exception:
       out["device_peak_mb"] = None
-  return out
+  return out, train
 
 
 def time_infer(args: argparse.Namespace, model, variables: dict, x, schedule: Schedule, out: dict) -> None:
@@ -385,9 +404,10 @@ def time_infer(args: argparse.Namespace, model, variables: dict, x, schedule: Sc
     out["infer"]["peak_rss_mb"] = peak_rss_mb()
 
 
-def time_train(args: argparse.Namespace, config, state, batch: dict, schedule: Schedule, out: dict) -> None:
+def time_train(args: argparse.Namespace, config, state, batch: dict, schedule: Schedule, out: dict) -> tuple:
   """Compile the training step of ``resnet_jax`` (``run_setup.build_train_step``: the step ``train.py`` runs,
-  on a one-device mesh, its state donated), run it once and add it to ``schedule`` (``out["train"]``)."""
+  on a one-device mesh, its state donated), run it once and add it to ``schedule`` (``out["train"]``).
+  Returns ``(run, compiled)``: one more step, and the compiled program (for :func:`profile_train`)."""
   import jax
 
   from resnet_jax import run_setup
@@ -420,6 +440,7 @@ def time_train(args: argparse.Namespace, config, state, batch: dict, schedule: S
   }
   schedule.add(run, sync, out["train"])
   out["train"]["peak_rss_mb"] = peak_rss_mb()
+  return run, compiled
 
 
 def utilisation(args: argparse.Namespace, res: dict) -> dict:
@@ -443,6 +464,105 @@ def utilisation(args: argparse.Namespace, res: dict) -> dict:
         info["mfu"] = achieved / peak
         break
   return info
+
+
+_HLO_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([^\s=]+) = .*? ([a-z][a-z0-9-]*)\(")
+_HLO_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([^\s(]+) ")
+
+
+def hlo_operations(hlo_text: str) -> dict[str, dict]:
+  """Each instruction of a compiled program's text (``compiled.as_text()``) by name: its ``kind``
+  (``convolution``: a convolution, a custom call whose target names one, or a fusion that holds one; else
+  ``other``), its ``pass`` (``forward`` / ``backward`` / ``update``, from the ``jvp`` / ``transpose`` of its
+  source location, ``op_name``; ``unattributed`` where XLA's rewrites left it none, as for XLA's own
+  weight-gradient convolutions) and its ``group`` (the name without its numeric suffix)."""
+  computations: dict[str, list[str]] = {}
+  current = None
+  for line in hlo_text.splitlines():
+    if line and not line[0].isspace() and line.rstrip().endswith("{"):
+      m = _HLO_COMPUTATION.match(line)
+      current = m.group(1) if m else None
+      computations[current] = []
+    elif current is not None:
+      computations[current].append(line)
+  has_conv = {name: any(" convolution(" in ln for ln in body) for name, body in computations.items()}
+  ops = {}
+  for body in computations.values():
+    for line in body:
+      m = _HLO_INSTRUCTION.match(line)
+      if not m:
+        continue
+      name, opcode = m.groups()
+      target = re.search(r'custom_call_target="([^"]+)"', line)
+      called = re.search(r"calls=%?([^\s,}]+)", line)
+      conv = (
+        opcode == "convolution"
+        or (opcode == "custom-call" and target is not None and "conv" in target.group(1))
+        or (opcode == "fusion" and called is not None and has_conv.get(called.group(1), False))
+      )
+      op_name = re.search(r'op_name="([^"]*)"', line)
+      where = op_name.group(1) if op_name else ""
+      step_pass = (
+        "backward" if "transpose(" in where else "forward" if "jvp(" in where else "update" if where else "unattributed"
+      )
+      ops[name] = {"kind": "convolution" if conv else "other", "pass": step_pass, "group": re.sub(r"\.\d+$", "", name)}
+  return ops
+
+
+def profile_train(run: Callable[[], Any], compiled, steps: int) -> dict:
+  """Trace ``steps`` calls of the training step ``run`` with ``jax.profiler`` and add up the time of each of
+  ``compiled``'s operations (:func:`hlo_operations`) over the trace's events: milliseconds per step by kind,
+  by pass and by group. ``busy_ms_per_step`` sums the operations over all threads; XLA's CPU runtime runs
+  one operation at a time when the program is a chain, and then it is close to ``wall_ms_per_step``."""
+  import glob
+  import tempfile
+
+  import jax
+  from jax.profiler import ProfileData
+
+  ops = hlo_operations(compiled.as_text())
+  with tempfile.TemporaryDirectory() as trace_dir:
+    jax.profiler.start_trace(trace_dir)
+    t0 = time.perf_counter()
+    out = None
+    for _ in range(steps):
+      out = run()
+    sync(out)
+    wall = time.perf_counter() - t0
+    jax.profiler.stop_trace()
+    files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+    data = ProfileData.from_file(files[0]) if files else None
+  totals: dict[str, dict[str, float]] = {"kind": {}, "pass": {}, "pass_kind": {}, "group": {}}
+  busy = 0.0
+  for plane in data.planes if data is not None else ():
+    for line in plane.lines:
+      for event in line.events:
+        op = ops.get(event.name)
+        if op is None:
+          continue
+        ms = event.duration_ns / 1e6 / steps
+        busy += ms
+        keys = {"kind": op["kind"], "pass": op["pass"], "pass_kind": f"{op['pass']} {op['kind']}", "group": op["group"]}
+        for table_name, key in keys.items():
+          totals[table_name][key] = totals[table_name].get(key, 0.0) + ms
+  ordered = {k: dict(sorted(v.items(), key=lambda kv: -kv[1])) for k, v in totals.items()}
+  return {"steps": steps, "wall_ms_per_step": 1e3 * wall / steps, "busy_ms_per_step": busy, **ordered}
+
+
+def profile_table(prof: dict) -> str:
+  """The profile of :func:`profile_train` as text: the split by kind and pass, then the longest groups."""
+  busy = prof["busy_ms_per_step"]
+  if not busy:
+    return "profile: the trace has no per-operation events of the compiled step (XLA's CPU runtime gives them)"
+  lines = [
+    f"profile of {prof['steps']} training steps: {prof['wall_ms_per_step']:.1f} ms per step (wall), "
+    f"{busy:.1f} ms in the program's operations (summed over threads)"
+  ]
+  for title in ("kind", "pass_kind"):
+    lines += [f"  {k:<24} {ms:9.1f} ms {100 * ms / busy:5.1f}%" for k, ms in prof[title].items()]
+  lines.append("  longest operations (name without its number):")
+  lines += [f"    {k:<40} {ms:9.1f} ms {100 * ms / busy:5.1f}%" for k, ms in list(prof["group"].items())[:12]]
+  return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------- torch
@@ -597,10 +717,12 @@ def main(argv: list[str] | None = None) -> int:
     flush=True,
   )
   schedule = Schedule(args.batch, args.warmup, args.min_repeat_seconds)
-  res["jax"] = bench_jax(args, schedule)
+  res["jax"], train = bench_jax(args, schedule)
   if args.compare_torch:
     res["torch"] = bench_torch(args, threads, schedule)
   schedule.run(args.repeats)
+  if args.profile:
+    res["jax"]["train"]["profile"] = profile_train(*train, args.profile)
   res["utilisation"] = utilisation(args, res["jax"])
   if args.compare_torch:
     res["ratios"] = {}
@@ -620,6 +742,8 @@ def main(argv: list[str] | None = None) -> int:
       f"jax training step: trace+lower {t['lower_s']:.2f} s, compile {t['compile_s']:.2f} s, "
       f"first step {t['first_step_s']:.2f} s (incl. compile); peak host RSS {t['peak_rss_mb']:.0f} MiB"
     )
+  if "profile" in j.get("train", {}):
+    print(profile_table(j["train"]["profile"]))
   if j.get("device_peak_mb") is not None:
     print(f"peak device memory: {j['device_peak_mb']:.0f} MiB")
   u = res["utilisation"]

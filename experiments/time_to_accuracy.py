@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         k: summary["config"].get(k)
         for k in ("batch_size", "num_epochs", "optimizer", "schedule", "label_smoothing", "eval_flip")
       },
+      "eval_translate": summary["config"].get("eval_translate", 0),
       "ema_decay": summary["config"].get("ema_decay", 0.0),
       "augment": summary["config"]["dataset"].get("augment"),
       "cutout": summary["config"]["dataset"].get("cutout", 0),

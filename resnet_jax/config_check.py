@@ -108,6 +108,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.label_smoothing = 0.0  # e: the targets are (1 - e) one-hot + e / classes
   c.eval_flip = False  # evaluate on the mean logits of each image and its mirror image
+  c.eval_translate = 0  # n > 0: test-time translation too: half the logits of the image, half the mean of
+  # the image shifted n pixels down-right and up-left, borders reflected (resnet_jax.train_step.eval_logits)
   c.ema_decay = 0.0  # d > 0: keep an exponential moving average of the weights and BatchNorm
   # statistics, m = d m + (1 - d) theta after every step, debiased; evaluations, checkpoints'
   # exports, predict and fine-tuning from the workdir use it (resnet_jax.train_step.averaged_variables)
@@ -307,6 +309,7 @@ SCHEMA: dict[str, Any] = {
   },
   "label_smoothing": _num(0.0, 1.0),
   "eval_flip": _type(bool, "True or False"),
+  "eval_translate": _num(0, integer=True),
   "ema_decay": lambda v: _num(0.0)(v) or ("< 1" if v >= 1.0 else None),
   "log_grad_norms": _type(bool, "True or False"),
   "log_every_steps": _pos_int,

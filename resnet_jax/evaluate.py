@@ -1,12 +1,13 @@
 """Re-evaluate a training run's checkpoint on its test set.
 
-  python -m resnet_jax.evaluate --workdir=runs/digits [--step=N]
+  python -m resnet_jax.evaluate --workdir=runs/digits [--step=N] [--eval-flip=true|false] [--eval-translate=N]
 
 Reads ``WORKDIR/config.json`` (written by ``train.py``), rebuilds the model and the data (normalised
 with the mean and std recorded in ``WORKDIR/data.json``, the ones the run trained with), restores the
 newest (or the given) checkpoint from ``WORKDIR/checkpoints`` and prints the test loss and accuracy as
-one JSON line. Errors (no such workdir, no checkpoint, unreadable checkpoint) are one ``error:`` line
-and exit status 2.
+one JSON line. ``--eval-flip`` and ``--eval-translate`` score with another test-time augmentation than
+the run's (``config.eval_flip``, ``config.eval_translate``). Errors (no such workdir, no checkpoint,
+unreadable checkpoint, a bad value) are one ``error:`` line and exit status 2.
 """
 
 from __future__ import annotations
@@ -67,8 +68,13 @@ def _flatten(d: dict, prefix: str = "") -> dict:
   return out
 
 
-def evaluate_workdir(workdir: str, step: int | None = None) -> dict:
-  """Test loss and accuracy of the checkpoint of ``step`` (default: newest) of the run in ``workdir``."""
+def evaluate_workdir(
+  workdir: str, step: int | None = None, eval_flip: bool | None = None, eval_translate: int | None = None
+) -> dict:
+  """Test loss and accuracy of the checkpoint of ``step`` (default: newest) of the run in ``workdir``.
+
+  ``eval_flip`` and ``eval_translate``, where given, replace the run's test-time augmentation.
+  """
   import jax
 
   from resnet_jax import run_setup
@@ -76,6 +82,10 @@ def evaluate_workdir(workdir: str, step: int | None = None) -> dict:
   from resnet_jax.config_check import validate_config
 
   config = load_run_config(workdir)
+  if eval_flip is not None:
+    config.eval_flip = bool(eval_flip)
+  if eval_translate is not None:
+    config.eval_translate = int(eval_translate)
   ckpt_dir = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(ckpt_dir):
     raise CheckpointError(f"no checkpoints folder in {workdir}")
@@ -95,15 +105,33 @@ def evaluate_workdir(workdir: str, step: int | None = None) -> dict:
     "test_loss": result["loss"],
     "test_accuracy": result["accuracy"],
     "examples": result["count"],
+    "eval_flip": bool(config.eval_flip),
+    "eval_translate": int(config.eval_translate),
   }
+
+
+def _bool(text: str) -> bool:
+  if text.lower() in ("true", "1", "yes"):
+    return True
+  if text.lower() in ("false", "0", "no"):
+    return False
+  raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def main(argv: list[str]) -> int:
   parser = argparse.ArgumentParser(prog="python -m resnet_jax.evaluate", description=__doc__.split("\n")[0])
   parser.add_argument("--workdir", required=True, help="output folder of a train.py run")
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
-  args = parse_args(parser, argv, "usage: python -m resnet_jax.evaluate --workdir=DIR [--step=N]")
-  print(json.dumps(evaluate_workdir(args.workdir, args.step)))
+  parser.add_argument(
+    "--eval-flip", type=_bool, default=None, help="true|false: test-time flip (default: the run's config.eval_flip)"
+  )
+  parser.add_argument(
+    "--eval-translate", type=int, default=None, help="N: test-time translation by N pixels (default: the run's)"
+  )
+  args = parse_args(
+    parser, argv, "usage: python -m resnet_jax.evaluate --workdir=DIR [--step=N] [--eval-flip=B] [--eval-translate=N]"
+  )
+  print(json.dumps(evaluate_workdir(args.workdir, args.step, args.eval_flip, args.eval_translate)))
   return 0
 
 

@@ -189,7 +189,15 @@ class Setup:
       ds = self.data
       on_device = (images, device_augment.make_batch(ds.crop_padding_used, ds.mean, ds.std, ds.cutout))
     self.train_step = build_train_step(config, self.data.num_classes, self.dp, on_device)
-    self.eval_step = self.dp.jit_eval_step(make_eval_step(self.data.num_classes, bool(config.get("eval_flip", False))))
+    translate = int(config.get("eval_translate", 0))
+    if translate >= min(self.data.image_shape[:2]):
+      raise ConfigError(
+        f"config.eval_translate = {translate} must be smaller than the images' sides, "
+        f"{self.data.image_shape[0]}x{self.data.image_shape[1]} in {config.dataset.name}"
+      )
+    self.eval_step = self.dp.jit_eval_step(
+      make_eval_step(self.data.num_classes, bool(config.get("eval_flip", False)), translate)
+    )
 
   def init_state(self, log: Callable[[str], None] = print) -> TrainState:
     """The state of step 0: a fresh initialisation, or the weights of ``config.finetune.weights``."""

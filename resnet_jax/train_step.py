@@ -188,18 +188,47 @@ def all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.asarray(checks)) if checks else jnp.asarray(True)
 
 
-def make_eval_step(num_classes: int, flip: bool = False) -> Callable[[TrainState, dict], dict]:
+def eval_logits(apply: Callable[[jax.Array], jax.Array], images: jax.Array, flip: bool, translate: int) -> jax.Array:
+  """The logits of ``images`` (NHWC) under test-time augmentation; ``apply`` (``f``) maps images to logits.
+
+  With ``flip``, each view scores the mean of its and its mirror image's logits. With ``translate = n > 0``,
+  the result is half the view of the image itself and half the mean of the views of the image shifted by
+  ``n`` pixels down-right and up-left, the uncovered border filled by reflection (padded by ``n`` on each
+  side, then the top-left and the bottom-right crop):
+
+    logits = 1/2 v(x) + 1/4 v(shift(x, n)) + 1/4 v(shift(x, -n)),   v(x) = (f(x) + f(mirror x)) / 2
+
+  (``v = f`` without ``flip``), where ``shift(x, n)[i, j] = x[i - n, j - n]``, reflected at the borders.
+  """
+
+  def view(x):
+    logits = apply(x)
+    if flip:  # NHWC: axis 2 is the width.
+      logits = (logits + apply(x[:, :, ::-1])) / 2
+    return logits
+
+  logits = view(images)
+  if translate:
+    n = int(translate)
+    h, w = images.shape[1:3]
+    padded = jnp.pad(images, ((0, 0), (n, n), (n, n), (0, 0)), mode="reflect")
+    shifted = (view(padded[:, :h, :w]) + view(padded[:, 2 * n :, 2 * n :])) / 2
+    logits = (logits + shifted) / 2
+  return logits
+
+
+def make_eval_step(num_classes: int, flip: bool = False, translate: int = 0) -> Callable[[TrainState, dict], dict]:
   """The (un-jitted) evaluation step: sums of loss and correct predictions over ``batch["mask"]``.
 
-  With ``flip`` the logits are the mean of the image's and its mirror image's (test-time flip). A state
-  that keeps a weight average is evaluated with it (:func:`averaged_variables`).
+  ``flip`` and ``translate`` are the test-time augmentation of :func:`eval_logits`: with ``flip`` the
+  logits are the mean of the image's and its mirror image's; ``translate = n`` adds the image shifted by
+  ``n`` pixels both ways. A state that keeps a weight average is evaluated with it
+  (:func:`averaged_variables`).
   """
 
   def eval_step(state: TrainState, batch: dict) -> dict:
     variables = averaged_variables(state)
-    logits = state.apply_fn(variables, batch["image"], train=False)
-    if flip:  # NHWC: axis 2 is the width.
-      logits = (logits + state.apply_fn(variables, batch["image"][:, :, ::-1], train=False)) / 2
+    logits = eval_logits(lambda x: state.apply_fn(variables, x, train=False), batch["image"], flip, translate)
     mask = batch["mask"]
     loss = cross_entropy(logits, batch["label"], num_classes)
     correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)

@@ -141,6 +141,10 @@ def test_bench_bad_value_is_one_line_error():
   p = run_bench(*MLP, "--num-filters", "8")
   lines = p.stderr.strip().splitlines()
   assert p.returncode == 2 and len(lines) == 1 and "residual_mlp has no num_filters option" in lines[0]
+  p = run_bench(*MLP, "--profile", "-1")
+  assert p.returncode == 2 and p.stderr.strip().startswith("error: --profile must be >= 0")
+  p = run_bench(*MLP, "--profile", "2", "--mode", "infer")
+  assert p.returncode == 2 and p.stderr.strip().startswith("error: --profile traces training steps")
 
 
 def test_bench_num_filters_sets_the_models_width(tmp_path):
@@ -161,6 +165,58 @@ def _import_bench():
   finally:
     sys.path.pop(0)
   return bench
+
+
+HLO = """HloModule jit_train_step
+
+%fused_conv (p0: f32[2,4,4,3], p1: f32[3,3,3,8]) -> f32[2,4,4,8] {
+  %p0 = f32[2,4,4,3]{3,2,1,0} parameter(0)
+  %p1 = f32[3,3,3,8]{3,2,1,0} parameter(1)
+  ROOT %convolution.1 = f32[2,4,4,8]{3,2,1,0} convolution(%p0, %p1), window={size=3x3 pad=1_1x1_1}
+}
+
+%fused_add (p0: f32[8]) -> f32[8] {
+  %p0 = f32[8]{0} parameter(0)
+  ROOT %add.2 = f32[8]{0} add(%p0, %p0)
+}
+
+ENTRY %main.9 (x: f32[2,4,4,3], w: f32[3,3,3,8]) -> (f32[2,4,4,8], f32[8]) {
+  %x = f32[2,4,4,3]{3,2,1,0} parameter(0)
+  %w = f32[3,3,3,8]{3,2,1,0} parameter(1)
+  %ffi_call.3 = f32[2,4,4,8]{3,2,1,0} custom-call(%x, %w), custom_call_target="resnet_jax_onednn_conv2d", \
+metadata={op_name="jit(train_step)/jvp(ResNet)/conv1/ffi_call"}
+  %ynn_fusion.4 = f32[2,4,4,8]{3,2,1,0} fusion(%x, %w), kind=kCustom, calls=%fused_conv
+  %add_fusion.5 = f32[8]{0} fusion(%w), kind=kLoop, calls=%fused_add, \
+metadata={op_name="jit(train_step)/transpose(jvp(ResNet))/bn1/add"}
+  %multiply.6 = f32[8]{0} multiply(%add_fusion.5, %add_fusion.5), metadata={op_name="jit(train_step)/mul"}
+  ROOT %tuple.7 = (f32[2,4,4,8]{3,2,1,0}, f32[8]{0}) tuple(%ffi_call.3, %multiply.6)
+}
+"""
+
+
+def test_hlo_operations_sorts_a_programs_operations_by_kind_and_pass():
+  ops = _import_bench().hlo_operations(HLO)
+  assert ops["ffi_call.3"] == {"kind": "convolution", "pass": "forward", "group": "ffi_call"}
+  # A fusion is a convolution when the computation it calls holds one; no source location: unattributed.
+  assert ops["ynn_fusion.4"] == {"kind": "convolution", "pass": "unattributed", "group": "ynn_fusion"}
+  assert ops["add_fusion.5"] == {"kind": "other", "pass": "backward", "group": "add_fusion"}
+  assert ops["multiply.6"] == {"kind": "other", "pass": "update", "group": "multiply"}
+  assert ops["convolution.1"]["kind"] == "convolution" and ops["add.2"]["kind"] == "other"
+
+
+def test_bench_profile_splits_the_training_steps_time_by_operation(tmp_path):
+  out = tmp_path / "bench.json"
+  p = run_bench(*TINY, "--mode", "train", "--profile", "2", "--json", str(out))
+  assert p.returncode == 0, p.stderr
+  prof = json.loads(out.read_text())["jax"]["train"]["profile"]
+  assert prof["steps"] == 2 and prof["wall_ms_per_step"] > 0 and prof["busy_ms_per_step"] > 0
+  # Each table splits the same operations' time: every one adds up to the total.
+  for table in ("kind", "pass", "pass_kind", "group"):
+    assert sum(prof[table].values()) == pytest.approx(prof["busy_ms_per_step"], rel=1e-6)
+  assert set(prof["kind"]) == {"convolution", "other"} and prof["kind"]["convolution"] > 0
+  assert {"forward", "backward"} <= set(prof["pass"]) <= {"forward", "backward", "update", "unattributed"}
+  assert list(prof["group"].values()) == sorted(prof["group"].values(), reverse=True)
+  assert "profile of 2 training steps" in p.stdout and "longest operations" in p.stdout
 
 
 def test_cifar_models_are_read_from_the_model_registry():

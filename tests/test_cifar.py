@@ -116,12 +116,16 @@ def _eval_state(model, image_shape, seed=0):
   )
 
 
-def test_eval_flip_scores_the_mean_logits_of_the_image_and_its_mirror_image():
+def _tiny_resnet_and_images(seed):
+  """A 3-class ResNet-20 of 4 filters, its state and variables, and six random 8x8 images."""
   model = create_model("resnet20", num_classes=3, num_filters=4, conv_backend="xla")
   state = _eval_state(model, (8, 8, 3))
-  rng = np.random.default_rng(0)
-  images = jnp.asarray(rng.normal(size=(6, 8, 8, 3)), jnp.float32)
-  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  images = jnp.asarray(np.random.default_rng(seed).normal(size=(6, 8, 8, 3)), jnp.float32)
+  return model, state, {"params": state.params, "batch_stats": state.batch_stats}, images
+
+
+def test_eval_flip_scores_the_mean_logits_of_the_image_and_its_mirror_image():
+  model, state, variables, images = _tiny_resnet_and_images(0)
   plain = model.apply(variables, images, train=False)
   mirrored = model.apply(variables, images[:, :, ::-1], train=False)
   mean = (plain + mirrored) / 2
@@ -138,6 +142,52 @@ def test_eval_flip_scores_the_mean_logits_of_the_image_and_its_mirror_image():
   a = train_step.make_eval_step(3, flip=True)(state, symmetric)
   b = train_step.make_eval_step(3, flip=False)(state, symmetric)
   np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+
+
+def _pixel_logits(i: int, j: int):
+  """A stand-in network whose logits are the channels of pixel (i, j): each view is readable by hand."""
+  return lambda x: x[:, i, j, :]
+
+
+def test_test_time_translation_averages_the_image_and_its_two_shifts_with_reflected_borders():
+  with jax.enable_x64(True):  # float64: the views are compared exactly
+    x = np.arange(2 * 5 * 6 * 3, dtype=np.float64).reshape(2, 5, 6, 3) ** 1.5  # no two pixels alike
+    # An inner pixel: the down-right shift shows x[i-1, j-1], the up-left one x[i+1, j+1].
+    got = train_step.eval_logits(_pixel_logits(2, 3), jnp.asarray(x), flip=False, translate=1)
+    np.testing.assert_allclose(got, x[:, 2, 3] / 2 + x[:, 1, 2] / 4 + x[:, 3, 4] / 4, rtol=1e-12)
+    # The corner: both shifts reflect into the image, onto x[1, 1] (the edge row and column are not repeated).
+    got = train_step.eval_logits(_pixel_logits(0, 0), jnp.asarray(x), flip=False, translate=1)
+    np.testing.assert_allclose(got, x[:, 0, 0] / 2 + x[:, 1, 1] / 2, rtol=1e-12)
+    # Two pixels of shift, and the mirror image of each view: pixel (2, 2) of a width-6 mirror image is pixel
+    # (2, 3) of the view, which is x[0, 1] in the view shifted down-right and x[4, 5] in the one shifted up-left.
+    got = train_step.eval_logits(_pixel_logits(2, 2), jnp.asarray(x), flip=True, translate=2)
+    want = (x[:, 2, 2] + x[:, 2, 3]) / 4 + (x[:, 0, 0] + x[:, 0, 1]) / 8 + (x[:, 4, 4] + x[:, 4, 5]) / 8
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    # translate=0 is the flip alone, and without the flip the image alone.
+    np.testing.assert_allclose(
+      train_step.eval_logits(_pixel_logits(1, 4), jnp.asarray(x), flip=True, translate=0),
+      (x[:, 1, 4] + x[:, 1, 1]) / 2,
+      rtol=1e-12,
+    )
+    np.testing.assert_array_equal(
+      train_step.eval_logits(_pixel_logits(1, 4), jnp.asarray(x), flip=False, translate=0), x[:, 1, 4]
+    )
+
+
+def test_eval_translate_scores_the_eval_logits_and_a_too_large_shift_is_a_config_error():
+  model, state, variables, images = _tiny_resnet_and_images(2)
+  logits = train_step.eval_logits(lambda x: model.apply(variables, x, train=False), images, flip=True, translate=1)
+  labels = jnp.argmax(logits, -1)
+  batch = {"image": images, "label": labels, "mask": jnp.ones(6)}
+  scored = train_step.make_eval_step(3, flip=True, translate=1)(state, batch)
+  assert float(scored["correct"]) == 6.0  # the labels are the six views' predictions
+  np.testing.assert_allclose(scored["loss"], jnp.sum(-jax.nn.log_softmax(logits)[jnp.arange(6), labels]), rtol=1e-5)
+  flip_only = train_step.make_eval_step(3, flip=True)(state, batch)
+  assert not np.isclose(float(flip_only["loss"]), float(scored["loss"]), rtol=1e-4)
+  with pytest.raises(ConfigError, match=r"eval_translate = 8 must be smaller than the images' sides, 8x8"):
+    run_setup.Setup(tiny_config("resnet20", eval_translate=8))
+  with pytest.raises(ConfigError, match=r"config.eval_translate = -1"):
+    validate_config(tiny_config("resnet20", eval_translate=-1))
 
 
 def test_grad_norms_are_the_norms_of_each_blocks_gradient():
@@ -320,7 +370,7 @@ def test_time_to_accuracy_writes_the_runs_curve_and_names_its_evaluation_split(t
   c = load_config("cifar10_fast")
   c.dataset.data_dir = write_cifar_folder(str(tmp_path / "data"), per_class=15)  # 15 of 150 held out
   c.num_epochs, c.batch_size, c.eval_batch_size, c.eval_every_steps, c.progress_bar = 2.0, 32, 8, 3, False
-  c.ema_decay, c.dataset.cutout = 0.5, 4
+  c.ema_decay, c.dataset.cutout, c.eval_translate = 0.5, 4, 1
   workdir = tmp_path / "cifar10_tiny"
   summary = train_loop.train_and_evaluate(c, str(workdir), log=lambda *_: None)
   out = tmp_path / "out"
@@ -336,10 +386,12 @@ def test_time_to_accuracy_writes_the_runs_curve_and_names_its_evaluation_split(t
   )
   # The weight average's curve, the last weights' own final accuracy, and the recipe that says so.
   assert result["final_unaveraged_accuracy"] == summary["unaveraged_test_accuracy"]
-  assert (result["recipe"]["ema_decay"], result["recipe"]["cutout"], result["recipe"]["augment"]) == (
+  recipe = result["recipe"]
+  assert (recipe["ema_decay"], recipe["cutout"], recipe["augment"], recipe["eval_translate"]) == (
     0.5,
     4,
     "pad_crop_flip",
+    1,
   )
   last_train = [r for r in metrics.read_metrics(str(workdir)) if r["split"] == "train"][-1]
   assert result["final_train_accuracy"] == last_train["accuracy"]

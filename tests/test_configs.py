@@ -264,4 +264,19 @@ def test_cli_trains_prints_outputs_and_evaluates(tmp_path):
     summary = json.load(f)
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert result["step"] == 3 and result["test_accuracy"] == summary["test_accuracy"]
+  assert (result["eval_flip"], result["eval_translate"]) == (False, 0)  # the run's own test-time augmentation
+  from resnet_jax.evaluate import evaluate_workdir
+
+  augmented = evaluate_workdir(str(workdir), eval_flip=True, eval_translate=1)
+  assert (augmented["eval_flip"], augmented["eval_translate"]) == (True, 1)
+  assert augmented["step"] == 3 and augmented["test_loss"] != result["test_loss"]
+  proc = subprocess.run(
+    [sys.executable, "-m", "resnet_jax.evaluate", f"--workdir={workdir}", "--eval-translate=8"],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    timeout=300,
+  )
+  assert proc.returncode == 2 and proc.stdout == ""
+  assert proc.stderr.strip().splitlines()[-1].startswith("error: config.eval_translate = 8 must be smaller than")
   assert summary["host_memory"] == ("keep" if sys.platform.startswith("linux") else "default")
