@@ -102,21 +102,10 @@ def silence_stray_async_errors() -> None:
   their futures when they are collected. orbax's API offers no way to wait for or cancel them, and the
   failure has been reported once already: this disables the asyncio logger and installs (once) a hook
   that drops that one RuntimeError, every other unraisable exception still reaching the previous hook.
-  orbax's own writer threads also log the failure, with its traceback, through absl's logger (``...
-  _SignalingThread.run() raised an exception``), possibly after the failure was reported: a filter on that
-  logger drops those records, and only those.
   """
   logging.getLogger("asyncio").disabled = True
   if not hasattr(sys.unraisablehook, "previous"):
     sys.unraisablehook = _drops_closed_loop_errors(sys.unraisablehook)
-  absl_logger = logging.getLogger("absl")
-  if _drop_orbax_thread_errors not in absl_logger.filters:
-    absl_logger.addFilter(_drop_orbax_thread_errors)
-
-
-def _drop_orbax_thread_errors(record: logging.LogRecord) -> bool:
-  """False (drop) for orbax's log record of a failed writer thread, which the caller has reported already."""
-  return "_SignalingThread.run() raised an exception" not in str(record.msg)
 
 
 @contextlib.contextmanager

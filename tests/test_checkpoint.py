@@ -129,30 +129,3 @@ def test_silenced_block_removes_its_hook_when_it_ends_without_error(monkeypatch)
   with errors.stray_async_errors_silenced():
     sys.unraisablehook(type("Args", (), {"exc_value": RuntimeError("Event loop is closed")})())
   assert sys.unraisablehook is hook and seen == []
-
-
-def test_silencing_drops_orbax_writer_thread_errors_and_no_other_absl_records():
-  """orbax logs a failed writer thread's error with its traceback through absl's logger, possibly after the
-  command has printed its one error line: once silenced, those records are dropped, every other one kept."""
-  import logging
-
-  logger = logging.getLogger("absl")
-  records = []
-
-  class Keep(logging.Handler):
-    def emit(self, record):
-      records.append(record.getMessage())
-
-  handler = Keep(level=logging.ERROR)
-  logger.addHandler(handler)
-  try:
-    errors.silence_stray_async_errors()
-    errors.silence_stray_async_errors()  # twice: one filter
-    assert sum(f is errors._drop_orbax_thread_errors for f in logger.filters) == 1
-    logger.error("[process=%d][thread=%s] _SignalingThread.run() raised an exception: %s", 0, "w", "disk full")
-    logger.error("another error: %s", "kept")
-    assert records == ["another error: kept"]
-  finally:
-    logger.removeHandler(handler)
-    logger.removeFilter(errors._drop_orbax_thread_errors)
-    logging.getLogger("asyncio").disabled = False
