@@ -91,6 +91,7 @@ class Checkpointer:
         if reason is None:
           raise  # Not the storage: a bug, with its traceback (and the held records written out).
         held.drop()
+        drop_storage_refused_records()  # Writer threads still running may log theirs after this block.
         error = self._write_error(step, reason)
     if error is not None:
       raise error
@@ -275,6 +276,36 @@ class _held_log_records(logging.Filter):
     if self._keep:
       for record in self._records:
         self._logger.handle(record)
+
+
+_REFUSALS = tuple(os.strerror(n) for n in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM))
+
+
+class _DropStorageRefusedRecords(logging.Filter):
+  """Drops the log records whose exception says the storage refused a write (:data:`_REFUSALS`)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    if error is None:
+      return True
+    text = " ".join(str(x) for x in (error, error.__cause__, error.__context__) if x is not None)
+    return not any(reason in text for reason in _REFUSALS)
+
+
+def drop_storage_refused_records() -> None:
+  """From now on, drop orbax's writer-thread records of writes that the storage refused.
+
+  A checkpoint is written by several orbax threads; when the storage refuses a write, the first failure
+  reaches :meth:`Checkpointer.save`, which reports it as one :class:`CheckpointError`, while the other
+  threads may still be running and log their own failures, with tracebacks, through absl after the save
+  has returned (:class:`_held_log_records` only holds the records logged inside it). This filter on the
+  ``absl`` logger drops the records whose exception names a refused write (no space, a quota, a
+  read-only file system, a permission); every other record, with or without an exception, goes through.
+  Installed once per process.
+  """
+  logger = logging.getLogger("absl")
+  if not any(isinstance(f, _DropStorageRefusedRecords) for f in logger.filters):
+    logger.addFilter(_DropStorageRefusedRecords())
 
 
 def _storage_error(e: BaseException, directory: str, needed: int) -> str | None:

@@ -4,6 +4,7 @@ flight by a failed restore print nothing."""
 
 import gc
 import glob
+import logging
 import os
 import sys
 import time
@@ -129,3 +130,29 @@ def test_silenced_block_removes_its_hook_when_it_ends_without_error(monkeypatch)
   with errors.stray_async_errors_silenced():
     sys.unraisablehook(type("Args", (), {"exc_value": RuntimeError("Event loop is closed")})())
   assert sys.unraisablehook is hook and seen == []
+
+
+def test_writer_thread_records_of_a_refused_write_are_dropped_and_other_errors_are_logged(caplog, monkeypatch):
+  """A refused write is reported once by Checkpointer.save; orbax's other writer threads may log theirs,
+  with tracebacks, after save has returned. Those records are dropped; every other one is logged."""
+  from absl import logging as absl_logging
+
+  from resnet_jax.checkpoint import drop_storage_refused_records
+
+  absl = logging.getLogger("absl")
+  monkeypatch.setattr(absl, "filters", list(absl.filters))  # The filter ends with this test.
+  drop_storage_refused_records()
+  drop_storage_refused_records()  # Once per process, however often it is called.
+  assert sum(type(f).__name__ == "_DropStorageRefusedRecords" for f in absl.filters) == 1
+  refused = (
+    'RESOURCE_EXHAUSTED: Error opening "zarr" driver: Failed writing: "/run/d/0144": Failed to write 184 bytes '
+    "to file 19: No space left on device [os_error_code='28']"
+  )
+  for error in (ValueError(refused), OSError(30, os.strerror(30), "/run"), ValueError("a bug in a writer thread")):
+    try:
+      raise error
+    except Exception:
+      absl_logging.exception("_SignalingThread.run() raised an exception")
+  absl_logging.warning("a record without an exception")
+  logged = [(r.exc_info[1].args[0] if r.exc_info else r.getMessage()) for r in caplog.records]
+  assert logged == ["a bug in a writer thread", "a record without an exception"]

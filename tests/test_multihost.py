@@ -366,7 +366,7 @@ def test_coordinator_nobody_listens_on_ends_within_the_initialization_timeout(tm
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(200)
+@pytest.mark.timeout(240)
 @pytest.mark.parametrize("counts", [(2, 3), (3, 2)])
 def test_mismatched_num_processes_ends_every_process(tmp_path, counts):
   """Process 0 and process 1 disagree on num_processes: when process 0 (the coordinator) expects
@@ -377,7 +377,8 @@ def test_mismatched_num_processes_ends_every_process(tmp_path, counts):
     _train_argv(path, tmp_path / "run", *distributed_flags(port, i, n, timeout_s=5)) for i, n in enumerate(counts)
   ]
   with Processes(argvs, 1, str(tmp_path)) as ps:
-    results = ps.wait(90, stop_all_on_failure=False)
+    # Each ends within seconds of its init timeout on an idle machine; the margin is for a loaded one.
+    results = ps.wait(150, stop_all_on_failure=False)
   assert all(r.returncode not in (None, 0) for r in results), describe(results)
   for r in results:
     line = _one_error_line(r)
