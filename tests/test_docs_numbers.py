@@ -1108,3 +1108,68 @@ def test_profile_of_the_resnet9_step():
     f"the convolutions take {conv:.1f} ms of a traced step and everything else, BatchNorm first, {other:.1f}", doc
   )
   _assert_in(f"{conv:.1f} of {busy:.1f} ms per step", "docs/cifar.md")
+
+
+def test_the_third_avx2_epyc_with_resnet9():
+  """The figures of the family 23, model 49 EPYC in the README and benchmarks/README.md are bench.py's JSON,
+  every default, each file naming that CPU; ResNet-9's float32 step is faster there than its bfloat16 one."""
+  bench, rates = os.path.join("benchmarks", "README.md"), {}
+  for name in ("r20_defaults", "r18_defaults", "r20_bf16", "resnet9_nf32_b512", "resnet9_nf32_b512_bf16"):
+    r = _bench_result(f"cpu_amd_avx2_f23m49_{name}_j012.json")
+    c, m = r["config"], r["machine"]
+    assert (c["conv_backend"], c["host_memory"], c["cpu_conv"], c["xla_flags"]) == ("auto", "auto", "default", "")
+    assert (m["cpu"], m["cpu_isa"], m["cpu_id"], m["cpus"]) == ("AMD EPYC", "AVX2", "family 23 model 49 stepping 0", 2)
+    ours = rates[name] = r["jax"]["train"]["images_per_s"]
+    if "torch" not in r:
+      _assert_in(f"| {ours:.1f} / - | - |", bench)
+      continue
+    torch = r["torch"]["channels_last"]["train"]["images_per_s"]
+    cell = f"| {ours:.1f} / {torch:.1f} | {ours / torch:.2f}"
+    _assert_in(cell + (f" (inference {_infer_ratio(r):.2f}) |" if "infer" in r["jax"] else " |"), bench)
+    if not name.startswith("resnet9"):  # The README names the three commands of its table.
+      infer = f" (**{ours / torch:.2f}**; inference {_infer_ratio(r):.2f})" if "infer" in r["jax"] else ""
+      _assert_in(f"{ours:.1f} vs {torch:.1f}{infer}", "README.md")
+  f32, bf16 = rates["resnet9_nf32_b512"], rates["resnet9_nf32_b512_bf16"]
+  assert f32 > bf16
+  _assert_in(f"({f32:.1f} against {bf16:.1f} images/s)", bench)
+  avx512 = _resnet9_bench("cpu_amd_avx512_f26m2_resnet9_nf32_b512_bf16_j012.json", "bfloat16", params=1_646_112)
+  fast = avx512["jax"]["train"]["images_per_s"]
+  _assert_in(f"runs at {fast:.1f} images/s in bfloat16 on the AVX-512 EPYC below: {fast / f32:.1f} times", bench)
+
+
+def _infer_ratio(r):
+  return r["jax"]["infer"]["images_per_s"] / r["torch"]["channels_last"]["infer"]["images_per_s"]
+
+
+def test_resnet9_on_the_avx2_epyc():
+  """docs/cifar.md, benchmarks/README.md and the config's docstring quote the 12-epoch ResNet-9 run on the
+  AVX2-only EPYC (family 23, model 49) from its time_to_accuracy.py JSON, in float32 as model.dtype=auto
+  chose there, and the 54 epochs at its rate."""
+  run = _load("cifar/cifar10_resnet9_avx2_12epochs.json")
+  m = run["machine_details"]
+  assert (m["cpu_id"], m["cpu_isa"], m["cpus"]) == ("family 23 model 49 stepping 0", "AVX2", 2)
+  assert (run["model"], run["model_options"], run["dtype"], run["epochs"]) == (
+    "resnet9",
+    {"num_filters": 32},
+    "float32",
+    12,
+  )
+  assert (run["recipe"]["schedule"]["warmup"], run["recipe"]["eval_translate"], run["target_reached_s"]) == (
+    2.5,
+    1,
+    None,
+  )
+  acc, minutes, rate = 100 * run["final_accuracy"], run["total_wall_time_s"] / 60, run["train_images_per_sec"]
+  doc, config = "docs/cifar.md", "configs/cifar10_resnet9.py"
+  _assert_in(f"12 epochs took\n  {minutes:.1f} minutes and reached {acc:.2f}%.**", doc)
+  _assert_in(f"trained at {rate:.1f} images/s", doc)
+  _assert_in(f"{acc:.2f}% on the same 5,000 held-out images after {minutes:.1f} min", doc)
+  _assert_in(f"{minutes - 45:.1f} minutes over the 45", doc)
+  evals = [f"{100 * a:.2f}% at epoch {round(e)}" for a, e in zip(run["accuracy"][:2], run["epoch"][:2])]
+  _assert_in(f"({evals[0]}, {evals[1]})", doc)
+  _assert_in(f"The full 54 epochs at that rate are {54 * 45_000 / rate / 60:.0f} minutes of steps alone", doc)
+  committed = _load("cifar/cifar10_resnet9_54epochs_translate.json")["train_images_per_sec"]
+  assert 0.18 < rate / committed < 0.22  # "about a fifth"
+  _assert_in(f"about a fifth of the AVX-512 EPYC's rate ({committed:.0f} images/s in the run of the config", doc)
+  _assert_in(f"12 epochs took {minutes:.1f} minutes on this CPU and reached {acc:.2f}%", "benchmarks/README.md")
+  _assert_in(f"reached {acc:.2f}% in {minutes:.1f} minutes ({rate:.1f} images/s)", config)
