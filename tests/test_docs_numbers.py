@@ -1129,6 +1129,10 @@ def test_the_third_avx2_epyc_with_resnet9():
     if not name.startswith("resnet9"):  # The README names the three commands of its table.
       infer = f" (**{ours / torch:.2f}**; inference {_infer_ratio(r):.2f})" if "infer" in r["jax"] else ""
       _assert_in(f"{ours:.1f} vs {torch:.1f}{infer}", "README.md")
+  r20 = rates["r20_defaults"]
+  fits = 45 * 60 * r20 / 45_000  # epochs of 45,000 images in 45 minutes of steps at the bare step's rate
+  assert 14 <= fits < 16.5  # "about 14 epochs fit": the rest of the 45 minutes is start-up and evaluations
+  _assert_in(f"one of family 23, model 49 runs the same step at {r20:.1f}, and about 14 epochs fit", "docs/cifar.md")
   f32, bf16 = rates["resnet9_nf32_b512"], rates["resnet9_nf32_b512_bf16"]
   assert f32 > bf16
   _assert_in(f"({f32:.1f} against {bf16:.1f} images/s)", bench)
