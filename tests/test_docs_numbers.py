@@ -1123,7 +1123,7 @@ def test_the_third_avx2_epyc_with_resnet9():
     if "torch" not in r:
       _assert_in(f"| {ours:.1f} / - | - |", bench)
       continue
-    torch = r["torch"]["channels_last"]["train"]["images_per_s"]
+    torch = _train_rates(r)[1]
     cell = f"| {ours:.1f} / {torch:.1f} | {ours / torch:.2f}"
     _assert_in(cell + (f" (inference {_infer_ratio(r):.2f}) |" if "infer" in r["jax"] else " |"), bench)
     if not name.startswith("resnet9"):  # The README names the three commands of its table.
