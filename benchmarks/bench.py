@@ -23,6 +23,11 @@ in PyTorch (torchvision, or ``benchmarks/torch_models.py`` for the CIFAR nets) i
 same batch, the same thread count as XLA, in ``channels_last`` and contiguous NCHW memory formats, and prints
 the ratio jax / torch.
 
+``--compare-batch-norm`` also times the same training step with ``batch_norm_rule.BatchNorm`` (flax's
+BatchNorm with a derivative rule of its own, two sums per channel) in place of ``flax.linen.BatchNorm``
+(the model option ``norm_layer``), interleaved with the others, and prints the ratio: what that rule gains
+over the gradient that autodiff derives from flax's formula.
+
 ``--profile N`` traces N more training steps with ``jax.profiler`` and splits their time by the compiled
 program's operations: convolutions against everything else (BatchNorm, activations, conversions, pooling,
 the optimizer), forward against backward against the update (from each operation's source location in the
@@ -114,6 +119,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--json", dest="json_out", default=None, help="write all results to this JSON file")
   p.add_argument("--compare-torch", action="store_true", help="also measure PyTorch (needs torch, torchvision)")
   p.add_argument(
+    "--compare-batch-norm",
+    action="store_true",
+    help="also time the training step with batch_norm_rule.BatchNorm (its own derivative rule) instead of "
+    "flax.linen.BatchNorm",
+  )
+  p.add_argument(
     "--torch-formats", default="channels_last,contiguous", help="comma-separated torch memory formats to measure"
   )
   p.add_argument(
@@ -159,6 +170,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     raise ConfigError(f"--profile must be >= 0 (steps to trace), got {args.profile}")
   if args.profile and args.mode == "infer":
     raise ConfigError("--profile traces training steps: use it with --mode train or both")
+  if args.compare_batch_norm and args.mode == "infer":
+    raise ConfigError("--compare-batch-norm times training steps: use it with --mode train or both")
   if args.num_filters is not None and args.num_filters < 1:
     raise ConfigError(f"--num-filters must be at least 1, got {args.num_filters}")
   return args
@@ -374,8 +387,10 @@ def bench_jax(args: argparse.Namespace, schedule: Schedule) -> tuple[dict, tuple
   train = None
   if args.mode in ("train", "both"):
     # Own copies: the step donates its state, while the inference step keeps using ``variables``.
-    state = jax.tree.map(lambda a: jnp.array(a, copy=True), state)
-    train = time_train(args, config, state, {"image": images, "label": labels}, schedule, out)
+    copy = lambda: jax.tree.map(lambda a: jnp.array(a, copy=True), state)  # noqa: E731
+    train = time_train(args, config, copy(), {"image": images, "label": labels}, schedule, out)
+    if args.compare_batch_norm:
+      out["batch_norm_rule"] = time_batch_norm_rule(args, copy(), {"image": images, "label": labels}, schedule)
   if dev.platform == "gpu":
     try:
       stats = dev.memory_stats() or {}
@@ -402,6 +417,18 @@ def time_infer(args: argparse.Namespace, model, variables: dict, x, schedule: Sc
     out["infer"] = {"lower_s": t1 - t0, "compile_s": t2 - t1}
     schedule.add(lambda: infer_compiled(variables, x), sync, out["infer"])
     out["infer"]["peak_rss_mb"] = peak_rss_mb()
+
+
+def time_batch_norm_rule(args: argparse.Namespace, state, batch: dict, schedule: Schedule) -> dict:
+  """The training step of :func:`time_train` with ``batch_norm_rule.BatchNorm`` (model option ``norm_layer``;
+  the same variables, so the same ``state``); timed in the same schedule."""
+  import batch_norm_rule
+
+  config = bench_config(args)
+  config.model.options.norm_layer = batch_norm_rule.BatchNorm
+  out: dict = {}
+  time_train(args, config, state, batch, schedule, out)
+  return out["train"]
 
 
 def time_train(args: argparse.Namespace, config, state, batch: dict, schedule: Schedule, out: dict) -> tuple:
@@ -663,6 +690,9 @@ def table(args: argparse.Namespace, res: dict) -> str:
   has_convs = "conv_backend" in models.model_options(args.model)
   backend = f", {args.conv_backend} convolutions" if has_convs and args.conv_backend != "xla" else ""
   rows.append((f"jax ({args.dtype}{backend})", cell(res["jax"], "train"), cell(res["jax"], "infer"), cpu(res["jax"])))
+  if "batch_norm_rule" in res["jax"]:
+    rule = {"train": res["jax"]["batch_norm_rule"]}
+    rows.append(("jax, BatchNorm with its own rule", cell(rule, "train"), "-", cpu(rule)))
   torch_res = res.get("torch") or {}
   for fmt in ("channels_last", "contiguous"):
     if fmt in torch_res:
@@ -677,6 +707,8 @@ def table(args: argparse.Namespace, res: dict) -> str:
         "",
       )
     )
+  if "batch_norm_rule_ratio" in res:
+    rows.append(("ratio rule/flax BatchNorm", f"{res['batch_norm_rule_ratio']:.3f}", "-", ""))
   w0 = max(len(r[0]) for r in rows)
   return "\n".join(f"{r[0]:<{w0}}  {r[1]:>12}  {r[2]:>12}  {r[3]:>16}" for r in rows)
 
@@ -700,6 +732,8 @@ def main(argv: list[str] | None = None) -> int:
     raise ConfigError(
       f"--num-filters: {args.model} has no num_filters option (its options: {models.model_options(args.model)})"
     )
+  if args.compare_batch_norm and "norm_layer" not in models.model_options(args.model):
+    raise ConfigError(f"--compare-batch-norm: {args.model} has no BatchNorm to compare (no norm_layer option)")
   set_model_defaults(args)
   from resnet_jax import host_memory  # before jax starts its backend (the model above is only described)
 
@@ -724,6 +758,8 @@ def main(argv: list[str] | None = None) -> int:
   if args.profile:
     res["jax"]["train"]["profile"] = profile_train(*train, args.profile)
   res["utilisation"] = utilisation(args, res["jax"])
+  if "batch_norm_rule" in res["jax"]:
+    res["batch_norm_rule_ratio"] = res["jax"]["batch_norm_rule"]["images_per_s"] / res["jax"]["train"]["images_per_s"]
   if args.compare_torch:
     res["ratios"] = {}
     for fmt in ("channels_last", "contiguous"):

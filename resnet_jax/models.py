@@ -71,7 +71,8 @@ def _conv_class(backend: str) -> type[nn.Conv]:
 
 def _conv_and_norm(module: nn.Module, train: bool) -> tuple[ModuleDef, ModuleDef]:
   """The ``conv`` and ``norm`` partials of a conv net: bias-free convolutions of ``module.conv_backend`` with
-  torchvision's init, and BatchNorm with batch statistics when ``train``; both in the module's dtypes."""
+  torchvision's init, and ``module.norm_layer`` with batch statistics when ``train``; both in the module's
+  dtypes."""
   conv = functools.partial(
     _conv_class(module.conv_backend),
     use_bias=False,
@@ -80,7 +81,7 @@ def _conv_and_norm(module: nn.Module, train: bool) -> tuple[ModuleDef, ModuleDef
     kernel_init=conv_kernel_init,
   )
   norm = functools.partial(
-    nn.BatchNorm,
+    module.norm_layer,
     use_running_average=not train,
     momentum=module.bn_momentum,
     epsilon=module.bn_epsilon,
@@ -118,6 +119,11 @@ class ResNet(nn.Module):
       backward-weights kernels called from the compiled program; CPU only; an error where oneDNN cannot
       compute a convolution). All three have the same parameters, so checkpoints and converted weights work
       with any of them.
+    norm_layer: the BatchNorm layer (torchvision's and timm's ``norm_layer``): ``flax.linen.BatchNorm``, or
+      a class or partial taking its arguments (``use_running_average``, ``momentum``, ``epsilon``, ``dtype``,
+      ``param_dtype``, ``scale_init``) with its variables (``scale``, ``bias``; ``mean``, ``var`` in
+      ``batch_stats``), e.g. ``functools.partial(nn.BatchNorm, use_fast_variance=False)`` for two-pass
+      batch variances. Checkpoints and converted weights work with any such layer.
   """
 
   stage_sizes: Sequence[int]
@@ -138,6 +144,7 @@ class ResNet(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   conv_backend: str = "auto"
+  norm_layer: ModuleDef = nn.BatchNorm
 
   def __post_init__(self):
     check_block_options(self.block_order, self.shortcut)
@@ -291,7 +298,8 @@ class ResNet9(nn.Module):
   ``layer2_*``, ``layer3_*``, ``layer3_res`` and ``fc``.
 
   ``block_order`` and ``residual`` give the same ablations as :class:`ResNet`: the residual blocks in
-  another ordering (``v1``, ``v2``), or ``residual=False`` for the plain twin.
+  another ordering (``v1``, ``v2``), or ``residual=False`` for the plain twin; ``norm_layer`` and
+  ``conv_backend`` choose the layers as in :class:`ResNet`.
   """
 
   num_classes: int = 10
@@ -305,6 +313,7 @@ class ResNet9(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   conv_backend: str = "auto"
+  norm_layer: ModuleDef = nn.BatchNorm
 
   def __post_init__(self):
     check_block_options(self.block_order, "B")
@@ -402,6 +411,7 @@ CONV_OPTIONS = (
   "act",
   "stem",
   "conv_backend",
+  "norm_layer",
 )
 MLP_OPTIONS = ("depth", "dim", "hidden", "activation", "residual")
 
@@ -481,6 +491,7 @@ RESNET9_OPTIONS = (
   "bn_epsilon",
   "act",
   "conv_backend",
+  "norm_layer",
 )
 _register(
   "resnet9",
@@ -541,7 +552,7 @@ def create_model(name: str, num_classes: int = 1000, **options) -> nn.Module:
 
   Conv models accept the options ``dtype, param_dtype, zero_init_residual, residual, bn_momentum,
   bn_epsilon, block_order, shortcut, stride_in_1x1, groups, width_per_group, num_filters, act, stem,
-  conv_backend`` (see
+  conv_backend, norm_layer`` (see
   :class:`ResNet`; ``stem="cifar"`` on an ImageNet model gives the usual CIFAR ResNet-18: 3x3/1 stem conv,
   no max-pool); ``residual_mlp`` accepts ``depth, dim, hidden, activation, residual``.
   ``num_classes=0`` gives a conv model without its head (a backbone returning the pooled pre-logits;
@@ -562,7 +573,7 @@ def create_model(name: str, num_classes: int = 1000, **options) -> nn.Module:
 
 # Integer options and their smallest value; options that must be callables or booleans.
 _INT_OPTIONS = {"num_filters": 1, "groups": 1, "width_per_group": 1, "depth": 0, "dim": 1, "hidden": 1}
-_CALLABLE_OPTIONS = ("act",)
+_CALLABLE_OPTIONS = ("act", "norm_layer")
 _BOOL_OPTIONS = ("residual", "stride_in_1x1")
 
 
@@ -576,8 +587,13 @@ def _check_options(name: str, options: dict) -> None:
   for key in _CALLABLE_OPTIONS:
     if key in options and not callable(options[key]):
       raise ModelError(
-        f"model {name!r}: option {key}={options[key]!r} is invalid: expected a function "
-        f"such as flax.linen.relu (a callable, not a name)"
+        f"model {name!r}: option {key}={options[key]!r} is invalid: expected "
+        + (
+          "a function such as flax.linen.relu"
+          if key == "act"
+          else "a module class or partial such as flax.linen.BatchNorm"
+        )
+        + " (a callable, not a name)"
       )
   for key in _BOOL_OPTIONS:
     if key in options and not isinstance(options[key], (bool, np.bool_)):

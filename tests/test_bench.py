@@ -145,6 +145,11 @@ def test_bench_bad_value_is_one_line_error():
   assert p.returncode == 2 and p.stderr.strip().startswith("error: --profile must be >= 0")
   p = run_bench(*MLP, "--profile", "2", "--mode", "infer")
   assert p.returncode == 2 and p.stderr.strip().startswith("error: --profile traces training steps")
+  p = run_bench(*TINY, "--compare-batch-norm", "--mode", "infer")
+  assert p.returncode == 2 and p.stderr.strip().startswith("error: --compare-batch-norm times training steps")
+  p = run_bench(*MLP, "--compare-batch-norm", "--mode", "train")
+  lines = p.stderr.strip().splitlines()
+  assert p.returncode == 2 and len(lines) == 1 and "residual_mlp has no BatchNorm to compare" in lines[0]
 
 
 def test_bench_num_filters_sets_the_models_width(tmp_path):
@@ -217,6 +222,18 @@ def test_bench_profile_splits_the_training_steps_time_by_operation(tmp_path):
   assert {"forward", "backward"} <= set(prof["pass"]) <= {"forward", "backward", "update", "unattributed"}
   assert list(prof["group"].values()) == sorted(prof["group"].values(), reverse=True)
   assert "profile of 2 training steps" in p.stdout and "longest operations" in p.stdout
+
+
+def test_bench_compare_batch_norm_times_both_steps_and_reports_their_ratio(tmp_path):
+  out = tmp_path / "bench.json"
+  p = run_bench(*TINY, "--mode", "train", "--compare-batch-norm", "--json", str(out))
+  assert p.returncode == 0, p.stderr
+  res = json.loads(out.read_text())
+  flax_bn, rule = res["jax"]["train"], res["jax"]["batch_norm_rule"]
+  for step in (flax_bn, rule):
+    assert step["images_per_s"] > 0 and len(step["all_seconds_per_step"]) == 2 and step["compile_s"] > 0
+  assert res["batch_norm_rule_ratio"] == pytest.approx(rule["images_per_s"] / flax_bn["images_per_s"])
+  assert "jax, BatchNorm with its own rule" in p.stdout and "ratio rule/flax BatchNorm" in p.stdout
 
 
 def test_cifar_models_are_read_from_the_model_registry():

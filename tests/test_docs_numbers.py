@@ -1177,3 +1177,27 @@ def test_resnet9_on_the_avx2_epyc():
   _assert_in(f"about a fifth of the AVX-512 EPYC's rate ({committed:.0f} images/s in the run of the config", doc)
   _assert_in(f"12 epochs took {minutes:.1f} minutes on this CPU and reached {acc:.2f}%", "benchmarks/README.md")
   _assert_in(f"reached {acc:.2f}% in {minutes:.1f} minutes ({rate:.1f} images/s)", config)
+
+
+def test_the_batch_norm_rule_is_no_faster_on_the_avx2_epyc():
+  """benchmarks/README.md's table of --compare-batch-norm is bench.py's JSON, each file naming the family 23,
+  model 49 EPYC; "the per-round ratios straddle 1 in every row" holds for each of them."""
+  bench = os.path.join("benchmarks", "README.md")
+  for name in ("r20", "r20_bf16", "resnet9_nf32_b512", "resnet9_nf32_b512_bf16"):
+    r = _bench_result(f"cpu_amd_avx2_f23m49_batch_norm_rule_{name}_j012.json")
+    c, m = r["config"], r["machine"]
+    assert c["compare_batch_norm"] is True and (c["conv_backend"], c["host_memory"], c["xla_flags"]) == (
+      "auto",
+      "auto",
+      "",
+    )
+    assert (m["cpu"], m["cpu_isa"], m["cpu_id"], m["cpus"]) == ("AMD EPYC", "AVX2", "family 23 model 49 stepping 0", 2)
+    flax_bn, rule = r["jax"]["train"], r["jax"]["batch_norm_rule"]
+    assert r["batch_norm_rule_ratio"] == pytest.approx(rule["images_per_s"] / flax_bn["images_per_s"])
+    rounds = [a / b for a, b in zip(flax_bn["all_seconds_per_step"], rule["all_seconds_per_step"])]
+    assert min(rounds) < 1 < max(rounds)
+    _assert_in(
+      f"| {flax_bn['images_per_s']:.1f} | {rule['images_per_s']:.1f} | {r['batch_norm_rule_ratio']:.3f} | "
+      f"{min(rounds):.3f} to {max(rounds):.3f}, median {statistics.median(rounds):.3f} |",
+      bench,
+    )
