@@ -36,7 +36,7 @@ from typing import Any, Self
 import jax
 import numpy as np
 
-from resnet_jax.errors import CheckpointError, stray_async_errors_silenced
+from resnet_jax.errors import CheckpointError, drop_error_records, stray_async_errors_silenced
 
 
 class Checkpointer:
@@ -278,18 +278,14 @@ class _held_log_records(logging.Filter):
         self._logger.handle(record)
 
 
+STORAGE_REFUSED = "a write the storage refused"  # the reason of the absl filter below
 _REFUSALS = tuple(os.strerror(n) for n in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM))
 
 
-class _DropStorageRefusedRecords(logging.Filter):
-  """Drops the log records whose exception says the storage refused a write (:data:`_REFUSALS`)."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    error = record.exc_info[1] if record.exc_info else None
-    if error is None:
-      return True
-    text = " ".join(str(x) for x in (error, error.__cause__, error.__context__) if x is not None)
-    return not any(reason in text for reason in _REFUSALS)
+def _names_a_refused_write(error: BaseException) -> bool:
+  """Whether ``error``, its cause or its context says that the storage refused a write (:data:`_REFUSALS`)."""
+  text = " ".join(str(x) for x in (error, error.__cause__, error.__context__) if x is not None)
+  return any(reason in text for reason in _REFUSALS)
 
 
 def drop_storage_refused_records() -> None:
@@ -299,13 +295,11 @@ def drop_storage_refused_records() -> None:
   reaches :meth:`Checkpointer.save`, which reports it as one :class:`CheckpointError`, while the other
   threads may still be running and log their own failures, with tracebacks, through absl after the save
   has returned (:class:`_held_log_records` only holds the records logged inside it). This filter on the
-  ``absl`` logger drops the records whose exception names a refused write (no space, a quota, a
-  read-only file system, a permission); every other record, with or without an exception, goes through.
-  Installed once per process.
+  ``absl`` logger (:func:`resnet_jax.errors.drop_error_records`) drops the records whose exception names a
+  refused write (no space, a quota, a read-only file system, a permission); every other record, with or
+  without an exception, goes through. Installed once per process.
   """
-  logger = logging.getLogger("absl")
-  if not any(isinstance(f, _DropStorageRefusedRecords) for f in logger.filters):
-    logger.addFilter(_DropStorageRefusedRecords())
+  drop_error_records("absl", STORAGE_REFUSED, _names_a_refused_write)
 
 
 def _storage_error(e: BaseException, directory: str, needed: int) -> str | None:

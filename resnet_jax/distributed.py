@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import re
 from collections.abc import Callable
@@ -25,7 +24,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from resnet_jax.errors import DistributedError, Interrupted, ResNetJaxError
+from resnet_jax.errors import DistributedError, Interrupted, ResNetJaxError, drop_error_records
 
 
 def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
@@ -75,12 +74,7 @@ def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
       raise
 
 
-class _DropLostProcessTracebacks(logging.Filter):
-  """Drops the log records whose exception is a lost process (:func:`_lost_a_process`)."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    error = record.exc_info[1] if record.exc_info else None
-    return error is None or not _lost_a_process(error)
+LOST_PROCESS = "a lost process"  # the reason of the absl filter below
 
 
 def drop_lost_process_tracebacks() -> None:
@@ -89,12 +83,11 @@ def drop_lost_process_tracebacks() -> None:
   A checkpoint save ends with a barrier across the processes, run by an orbax thread; when another
   process dies meanwhile, the thread logs the failed collective with its traceback (absl
   ``logging.exception``) and keeps the error for the main thread, which reports it in one line
-  (:func:`end_process_on_error`). This filter on the ``absl`` logger drops those records only; every
+  (:func:`end_process_on_error`). This filter on the ``absl`` logger
+  (:func:`resnet_jax.errors.drop_error_records`) drops those records only; every
   other record, with or without an exception, still goes through. Installed once per process.
   """
-  logger = logging.getLogger("absl")
-  if not any(isinstance(f, _DropLostProcessTracebacks) for f in logger.filters):
-    logger.addFilter(_DropLostProcessTracebacks())
+  drop_error_records("absl", LOST_PROCESS, _lost_a_process)
 
 
 def _lost_a_process(e: BaseException) -> bool:

@@ -127,6 +127,29 @@ def stray_async_errors_silenced() -> Iterator[None]:
     sys.unraisablehook = previous
 
 
+class DropErrorRecords(logging.Filter):
+  """A logging filter that drops the records whose exception ``matches`` (a predicate on the exception);
+  every other record, with or without an exception, goes through. ``reason`` names what it drops."""
+
+  def __init__(self, reason: str, matches: Callable[[BaseException], bool]):
+    super().__init__()
+    self.reason, self.matches = reason, matches
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    return error is None or not self.matches(error)
+
+
+def drop_error_records(logger_name: str, reason: str, matches: Callable[[BaseException], bool]) -> None:
+  """From now on, drop the records of ``logger_name`` whose exception ``matches``
+  (:class:`DropErrorRecords`): for an error that a library's background thread logs with its traceback
+  after the main thread has reported it in one line already. Installed once per process for each
+  ``reason``, however often it is called."""
+  logger = logging.getLogger(logger_name)
+  if not any(isinstance(f, DropErrorRecords) and f.reason == reason for f in logger.filters):
+    logger.addFilter(DropErrorRecords(reason, matches))
+
+
 def describe_os_error(e: OSError) -> str:
   """``PATH: reason (ERRNO_NAME)`` for an OSError: the file it is about and what the system said."""
   import errno as errno_lib
