@@ -386,11 +386,14 @@ def bench_jax(args: argparse.Namespace, schedule: Schedule) -> tuple[dict, tuple
   time_infer(args, model, variables, x, schedule, out)
   train = None
   if args.mode in ("train", "both"):
-    # Own copies: the step donates its state, while the inference step keeps using ``variables``.
-    copy = lambda: jax.tree.map(lambda a: jnp.array(a, copy=True), state)  # noqa: E731
-    train = time_train(args, config, copy(), {"image": images, "label": labels}, schedule, out)
+    # Own copies: each step donates its state, while the inference step keeps using ``variables``.
+    def fresh_state():
+      return jax.tree.map(lambda a: jnp.array(a, copy=True), state)
+
+    batch = {"image": images, "label": labels}
+    train = time_train(args, config, fresh_state(), batch, schedule, out)
     if args.compare_batch_norm:
-      out["batch_norm_rule"] = time_batch_norm_rule(args, copy(), {"image": images, "label": labels}, schedule)
+      out["batch_norm_rule"] = time_batch_norm_rule(args, fresh_state(), batch, schedule)
   if dev.platform == "gpu":
     try:
       stats = dev.memory_stats() or {}

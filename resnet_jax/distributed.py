@@ -84,8 +84,8 @@ def drop_lost_process_tracebacks() -> None:
   process dies meanwhile, the thread logs the failed collective with its traceback (absl
   ``logging.exception``) and keeps the error for the main thread, which reports it in one line
   (:func:`end_process_on_error`). This filter on the ``absl`` logger
-  (:func:`resnet_jax.errors.drop_error_records`) drops those records only; every
-  other record, with or without an exception, still goes through. Installed once per process.
+  (:func:`resnet_jax.errors.drop_error_records`) drops those records only; every other record, with or
+  without an exception, still goes through. Installed once per process.
   """
   drop_error_records("absl", LOST_PROCESS, _lost_a_process)
 
