@@ -322,6 +322,7 @@ def _import_experiment(name):
 
   spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "experiments", f"{name}.py"))
   module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module  # As an import would: dataclasses look their module up there.
   spec.loader.exec_module(module)
   return module
 
@@ -345,6 +346,7 @@ def test_he_table_runs_the_paper_recipe_with_its_drops_at_the_same_fractions():
     ("he_table.py", ["--data_dir", "x", "--steps", "2"], "--steps=2"),
     ("torch_reference.py", ["--config", "nope.py", "--data_dir", "x"], "config file nope.py: no such file"),
     ("torch_reference.py", ["--config", "configs/cifar10_resnet18.py", "--data_dir", "x"], "model.name = 'resnet18'"),
+    ("torch_reference.py", ["--config", "configs/cifar10_fast.py", "--data_dir", "x", "--pipeline", "tf"], "'tf'"),
     ("jpeg_quality.py", ["--data_dir", "x", "--qualities", "source,100"], "--qualities='source,100'"),
     ("jpeg_quality.py", ["--data_dir", "x", "--qualities", "50,50"], "expected distinct entries"),
     ("jpeg_quality.py", ["--data_dir", "x", "--epochs", "0"], "--epochs=0.0"),
@@ -437,11 +439,13 @@ def test_he_table_trains_each_depth_writes_the_table_and_resumes(tmp_path):
 
 
 @pytest.mark.slow
-def test_torch_reference_trains_the_config_on_the_same_data_and_writes_its_curve(tmp_path):
-  pytest.importorskip("torch")
+@pytest.mark.parametrize("pipeline", ["resnet_jax", "torchvision"])
+def test_torch_reference_trains_the_config_on_the_same_data_and_writes_its_curve(pipeline, tmp_path):
+  pytest.importorskip("torchvision")
   data_dir = write_cifar_folder(str(tmp_path / "data"), per_class=15)
   args = ["--config", os.path.join(ROOT, "configs", "cifar10_fast.py"), "--data_dir", data_dir, "--epochs", "2"]
-  proc = _experiment("torch_reference.py", [*args, "--dtype", "float32", "--out", str(tmp_path)], tmp_path)
+  args += ["--dtype", "float32", "--seed", "3", "--pipeline", pipeline, "--out", str(tmp_path)]
+  proc = _experiment("torch_reference.py", args, tmp_path)
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(tmp_path / "cifar10_fast_torch.json") as f:
     result = json.load(f)
@@ -453,6 +457,118 @@ def test_torch_reference_trains_the_config_on_the_same_data_and_writes_its_curve
   )
   assert result["step"] == [2] and 0 <= result["final_accuracy"] <= 1 and result["train_images_per_sec"] > 0
   assert result["eval_split"] == "15 held-out images"  # 10% of the 150 images
+  assert result["pipeline"].startswith(pipeline + " (") and result["seed"] == 3
+  assert result["machine_details"] == machine.describe() and result["machine"].startswith(machine.cpu_name())
+
+
+def _torchvision_setup(tmp_path, per_class=10, test_per_class=0, **dataset):
+  """A tiny CIFAR-10 folder, ``configs/cifar10_fast.py`` pointed at it, and the reference's two pipelines."""
+  pytest.importorskip("torchvision")
+  from test_configs import load_config
+
+  torch_reference = _import_experiment("torch_reference")
+  c = load_config("cifar10_fast")
+  c.dataset.data_dir = write_cifar_folder(str(tmp_path / "data"), per_class=per_class, test_per_class=test_per_class)
+  c.batch_size, c.eval_batch_size = 30, 4
+  for key, value in dataset.items():
+    c.dataset[key] = value
+  return torch_reference, c
+
+
+def _pixels(x, normalization) -> np.ndarray:
+  """Normalised NCHW float images back to NHWC uint8 pixels."""
+  mean = np.asarray(normalization["mean"])[:, None, None]
+  std = np.asarray(normalization["std"])[:, None, None]
+  return np.rint((np.asarray(x) * std + mean) * 255).clip(0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+def test_torchvision_pipeline_evaluates_on_the_images_train_py_holds_out(tmp_path):
+  torch_reference, c = _torchvision_setup(tmp_path)
+  tv = torch_reference.torchvision_data(c)
+  ds = data.load_dataset(c.dataset, progress=False)
+  assert (tv.num_train, tv.num_eval, tv.num_classes, tv.eval_split) == (90, 10, 10, "10 held-out images")
+  assert (ds.num_train, ds.num_test, data.eval_split_name(ds.info)) == (90, 10, tv.eval_split)
+  # Its own statistics: those of the 90 training images train.py trains on.
+  pixels = ds.train_x.reshape(-1, 3).astype(np.float64) / 255
+  norm = tv.details["normalization"]
+  np.testing.assert_allclose(norm["mean"], pixels.mean(0), atol=2e-6)
+  np.testing.assert_allclose(norm["std"], pixels.std(0), atol=2e-6)
+  batches = list(tv.eval_batches())
+  assert [len(y) for _, y, _ in batches] == [4, 4, 2] and all(w.tolist() == [1.0] * len(w) for _, _, w in batches)
+  images = np.concatenate([_pixels(x, norm) for x, _, _ in batches])
+  np.testing.assert_array_equal(images, ds.test_x)
+  np.testing.assert_array_equal(np.concatenate([y for _, y, _ in batches]), ds.test_y)
+
+
+def test_torchvision_pipeline_evaluates_on_a_test_folder_when_there_is_one(tmp_path):
+  torch_reference, c = _torchvision_setup(tmp_path, per_class=3, test_per_class=2)
+  tv = torch_reference.torchvision_data(c)
+  ds = data.load_dataset(c.dataset, progress=False)
+  assert (tv.num_train, tv.num_eval, tv.eval_split) == (30, 20, "test split") and ds.num_test == 20
+  images = np.concatenate([_pixels(x, tv.details["normalization"]) for x, _, _ in tv.eval_batches()])
+  np.testing.assert_array_equal(images, ds.test_x)
+
+
+def test_torchvision_pipeline_batches_are_crops_and_flips_of_each_training_image_once_per_epoch(tmp_path):
+  import torch
+
+  torch_reference, c = _torchvision_setup(tmp_path)
+  tv = torch_reference.torchvision_data(c)
+  train_x = data.load_dataset(c.dataset, progress=False).train_x
+  padded = np.pad(train_x, ((0, 0), (4, 4), (4, 4), (0, 0)))
+  windows = np.stack([padded[:, dy : dy + 32, dx : dx + 32] for dy in range(9) for dx in range(9)], axis=1)
+  windows = np.concatenate([windows, windows[:, :, :, ::-1]], axis=1)  # (image, offset and flip, H, W, C)
+  epochs, draws = [], set()
+  for _ in range(2):
+    sources = []
+    for _ in range(3):  # 90 images in batches of 30: three steps per epoch, the last batch full.
+      x, y = next(tv.train)
+      assert (
+        x.shape == (30, 3, 32, 32) and x.is_contiguous(memory_format=torch.channels_last) and y.dtype == torch.int64
+      )
+      for image in _pixels(x, tv.details["normalization"]):
+        match = np.argwhere((windows == image).all(axis=(2, 3, 4)))
+        assert len(match), "a training image that is no crop or flip of any training image"
+        sources.append(int(match[0, 0]))
+        draws.add(int(match[0, 1]))
+    epochs.append(sources)
+  assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(90)) and epochs[0] != epochs[1]
+  assert any(d >= 81 for d in draws) and any(d < 81 for d in draws) and len(draws) > 20
+
+
+def test_torch_reference_evaluates_when_train_py_does_and_refuses_what_it_does_not_implement():
+  pytest.importorskip("torch")
+  from test_configs import load_config
+
+  torch_reference = _import_experiment("torch_reference")
+  c = load_config("cifar10_fast")
+  torch_reference.check_supported(c)
+  assert torch_reference.evaluation_steps(c, 351, 1404) == [702, 1404]
+  c.eval_every_steps = -1  # Once per epoch, and always at the end.
+  assert torch_reference.evaluation_steps(c, 3, 7) == [3, 6, 7]
+  c.eval_every_steps = 2
+  assert torch_reference.evaluation_steps(c, 3, 6) == [2, 4, 6]
+  for key, value, needle in [
+    ("ema_decay", 0.99, "config.ema_decay = 0.99: the PyTorch reference keeps no weight average; set it to 0"),
+    ("eval_translate", 1, "config.eval_translate = 1: the PyTorch reference evaluates with the flip alone"),
+  ]:
+    bad = load_config("cifar10_fast")
+    bad[key] = value
+    with pytest.raises(ConfigError, match=needle):
+      torch_reference.check_supported(bad)
+  bad = load_config("cifar10_fast")
+  bad.finetune.weights = "w.pth"
+  with pytest.raises(ConfigError, match="finetune.weights = 'w.pth': the PyTorch reference trains from scratch"):
+    torch_reference.check_supported(bad)
+
+
+def test_torchvision_pipeline_refuses_what_it_does_not_implement(tmp_path):
+  torch_reference, c = _torchvision_setup(tmp_path, per_class=2, cutout=8)
+  with pytest.raises(ConfigError, match="cutout = 8: --pipeline torchvision implements none, pad_crop"):
+    torch_reference.torchvision_data(c)
+  c.dataset.cutout, c.dataset.data_dir = 0, str(tmp_path / "pickles")
+  with pytest.raises(ConfigError, match="pickles/train is not a directory"):
+    torch_reference.torchvision_data(c)
 
 
 # ----------------------------------------------------------------------------------------------

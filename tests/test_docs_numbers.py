@@ -585,6 +585,33 @@ def test_second_seed_of_the_fast_recipe():
   _assert_in(f"({acc:.2f}% in {minutes:.1f} minutes with --config.seed=1", "configs/cifar10_fast.py")
 
 
+def test_torchvision_input_pipeline_does_no_better_than_the_librarys():
+  """docs/cifar.md's table of 8-epoch PyTorch runs with either input pipeline, from their JSON."""
+  runs = {
+    (pipeline, seed): _load(os.path.join("cifar", f"cifar10_fast_torch_8epochs_{pipeline}{suffix}.json"))
+    for pipeline in ("resnet_jax", "torchvision")
+    for seed, suffix in ((0, ""), (1, "_seed1"))
+  }
+  doc = "docs/cifar.md"
+  for (pipeline, seed), run in runs.items():
+    assert run["pipeline"].startswith(pipeline + " (") and run.get("seed", 0) == seed
+    assert (run["steps"], run["epoch"], run["dtype"]) == (2808, [2.0, 4.0, 6.0, 8.0], "float32")
+    assert run["eval_split"] == "5,000 held-out images" and run["machine"].startswith("AMD EPYC (AVX2)")
+    cells = " | ".join(f"{100 * a:.2f}%" for a in run["accuracy"][:-1])
+    _assert_in(f"| {seed} | {cells} | **{100 * run['final_accuracy']:.2f}%** |", doc)
+  ends = {key: 100 * run["final_accuracy"] for key, run in runs.items()}
+  gaps = [ends["resnet_jax", seed] - ends["torchvision", seed] for seed in (0, 1)]
+  assert min(gaps) > 0  # "ends below this library's" with either seed
+  _assert_in(f"by {gaps[0]:.2f} and {gaps[1]:.2f} points", doc)
+  means = [statistics.mean(ends[p, s] for s in (0, 1)) for p in ("torchvision", "resnet_jax")]
+  _assert_in(f"(means {means[0]:.2f}% and {means[1]:.2f}%)", doc)
+  early = [100 * (runs["torchvision", s]["accuracy"][0] - runs["resnet_jax", s]["accuracy"][0]) for s in (0, 1)]
+  _assert_in(f"ahead by {early[0]:.2f} points at epoch 2 with seed 0 and behind by {-early[1]:.2f} with seed 1", doc)
+  finals = ", ".join(f"{ends['torchvision', s]:.2f}%" for s in (0, 1)).replace(", ", " and ")
+  ours = " and ".join(f"{ends['resnet_jax', s]:.2f}%" for s in (0, 1))
+  _assert_in(f"8 epochs, two seeds: {finals}, against {ours};", "README.md")
+
+
 def test_pytorch_reference_of_the_fast_recipe():
   """docs/cifar.md quotes ``experiments/torch_reference.py``'s JSON next to the run of this library."""
   torch = _load(os.path.join("cifar", "cifar10_fast_torch_float32.json"))
