@@ -194,6 +194,9 @@ def torchvision_data(cfg) -> Data:
       f"config.dataset.augment = {ds_cfg.augment!r}, cutout = {ds_cfg.get('cutout', 0)}: --pipeline torchvision "
       "implements none, pad_crop and pad_crop_flip without cutout"
     )
+  for key in ("max_train_examples", "max_test_examples"):
+    if int(ds_cfg.get(key, -1)) > 0:
+      raise ConfigError(f"config.dataset.{key} = {ds_cfg[key]}: --pipeline torchvision reads every image; set it to -1")
 
   def decode(folder: str):
     found = tv_datasets.ImageFolder(folder)

@@ -566,7 +566,10 @@ def test_torchvision_pipeline_refuses_what_it_does_not_implement(tmp_path):
   torch_reference, c = _torchvision_setup(tmp_path, per_class=2, cutout=8)
   with pytest.raises(ConfigError, match="cutout = 8: --pipeline torchvision implements none, pad_crop"):
     torch_reference.torchvision_data(c)
-  c.dataset.cutout, c.dataset.data_dir = 0, str(tmp_path / "pickles")
+  c.dataset.cutout, c.dataset.max_train_examples = 0, 50
+  with pytest.raises(ConfigError, match="max_train_examples = 50: --pipeline torchvision reads every image"):
+    torch_reference.torchvision_data(c)
+  c.dataset.max_train_examples, c.dataset.data_dir = -1, str(tmp_path / "pickles")
   with pytest.raises(ConfigError, match="pickles/train is not a directory"):
     torch_reference.torchvision_data(c)
 
