@@ -179,7 +179,7 @@ def torchvision_data(cfg) -> Data:
   from torchvision import datasets as tv_datasets
   from torchvision import transforms
 
-  from resnet_jax.datasets import AUTO_HOLDOUT, holdout_mask
+  from resnet_jax.datasets import folder_holdout, holdout_mask
   from resnet_jax.errors import ConfigError
 
   ds_cfg = cfg.dataset
@@ -210,9 +210,7 @@ def torchvision_data(cfg) -> Data:
 
   images, labels, keys, classes = decode(root)
   test_dir = os.path.join(ds_cfg.data_dir, "test")
-  holdout = float(ds_cfg.holdout)
-  if holdout < 0:
-    holdout = 0.0 if os.path.isdir(test_dir) else AUTO_HOLDOUT
+  holdout = folder_holdout(ds_cfg.data_dir, float(ds_cfg.holdout))
   if holdout > 0:
     held = torch.from_numpy(holdout_mask(labels.numpy(), keys, holdout, int(ds_cfg.get("holdout_seed", 0))))
     eval_images, eval_labels = images[held], labels[held]

@@ -451,6 +451,14 @@ def _cifar_as_folder(data_dir: str, name: str) -> bool:
   return False
 
 
+def folder_holdout(data_dir: str, holdout: float) -> float:
+  """The holdout that applies to the image folder ``data_dir``: ``holdout`` itself, or for ``holdout`` < 0
+  (auto) :data:`AUTO_HOLDOUT` of ``train/`` when the folder has no ``test/``, and nothing when it has one."""
+  if holdout >= 0:
+    return holdout
+  return 0.0 if os.path.isdir(os.path.join(data_dir, "test")) else AUTO_HOLDOUT
+
+
 def _folder_splits(cfg: Any, holdout: float, size: int, log: Callable[[str], None]) -> Splits:
   """The splits of an image folder (``train/<class>/``, ``test/<class>/``), as paths and labels.
 
@@ -460,8 +468,7 @@ def _folder_splits(cfg: Any, holdout: float, size: int, log: Callable[[str], Non
   train = scan_folder(cfg.data_dir, "train")
   scans = [train]
   has_test = os.path.isdir(os.path.join(cfg.data_dir, "test"))
-  if holdout < 0:
-    holdout = 0.0 if has_test else AUTO_HOLDOUT
+  holdout = folder_holdout(cfg.data_dir, holdout)
   if holdout > 0:
     test = Split(np.empty(0, dtype=object), np.zeros(0, np.int32), [])
   else:
