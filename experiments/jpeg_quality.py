@@ -11,8 +11,8 @@ copy is a JPEG file that keeps the ``.png`` name, which Pillow reads by its cont
 (``train/<class>/*``, optionally ``test/<class>/*``) or the python-pickle release; from the pickles
 ``source`` is the lossless original and the copies hold ``train/`` and ``test/``.
 
-Each quality trains ``configs/cifar10_fast.py`` with only ``num_epochs`` and ``model.dtype`` changed, in
-the ``train.py`` workdir ``WORKDIR/q<q>`` (``WORKDIR/source``): the same command resumes what is
+Each quality trains ``configs/cifar10_fast.py`` with only ``num_epochs`` and ``model.dtype`` changed (and its time
+budget off), in the ``train.py`` workdir ``WORKDIR/q<q>`` (``WORKDIR/source``): the same command resumes what is
 unfinished. Writes ``OUT/jpeg_quality.json`` and ``OUT/jpeg_quality.md``: per quality the mean file
 size, the PSNR of the training images against the source's, the validation accuracy (with test-time
 flip), the steps and the wall time. The slope of accuracy against quality, measured at qualities below
@@ -127,12 +127,14 @@ def source_info(items: list[tuple[str, np.ndarray | str]]) -> dict:
 
 
 def run_config(data_dir: str, epochs: float, dtype: str):
-  """``configs/cifar10_fast.py`` on ``data_dir`` with ``epochs`` epochs in ``dtype``; nothing else changed."""
+  """``configs/cifar10_fast.py`` on ``data_dir`` with ``epochs`` epochs in ``dtype`` and no time budget (every
+  quality trains the same steps, however fast the machine runs); nothing else changed."""
   from resnet_jax.config_check import load_config_file
 
   c = load_config_file(CONFIG)
   c.dataset.data_dir = data_dir
   c.num_epochs = float(epochs)
+  c.time_budget_minutes = 0.0
   c.model.dtype = dtype
   c.progress_bar = False
   return c

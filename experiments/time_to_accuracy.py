@@ -73,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     raise ConfigError(f"{data_path} not found: --workdir must be a finished train.py run")
   with open(data_path) as f:
     eval_split = eval_split_name(json.load(f))
+  budget_path = os.path.join(args.workdir, "time_budget.json")  # config.time_budget_minutes: what it chose, and why
+  time_budget = None
+  if os.path.isfile(budget_path):
+    with open(budget_path) as f:
+      time_budget = json.load(f)
   records = read_metrics(args.workdir)
   curve = time_to_accuracy(records, args.target)
   train_records = [r for r in records if r.get("split") == "train"]
@@ -108,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
       "ema_decay": summary["config"].get("ema_decay", 0.0),
       "augment": summary["config"]["dataset"].get("augment"),
       "cutout": summary["config"]["dataset"].get("cutout", 0),
+      "time_budget_minutes": summary["config"].get("time_budget_minutes", 0.0),
     },
+    "time_budget": time_budget,
     "eval_split": eval_split,
     **curve,
   }

@@ -311,6 +311,13 @@ def main(argv: list[str] | None = None) -> int:
   if args.seed is not None:
     cfg.seed = args.seed
   check_supported(cfg)
+  if cfg.get("time_budget_minutes", 0.0) > 0:  # train.py's wall clock; the reference trains the epochs it is given
+    print(
+      f"note: config.time_budget_minutes = {cfg.time_budget_minutes:g} is train.py's and does not apply here: "
+      f"this trains the config's {cfg.num_epochs:g} epochs (--epochs for fewer)",
+      file=sys.stderr,
+    )
+    cfg.time_budget_minutes = 0.0
   cfg.model.dtype = run_setup.compute_dtype(cfg)  # "auto": what train.py would compute in on this machine
 
   import torch

@@ -113,6 +113,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.ema_decay = 0.0  # d > 0: keep an exponential moving average of the weights and BatchNorm
   # statistics, m = d m + (1 - d) theta after every step, debiased; evaluations, checkpoints'
   # exports, predict and fine-tuning from the workdir use it (resnet_jax.train_step.averaged_variables)
+  c.time_budget_minutes = 0.0  # m > 0: train at most what fits in m minutes of this machine, everything
+  # included: measured before step 0, the steps that fit (at most the config's), the schedule shortened
+  # in proportion, the choice recorded in WORKDIR/time_budget.json and kept on resume (resnet_jax.time_budget)
+  c.time_budget_margin = 0.03  # the fraction of the budget left unplanned (0 to 0.5), for the machine's speed to vary
   c.log_every_steps = 20  # a train record (metrics.jsonl, TensorBoard) every N steps
   c.log_grad_norms = False  # train records: "grad_norm/<module>", the window's mean L2 norm of
   # the gradient of each top-level module (stem, each block, head)
@@ -312,6 +316,8 @@ SCHEMA: dict[str, Any] = {
   "eval_translate": _num(0, integer=True),
   "ema_decay": lambda v: _num(0.0)(v) or ("< 1" if v >= 1.0 else None),
   "log_grad_norms": _type(bool, "True or False"),
+  "time_budget_minutes": _num(0.0),
+  "time_budget_margin": _num(0.0, 0.5),
   "log_every_steps": _pos_int,
   "eval_every_steps": _pos_int_or_auto,
   "checkpoint_every_steps": _pos_int_or_auto,

@@ -156,11 +156,15 @@ class Setup:
   """Everything a run needs, built from a config (checked by :func:`resnet_jax.config_check.validate_config`):
   the mesh, data, model, schedule, optimizer and the jitted steps."""
 
-  def __init__(self, config: ml_collections.ConfigDict, devices: list | None = None):
+  def __init__(
+    self, config: ml_collections.ConfigDict, devices: list | None = None, data: data_lib.Dataset | None = None
+  ):
+    """``data``: the dataset of ``config.dataset``, already loaded (e.g. by another setup of the same
+    dataset: :meth:`with_config`); default: loaded here."""
     self.config = config
     self.dp = DataParallel(devices)
     check_device_count(config, len(self.dp.devices))
-    self.data = data_lib.load_dataset(config.dataset, progress=config.progress_bar)
+    self.data = data if data is not None else data_lib.load_dataset(config.dataset, progress=config.progress_bar)
     self.compute_dtype = compute_dtype(config, len(self.dp.devices), self.dp.devices[0])
     self.model = build_model(config, self.data.num_classes, len(self.dp.devices), self.dp.devices[0])
     min_size = getattr(self.model, "min_input_size", None)
@@ -198,6 +202,13 @@ class Setup:
     self.eval_step = self.dp.jit_eval_step(
       make_eval_step(self.data.num_classes, bool(config.get("eval_flip", False)), translate)
     )
+
+  def with_config(self, config: ml_collections.ConfigDict) -> Setup:
+    """A setup of ``config`` on the same devices and data (its ``dataset`` settings must be this one's):
+    e.g. the same run with another length or schedule. Its steps compile again on first use."""
+    if config.dataset.to_dict() != self.config.dataset.to_dict():
+      raise ConfigError("Setup.with_config: the new config reads another dataset; build a new Setup for it")
+    return Setup(config, self.dp.devices, self.data)
 
   def init_state(self, log: Callable[[str], None] = print) -> TrainState:
     """The state of step 0: a fresh initialisation, or the weights of ``config.finetune.weights``."""

@@ -101,7 +101,7 @@ def train_and_evaluate(
   with end_process_on_error():
     if setup is None:
       setup = Setup(config, devices)
-    elif setup.config.to_dict() != config.to_dict():
+    elif not _same_run_config(setup.config, config):
       raise ConfigError("train_and_evaluate: the given setup was built for another config")
     workdir = os.path.abspath(workdir)
     with StopOnSignal() as signals, RunDir(workdir, lock=jax.process_index() == 0):
@@ -145,6 +145,8 @@ def _run(
   is_main = jax.process_index() == 0
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
   check_shared_checkpoints(ckpt)
+  if config.time_budget_minutes > 0:
+    config, setup = _fit_time_budget(config, workdir, setup, ckpt, started, log)
   state, data_state, meta, changes, saved_config = _restore(config, workdir, setup, ckpt, log)
   run = _Run(state, meta, int(jax.device_get(state.step)), started)
   if is_main:  # Only once the checkpoint is restored: a failed resume leaves the workdir as it was.
@@ -172,6 +174,47 @@ def _run(
       train_iter.set_state(data_state)
     stopped = _train(config, setup, run, train_iter, writer, ckpt, signals, stop_at_step, log)
   return _finish(config, workdir, setup, run, ckpt, writer.records, signals, stop_at_step, stopped)
+
+
+def _same_run_config(built: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> bool:
+  """Whether a setup ``built`` for a config serves ``config``: the same, or the same but for the lengths
+  that ``config``'s time budget chose (:data:`resnet_jax.time_budget.SCALED_KEYS`)."""
+  from resnet_jax import time_budget
+
+  if built.to_dict() == config.to_dict():
+    return True
+  return config.time_budget_minutes > 0 and (
+    time_budget.resolve_on_resume(config, built.to_dict()).to_dict() == built.to_dict()
+  )
+
+
+def _fit_time_budget(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  setup: Setup,
+  ckpt: Checkpointer,
+  started: float,
+  log: Callable[[str], None],
+) -> tuple[ml_collections.ConfigDict, Setup]:
+  """The config and setup of a run under ``config.time_budget_minutes``: on resume, the lengths that the
+  budget chose at step 0 (from the checkpoint); at step 0, what fits on this machine
+  (:func:`resnet_jax.time_budget.fit`, recorded in ``WORKDIR/time_budget.json``)."""
+  from resnet_jax import time_budget
+
+  def rebuild(c: ml_collections.ConfigDict) -> Setup:
+    return setup if c.to_dict() == setup.config.to_dict() else setup.with_config(c)
+
+  restore_step = config.restore_step if config.restore_step >= 0 else None
+  if ckpt.latest_step() is not None or restore_step is not None:
+    _, saved_meta = ckpt.read_meta(restore_step)
+    resolved = time_budget.resolve_on_resume(config, saved_meta.get("config"))
+    return resolved, rebuild(resolved)
+  if not setup.config.to_dict() == config.to_dict():  # A setup made for a budget's choice: start from the config.
+    setup = setup.with_config(config)
+  config, setup, record = time_budget.fit(config, setup, workdir, lambda: time.perf_counter() - started, log, rebuild)
+  if jax.process_index() == 0:
+    write_json(os.path.join(workdir, time_budget.BUDGET_FILE), record)
+  return config, setup
 
 
 def _train(

@@ -384,3 +384,25 @@ def test_mismatched_num_processes_ends_every_process(tmp_path, counts):
   for r in results:
     line = _one_error_line(r)
     assert re.search(r"num_processes|jax.distributed.initialize failed", line), line
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_time_budget_gives_every_process_the_steps_that_process_0_chose(tmp_path):
+  """Two processes measure the machine with the same collective steps, train the steps process 0 chose
+  (fewer than the config's), and end together."""
+  config = tiny_config(
+    "resnet20", num_train_steps=100000, log_every_steps=50, eval_every_steps=1000, checkpoint_every_steps=1000
+  )
+  config.time_budget_minutes = 0.75
+  path = multihost.write_config(str(tmp_path / "config.py"), config)
+  workdir = tmp_path / "run"
+  port = portpicker.pick_unused_port()
+  argvs = [_train_argv(path, workdir, *distributed_flags(port, i, 2)) for i in range(2)]
+  results = multihost.run(argvs, 1, str(tmp_path), timeout=240, name="budget")
+  assert all(r.returncode == 0 for r in results), describe(results)
+  record = json.loads((workdir / "time_budget.json").read_text())
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert 1 <= record["steps"] < 100000 and summary["steps"] == record["steps"]
+  assert json.loads((workdir / "config.json").read_text())["num_train_steps"] == record["steps"]
+  assert not (workdir / ".time_budget_probe").exists()
