@@ -145,7 +145,7 @@ def _run(
   is_main = jax.process_index() == 0
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
   check_shared_checkpoints(ckpt)
-  if config.time_budget_minutes > 0:
+  if config.get("time_budget_minutes", 0.0) > 0:
     config, setup = _fit_time_budget(config, workdir, setup, ckpt, started, log)
   state, data_state, meta, changes, saved_config = _restore(config, workdir, setup, ckpt, log)
   run = _Run(state, meta, int(jax.device_get(state.step)), started)
@@ -183,7 +183,7 @@ def _same_run_config(built: ml_collections.ConfigDict, config: ml_collections.Co
 
   if built.to_dict() == config.to_dict():
     return True
-  return config.time_budget_minutes > 0 and (
+  return config.get("time_budget_minutes", 0.0) > 0 and (
     time_budget.resolve_on_resume(config, built.to_dict()).to_dict() == built.to_dict()
   )
 
@@ -209,7 +209,7 @@ def _fit_time_budget(
     _, saved_meta = ckpt.read_meta(restore_step)
     resolved = time_budget.resolve_on_resume(config, saved_meta.get("config"))
     return resolved, rebuild(resolved)
-  if not setup.config.to_dict() == config.to_dict():  # A setup made for a budget's choice: start from the config.
+  if setup.config.to_dict() != config.to_dict():  # A setup made for a budget's choice: start from the config.
     setup = setup.with_config(config)
   config, setup, record = time_budget.fit(config, setup, workdir, lambda: time.perf_counter() - started, log, rebuild)
   if jax.process_index() == 0:
