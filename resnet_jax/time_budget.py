@@ -5,8 +5,8 @@ depends on the CPU: 50 epochs of ResNet-20 take 37 minutes where oneDNN computes
 about two hours on an AVX2-only CPU. With a budget, the run measures this machine before its first step
 and shortens itself to what fits:
 
-1. :func:`measure` times the training step (after its compilation, with the input pipeline), one
-   evaluation batch and one checkpoint, on a throwaway copy of the initial state.
+1. :func:`measure` times the training step (after its compilation, with the input pipeline), the
+   evaluation (from a few of its batches) and one checkpoint, on a throwaway copy of the initial state.
 2. :func:`steps_that_fit` takes the most steps ``N`` (at most the config's) whose cost fits what is left
    of the budget::
 
@@ -214,8 +214,7 @@ def fit(
   """
   budget_s = 60.0 * float(config.time_budget_minutes)
   margin = float(config.time_budget_margin)
-  os.makedirs(workdir, exist_ok=True)
-  t = measure(setup, workdir)
+  t = measure(setup, workdir)  # The workdir exists: the run holds its lock.
   total = setup.total_steps
   now = elapsed()
   steps = steps_that_fit(budget_s, now, t, total, setup.eval_every, setup.checkpoint_every, margin)
