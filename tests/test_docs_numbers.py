@@ -1175,37 +1175,90 @@ def _infer_ratio(r):
 
 
 def test_resnet9_on_the_avx2_epyc():
-  """docs/cifar.md, benchmarks/README.md and the config's docstring quote the 12-epoch ResNet-9 run on the
-  AVX2-only EPYC (family 23, model 49) from its time_to_accuracy.py JSON, in float32 as model.dtype=auto
-  chose there, and the 54 epochs at its rate."""
-  run = _load("cifar/cifar10_resnet9_avx2_12epochs.json")
-  m = run["machine_details"]
-  assert (m["cpu_id"], m["cpu_isa"], m["cpus"]) == ("family 23 model 49 stepping 0", "AVX2", 2)
-  assert (run["model"], run["model_options"], run["dtype"], run["epochs"]) == (
-    "resnet9",
-    {"num_filters": 32},
-    "float32",
-    12,
+  """docs/cifar.md, the README, benchmarks/README.md, docs/training.md and the config's docstring quote the
+  ResNet-9 runs on the AVX2-only EPYC (family 23, model 49) from their time_to_accuracy.py JSON, in float32
+  as model.dtype=auto chose there: the config as committed, whose 45-minute budget chose the epochs, and
+  the 12-epoch run from before the budget."""
+  run = _load("cifar/cifar10_resnet9_avx2_budget.json")
+  early = _load("cifar/cifar10_resnet9_avx2_12epochs.json")
+  from resnet_jax.config_check import load_config_file
+
+  config = load_config_file(os.path.join(ROOT, "configs", "cifar10_resnet9.py"))
+  for r in (run, early):
+    m = r["machine_details"]
+    assert (m["cpu_id"], m["cpu_isa"], m["cpus"]) == ("family 23 model 49 stepping 0", "AVX2", 2)
+    assert (r["model"], r["model_options"], r["dtype"]) == ("resnet9", {"num_filters": 32}, "float32")
+    assert r["recipe"]["eval_translate"] == 1 and r["target_reached_s"] is None
+  doc, config_file = "docs/cifar.md", "configs/cifar10_resnet9.py"
+  # The config as committed: every recipe key but the budget's and the ones it shortened is the config's.
+  b = run["time_budget"]
+  assert config.time_budget_minutes == run["recipe"]["time_budget_minutes"] == 45.0 and b["budget_s"] == 2700.0
+  assert run["steps"] == b["steps"] < b["config_steps"] == 4698 and b["steps_per_epoch"] == 45_000 // 512
+  assert run["recipe"]["num_epochs"] == pytest.approx(config.num_epochs * b["steps"] / 4698)
+  assert run["recipe"]["schedule"]["warmup"] == pytest.approx(config.schedule.warmup * b["steps"] / 4698)
+  assert (run["recipe"]["batch_size"], run["recipe"]["optimizer"]["learning_rate"]) == (512, 0.4)
+  assert run["total_wall_time_s"] <= b["predicted_wall_time_s"] <= (1 - b["margin"]) * b["budget_s"]
+  acc, minutes, rate = 100 * run["final_accuracy"], run["total_wall_time_s"] / 60, run["train_images_per_sec"]
+  epochs, step_ms = b["steps"] / b["steps_per_epoch"], 1000 * b["step_s"]
+  _assert_in(f"fits itself into the 45 minutes: {acc:.2f}% in {epochs:.1f} epochs and {minutes:.1f}\n  min.**", doc)
+  _assert_in(
+    f"measured {step_ms:.0f} ms per step and chose {b['steps']:,} of the 4,698 steps ({epochs:.1f} epochs, warmup "
+    f"{run['recipe']['schedule']['warmup']:.2f} epochs) for a\n  predicted {b['predicted_wall_time_s'] / 60:.1f} min",
+    doc,
   )
-  assert (run["recipe"]["schedule"]["warmup"], run["recipe"]["eval_translate"], run["target_reached_s"]) == (
+  before = (b["predicted_wall_time_s"] - run["total_wall_time_s"]) / 60
+  _assert_in(f"It ended at **{acc:.2f}%** on the same 5,000 held-out images after {minutes:.1f} min", doc)
+  _assert_in(f"{before:.1f} min before the prediction and {45 - minutes:.1f} min inside the budget", doc)
+  committed = _load("cifar/cifar10_resnet9_54epochs_translate.json")["train_images_per_sec"]
+  assert 0.27 < rate / committed < 0.33  # "about three tenths"
+  _assert_in(
+    f"took {1000 * 512 / rate:.0f} ms, not the {step_ms:.0f} measured ({rate:.0f} images/s, about three tenths of "
+    f"the AVX-512 EPYC's {committed:.0f}",
+    doc,
+  )
+  evals = [f"{100 * a:.2f}% at epoch {round(e)}" for a, e in zip(run["accuracy"][:3], run["epoch"][:3])]
+  _assert_in(f"{evals[0]}, {evals[1]}, {evals[2]})", doc)
+  _assert_in(
+    f"the\n  budget chose {epochs:.1f} of its 54 epochs, which ended at {acc:.2f}% after {minutes:.1f} min", "README.md"
+  )
+  _assert_in(
+    f"chose {epochs:.1f} of its 54 epochs on this CPU, which reached\n{acc:.2f}% in {minutes:.1f} minutes",
+    "benchmarks/README.md",
+  )
+  _assert_in(
+    f"chose {epochs:.1f} of the 54 epochs on an AVX2-only EPYC ({acc:.2f}% in {minutes:.1f} min)", "docs/training.md"
+  )
+  _assert_in(
+    f"measured {step_ms:.0f} ms per step, chose {epochs:.1f} of the 54 epochs, and reached {acc:.2f}% in", config_file
+  )
+  _assert_in(f"reached {acc:.2f}% in {minutes:.1f} minutes ({rate:.1f}\nimages/s)", config_file)
+  _assert_in(f"within {0.97 * 45:.2f} minutes (the 45 less a 3% margin)", config_file)
+  # The 12-epoch run from before the budget.
+  assert (early["epochs"], early["recipe"]["schedule"]["warmup"], early["recipe"].get("time_budget_minutes")) == (
+    12,
     2.5,
-    1,
     None,
   )
-  acc, minutes, rate = 100 * run["final_accuracy"], run["total_wall_time_s"] / 60, run["train_images_per_sec"]
-  doc, config = "docs/cifar.md", "configs/cifar10_resnet9.py"
-  _assert_in(f"12 epochs took\n  {minutes:.1f} minutes and reached {acc:.2f}%.**", doc)
-  _assert_in(f"trained at {rate:.1f} images/s", doc)
-  _assert_in(f"{acc:.2f}% on the same 5,000 held-out images after {minutes:.1f} min", doc)
-  _assert_in(f"{minutes - 45:.1f} minutes over the 45", doc)
-  evals = [f"{100 * a:.2f}% at epoch {round(e)}" for a, e in zip(run["accuracy"][:2], run["epoch"][:2])]
+  old_acc, old_minutes, old_rate = (
+    100 * early["final_accuracy"],
+    early["total_wall_time_s"] / 60,
+    early["train_images_per_sec"],
+  )
+  _assert_in(f"trained at {old_rate:.1f} images/s", doc)
+  _assert_in(f"{old_acc:.2f}% on the same held-out images after {old_minutes:.1f} min", doc)
+  _assert_in(f"{old_minutes - 45:.1f} minutes over the 45", doc)
+  evals = [f"{100 * a:.2f}% at epoch {round(e)}" for a, e in zip(early["accuracy"][:2], early["epoch"][:2])]
   _assert_in(f"({evals[0]}, {evals[1]})", doc)
-  _assert_in(f"The full 54 epochs at that rate are {54 * 45_000 / rate / 60:.0f} minutes of steps alone", doc)
-  committed = _load("cifar/cifar10_resnet9_54epochs_translate.json")["train_images_per_sec"]
-  assert 0.18 < rate / committed < 0.22  # "about a fifth"
-  _assert_in(f"about a fifth of the AVX-512 EPYC's rate ({committed:.0f} images/s in the run of the config", doc)
-  _assert_in(f"12 epochs took {minutes:.1f} minutes on this CPU and reached {acc:.2f}%", "benchmarks/README.md")
-  _assert_in(f"reached {acc:.2f}% in {minutes:.1f} minutes ({rate:.1f} images/s)", config)
+  assert 0.18 < old_rate / committed < 0.22  # "about a fifth"
+  assert round(100 * (rate / old_rate - 1)) == 40
+  _assert_in("differ by 40% in speed", doc)
+  _assert_in(f"the {epochs - 12:.1f} epochs\n  more bought {acc - old_acc:.2f} points", doc)
+  _assert_in(f"The full 54 epochs at the slower rate are {54 * 45_000 / old_rate / 60:.0f} minutes of steps alone", doc)
+  _assert_in(
+    f"before the budget, 12 epochs took {old_minutes:.1f} minutes\non this CPU and reached {old_acc:.2f}%",
+    "benchmarks/README.md",
+  )
+  _assert_in(f"reached {old_acc:.2f}% in {old_minutes:.1f}\nminutes ({old_rate:.1f} images/s)", config_file)
 
 
 def test_the_batch_norm_rule_is_no_faster_on_the_avx2_epyc():
