@@ -71,6 +71,12 @@ def _assert_ran_on_avx512_epyc_f26m2(run):
   assert (m["cpu_id"], m["cpu_isa"], m["cpus"]) == ("family 26 model 2 stepping 1", "AVX-512 with bf16", 2)
 
 
+def _assert_ran_on_avx2_epyc_f23m49(run):
+  """A time_to_accuracy.py JSON whose run recorded the 2-vCPU AVX2-only EPYC of family 23, model 49."""
+  m = run["machine_details"]
+  assert (m["cpu_id"], m["cpu_isa"], m["cpus"]) == ("family 23 model 49 stepping 0", "AVX2", 2)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Tables, regenerated from the results files
 
@@ -1185,8 +1191,7 @@ def test_resnet9_on_the_avx2_epyc():
 
   config = load_config_file(os.path.join(ROOT, "configs", "cifar10_resnet9.py"))
   for r in (run, early):
-    m = r["machine_details"]
-    assert (m["cpu_id"], m["cpu_isa"], m["cpus"]) == ("family 23 model 49 stepping 0", "AVX2", 2)
+    _assert_ran_on_avx2_epyc_f23m49(r)
     assert (r["model"], r["model_options"], r["dtype"]) == ("resnet9", {"num_filters": 32}, "float32")
     assert r["recipe"]["eval_translate"] == 1 and r["target_reached_s"] is None
   doc, config_file = "docs/cifar.md", "configs/cifar10_resnet9.py"
@@ -1293,8 +1298,8 @@ def test_the_fast_recipe_under_its_time_budget_on_the_avx2_epyc():
   early = _load("cifar/cifar10_fast_avx2_budget.json")
   doc = "docs/cifar.md"
   for r in (run, early):
-    m, b = r["machine_details"], r["time_budget"]
-    assert (m["cpu_id"], m["cpu_isa"], m["cpus"]) == ("family 23 model 49 stepping 0", "AVX2", 2)
+    _assert_ran_on_avx2_epyc_f23m49(r)
+    b = r["time_budget"]
     assert r["recipe"]["time_budget_minutes"] == 45.0 and b["budget_s"] == 2700.0
     assert r["steps"] == b["steps"] < b["config_steps"] == 17550
     assert r["recipe"]["schedule"]["warmup"] == pytest.approx(b["steps"] / 17550)
