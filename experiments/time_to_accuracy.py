@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # The repository, when run from a clone without install.
@@ -136,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
   ax.set_ylabel("validation accuracy (%)")
   ax.set_ylim(max(0, 100 * min(curve["accuracy"]) - 5), 100)
   ax.set_title(
-    f"{name}: {100 * summary['test_accuracy']:.2f}% in {minutes[-1]:.1f} min\n({result['machine']})", fontsize=10
+    f"{name}: {100 * summary['test_accuracy']:.2f}% in {minutes[-1]:.1f} min\n"
+    + textwrap.fill(f"({result['machine']})", 80),  # a long CPU name on two lines, not cut at the edge
+    fontsize=10,
   )
   ax.grid(alpha=0.3)
   ax.legend(loc="lower right")

@@ -77,6 +77,12 @@ def _assert_ran_on_avx2_epyc_f23m49(run):
   assert (m["cpu_id"], m["cpu_isa"], m["cpus"]) == ("family 23 model 49 stepping 0", "AVX2", 2)
 
 
+def _assert_ran_on_amx_xeon_f6m167(run):
+  """A time_to_accuracy.py JSON whose run recorded the 2-vCPU Intel Xeon with AMX of family 6, model 167."""
+  m = run["machine_details"]
+  assert (m["cpu_id"], m["cpu_isa"], m["cpus"]) == ("family 6 model 167 stepping 1", "AVX-512 with bf16 and AMX", 2)
+
+
 def _assert_chose_steps_within_45_minutes(run, config_name, config_steps):
   """A time_to_accuracy.py JSON of a run of ``configs/<config_name>.py`` under its 45-minute budget: fewer
   steps than the config's, its epochs and warmup scaled in proportion, and the run within its prediction,
@@ -483,19 +489,20 @@ def test_avx2_default_flag_ratios_against_pytorch():
   _assert_in(f"AVX2-only AMD EPYC: {bf16:.1f} against {f32:.1f} images/s", "docs/cifar.md")
 
 
-def test_avx512_default_flag_ratios_against_pytorch():
-  """The no-flags figures on the AVX-512 EPYC (family 26, model 2), in the README and benchmarks/README.md,
-  are ``benchmarks/bench.py``'s JSON, both runs, each naming that CPU."""
+def _assert_two_default_flag_runs(prefix, cpu_id, cpu_isa):
+  """The no-flags table of one CPU, in the README and benchmarks/README.md, is ``benchmarks/bench.py``'s JSON,
+  both runs (``results/<prefix>_{r20_defaults,r18_defaults,r20_bf16}{,_run2}_j012.json``), each naming that
+  CPU; so are how far the speeds and the ratios moved between the runs."""
   bench = os.path.join("benchmarks", "README.md")
   speeds = []
   for name in ("r20_defaults", "r18_defaults", "r20_bf16"):
     runs = []
     for suffix in ("", "_run2"):
-      r = _bench_result(f"cpu_amd_avx512_f26m2_{name}{suffix}_j012.json")
+      r = _bench_result(f"{prefix}_{name}{suffix}_j012.json")
       c, m = r["config"], r["machine"]
       assert (c["conv_backend"], c["host_memory"], c["cpu_conv"], c["xla_flags"]) == ("auto", "auto", "default", "")
       assert c["host_memory_kept"] is True and c["dtype"] == ("bfloat16" if "bf16" in name else "float32")
-      assert (m["cpu_id"], m["cpu_isa"]) == ("family 26 model 2 stepping 1", "AVX-512 with bf16")
+      assert (m["cpu_id"], m["cpu_isa"], m["cpus"]) == (cpu_id, cpu_isa, 2)
       ours, torch = r["jax"]["train"]["images_per_s"], r["torch"]["channels_last"]["train"]["images_per_s"]
       infer = r["jax"].get("infer", {}).get("images_per_s")
       infer = infer and infer / r["torch"]["channels_last"]["infer"]["images_per_s"]
@@ -506,18 +513,57 @@ def test_avx512_default_flag_ratios_against_pytorch():
     second = f"{a2:.1f} / {b2:.1f}: {a2 / b2:.2f}"
     _assert_in(f"| {a:.1f} / {b:.1f} | {a / b:.2f}{inf1} | {second}{inf2} |", bench)
     _assert_in(f"| {a:.1f} | {b:.1f} | **{a / b:.2f}**{inf1} | {second} |", "README.md")
-  r = _bench_result("cpu_amd_avx512_f26m2_r20_bf16_xla_j012.json")
-  assert (r["config"]["conv_backend"], r["config"]["dtype"]) == ("xla", "bfloat16")
-  assert r["machine"]["cpu_id"] == "family 26 model 2 stepping 1"
-  xla = f"{r['jax']['train']['images_per_s']:.1f} images/s"
-  _assert_in(f"(`--conv-backend xla`) give {xla}", "README.md")
-  _assert_in(f"--conv-backend xla`) reach {xla}", bench)
-  # "moved by up to 35% between the two runs, the ratios by 0.06 at most"
   moved = [max(s[i] / t[i], t[i] / s[i]) - 1 for s, t in zip(speeds[::2], speeds[1::2]) for i in (1, 2)]
   ratio_moved = [abs(s[3] - t[3]) for s, t in zip(speeds[::2], speeds[1::2])]
   for path in ("README.md", bench):
     _assert_in(f"by up to {100 * max(moved):.0f}% between the", path)
     _assert_in(f"ratios by {max(ratio_moved):.2f} at most", path)
+
+
+def test_avx512_default_flag_ratios_against_pytorch():
+  """The no-flags figures on the AVX-512 EPYC (family 26, model 2), in the README and benchmarks/README.md,
+  are ``benchmarks/bench.py``'s JSON, both runs, each naming that CPU; so is XLA's own bfloat16 figure."""
+  _assert_two_default_flag_runs("cpu_amd_avx512_f26m2", "family 26 model 2 stepping 1", "AVX-512 with bf16")
+  r = _bench_result("cpu_amd_avx512_f26m2_r20_bf16_xla_j012.json")
+  assert (r["config"]["conv_backend"], r["config"]["dtype"]) == ("xla", "bfloat16")
+  assert r["machine"]["cpu_id"] == "family 26 model 2 stepping 1"
+  xla = f"{r['jax']['train']['images_per_s']:.1f} images/s"
+  _assert_in(f"(`--conv-backend xla`) give {xla}", "README.md")
+  _assert_in(f"--conv-backend xla`) reach {xla}", os.path.join("benchmarks", "README.md"))
+
+
+def test_amx_default_flag_ratios_against_pytorch():
+  """The no-flags figures on the Intel Xeon with AMX (family 6, model 167), in the README and
+  benchmarks/README.md, are ``benchmarks/bench.py``'s JSON, both runs; so are the half-width ResNet-9 rows and
+  what bfloat16 gains over float32 there."""
+  cpu_id, isa = "family 6 model 167 stepping 1", "AVX-512 with bf16 and AMX"
+  _assert_two_default_flag_runs("cpu_intel_amx_f6m167", cpu_id, isa)
+  bench = os.path.join("benchmarks", "README.md")
+  rates = {}
+  for name in (
+    "resnet9_nf32_b512",
+    "resnet9_nf32_b512_bf16",
+    "r20_defaults",
+    "r20_defaults_run2",
+    "r20_bf16",
+    "r20_bf16_run2",
+  ):
+    r = _bench_result(f"cpu_intel_amx_f6m167_{name}_j012.json")
+    assert (r["machine"]["cpu_id"], r["machine"]["cpu_isa"]) == (cpu_id, isa)
+    rates[name] = r["jax"]["train"]["images_per_s"], r["torch"]["channels_last"]["train"]["images_per_s"]
+    if name.startswith("resnet9"):
+      assert (r["config"]["num_filters"], r["config"]["batch"], r["config"]["conv_backend"]) == (32, 512, "auto")
+      ours, torch = rates[name]
+      _assert_in(f"| {ours:.1f} / {torch:.1f} | {ours / torch:.2f} | - |", bench)
+  r9 = rates["resnet9_nf32_b512_bf16"][0] / rates["resnet9_nf32_b512"][0]
+  r20 = [rates[f"r20_bf16{s}"][0] / rates[f"r20_defaults{s}"][0] for s in ("", "_run2")]
+  _assert_in(f"{r20[0]:.2f} and {r20[1]:.2f} times float32 for\n  ResNet-20", bench)
+  _assert_in(f"{r9:.2f} times for the half-width\n  ResNet-9", bench)
+  _assert_in(f"{r20[0]:.2f} times float32 for ResNet-20, {r9:.2f} times for the half-width ResNet-9", "README.md")
+  r9_bf16, r9_f32 = rates["resnet9_nf32_b512_bf16"][0], rates["resnet9_nf32_b512"][0]
+  _assert_in(f"channels; {r9_bf16:.1f} against {r9_f32:.1f})", bench)
+  pairs = [f"{rates[f'r20_bf16{s}'][0]:.1f} against {rates[f'r20_defaults{s}'][0]:.1f}" for s in ("", "_run2")]
+  _assert_in(f"(16 to 64 channels; {pairs[0]}, {pairs[1]})", bench)
 
 
 def test_input_pipeline_against_the_step_on_cifar10():
@@ -1333,3 +1379,104 @@ def test_the_fast_recipe_under_its_time_budget_on_the_avx2_epyc():
   _assert_in(f"The {run['epochs'] - early['epochs']:.1f} more epochs", doc)
   _assert_in(f"the two differ by {e_acc - acc:.2f}\npoints", doc)
   _assert_in(f"chose {run['epochs']:.1f} of the 50 epochs and ended at {acc:.2f}% after {minutes:.1f} min", "README.md")
+
+
+def test_resnet9_on_the_amx_xeon():
+  """docs/cifar.md, the README, benchmarks/README.md, docs/training.md and the config's docstring quote the
+  run of configs/cifar10_resnet9.py as committed on the Intel Xeon with AMX (family 6, model 167) from its
+  time_to_accuracy.py JSON: bfloat16, as model.dtype=auto chose, all 54 epochs within the budget, the
+  schedule the config's own; and the comparison with the AVX-512 EPYC's run of the same seed."""
+  from resnet_jax.config_check import load_config_file
+
+  run = _load("cifar/cifar10_resnet9_amx_budget.json")
+  epyc = _load("cifar/cifar10_resnet9_54epochs_translate.json")
+  _assert_ran_on_amx_xeon_f6m167(run)
+  assert (run["model"], run["model_options"], run["dtype"]) == ("resnet9", {"num_filters": 32}, "bfloat16")
+  config = load_config_file(os.path.join(ROOT, "configs", "cifar10_resnet9.py"))
+  b, recipe = run["time_budget"], run["recipe"]
+  assert config.time_budget_minutes == recipe["time_budget_minutes"] == 45.0 and b["budget_s"] == 2700.0
+  assert run["steps"] == b["steps"] == b["config_steps"] == 4698 and b["steps_per_epoch"] == 45_000 // 512
+  assert (recipe["num_epochs"], recipe["schedule"]["warmup"]) == (config.num_epochs, config.schedule.warmup)
+  assert (recipe["batch_size"], recipe["eval_translate"]) == (512, 1) == (512, epyc["recipe"]["eval_translate"])
+  assert run["total_wall_time_s"] <= b["predicted_wall_time_s"] <= (1 - b["margin"]) * b["budget_s"]
+  acc, minutes, rate = 100 * run["final_accuracy"], run["total_wall_time_s"] / 60, run["train_images_per_sec"]
+  predicted = b["predicted_wall_time_s"] / 60
+  # 91% first reached at the last evaluation.
+  assert (
+    run["accuracy"][-2] < run["target"] <= run["accuracy"][-1] and run["target_reached_s"] == run["wall_time_s"][-1]
+  )
+  doc, config_file = "docs/cifar.md", "configs/cifar10_resnet9.py"
+  _assert_in(f"budget keeps all 54 epochs: {acc:.2f}% in {minutes:.1f} min, everything\n  included.**", doc)
+  _assert_in(
+    f"The budget measured {1000 * b['step_s']:.0f} ms per\n  step: all 4,698 steps fit, for a predicted "
+    f"{predicted:.1f} min",
+    doc,
+  )
+  _assert_in(f"ended at **{acc:.2f}%** on the same 5,000\n  held-out images after {minutes:.1f} min", doc)
+  _assert_in(
+    f"{predicted - minutes:.1f} min before the prediction and {45 - minutes:.1f} min\n  inside the budget", doc
+  )
+  _assert_in(
+    f"at {rate:.0f} images/s (the AVX-512 EPYC's run of the config before its budget: "
+    f"{epyc['train_images_per_sec']:.0f})",
+    doc,
+  )
+  evals = [f"{100 * a:.2f}% at epoch {round(e)}" for a, e in zip(run["accuracy"][:3], run["epoch"][:3])]
+  _assert_in(
+    f"({100 * run['accuracy'][-2]:.2f}% at epoch {run['epoch'][-2]:.1f}; {evals[0]}, {evals[1]}, {evals[2]})", doc
+  )
+  _assert_in(f"the same seed ended at {100 * epyc['final_accuracy']:.2f}%", doc)
+  _assert_in(f"({100 * run['accuracy'][0]:.2f}% against {100 * epyc['accuracy'][0]:.2f}% at epoch 4", doc)
+  _assert_in(f"and {100 * (epyc['final_accuracy'] - run['final_accuracy']):.2f} points is within the", doc)
+  step = _bench_result("cpu_intel_amx_f6m167_resnet9_nf32_b512_bf16_j012.json")
+  ours, torch = step["jax"]["train"]["images_per_s"], step["torch"]["channels_last"]["train"]["images_per_s"]
+  _assert_in(f"The step alone runs at {ours:.1f} images/s there,\n  {ours / torch:.2f} of PyTorch's autocast step", doc)
+  _assert_in(f"rate is {100 * (1 - rate / ours):.0f}% below it", doc)
+  epyc_step = _bench_result("cpu_amd_avx512_f26m2_resnet9_nf32_b512_bf16_j012.json")["jax"]["train"]["images_per_s"]
+  seed0 = _load("cifar/cifar10_resnet9_54epochs.json")["train_images_per_sec"]
+  _assert_in(f"({seed0:.0f} against {epyc_step:.1f})", doc)
+  _assert_in(f"an Intel Xeon with AMX: {acc:.2f}% in {minutes:.1f} min, below", doc)
+  _assert_in(f"it kept all 54, which ended at {acc:.2f}%\n  after {minutes:.1f} min.", "README.md")
+  _assert_in(
+    f"{acc:.2f}% in 54 epochs and {minutes:.1f} min, everything\n  included ({rate:.0f} images/s)", "README.md"
+  )
+  _assert_in(
+    f"trained its 54 epochs to {acc:.2f}% in {minutes:.1f} minutes on this CPU", os.path.join("benchmarks", "README.md")
+  )
+  _assert_in(f"kept all 54 on an Intel Xeon with AMX ({acc:.2f}% in {minutes:.1f} min)", "docs/training.md")
+  _assert_in(
+    f"the budget measured {1000 * b['step_s']:.0f} ms per step, kept all 54 epochs, and reached {acc:.2f}% in\n"
+    f"{minutes:.1f} minutes ({rate:.1f} images/s)",
+    config_file,
+  )
+
+
+def test_input_pipeline_on_the_amx_xeon():
+  """docs/cifar.md section 3 quotes ``benchmarks/data_pipeline.py``'s JSON for the CIFAR-10 JPEGs on the Intel
+  Xeon with AMX, against the two steps measured there with ``bench.py``."""
+  r = _bench_result("cpu_intel_amx_f6m167_data_pipeline_cifar10_j012.json")
+  assert (r["machine"]["cpu_id"], r["machine"]["cpu_isa"]) == (
+    "family 6 model 167 stepping 1",
+    "AVX-512 with bf16 and AMX",
+  )
+  assert (r["source"], r["images"], r["pipeline"]) == (
+    "folder",
+    50000,
+    {"augment": "pad_crop_flip", "batch": 128, "grain_threads": 2},
+  )
+  rates, load = r["pipeline_images_per_s"], r["load_average"]
+  steps = [
+    _bench_result(f"cpu_intel_amx_f6m167_{name}_j012.json")["jax"]["train"]["images_per_s"]
+    for name in ("r20_defaults", "resnet9_nf32_b512_bf16")
+  ]
+  doc = "docs/cifar.md"
+  _assert_in(f"load\naverage {min(load):.1f}-{max(load):.1f}, just after the benchmarks", doc)
+  _assert_in(
+    f"gives {rates['memory']:,} images/s in memory and {rates['per-step decode']:,} with per-step decoding "
+    f"(loading the "
+    f"folder: {r['load_dataset_in_memory_s']:.1f}\ns), against a step of {steps[0]:.1f} images/s",
+    doc,
+  )
+  _assert_in(f"and {steps[1]:.1f} (the half-width ResNet-9", doc)
+  assert rates["memory"] / max(steps) >= 30
+  _assert_in("the step is the limit, by 30 times or more", doc)
