@@ -22,8 +22,10 @@ on a CPU whose oneDNN computes it (AVX-512 bf16 or AMX). On an AVX2-only CPU "au
 the faster dtype there (421 against 334 images/s for the step alone, the README's CPU table), and 50 epochs
 would take 90 minutes or more. So the config has a time budget of 45 minutes (time_budget_minutes): the run
 measures the machine before its first step and trains the epochs that fit, at most 50, with the warmup
-shortened in proportion (docs/training.md, "Training to a time budget"; 0 turns it off). Results and the
-accuracy-against-wall-time curves (29 float32 epochs: 84.94%): docs/cifar.md.
+shortened in proportion (docs/training.md, "Training to a time budget"; 0 turns it off). On an Intel Xeon
+with AMX (family 6, model 167) it measured 179 ms per step in bfloat16 and chose 40.3 of the 50 epochs,
+which reached 85.24% in 39.8 minutes. Results and the accuracy-against-wall-time curves (29 float32
+epochs: 84.94%): docs/cifar.md.
 """
 
 from resnet_jax.config_check import base_config

@@ -1381,6 +1381,49 @@ def test_the_fast_recipe_under_its_time_budget_on_the_avx2_epyc():
   _assert_in(f"chose {run['epochs']:.1f} of the 50 epochs and ended at {acc:.2f}% after {minutes:.1f} min", "README.md")
 
 
+def test_the_fast_recipe_under_its_time_budget_on_the_amx_xeon():
+  """docs/cifar.md, the README and the config's docstring quote the budgeted run of configs/cifar10_fast.py on
+  the Intel Xeon with AMX (family 6, model 167) from its time_to_accuracy.py JSON, in bfloat16 as
+  model.dtype=auto chose, against the 50-epoch runs on the AVX-512 EPYC and the bfloat16 gain of the step."""
+  run = _load("cifar/cifar10_fast_amx_budget.json")
+  _assert_ran_on_amx_xeon_f6m167(run)
+  _assert_chose_steps_within_45_minutes(run, "cifar10_fast", 17550)
+  assert (run["model"], run["dtype"]) == ("resnet20", "bfloat16")
+  b, doc = run["time_budget"], "docs/cifar.md"
+  acc, minutes, rate = 100 * run["final_accuracy"], run["total_wall_time_s"] / 60, run["train_images_per_sec"]
+  epochs, predicted = b["steps"] / b["steps_per_epoch"], b["predicted_wall_time_s"] / 60
+  _assert_in(f"do not fit either: {acc:.2f}% in {epochs:.1f} epochs and {minutes:.1f} min.**", doc)
+  _assert_in(f"on the AMX tiles, and measured {1000 * b['step_s']:.0f} ms per\nstep", doc)
+  _assert_in(
+    f"It chose {b['steps']:,} of the 17,550 steps ({epochs:.1f} epochs, warmup "
+    f"{run['recipe']['schedule']['warmup']:.2f} epochs) for a predicted {predicted:.1f} min",
+    doc,
+  )
+  _assert_in(f"ended at **{acc:.2f}%** on the 5,000 held-out images after {minutes:.1f} min, everything included", doc)
+  _assert_in(
+    f"at {rate:.0f} images/s ({1000 * 128 / rate:.0f} ms per step), {predicted - minutes:.1f} min before the "
+    f"prediction and {45 - minutes:.1f} min inside the budget",
+    doc,
+  )
+  seed0, seed1 = (_load(f"cifar/{n}.json")["final_accuracy"] for n in ("cifar10_fast", "cifar10_fast_seed1"))
+  _assert_in(f"That is {100 * (seed0 - run['final_accuracy']):.2f} points below the 50-epoch run", doc)
+  _assert_in(f"on the AVX-512 EPYC ({100 * seed0:.2f}%), less than the {100 * (seed1 - seed0):.2f} points", doc)
+  gains = []
+  for s in ("", "_run2"):
+    f32, bf16 = (
+      _bench_result(f"cpu_intel_amx_f6m167_{n}{s}_j012.json")["jax"]["train"]["images_per_s"]
+      for n in ("r20_defaults", "r20_bf16")
+    )
+    gains.append(bf16 / f32)
+  _assert_in(f"its bfloat16 step is {gains[0]:.2f} to {gains[1]:.2f} times its\nfloat32 step", doc)
+  _assert_in(f"chose {epochs:.1f} of the 50 epochs and ended\n  at {acc:.2f}% after {minutes:.1f} min.", "README.md")
+  _assert_in(
+    f"it measured {1000 * b['step_s']:.0f} ms per step in bfloat16 and chose {epochs:.1f} of the 50 epochs,\n"
+    f"which reached {acc:.2f}% in {minutes:.1f} minutes",
+    "configs/cifar10_fast.py",
+  )
+
+
 def test_resnet9_on_the_amx_xeon():
   """docs/cifar.md, the README, benchmarks/README.md, docs/training.md and the config's docstring quote the
   run of configs/cifar10_resnet9.py as committed on the Intel Xeon with AMX (family 6, model 167) from its
