@@ -32,6 +32,16 @@ def _bench_result(name):
     return json.load(f)
 
 
+def _amx_rate(name):
+  """Our training images/s in ``results/cpu_intel_amx_f6m167_<name>_j012.json`` (the Intel Xeon with AMX)."""
+  return _bench_result(f"cpu_intel_amx_f6m167_{name}_j012.json")["jax"]["train"]["images_per_s"]
+
+
+def _amx_resnet20_bf16_gains():
+  """bfloat16 over float32 for the ResNet-20 step on the Intel Xeon with AMX, in each of the two runs."""
+  return [_amx_rate(f"r20_bf16{s}") / _amx_rate(f"r20_defaults{s}") for s in ("", "_run2")]
+
+
 def _text(path):
   with open(os.path.join(ROOT, path)) as f:
     return f.read()
@@ -539,30 +549,21 @@ def test_amx_default_flag_ratios_against_pytorch():
   cpu_id, isa = "family 6 model 167 stepping 1", "AVX-512 with bf16 and AMX"
   _assert_two_default_flag_runs("cpu_intel_amx_f6m167", cpu_id, isa)
   bench = os.path.join("benchmarks", "README.md")
-  rates = {}
-  for name in (
-    "resnet9_nf32_b512",
-    "resnet9_nf32_b512_bf16",
-    "r20_defaults",
-    "r20_defaults_run2",
-    "r20_bf16",
-    "r20_bf16_run2",
-  ):
+  for name in ("resnet9_nf32_b512", "resnet9_nf32_b512_bf16"):
     r = _bench_result(f"cpu_intel_amx_f6m167_{name}_j012.json")
     assert (r["machine"]["cpu_id"], r["machine"]["cpu_isa"]) == (cpu_id, isa)
-    rates[name] = r["jax"]["train"]["images_per_s"], r["torch"]["channels_last"]["train"]["images_per_s"]
-    if name.startswith("resnet9"):
-      assert (r["config"]["num_filters"], r["config"]["batch"], r["config"]["conv_backend"]) == (32, 512, "auto")
-      ours, torch = rates[name]
-      _assert_in(f"| {ours:.1f} / {torch:.1f} | {ours / torch:.2f} | - |", bench)
-  r9 = rates["resnet9_nf32_b512_bf16"][0] / rates["resnet9_nf32_b512"][0]
-  r20 = [rates[f"r20_bf16{s}"][0] / rates[f"r20_defaults{s}"][0] for s in ("", "_run2")]
+    assert (r["config"]["num_filters"], r["config"]["batch"], r["config"]["conv_backend"]) == (32, 512, "auto")
+    ours, torch = r["jax"]["train"]["images_per_s"], r["torch"]["channels_last"]["train"]["images_per_s"]
+    _assert_in(f"| {ours:.1f} / {torch:.1f} | {ours / torch:.2f} | - |", bench)
+  r9_bf16, r9_f32 = _amx_rate("resnet9_nf32_b512_bf16"), _amx_rate("resnet9_nf32_b512")
+  r20 = _amx_resnet20_bf16_gains()
   _assert_in(f"{r20[0]:.2f} and {r20[1]:.2f} times float32 for\n  ResNet-20", bench)
-  _assert_in(f"{r9:.2f} times for the half-width\n  ResNet-9", bench)
-  _assert_in(f"{r20[0]:.2f} times float32 for ResNet-20, {r9:.2f} times for the half-width ResNet-9", "README.md")
-  r9_bf16, r9_f32 = rates["resnet9_nf32_b512_bf16"][0], rates["resnet9_nf32_b512"][0]
+  _assert_in(f"{r9_bf16 / r9_f32:.2f} times for the half-width\n  ResNet-9", bench)
+  _assert_in(
+    f"{r20[0]:.2f} times float32 for ResNet-20, {r9_bf16 / r9_f32:.2f} times for the half-width ResNet-9", "README.md"
+  )
   _assert_in(f"channels; {r9_bf16:.1f} against {r9_f32:.1f})", bench)
-  pairs = [f"{rates[f'r20_bf16{s}'][0]:.1f} against {rates[f'r20_defaults{s}'][0]:.1f}" for s in ("", "_run2")]
+  pairs = [f"{_amx_rate(f'r20_bf16{s}'):.1f} against {_amx_rate(f'r20_defaults{s}'):.1f}" for s in ("", "_run2")]
   _assert_in(f"(16 to 64 channels; {pairs[0]}, {pairs[1]})", bench)
 
 
@@ -1408,13 +1409,7 @@ def test_the_fast_recipe_under_its_time_budget_on_the_amx_xeon():
   seed0, seed1 = (_load(f"cifar/{n}.json")["final_accuracy"] for n in ("cifar10_fast", "cifar10_fast_seed1"))
   _assert_in(f"That is {100 * (seed0 - run['final_accuracy']):.2f} points below the 50-epoch run", doc)
   _assert_in(f"on the AVX-512 EPYC ({100 * seed0:.2f}%), less than the {100 * (seed1 - seed0):.2f} points", doc)
-  gains = []
-  for s in ("", "_run2"):
-    f32, bf16 = (
-      _bench_result(f"cpu_intel_amx_f6m167_{n}{s}_j012.json")["jax"]["train"]["images_per_s"]
-      for n in ("r20_defaults", "r20_bf16")
-    )
-    gains.append(bf16 / f32)
+  gains = _amx_resnet20_bf16_gains()
   _assert_in(f"its bfloat16 step is {gains[0]:.2f} to {gains[1]:.2f} times its\nfloat32 step", doc)
   _assert_in(f"chose {epochs:.1f} of the 50 epochs and ended\n  at {acc:.2f}% after {minutes:.1f} min.", "README.md")
   _assert_in(
@@ -1508,10 +1503,7 @@ def test_input_pipeline_on_the_amx_xeon():
     {"augment": "pad_crop_flip", "batch": 128, "grain_threads": 2},
   )
   rates, load = r["pipeline_images_per_s"], r["load_average"]
-  steps = [
-    _bench_result(f"cpu_intel_amx_f6m167_{name}_j012.json")["jax"]["train"]["images_per_s"]
-    for name in ("r20_defaults", "resnet9_nf32_b512_bf16")
-  ]
+  steps = [_amx_rate(name) for name in ("r20_defaults", "resnet9_nf32_b512_bf16")]
   doc = "docs/cifar.md"
   _assert_in(f"load\naverage {min(load):.1f}-{max(load):.1f}, just after the benchmarks", doc)
   _assert_in(
