@@ -140,7 +140,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     default="auto",
     help="keep: glibc keeps and reuses freed host memory (resnet_jax.host_memory), applied before "
     "jax starts; it holds for torch in the same process too; auto (as train.py): keep from 65,536 "
-    "input pixels per step (batch x size x size) on",
+    "input pixels per step (batch x size x size) on, on the CPU only",
   )
   p.add_argument(
     "--cpu-conv",
@@ -740,7 +740,8 @@ def main(argv: list[str] | None = None) -> int:
   set_model_defaults(args)
   from resnet_jax import host_memory  # before jax starts its backend (the model above is only described)
 
-  args.host_memory_kept = host_memory.apply(host_memory.choose(args.host_memory, args.batch, args.size))
+  choice = host_memory.choose(args.host_memory, args.batch, args.size, host_memory.expected_platform())
+  args.host_memory_kept = host_memory.apply(choice)
   threads = args.threads or machine.available_cpus()
   res: dict = {
     "machine": {**machine.describe(), "xla_flags": xla_flags},

@@ -31,7 +31,8 @@ if [ -z "${SKIP_INSTALL:-}" ] && compgen -G "${2:-.whl}/*.whl" >/dev/null; then
 else
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
-$PY -c "import jax, os; print('== devices:', jax.devices()); \
+$PY -c "import jax, flax, optax, orbax.checkpoint as ocp, os; print('== devices:', jax.devices()); \
+print(f'== jax {jax.__version__}, flax {flax.__version__}, optax {optax.__version__}, orbax {ocp.__version__}'); \
 assert jax.default_backend() == 'gpu' or os.environ.get('ALLOW_CPU') == '1', jax.default_backend()" \
   || { echo "FAIL: jax does not see a GPU"; exit 1; }
 

@@ -1514,3 +1514,147 @@ def test_input_pipeline_on_the_amx_xeon():
   _assert_in(f"and {steps[1]:.1f} (the half-width ResNet-9", doc)
   assert rates["memory"] / max(steps) >= 30
   _assert_in("the step is the limit, by 30 times or more", doc)
+
+
+def _h200_loop():
+  """benchmarks/results/h200_train_loop_cifar10_fast.txt: the loop's parts on the H200, ms per step."""
+  text = _text("benchmarks/results/h200_train_loop_cifar10_fast.txt")
+
+  def ms(pattern):
+    return float(re.search(pattern, text).group(1))
+
+  assert text.startswith("cifar10_fast setup s") and "bfloat16 device" in text.splitlines()[0]
+  return {
+    "draws": ms(r"next ms ([\d.]+)"),
+    "transfer": ms(r"put ms ([\d.]+)"),
+    "dispatch": ms(r"dispatch ms ([\d.]+)"),
+    "same_batch": ms(r"total ms/step ([\d.]+)"),
+    **{f"loop_in_flight_{k}": ms(rf"in-flight {k}: ms/step ([\d.]+)") for k in (1, 2, 4)},
+  }
+
+
+def test_the_fast_recipe_on_the_h200():
+  """docs/cifar.md, the README and benchmarks/README.md quote the run of configs/cifar10_fast.py on one
+  NVIDIA H200 from its time_to_accuracy.py JSON (the device and its host recorded there), against the
+  50-epoch run on the AVX-512 EPYC."""
+  run = _load("cifar/cifar10_fast_h200.json")
+  m = run["machine_details"]
+  assert (m["backend"], m["device"], m["jax"], m["cpu_id"]) == (
+    "gpu",
+    "1 x NVIDIA H200",
+    "0.11.2",
+    "family 6 model 207 stepping 2",
+  )
+  assert (run["model"], run["dtype"], run["steps"], run["epochs"]) == ("resnet20", "bfloat16", 17550, 50.0)
+  b, doc = run["time_budget"], "docs/cifar.md"
+  assert b["steps"] == b["config_steps"] == 17550
+  acc, minutes, rate = 100 * run["final_accuracy"], run["total_wall_time_s"] / 60, run["train_images_per_sec"]
+  _assert_in(
+    f"the time budget measured {1000 * b['step_s']:.1f} ms per step and\n  kept all 17,550 steps, predicted "
+    f"{b['predicted_wall_time_s'] / 60:.1f} min): **{acc:.2f}% after {minutes:.1f} min**, everything included "
+    f"({run['total_wall_time_s']:.1f} s from\n  the start to the end of the run)",
+    doc,
+  )
+  log = _text("benchmarks/results/h200_gpu_cifar.log")
+  train_s = float(re.search(r"after 17550 steps, ([\d.]+) s", log).group(1))
+  command_s = float(re.search(r"== cifar10_fast: ([\d.]+) s wall", log).group(1))
+  _assert_in(f"the steps {train_s:.1f} s of it at {rate:,.0f} images/s, the compilation {b['compile_s']:.1f} s", doc)
+  epyc = _load("cifar/cifar10_fast.json")
+  epyc_minutes = epyc["total_wall_time_s"] / 60
+  _assert_in(
+    f"ended at {100 * epyc['final_accuracy']:.2f}% after {epyc_minutes:.1f} min (section 1): the same recipe, 7", doc
+  )
+  assert round(epyc_minutes / minutes) == 7 and abs(epyc["final_accuracy"] - run["final_accuracy"]) < 0.005
+  _assert_in(f"reached {acc:.2f}% in {minutes:.1f} min, everything included", "README.md")
+  _assert_in(
+    f"`cifar10_fast` reached {acc:.2f}% after {minutes:.1f} min,\neverything included ({command_s:.1f} s",
+    "benchmarks/README.md",
+  )
+  _assert_in(f"JPEGs included; {rate:,.0f} images/s in\nits steps)", "benchmarks/README.md")
+
+
+def test_the_paper_recipe_on_the_h200():
+  """docs/cifar.md and benchmarks/README.md quote the first 13,299 iterations of the paper's recipe on the
+  H200 from their metrics, and extrapolate the whole run from them."""
+  rows = [
+    json.loads(line)
+    for line in _text("benchmarks/results/h200_cifar10_resnet20_first_13299_steps_metrics.jsonl").splitlines()
+  ]
+  evals = [r for r in rows if r.get("split") == "test"]
+  train = [r for r in rows if r.get("split") == "train"]
+  last = train[-1]["step"]
+  assert last == 13299 and [r["step"] for r in evals] == list(range(2000, 13299, 2000))
+  doc = "docs/cifar.md"
+  _assert_in(f"{last:,} of its 64,000 iterations", doc)
+  _assert_in(f"{last:,} of its 64,000 iterations before the limit stopped it", "benchmarks/README.md")
+  at10k = next(r for r in evals if r["step"] == 10000)
+  _assert_in(f"It was at {100 * at10k['accuracy']:.2f}% after 10,000 iterations (lr 0.1 throughout)", doc)
+  assert max(r["learning_rate"] for r in train) == min(r["learning_rate"] for r in train[20:]) == pytest.approx(0.1)
+  walls = [r["wall_time_s"] for r in evals]
+  gaps = [b - a for a, b in zip(walls, walls[1:])]
+  per_step = (walls[-1] - walls[0]) / (evals[-1]["step"] - evals[0]["step"])
+  _assert_in(f"came {min(gaps):.1f}-{max(gaps):.1f} s apart, {1000 * per_step:.2f} ms per iteration", doc)
+  _assert_in(f"the first one {walls[0]:.1f} s after the start; the median log window ran at "
+             f"{statistics.median(r['images_per_sec'] for r in train):,.0f}\n  images/s", doc)  # fmt: skip
+  whole = walls[0] + (64000 - evals[0]["step"]) * per_step
+  assert round(whole / 60) == 11
+  _assert_in("the 64,000 iterations would take about 11 min, everything included", doc)
+
+
+def test_the_host_limits_the_h200():
+  """docs/cifar.md and benchmarks/README.md quote the loop's parts on the H200 (benchmarks/train_loop.py's
+  loops, their raw output) and on the Xeon's CPU (its JSON), and the cost of one malloc arena there."""
+  ms = _h200_loop()
+  doc = "docs/cifar.md"
+  for label, key in (
+    ("grain's threads) |", "draws"),
+    ("`put_batch` of those draws |", "transfer"),
+    ("without waiting for it |", "dispatch"),
+    ("waited for at the end |", "same_batch"),
+    ("one step in flight) |", "loop_in_flight_1"),
+  ):
+    _assert_in(f"{label} {ms[key]:g} |", doc)
+  _assert_in(f"two / four steps in flight | {ms['loop_in_flight_2']:g} / {ms['loop_in_flight_4']:g} |", doc)
+  # The device keeps up with the dispatch, and the loop costs about the host's three parts.
+  assert ms["same_batch"] <= 1.05 * ms["dispatch"]
+  host = ms["draws"] + ms["transfer"] + ms["dispatch"]
+  assert host <= ms["loop_in_flight_1"] <= 1.15 * host
+  assert min(ms["loop_in_flight_2"], ms["loop_in_flight_4"]) >= ms["loop_in_flight_1"]
+  _assert_in(
+    f"draws {ms['draws']:g}, transfer {ms['transfer']:g}, dispatch {ms['dispatch']:g}, same batch\n"
+    f"{ms['same_batch']:g}, the loop {ms['loop_in_flight_1']:g} ms per step",
+    "benchmarks/README.md",
+  )
+  run = _load("cifar/cifar10_fast_h200.json")
+  assert 1.8 < 128 / run["train_images_per_sec"] * 1000 / ms["loop_in_flight_1"] < 2.2  # "about twice"
+  cpu = _bench_result("cpu_intel_amx_f6m167_train_loop_cifar10_fast.json")
+  assert cpu["machine"]["cpu_id"] == "family 6 model 167 stepping 1" and cpu["augment_on"] == "device"
+  assert (cpu["host_memory"], cpu["steps_timed"], cpu["compute_dtype"]) == ("default", 50, "bfloat16")
+  c = cpu["ms_per_step"]
+  _assert_in(
+    f"draws {c['draws']:g}, transfer {c['transfer']:g}, dispatch {c['dispatch']:g}, same batch {c['same_batch']:g} "
+    f"and the loop {c['loop_in_flight_1']:g} ms per step",
+    "benchmarks/README.md",
+  )
+  keep = [_bench_result(f"cpu_intel_amx_f6m167_train_loop_residual_mlp_keep{s}.json") for s in ("", "_run2")]
+  default = [_bench_result(f"cpu_intel_amx_f6m167_train_loop_residual_mlp_default{s}.json") for s in ("", "_run2")]
+  assert [r["host_memory"] for r in keep + default] == ["keep", "keep", "default", "default"]
+  assert all(r["steps_timed"] == 1000 and r["model"] == "residual_mlp" for r in keep + default)
+
+  def pair(runs, key):
+    return [r["ms_per_step"][key] for r in runs]
+
+  kd, dd = pair(keep, "dispatch"), pair(default, "dispatch")
+  kl, dl = pair(keep, "loop_in_flight_1"), pair(default, "loop_in_flight_1")
+  assert min(kd) > 1.5 * max(dd) and min(kl) > max(dl)
+  _assert_in(
+    f"slows its dispatch from {dd[0]:g}/{dd[1]:g} to {kd[0]:g}/{kd[1]:g} ms and its loop from\n"
+    f"{dl[0]:g}/{dl[1]:g} to {kl[0]:g}/{kl[1]:g} ms",
+    "benchmarks/README.md",
+  )
+  span = f"{min(kd):.2f}-{max(kd):.2f} instead of {min(dd):.2f}-{max(dd):.2f} ms"
+  slower = sorted(round(100 * (k / d - 1)) for k, d in zip(kl, dl))
+  for path in ("docs/cifar.md", "docs/training.md", "resnet_jax/host_memory.py"):
+    _assert_in(span, path)
+  for path in ("docs/training.md", "resnet_jax/host_memory.py"):
+    _assert_in(f"{slower[0]}-{slower[1]}% longer", path)

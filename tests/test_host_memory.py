@@ -15,7 +15,14 @@ import pytest
 
 from resnet_jax.config_check import base_config
 from resnet_jax.errors import ConfigError
-from resnet_jax.host_memory import KEEP_FROM_PIXELS, choose, choose_for_config, keep_host_memory, kept
+from resnet_jax.host_memory import (
+  KEEP_FROM_PIXELS,
+  choose,
+  choose_for_config,
+  expected_platform,
+  keep_host_memory,
+  kept,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -95,7 +102,8 @@ def test_auto_keeps_from_a_number_of_input_pixels_per_step(setting, batch, side,
   assert (batch * side * side >= KEEP_FROM_PIXELS) == (choose("auto", batch, side) == "keep")
 
 
-def test_choose_for_config_reads_the_dataset_image_side_and_names_a_bad_setting():
+def test_choose_for_config_reads_the_dataset_image_side_and_names_a_bad_setting(monkeypatch):
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   c = base_config()  # python train.py: the digits
   assert c.host_memory == "auto" and choose_for_config(c) == "default"
   c.dataset.name = "cifar10"
@@ -113,3 +121,63 @@ def test_choose_for_config_reads_the_dataset_image_side_and_names_a_bad_setting(
 
 def test_a_process_that_did_not_keep_its_memory_says_so():
   assert not kept()  # this test process never called keep_host_memory successfully
+
+
+@pytest.mark.parametrize("platform", ["gpu", "tpu", "metal"])
+def test_auto_never_keeps_where_the_step_runs_on_an_accelerator(platform):
+  """XLA's buffers are in the device's memory there; one arena would only slow the host's loop down."""
+  for batch, side in ((64, 32), (128, 32), (2, 224), (256, 224), (1024, 8)):
+    assert choose("auto", batch, side, platform) == "default"
+  assert choose("keep", 128, 32, platform) == "keep"  # an explicit setting still holds
+  assert choose("auto", 128, 32, "cpu") == "keep"
+
+
+@pytest.mark.parametrize(
+  ("named", "expected"),
+  [("cpu", "cpu"), ("cuda", "gpu"), ("cuda,cpu", "gpu"), ("rocm", "gpu"), ("tpu", "tpu"), ("CPU,cuda", "cpu")],
+)
+def test_jax_platforms_names_the_platform(named, expected):
+  # Whatever is installed: the variable decides.
+  assert expected_platform({"JAX_PLATFORMS": named}, lambda _: True, ["xla_cuda13"], True) == expected
+
+
+def test_a_plugin_counts_only_with_its_driver_device():
+  env = {}
+  nvidia = {"/dev/nvidiactl"}
+  assert expected_platform(env, nvidia.__contains__, ["xla_cuda13"], False) == "gpu"
+  assert expected_platform(env, nvidia.__contains__, ["xla_cuda12", "other"], False) == "gpu"
+  assert expected_platform(env, {"/dev/kfd"}.__contains__, ["xla_rocm7"], False) == "gpu"
+  # jax[cuda13] installed on a machine without a GPU: jax will run on the CPU.
+  assert expected_platform(env, lambda _: False, ["xla_cuda13"], False) == "cpu"
+  # A driver without jax's plugin: jax cannot use the GPU.
+  assert expected_platform(env, nvidia.__contains__, [], False) == "cpu"
+  assert expected_platform(env, {"/dev/accel0"}.__contains__, [], True) == "tpu"
+  assert expected_platform(env, {"/dev/accel0"}.__contains__, [], False) == "cpu"
+
+
+def test_choose_for_config_follows_the_platform(monkeypatch):
+  c = base_config()
+  c.dataset.name = "cifar10"  # batch 128 of 32x32: kept on the CPU
+  assert choose_for_config(c, "cpu") == "keep"
+  assert choose_for_config(c, "gpu") == choose_for_config(c, "tpu") == "default"
+  monkeypatch.setenv("JAX_PLATFORMS", "cuda")
+  assert choose_for_config(c) == "default"
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  assert choose_for_config(c) == "keep"
+
+
+def test_this_machine_is_told_without_starting_jax():
+  """In a fresh process: the answer comes before jax's backend starts, and names the backend jax then
+  starts (the CPU on a machine without an accelerator)."""
+  code = (
+    "from resnet_jax.host_memory import expected_platform, _backend_started\n"
+    "p = expected_platform()\n"
+    "assert not _backend_started()\n"
+    "import jax\n"
+    "print(p, jax.default_backend())\n"
+  )
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+  assert out.returncode == 0, out.stderr
+  told, started = out.stdout.split()
+  assert told == started
