@@ -7,8 +7,9 @@
 #   benchmarks/fetch_gpu_wheels.sh [DIR] [minimal|full]      (default: .whl minimal)
 #
 # minimal: what a CUDA image that already has jax, flax, optax, chex, torch and pytest lacks for train.py
-#          (ml_collections for the configs; grain with array_record and portpicker for the input pipeline):
-#          about 4.5 MB. gpu_check.sh itself needs none of them.
+#          (ml_collections for the configs; grain with array_record and portpicker for the input pipeline;
+#          tensorboardX for the event files; orbax-checkpoint at the version this library needs): about
+#          6 MB. gpu_check.sh itself needs none of them.
 # full:    jax[cuda13] 0.12.0.1 (the newest supported release) with its CUDA libraries, flax, optax, chex,
 #          ml_collections: about 3 GB, for a machine with only Python and the NVIDIA driver.
 set -euo pipefail
@@ -22,7 +23,8 @@ dl() { python3 -m pip download -q --only-binary=:all: --python-version "$PYVER" 
          -d "$DIR" "$@"; }
 case "$SET" in
   minimal)
-    dl --no-deps "ml_collections==1.1.0" "grain==0.2.18" "array_record==0.8.6" "portpicker==1.6.0" ;;
+    dl --no-deps "ml_collections==1.1.0" "grain==0.2.18" "array_record==0.8.6" "portpicker==1.6.0" \
+      "tensorboardX==2.6.5" "orbax-checkpoint==0.12.8" ;;
   full)
     # With dependencies, so that the folder is complete; pip picks one version of each.
     dl "jax[cuda13]==0.12.0.1" "flax==0.12.12" "optax==0.2.8" "chex==0.1.92" "ml_collections==1.1.0" "grain==0.2.18" \

@@ -6,17 +6,20 @@
 #
 # DATA: a CIFAR-10 folder (the pickle release, or train/<class>/*.jpg), or a .tar.gz of one, unpacked to
 # /tmp/cifar10 first. Packages as benchmarks/gpu_check.sh installs them (WHEEL_DIR default .whl/).
-# Environment: OUT_DIR (default $OUT, else /tmp/gpu_cifar), RUNS (default fast,paper), PAPER_STEPS (default
+# Environment: OUT_DIR (default $OUT, else /tmp/gpu_cifar): the results, a few small files; RUNS_DIR (default
+# /tmp/gpu_cifar_runs): the runs' workdirs, checkpoints included; RUNS (default fast,paper), PAPER_STEPS (default
 # 64000), TABLE_DEPTHS (e.g. 20,32,44,56,110: add the table runs), TABLE_STEPS (default 64000),
 # ALLOW_CPU=1 (a dry run without a GPU; combine with PAPER_STEPS=8 and FAST_EPOCHS=0.2).
 # The training batches are augmented on the device (dataset.augment_on=auto): the input pipeline only
-# draws indices and crop offsets. Wall times, accuracies and the GPU's name are in OUT_DIR/*.json.
+# draws indices and crop offsets. Wall times, accuracies and the GPU's name are in OUT_DIR/*.json; a run
+# stopped before its end (a time limit's SIGTERM) has checkpointed: the same command resumes it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DATA="${1:?usage: benchmarks/gpu_cifar.sh DATA [WHEEL_DIR]}"
 PY="${PYTHON:-python3}"
 OUT_DIR="${OUT_DIR:-${OUT:-/tmp/gpu_cifar}}"
-mkdir -p "$OUT_DIR"
+RUNS_DIR="${RUNS_DIR:-/tmp/gpu_cifar_runs}"
+mkdir -p "$OUT_DIR" "$RUNS_DIR"
 export PYTHONUNBUFFERED=1
 status=0
 
@@ -46,19 +49,21 @@ timed() {  # timed NAME COMMAND...: run it, record its wall time in OUT_DIR/NAME
 
 if [[ ",${RUNS:-fast,paper}," == *",fast,"* ]]; then
   timed cifar10_fast $PY train.py --config=configs/cifar10_fast.py --config.dataset.data_dir="$DATA" \
-    --config.num_epochs="${FAST_EPOCHS:-50}" --config.progress_bar=False --workdir="$OUT_DIR/runs/cifar10_fast"
-  $PY experiments/time_to_accuracy.py --workdir "$OUT_DIR/runs/cifar10_fast" --out "$OUT_DIR" \
+    --config.num_epochs="${FAST_EPOCHS:-50}" --config.progress_bar=False --workdir="$RUNS_DIR/cifar10_fast"
+  $PY experiments/time_to_accuracy.py --workdir "$RUNS_DIR/cifar10_fast" --out "$OUT_DIR" \
     --name cifar10_fast_gpu || status=1
 fi
 if [[ ",${RUNS:-fast,paper}," == *",paper,"* ]]; then
   timed cifar10_resnet20 $PY train.py --config=configs/cifar10_resnet20.py --config.dataset.data_dir="$DATA" \
     --config.dataset.holdout=-1 --config.num_train_steps="${PAPER_STEPS:-64000}" --config.progress_bar=False \
-    --workdir="$OUT_DIR/runs/cifar10_resnet20"
-  cp "$OUT_DIR/runs/cifar10_resnet20/summary.json" "$OUT_DIR/cifar10_resnet20_gpu_summary.json" || status=1
+    --workdir="$RUNS_DIR/cifar10_resnet20"
+  # The metrics also of a run stopped early: its evaluations and rate so far.
+  cp "$RUNS_DIR/cifar10_resnet20/metrics.jsonl" "$OUT_DIR/cifar10_resnet20_gpu_metrics.jsonl" || status=1
+  cp "$RUNS_DIR/cifar10_resnet20/summary.json" "$OUT_DIR/cifar10_resnet20_gpu_summary.json" || status=1
 fi
 if [ -n "${TABLE_DEPTHS:-}" ]; then
   timed he_table $PY experiments/he_table.py --data_dir "$DATA" --depths "$TABLE_DEPTHS" \
-    --steps "${TABLE_STEPS:-64000}" --workdir "$OUT_DIR/runs/he_table" --out "$OUT_DIR"
+    --steps "${TABLE_STEPS:-64000}" --workdir "$RUNS_DIR/he_table" --out "$OUT_DIR"
 fi
 echo "== gpu_cifar: $([ $status = 0 ] && echo PASS || echo FAIL)"
 exit $status
