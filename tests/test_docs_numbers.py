@@ -1658,3 +1658,24 @@ def test_the_host_limits_the_h200():
     _assert_in(span, path)
   for path in ("docs/training.md", "resnet_jax/host_memory.py"):
     _assert_in(f"{slower[0]}-{slower[1]}% longer", path)
+
+
+def test_the_epoch_order_makes_the_draws_cheap():
+  """docs/cifar.md and benchmarks/README.md quote the draws and the host-bound loop on the Xeon's CPU with the
+  training order computed a whole epoch at a time, against grain's per-example shuffle (same commands)."""
+  before = _bench_result("cpu_intel_amx_f6m167_train_loop_cifar10_fast.json")
+  after = _bench_result("cpu_intel_amx_f6m167_train_loop_cifar10_fast_epoch_order.json")
+  small = [_bench_result(f"cpu_intel_amx_f6m167_train_loop_residual_mlp_default{s}.json") for s in ("", "_run2")]
+  small_after = _bench_result("cpu_intel_amx_f6m167_train_loop_residual_mlp_default_epoch_order.json")
+  for r in (before, after, *small, small_after):
+    assert r["machine"]["cpu_id"] == "family 6 model 167 stepping 1" and r["host_memory"] == "default"
+  assert (after["steps_timed"], after["augment_on"]) == (before["steps_timed"], before["augment_on"]) == (50, "device")
+  d0, d1 = before["ms_per_step"]["draws"], after["ms_per_step"]["draws"]
+  assert d1 < d0 / 10
+  _assert_in(f"gives draws of {d1:g} ms per step, where the\nper-example shuffle took {d0:g} ms", "docs/cifar.md")
+  _assert_in(f"the draws cost {d1:g} instead of {d0:g} ms per CIFAR batch", "benchmarks/README.md")
+  loops = [r["ms_per_step"]["loop_in_flight_1"] for r in small]
+  new_loop = small_after["ms_per_step"]["loop_in_flight_1"]
+  assert new_loop < min(loops)
+  _assert_in(f"runs at {new_loop:g} instead of {loops[0]:g}/{loops[1]:g} ms per\nstep", "docs/cifar.md")
+  _assert_in(f"the small model's loop runs at\n{new_loop:g} ms per step with `default`", "benchmarks/README.md")
