@@ -19,8 +19,8 @@ Pipelines (grain ``MapDataset``): the training set is shuffled with the run's se
 order each epoch, cut into global batches (the last incomplete batch of an epoch runs into the next
 epoch, so every batch has the same shape), and each batch is loaded and augmented with a
 ``np.random.Generator`` that grain derives from the seed and the batch index. The order is grain's
-``shuffle(seed).repeat().batch()``, computed a whole epoch at a time (:mod:`resnet_jax.index_shuffle`,
-60 times cheaper per CIFAR batch than grain's per-example shuffle, the same indices). The whole order is
+``shuffle(seed).repeat().batch()``, computed a whole epoch at a time (:mod:`resnet_jax.index_shuffle`:
+the same indices, for a small fraction of the host time of grain's per-example shuffle). The whole order is
 therefore a pure function of (seed, step): the iterator state is just the next batch index
 (``iterator.get_state()``), saved with every checkpoint.
 

@@ -1,12 +1,13 @@
-"""The training order, a whole batch at a time: the indices of grain's
+"""The training order, a whole epoch at a time: the batches of grain's
 ``MapDataset.range(n).shuffle(seed).repeat().batch(batch)``, computed with numpy.
 
 grain shuffles one index at a time (``index_shuffle``: a Simon block cipher with cycle walking, keyed per
-epoch by ``(seed + epoch) mod 2**32``), through several Python calls per example: about 1.1 ms of host time
-per batch of 128 on a 2-vCPU Xeon, a large part of the host's share of a small step on a GPU. This module
-computes the same permutation for a whole epoch at once in numpy (:func:`epoch_order`) and slices the
-batches from it (:func:`shuffled_batch`), so that the order is the one every earlier run trained with
-(``tests/test_index_shuffle.py`` compares it with grain's, element by element).
+epoch by ``(seed + epoch) mod 2**32``), through several Python calls per example: a large part of the
+host's share of a small step on a GPU. This module computes the same permutation for a whole epoch at once
+in numpy (:func:`epoch_order`) and slices the batches from it (:func:`shuffled_batch`), so that the order is
+the one every earlier run trained with (``tests/test_index_shuffle.py`` compares it with grain's, element by
+element). The draws of a CIFAR batch of 128 went from 1.72 to 0.072 ms of host time on a 2-vCPU Xeon
+(``benchmarks/train_loop.py``, docs/cifar.md section 5).
 
 The cipher, as grain implements it: block size ``B = max(ceil(log2(max_index)) rounded up to even, 16)``,
 word size ``W = B / 2``; round keys ``std::seed_seq{seed}.generate(rounds)``; per pair of rounds
