@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from typing import NoReturn
 
@@ -79,13 +80,18 @@ def fail(message: str, code: int = EXIT_USER_ERROR) -> NoReturn:
   raise SystemExit(code)
 
 
+# What the reads and writes still in flight after a failed checkpoint operation raise (see below).
+_STRAY_ERRORS = ("Event loop is closed", "cannot schedule new futures after interpreter shutdown")
+
+
 def _drops_closed_loop_errors(previous: Callable) -> Callable:
-  """An unraisable-exception hook that drops ``RuntimeError: Event loop is closed`` and passes every
-  other exception on to ``previous``."""
+  """An unraisable-exception hook, or a thread exception hook (both hooks' arguments have ``exc_value``),
+  that drops the ``RuntimeError`` of :data:`_STRAY_ERRORS` and passes every other exception on to
+  ``previous``."""
 
   def hook(unraisable) -> None:
     value = unraisable.exc_value
-    if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+    if isinstance(value, RuntimeError) and str(value) in _STRAY_ERRORS:
       return
     previous(unraisable)
 
@@ -99,13 +105,17 @@ def silence_stray_async_errors() -> None:
   orbax runs a checkpoint's reads and writes on an event loop of its own and closes it when the first
   one fails. tensorstore then completes the others: their callbacks find the loop closed (``RuntimeError:
   Event loop is closed``, reported through :func:`sys.unraisablehook`), and asyncio logs the errors of
-  their futures when they are collected. orbax's API offers no way to wait for or cancel them, and the
-  failure has been reported once already: this disables the asyncio logger and installs (once) a hook
-  that drops that one RuntimeError, every other unraisable exception still reaching the previous hook.
+  their futures when they are collected. A writer thread still running when the process exits after the
+  reported error fails with ``RuntimeError: cannot schedule new futures after interpreter shutdown``,
+  reported through :func:`threading.excepthook`. orbax's API offers no way to wait for or cancel them, and
+  the failure has been reported once already: this disables the asyncio logger and installs (once) hooks
+  that drop those two RuntimeErrors, every other exception still reaching the previous hooks.
   """
   logging.getLogger("asyncio").disabled = True
   if not hasattr(sys.unraisablehook, "previous"):
     sys.unraisablehook = _drops_closed_loop_errors(sys.unraisablehook)
+  if not hasattr(threading.excepthook, "previous"):
+    threading.excepthook = _drops_closed_loop_errors(threading.excepthook)
 
 
 @contextlib.contextmanager

@@ -132,6 +132,32 @@ def test_silenced_block_removes_its_hook_when_it_ends_without_error(monkeypatch)
   assert sys.unraisablehook is hook and seen == []
 
 
+def test_writer_threads_failing_at_exit_after_a_reported_error_print_nothing(monkeypatch):
+  """A writer thread that outlives a failed write fails at interpreter shutdown ("cannot schedule new
+  futures"): after the failure, the thread hook drops that one error; any other thread error still shows."""
+  import threading
+
+  seen, hook = _recording_hook()
+  monkeypatch.setattr(threading, "excepthook", hook)
+  monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)
+  monkeypatch.setattr(logging.getLogger("asyncio"), "disabled", False)
+
+  def fail(message):
+    t = threading.Thread(target=lambda: (_ for _ in ()).throw(RuntimeError(message)))
+    t.start()
+    t.join()
+
+  fail("cannot schedule new futures after interpreter shutdown")
+  assert len(seen) == 1  # Before any failed checkpoint operation, nothing is dropped.
+  with pytest.raises(OSError), errors.stray_async_errors_silenced():
+    raise OSError(28, "No space left on device")
+  fail("cannot schedule new futures after interpreter shutdown")
+  fail("Event loop is closed")
+  assert len(seen) == 1
+  fail("another error")
+  assert len(seen) == 2 and str(seen[-1].exc_value) == "another error"
+
+
 def test_writer_thread_records_of_a_refused_write_are_dropped_and_other_errors_are_logged(caplog, monkeypatch):
   """A refused write is reported once by Checkpointer.save; orbax's other writer threads may log theirs,
   with tracebacks, after save has returned. Those records are dropped; every other one is logged."""
