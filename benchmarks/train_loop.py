@@ -15,18 +15,31 @@ per step):
   host's time per call), and ``same_batch``: the same loop waited for at its end (the device's time per
   step, where the device is the slower of the two);
 - ``loop_in_flight_K``: next batch, transfer and step, as ``train.py`` runs them, waiting for the step
-  ``K`` steps back before the next (``train.py`` keeps one in flight: K=1).
+  ``K`` steps back before the next (``train.py`` keeps one in flight: K=1);
+- ``train_py``: ``train.py``'s own loop (:func:`resnet_jax.train_loop.train_and_evaluate` on the same
+  setup, in a temporary workdir, over about ``--steps`` steps in log windows of up to 100), its train
+  records' time per step after the first window: the loop above plus what the run adds (its metrics
+  records, the signal check, the bookkeeping), without the evaluation and checkpoint at its end.
 
 Where ``loop_in_flight_1`` is about ``draws + transfer + dispatch``, the host limits the run and the device
-waits; where it is about ``same_batch`` and well above ``dispatch``, the device limits it.
+waits; where it is about ``same_batch`` and well above ``dispatch``, the device limits it. Where
+``train_py`` is well above ``loop_in_flight_1``, the run's own bookkeeping costs the difference.
+
+The config's length and periodic actions are set for the ``train_py`` run (``num_train_steps``, one log
+window per ``--steps``/10 steps, one evaluation and checkpoint at the end, no time budget); the other
+measurements do not depend on them.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
+import math
 import os
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -40,6 +53,24 @@ IN_FLIGHT = (1, 2, 4)
 
 def ms_per_step(seconds: float, steps: int) -> float:
   return round(seconds / steps * 1e3, 3)
+
+
+def train_py_window(steps: int) -> int:
+  """The log window of the ``train_py`` run: about a tenth of the steps timed, at most 100."""
+  return max(1, min(100, steps // 10))
+
+
+def train_py_ms_per_step(config, setup, batch_size: int) -> float:
+  """``train.py``'s loop on ``setup`` (built for ``config``): its time per step from the train records
+  after the first window (that one holds the first call), in a temporary workdir."""
+  from resnet_jax.metrics import read_metrics
+  from resnet_jax.train_loop import train_and_evaluate
+
+  with tempfile.TemporaryDirectory() as workdir, contextlib.redirect_stdout(io.StringIO()):  # its evaluation line
+    train_and_evaluate(config, workdir, log=lambda _: None, setup=setup)
+    train = [r for r in read_metrics(workdir) if r.get("split") == "train"][1:]
+  seconds = sum(config.log_every_steps * batch_size / r["images_per_sec"] for r in train)
+  return ms_per_step(seconds, config.log_every_steps * len(train))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,6 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     config.host_memory = args.host_memory
   if config.dataset.name != "digits" and not config.dataset.get("holdout", 0):
     config.dataset.holdout = -1  # A folder with no test/ split: hold out part of train/ as train.py's users do.
+  window = train_py_window(args.steps)  # The train_py run: its first window, then about --steps steps.
+  config.time_budget_minutes = 0.0
+  config.num_train_steps = window * (1 + math.ceil(args.steps / window))
+  config.log_every_steps = window
+  config.eval_every_steps = config.checkpoint_every_steps = config.num_train_steps
   kept = host_memory.apply(host_memory.choose_for_config(config))  # Before jax starts, as train.py.
 
   import jax
@@ -121,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
   finally:
     if hasattr(it, "close"):
       it.close()
+  ms["train_py"] = train_py_ms_per_step(config, setup, config.batch_size)
 
   result = {
     "machine": machine.describe(),

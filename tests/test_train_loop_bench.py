@@ -42,7 +42,8 @@ def test_times_each_host_part_of_the_step_on_a_folder_augmented_on_the_device(tm
   assert (res["model"], res["dataset"], res["batch"], res["steps_timed"]) == ("resnet20", "cifar10", 4, 3)
   assert res["augment_on"] == "device" and res["machine"]["backend"] == "cpu"
   assert res["host_memory"] in ("keep", "default") and res["compute_dtype"] in ("float32", "bfloat16")
-  parts = ["draws", "transfer", "dispatch", "same_batch", "loop_in_flight_1", "loop_in_flight_2", "loop_in_flight_4"]
+  loops = ["loop_in_flight_1", "loop_in_flight_2", "loop_in_flight_4", "train_py"]
+  parts = ["draws", "transfer", "dispatch", "same_batch", *loops]
   assert list(res["ms_per_step"]) == parts
   assert all(res["ms_per_step"][k] > 0 for k in parts)
   # Waiting for the steps at the end can only add to the time of calling them.
