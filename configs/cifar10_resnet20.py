@@ -13,8 +13,9 @@ test/). Measured on CIFAR-10's training images as JPEGs (quality 75), 5,000 held
 86.10% on the held-out JPEGs after 64,000 iterations (the paper: 91.25% on the test images), in
 11.5 hours of wall time on 2 vCPUs of an AMD EPYC (AVX2 only) shared with other jobs; at the run's
 median 267 images/s the 64k iterations take about 8.5 hours there, and about 4.2 hours on an
-AVX-512 EPYC (546 images/s). docs/cifar.md, section 2: python experiments/he_table.py --data_dir DIR
---depths 20. Other depths:
+AVX-512 EPYC (546 images/s). On one NVIDIA H200 the 64k iterations took 9.0 min, everything included
+(84.84%; docs/cifar.md, section 5: RUNS=paper benchmarks/gpu_cifar.sh DATA). docs/cifar.md, section 2:
+python experiments/he_table.py --data_dir DIR --depths 20. Other depths:
 --config.model.name=resnet32|resnet44|resnet56|resnet110 (the paper warms ResNet-110 up at 0.01 for
 400 iterations: --config.schedule.warmup=400).
 """
