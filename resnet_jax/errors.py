@@ -84,7 +84,7 @@ def fail(message: str, code: int = EXIT_USER_ERROR) -> NoReturn:
 _STRAY_ERRORS = ("Event loop is closed", "cannot schedule new futures after interpreter shutdown")
 
 
-def _drops_closed_loop_errors(previous: Callable) -> Callable:
+def _drops_stray_async_errors(previous: Callable) -> Callable:
   """An unraisable-exception hook, or a thread exception hook (both hooks' arguments have ``exc_value``),
   that drops the ``RuntimeError`` of :data:`_STRAY_ERRORS` and passes every other exception on to
   ``previous``."""
@@ -113,9 +113,9 @@ def silence_stray_async_errors() -> None:
   """
   logging.getLogger("asyncio").disabled = True
   if not hasattr(sys.unraisablehook, "previous"):
-    sys.unraisablehook = _drops_closed_loop_errors(sys.unraisablehook)
+    sys.unraisablehook = _drops_stray_async_errors(sys.unraisablehook)
   if not hasattr(threading.excepthook, "previous"):
-    threading.excepthook = _drops_closed_loop_errors(threading.excepthook)
+    threading.excepthook = _drops_stray_async_errors(threading.excepthook)
 
 
 @contextlib.contextmanager
@@ -127,7 +127,7 @@ def stray_async_errors_silenced() -> Iterator[None]:
   """
   previous = sys.unraisablehook
   if not hasattr(previous, "previous"):
-    sys.unraisablehook = _drops_closed_loop_errors(previous)
+    sys.unraisablehook = _drops_stray_async_errors(previous)
   try:
     yield
   except BaseException:
