@@ -42,7 +42,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.dataset = ml_collections.ConfigDict()  # the data and its input pipeline
   c.dataset.name = "digits"  # digits | cifar10 | cifar100 | image_folder
-  c.dataset.data_dir = ""  # cifar*/image_folder: the local folder (no download)
+  c.dataset.data_dir = ""  # cifar*/image_folder: the local folder (no download), or a tar archive of it
+  c.dataset.unpack_dir = ""  # where a tar archive data_dir is unpacked once ("": ~/.cache/resnet_jax/unpacked)
   c.dataset.image_size = 224  # image_folder: crop size fed to the model
   c.dataset.num_classes = -1  # -1: from the dataset
   c.dataset.test_fraction = 0.2  # digits: fraction held out (stratified, fixed)
@@ -258,6 +259,7 @@ SCHEMA: dict[str, Any] = {
   "dataset": {
     "name": _choice(DATASETS),
     "data_dir": _type(str, "a string (a folder path)"),
+    "unpack_dir": _type(str, "a string (a folder path)"),
     "image_size": _pos_int,
     "num_classes": _pos_int_or_auto,
     "test_fraction": lambda v: _num(0.0, 1.0, lo_open=True)(v) or ("< 1" if v >= 1.0 else None),

@@ -20,6 +20,9 @@ Datasets (``config.dataset.name``):
   with ``.``: ``.ipynb_checkpoints``, macOS ``._*`` files) are skipped. What was skipped is reported in
   one line.
 
+For these three ``data_dir`` may also be a tar archive of the folder (CIFAR's ``cifar-10-python.tar.gz``
+as published, say), unpacked once into ``config.dataset.unpack_dir`` (:mod:`resnet_jax.archives`).
+
 Held-out validation split (``config.dataset.holdout``, every dataset): a fraction in (0, 1) or a count
 of the training images becomes the evaluation split instead of ``test`` (which is then not read), per
 class in proportion to its size (:func:`holdout_mask`: the class quotas by largest remainder, and in
@@ -40,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from resnet_jax import archives
 from resnet_jax.augment import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, IMAGENET_MEAN, IMAGENET_STD
 from resnet_jax.errors import DataError
 
@@ -117,7 +121,8 @@ def _cifar_folder(data_dir: str, name: str) -> str:
   where = os.path.abspath(data_dir) if data_dir else "(config.dataset.data_dir is empty)"
   raise DataError(
     f"{name} not found in {where}: expected {layout.replace('DATA_DIR', data_dir or 'DATA_DIR')}; "
-    f"set --config.dataset.data_dir to the folder that holds it (no download is attempted)"
+    f"set --config.dataset.data_dir to the folder that holds it, or to the release's .tar.gz itself (no "
+    f"download is attempted)"
   )
 
 
@@ -559,6 +564,11 @@ def load_splits(cfg: Any, holdout: float, log: Callable[[str], None]) -> Splits:
       False,
       max(holdout, 0.0),
     )
+  if name in ("cifar10", "cifar100", "image_folder"):
+    folder = archives.data_folder(cfg.data_dir, cfg.get("unpack_dir", ""), log)
+    if folder != cfg.data_dir:  # A tar archive, unpacked: read the folder it holds.
+      cfg = cfg.copy_and_resolve_references()
+      cfg.data_dir = folder
   if name in ("cifar10", "cifar100"):
     return _cifar_splits(cfg, holdout, log)
   if name == "image_folder":

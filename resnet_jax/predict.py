@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from resnet_jax import augment, datasets
+from resnet_jax import archives, augment, datasets
 from resnet_jax.errors import ConfigError, DataError, parse_args, run_cli
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -136,8 +136,9 @@ def expand_paths(items: Sequence[str]) -> list[str]:
 def _run_class_names(config, num_classes: int) -> list[str]:
   ds = config.dataset
   names = None
-  if ds.name == "image_folder" and os.path.isdir(os.path.join(ds.data_dir, "train")):
-    names = sorted(e.name for e in os.scandir(os.path.join(ds.data_dir, "train")) if e.is_dir())
+  folder = archives.data_folder(ds.data_dir, ds.get("unpack_dir", ""), log=lambda _: None) if ds.data_dir else ""
+  if ds.name == "image_folder" and os.path.isdir(os.path.join(folder, "train")):
+    names = sorted(e.name for e in os.scandir(os.path.join(folder, "train")) if e.is_dir())
   elif ds.name == "cifar10":
     names = list(CIFAR10_CLASSES)
   elif ds.name == "digits":
