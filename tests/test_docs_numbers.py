@@ -1516,6 +1516,16 @@ def test_input_pipeline_on_the_amx_xeon():
   _assert_in("the step is the limit, by 30 times or more", doc)
 
 
+def _on_the_h200(machine: dict) -> bool:
+  """Whether a results file's ``machine`` is the H200 of docs/cifar.md section 5 (its host, its jax)."""
+  got = (machine["backend"], machine["device"], machine["jax"], machine["cpu_id"])
+  return got == ("gpu", "1 x NVIDIA H200", "0.11.2", "family 6 model 207 stepping 2")
+
+
+def _jsonl(path: str) -> list[dict]:
+  return [json.loads(line) for line in _text(path).splitlines()]
+
+
 def _h200_loop():
   """benchmarks/results/h200_train_loop_cifar10_fast.txt: the loop's parts on the H200, ms per step."""
   text = _text("benchmarks/results/h200_train_loop_cifar10_fast.txt")
@@ -1539,12 +1549,7 @@ def test_the_fast_recipe_on_the_h200():
   50-epoch run on the AVX-512 EPYC."""
   run = _load("cifar/cifar10_fast_h200.json")
   m = run["machine_details"]
-  assert (m["backend"], m["device"], m["jax"], m["cpu_id"]) == (
-    "gpu",
-    "1 x NVIDIA H200",
-    "0.11.2",
-    "family 6 model 207 stepping 2",
-  )
+  assert _on_the_h200(m)
   assert (run["model"], run["dtype"], run["steps"], run["epochs"]) == ("resnet20", "bfloat16", 17550, 50.0)
   b, doc = run["time_budget"], "docs/cifar.md"
   assert b["steps"] == b["config_steps"] == 17550
@@ -1576,10 +1581,7 @@ def test_the_fast_recipe_on_the_h200():
 def test_the_paper_recipe_on_the_h200():
   """docs/cifar.md and benchmarks/README.md quote the first 13,299 iterations of the paper's recipe on the
   first H200 (with host_memory=keep) from their metrics."""
-  rows = [
-    json.loads(line)
-    for line in _text("benchmarks/results/h200_cifar10_resnet20_first_13299_steps_metrics.jsonl").splitlines()
-  ]
+  rows = _jsonl("benchmarks/results/h200_cifar10_resnet20_first_13299_steps_metrics.jsonl")
   evals = [r for r in rows if r.get("split") == "test"]
   train = [r for r in rows if r.get("split") == "train"]
   last = train[-1]["step"]
@@ -1602,18 +1604,13 @@ def test_the_paper_recipe_in_full_on_the_h200():
   """docs/cifar.md, the README and benchmarks/README.md quote the full 64,000-iteration run of the paper's
   recipe on the second H200 from its metrics, its log and its time_to_accuracy.py JSON, against the same
   recipe on the CPU (he_table.json) and the first H200's partial run."""
-  rows = [json.loads(line) for line in _text("benchmarks/results/h200_cifar10_resnet20_64k_metrics.jsonl").splitlines()]
+  rows = _jsonl("benchmarks/results/h200_cifar10_resnet20_64k_metrics.jsonl")
   evals = [r for r in rows if r.get("split") == "test"]
   train = [r for r in rows if r.get("split") == "train"]
   assert [r["step"] for r in evals] == list(range(2000, 64001, 2000)) and train[-1]["step"] == 64000
   run = _load("cifar/cifar10_resnet20_h200.json")
   m = run["machine_details"]
-  assert (m["backend"], m["device"], m["jax"], m["cpu_id"]) == (
-    "gpu",
-    "1 x NVIDIA H200",
-    "0.11.2",
-    "family 6 model 207 stepping 2",
-  )
+  assert _on_the_h200(m)
   assert (run["model"], run["dtype"], run["steps"], run["eval_split"]) == (
     "resnet20",
     "float32",
@@ -1638,10 +1635,7 @@ def test_the_paper_recipe_in_full_on_the_h200():
   _assert_in(f"between the evaluations at {resumed - 2000:,} and {resumed:,} iterations, cost about 30 s of it", doc)
   _assert_in(f"took {min(others):.1f}-{max(others):.1f} s", doc)
   median = statistics.median(r["images_per_sec"] for r in train)
-  old = [
-    json.loads(line)
-    for line in _text("benchmarks/results/h200_cifar10_resnet20_first_13299_steps_metrics.jsonl").splitlines()
-  ]
+  old = _jsonl("benchmarks/results/h200_cifar10_resnet20_first_13299_steps_metrics.jsonl")
   old_median = statistics.median(r["images_per_sec"] for r in old if r.get("split") == "train")
   _assert_in(f"training loop took {loop_s:.1f} s; the median log window ran at {median:,.0f} images/s "
              f"({128 / median * 1000:.2f} ms per iteration),\nwhere the first run, with `host_memory=keep`, ran at "
@@ -1701,13 +1695,7 @@ def test_the_host_limits_the_h200():
       ("cifar10_resnet20", "float32", "keep"),
     ),
   ):
-    m = r["machine"]
-    assert (m["backend"], m["device"], m["jax"], m["cpu_id"]) == (
-      "gpu",
-      "1 x NVIDIA H200",
-      "0.11.2",
-      "family 6 model 207 stepping 2",
-    )
+    assert _on_the_h200(r["machine"])
     assert (r["config"], r["compute_dtype"], r["host_memory"]) == (f"configs/{config}.py", dtype, memory)
     assert (r["augment_on"], r["steps_timed"], r["batch"]) == ("device", 500, 128)
   columns = [ms] + [r["ms_per_step"] for r in second]
