@@ -60,7 +60,7 @@ def train_py_window(steps: int) -> int:
   return max(1, min(100, steps // 10))
 
 
-def train_py_ms_per_step(config, setup, batch_size: int) -> float:
+def train_py_ms_per_step(config, setup) -> float:
   """``train.py``'s loop on ``setup`` (built for ``config``): its time per step from the train records
   after the first window (that one holds the first call), in a temporary workdir."""
   from resnet_jax.metrics import read_metrics
@@ -69,7 +69,7 @@ def train_py_ms_per_step(config, setup, batch_size: int) -> float:
   with tempfile.TemporaryDirectory() as workdir, contextlib.redirect_stdout(io.StringIO()):  # its evaluation line
     train_and_evaluate(config, workdir, log=lambda _: None, setup=setup)
     train = [r for r in read_metrics(workdir) if r.get("split") == "train"][1:]
-  seconds = sum(config.log_every_steps * batch_size / r["images_per_sec"] for r in train)
+  seconds = sum(config.log_every_steps * config.batch_size / r["images_per_sec"] for r in train)
   return ms_per_step(seconds, config.log_every_steps * len(train))
 
 
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
   finally:
     if hasattr(it, "close"):
       it.close()
-  ms["train_py"] = train_py_ms_per_step(config, setup, config.batch_size)
+  ms["train_py"] = train_py_ms_per_step(config, setup)
 
   result = {
     "machine": machine.describe(),

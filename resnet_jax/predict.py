@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from resnet_jax import archives, augment, datasets
+from resnet_jax import augment, datasets
 from resnet_jax.errors import ConfigError, DataError, parse_args, run_cli
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -133,16 +133,28 @@ def expand_paths(items: Sequence[str]) -> list[str]:
   return paths
 
 
-def _run_class_names(config, num_classes: int) -> list[str]:
+def _recorded_classes(workdir: str) -> list[str] | None:
+  """``WORKDIR/data.json``'s class names (written by the run for an image folder), or ``None``."""
+  try:
+    with open(os.path.join(workdir, "data.json")) as f:
+      classes = json.load(f).get("classes")
+  except (OSError, ValueError, AttributeError):
+    return None
+  return [str(c) for c in classes] if isinstance(classes, list) else None
+
+
+def _run_class_names(config, num_classes: int, workdir: str) -> list[str]:
+  """The run's class names: those its ``data.json`` recorded (an image folder's, even where the data has
+  moved or was a tar archive), else the data folder's, CIFAR-10's or the digits', else ``class i``."""
   ds = config.dataset
-  names = None
-  folder = archives.data_folder(ds.data_dir, ds.get("unpack_dir", ""), log=lambda _: None) if ds.data_dir else ""
-  if ds.name == "image_folder" and os.path.isdir(os.path.join(folder, "train")):
-    names = sorted(e.name for e in os.scandir(os.path.join(folder, "train")) if e.is_dir())
-  elif ds.name == "cifar10":
-    names = list(CIFAR10_CLASSES)
-  elif ds.name == "digits":
-    names = [str(i) for i in range(10)]
+  names = _recorded_classes(workdir)
+  if names is None:
+    if ds.name == "image_folder" and os.path.isdir(os.path.join(ds.data_dir, "train")):
+      names = sorted(e.name for e in os.scandir(os.path.join(ds.data_dir, "train")) if e.is_dir())
+    elif ds.name == "cifar10":
+      names = list(CIFAR10_CLASSES)
+    elif ds.name == "digits":
+      names = [str(i) for i in range(10)]
   names = list(names or [])
   return names[:num_classes] + [f"class {i}" for i in range(len(names), num_classes)]
 
@@ -216,7 +228,7 @@ def load_predictor(
     if image_size:
       prep.size = int(image_size)
     num_classes = net.num_classes
-    names = _run_class_names(config, num_classes)
+    names = _run_class_names(config, num_classes, workdir)
   else:
     if not model:
       raise ConfigError("a weights file needs its model name (--model=NAME, e.g. resnet50)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -13,11 +14,12 @@ import threading
 import numpy as np
 import pytest
 
-from resnet_jax import archives, data
+from resnet_jax import archives, data, predict, train_loop
 from resnet_jax.errors import DataError
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_data import dataset_config, write_cifar, write_image_folder  # noqa: E402
+from test_train import tiny_config  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -192,3 +194,19 @@ def test_train_py_reports_a_damaged_archive_in_one_line(tmp_path):
   lines = [line for line in p.stderr.splitlines() if line.startswith("error:")]
   assert len(lines) == 1 and "cannot unpack" in lines[0] and "cifar.tar.gz" in lines[0], p.stderr
   assert "Traceback" not in p.stderr
+
+
+def test_a_run_trained_from_an_archive_names_its_classes_when_the_data_is_gone(tmp_path):
+  folder = write_image_folder(str(tmp_path / "folder"), classes=("ant", "bee", "cat"), size=(16, 16))
+  archive = pack(folder, str(tmp_path / "insects.tar.gz"))
+  unpack = str(tmp_path / "u")
+  overrides = {
+    "dataset.name": "image_folder", "dataset.data_dir": archive, "dataset.unpack_dir": unpack,
+    "dataset.image_size": 16, "dataset.augment": "none", "num_train_steps": 2, "batch_size": 3,
+    "eval_batch_size": 3, "dataset.max_train_examples": -1, "dataset.max_test_examples": -1,
+  }  # fmt: skip
+  workdir = str(tmp_path / "run")
+  train_loop.train_and_evaluate(tiny_config("resnet20", **overrides), workdir, log=lambda *_: None)
+  os.remove(archive)
+  shutil.rmtree(unpack)
+  assert predict.load_predictor(workdir=workdir).class_names == ["ant", "bee", "cat"]
