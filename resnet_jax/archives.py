@@ -83,7 +83,11 @@ def unpacked(archive: str, unpack_dir: str = "", log: Callable[[str], None] = pr
     try:
       os.rename(scratch, target)
     except OSError:
-      if not os.path.isfile(os.path.join(target, COMPLETE)):  # Not another process's complete copy.
+      if os.path.isfile(os.path.join(target, COMPLETE)):  # Another process's complete copy: use that one.
+        pass
+      elif not os.path.exists(target):  # Not a clash: the system's error, with its path.
+        raise
+      else:
         raise DataError(
           f"cannot unpack {archive} into {target}: that folder exists and is not a complete unpacking "
           f"(no {COMPLETE} file); remove it, or set config.dataset.unpack_dir to another folder"
