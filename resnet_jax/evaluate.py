@@ -42,16 +42,33 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   return config
 
 
-def _use_recorded_normalization(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Set ``config.dataset.mean / std`` to those of ``WORKDIR/data.json``, where the run recorded them."""
+def recorded_data(workdir: str) -> dict | None:
+  """What the run recorded about its data (``WORKDIR/data.json``: its normalisation, an image folder's class
+  names, the held-out images), or ``None`` for a run of an earlier version that wrote none; a file that
+  cannot be read as a JSON object is a :class:`CheckpointError` naming it."""
   path = os.path.join(workdir, "data.json")
   if not os.path.isfile(path):
-    return  # A run of an earlier version: the config gives the same normalisation.
+    return None
   try:
     with open(path) as f:
-      norm = json.load(f)["normalization"]
+      info = json.load(f)
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+  if not isinstance(info, dict):
+    raise CheckpointError(f"cannot read {path}: it holds a JSON {type(info).__name__}, expected an object")
+  return info
+
+
+def _use_recorded_normalization(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Set ``config.dataset.mean / std`` to those of ``WORKDIR/data.json``, where the run recorded them."""
+  info = recorded_data(workdir)
+  if info is None:
+    return  # A run of an earlier version: the config gives the same normalisation.
+  path = os.path.join(workdir, "data.json")
+  try:
+    norm = info["normalization"]
     mean, std = tuple(float(v) for v in norm["mean"]), tuple(float(v) for v in norm["std"])
-  except (OSError, ValueError, KeyError, TypeError) as e:
+  except (ValueError, KeyError, TypeError) as e:
     raise CheckpointError(f"cannot read the normalisation recorded in {path}: {type(e).__name__}: {e}") from None
   config.dataset.mean, config.dataset.std = mean, std
 

@@ -135,11 +135,9 @@ def expand_paths(items: Sequence[str]) -> list[str]:
 
 def _recorded_classes(workdir: str) -> list[str] | None:
   """``WORKDIR/data.json``'s class names (written by the run for an image folder), or ``None``."""
-  try:
-    with open(os.path.join(workdir, "data.json")) as f:
-      classes = json.load(f).get("classes")
-  except (OSError, ValueError, AttributeError):
-    return None
+  from resnet_jax.evaluate import recorded_data
+
+  classes = (recorded_data(workdir) or {}).get("classes")
   return [str(c) for c in classes] if isinstance(classes, list) else None
 
 
