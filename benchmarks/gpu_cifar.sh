@@ -9,7 +9,10 @@
 # Environment: OUT_DIR (default $OUT, else /tmp/gpu_cifar): the results, a few small files; RUNS_DIR (default
 # /tmp/gpu_cifar_runs): the runs' workdirs, checkpoints included; RUNS (default fast,paper), PAPER_STEPS (default
 # 64000), TABLE_DEPTHS (e.g. 20,32,44,56,110: add the table runs), TABLE_STEPS (default 64000),
-# ALLOW_CPU=1 (a dry run without a GPU; combine with PAPER_STEPS=8 and FAST_EPOCHS=0.2).
+# ALLOW_CPU=1 (a dry run without a GPU; combine with PAPER_STEPS=8 and FAST_EPOCHS=0.2), STEPS_PER_CALL
+# (config.steps_per_call of the train.py runs, default 1). RUNS=calls (first, a few minutes): the paper
+# recipe's loop and train.py's own, one and ten steps per call (CALLS, default "1 10"; CALL_STEPS steps
+# each, default 500), by benchmarks/train_loop.py into OUT_DIR/train_loop_cifar10_resnet20_calls_of_K.json.
 # The training batches are augmented on the device (dataset.augment_on=auto): the input pipeline only
 # draws indices and crop offsets. Wall times, accuracies and the GPU's name are in OUT_DIR/*.json; a run
 # stopped before its end (a time limit's SIGTERM) has checkpointed: the same command resumes it.
@@ -47,16 +50,23 @@ timed() {  # timed NAME COMMAND...: run it, record its wall time in OUT_DIR/NAME
   echo "== $name: $(cat "$OUT_DIR/$name.time") s wall"
 }
 
+if [[ ",${RUNS:-fast,paper}," == *",calls,"* ]]; then
+  for k in ${CALLS:-1 10}; do
+    $PY benchmarks/train_loop.py --config configs/cifar10_resnet20.py --data_dir "$DATA" --steps "${CALL_STEPS:-500}" \
+      --steps_per_call "$k" --json "$OUT_DIR/train_loop_cifar10_resnet20_calls_of_$k.json" || status=1
+  done
+fi
 if [[ ",${RUNS:-fast,paper}," == *",fast,"* ]]; then
   timed cifar10_fast $PY train.py --config=configs/cifar10_fast.py --config.dataset.data_dir="$DATA" \
-    --config.num_epochs="${FAST_EPOCHS:-50}" --config.progress_bar=False --workdir="$RUNS_DIR/cifar10_fast"
+    --config.num_epochs="${FAST_EPOCHS:-50}" --config.progress_bar=False --config.steps_per_call="${STEPS_PER_CALL:-1}" \
+    --workdir="$RUNS_DIR/cifar10_fast"
   $PY experiments/time_to_accuracy.py --workdir "$RUNS_DIR/cifar10_fast" --out "$OUT_DIR" \
     --name cifar10_fast_gpu || status=1
 fi
 if [[ ",${RUNS:-fast,paper}," == *",paper,"* ]]; then
   timed cifar10_resnet20 $PY train.py --config=configs/cifar10_resnet20.py --config.dataset.data_dir="$DATA" \
     --config.dataset.holdout=-1 --config.num_train_steps="${PAPER_STEPS:-64000}" --config.progress_bar=False \
-    --workdir="$RUNS_DIR/cifar10_resnet20"
+    --config.steps_per_call="${STEPS_PER_CALL:-1}" --workdir="$RUNS_DIR/cifar10_resnet20"
   # The metrics also of a run stopped early: its evaluations and rate so far.
   cp "$RUNS_DIR/cifar10_resnet20/metrics.jsonl" "$OUT_DIR/cifar10_resnet20_gpu_metrics.jsonl" || status=1
   cp "$RUNS_DIR/cifar10_resnet20/summary.json" "$OUT_DIR/cifar10_resnet20_gpu_summary.json" || status=1

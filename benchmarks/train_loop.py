@@ -19,7 +19,9 @@ per step):
 - ``train_py``: ``train.py``'s own loop (:func:`resnet_jax.train_loop.train_and_evaluate` on the same
   setup, in a temporary workdir, over about ``--steps`` steps in log windows of up to 100), its train
   records' time per step after the first window: the loop above plus what the run adds (its metrics
-  records, the signal check, the bookkeeping), without the evaluation and checkpoint at its end.
+  records, the signal check, the bookkeeping), without the evaluation and checkpoint at its end. With
+  ``--steps_per_call K`` that run calls up to K steps at a time (``config.steps_per_call``); the loop above
+  always calls one.
 
 Where ``loop_in_flight_1`` is about ``draws + transfer + dispatch``, the host limits the run and the device
 waits; where it is about ``same_batch`` and well above ``dispatch``, the device limits it. Where
@@ -80,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--augment_on", default=None, choices=("auto", "host", "device"), help="config.dataset.augment_on")
   p.add_argument("--host-memory", default=None, choices=host_memory.HOST_MEMORY, help="config.host_memory")
   p.add_argument("--batch_size", type=int, default=None, help="config.batch_size")
+  p.add_argument("--steps_per_call", type=int, default=None, help="config.steps_per_call (of the train_py run)")
   p.add_argument("--steps", type=int, default=1000, help="steps timed per measurement")
   p.add_argument("--json", dest="json_out", default=None)
   args = p.parse_args(argv)
@@ -96,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     config.batch_size = args.batch_size
   if args.host_memory is not None:
     config.host_memory = args.host_memory
+  if args.steps_per_call is not None:
+    config.steps_per_call = args.steps_per_call
   if config.dataset.name != "digits" and not config.dataset.get("holdout", 0):
     config.dataset.holdout = -1  # A folder with no test/ split: hold out part of train/ as train.py's users do.
   window = train_py_window(args.steps)  # The train_py run: its first window, then about --steps steps.
@@ -168,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     "compute_dtype": setup.compute_dtype,
     "augment_on": setup.augment_on,
     "host_memory": "keep" if kept else "default",
+    "steps_per_call": int(config.steps_per_call),
     "steps_timed": n,
     "setup_s": round(setup_s, 2),
     "compile_and_first_step_s": round(compile_s, 2),

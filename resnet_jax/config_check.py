@@ -118,6 +118,9 @@ def base_config() -> ml_collections.ConfigDict:
   # included: measured before step 0, the steps that fit (at most the config's), the schedule shortened
   # in proportion, the choice recorded in WORKDIR/time_budget.json and kept on resume (resnet_jax.time_budget)
   c.time_budget_margin = 0.03  # the fraction of the budget left unplanned (0 to 0.5), for the machine's speed to vary
+  c.steps_per_call = 1  # k > 1: up to k training steps in one compiled call (a loop on the device),
+  # for steps so short that the host's work per call limits them; calls end at every record, evaluation
+  # and checkpoint, so the run's results and outputs are those of one step per call (resnet_jax.run_setup.repeat_step)
   c.log_every_steps = 20  # a train record (metrics.jsonl, TensorBoard) every N steps
   c.log_grad_norms = False  # train records: "grad_norm/<module>", the window's mean L2 norm of
   # the gradient of each top-level module (stem, each block, head)
@@ -321,6 +324,7 @@ SCHEMA: dict[str, Any] = {
   "time_budget_minutes": _num(0.0),
   "time_budget_margin": _num(0.0, 0.5),
   "log_every_steps": _pos_int,
+  "steps_per_call": _pos_int,
   "eval_every_steps": _pos_int_or_auto,
   "checkpoint_every_steps": _pos_int_or_auto,
   "keep_checkpoints": _pos_int,

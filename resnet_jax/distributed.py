@@ -172,11 +172,21 @@ class DataParallel:
     self.devices = list(devices if devices is not None else jax.devices())
     self.mesh = Mesh(np.asarray(self.devices), ("batch",))
     self.batch = NamedSharding(self.mesh, P("batch"))
+    self.stacked = NamedSharding(self.mesh, P(None, "batch"))  # several batches, one per step of a call
     self.replicated = NamedSharding(self.mesh, P())
 
   def put_batch(self, batch: dict) -> dict:
     """This process's slice of a global batch -> a global ``jax.Array`` sharded over ``"batch"``."""
     return {k: jax.make_array_from_process_local_data(self.batch, np.asarray(v)) for k, v in batch.items()}
+
+  def put_batches(self, batches: list[dict], length: int) -> dict:
+    """This process's slices of several global batches, stacked -> global ``jax.Array`` of ``length``
+    batches, axis 1 sharded over ``"batch"``; fewer than ``length`` are padded with the last (not to be used)."""
+    padded = list(batches) + [batches[-1]] * (length - len(batches))
+    return {
+      k: jax.make_array_from_process_local_data(self.stacked, np.stack([np.asarray(b[k]) for b in padded]))
+      for k in batches[0]
+    }
 
   def replicate(self, tree: Any) -> Any:
     return jax.device_put(tree, self.replicated)
@@ -186,12 +196,13 @@ class DataParallel:
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, self.replicated, lambda index: x[index])
 
-  def jit_train_step(self, step: Callable, replicated_args: int = 0) -> Callable:
+  def jit_train_step(self, step: Callable, replicated_args: int = 0, stacked: bool = False) -> Callable:
     """``step(state, batch, *more)`` jitted: the state replicated and donated, the batch sharded, and
-    ``replicated_args`` more arguments replicated (the training images of augmentation on the device)."""
+    ``replicated_args`` more arguments replicated (the training images of augmentation on the device).
+    ``stacked``: ``batch`` holds several batches (:meth:`put_batches`)."""
     return jax.jit(
       step,
-      in_shardings=(self.replicated, self.batch) + (self.replicated,) * replicated_args,
+      in_shardings=(self.replicated, self.stacked if stacked else self.batch) + (self.replicated,) * replicated_args,
       out_shardings=(self.replicated, self.replicated),
       donate_argnums=(0,),
     )

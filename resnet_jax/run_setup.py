@@ -11,6 +11,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from resnet_jax import data as data_lib
@@ -96,6 +97,7 @@ def build_train_step(
   num_classes: int,
   dp: DataParallel,
   on_device: tuple[jax.Array, Callable] | None = None,
+  steps_per_call: int = 1,
 ) -> Callable:
   """The jitted training step ``(state, batch) -> (state, metrics)`` of a run of ``config`` on the mesh
   ``dp``: what :class:`Setup` trains with and ``benchmarks/bench.py`` times
@@ -104,6 +106,9 @@ def build_train_step(
   ``on_device``: ``(images, make_batch)`` for augmentation on the device: the step then takes the
   draws of :meth:`resnet_jax.data.Dataset.train_draws` instead of a batch, and makes the batch with
   ``make_batch(images, draws)`` (:func:`resnet_jax.device_augment.make_batch`) inside the same program.
+
+  ``steps_per_call`` > 1: ``(state, batches, count) -> (state, metrics)`` instead, the step run ``count``
+  times in one program (:func:`repeat_step`; ``batches`` from :meth:`DataParallel.put_batches`).
   """
   step = make_train_step(
     num_classes,
@@ -111,15 +116,42 @@ def build_train_step(
     skip_nonfinite=True,
     grad_norms=bool(config.get("log_grad_norms", False)),
   )
-  if on_device is None:
-    return dp.jit_train_step(step)
-  images, make_batch = on_device
+  more = ()
+  if on_device is not None:
+    images, make_batch = on_device
+    train_step = step
 
-  def step_from_draws(state: TrainState, draws: dict, images: jax.Array):
-    return step(state, make_batch(images, draws))
+    def step_from_draws(state: TrainState, draws: dict, images: jax.Array):
+      return train_step(state, make_batch(images, draws))
 
-  jitted = dp.jit_train_step(step_from_draws, replicated_args=1)
-  return lambda state, draws: jitted(state, draws, images)
+    step, more = step_from_draws, (images,)
+  if steps_per_call > 1:
+    jitted = dp.jit_train_step(repeat_step(step, steps_per_call), replicated_args=1 + len(more), stacked=True)
+    return lambda state, batches, count: jitted(state, batches, np.int32(count), *more)
+  jitted = dp.jit_train_step(step, replicated_args=len(more))
+  return (lambda state, draws: jitted(state, draws, *more)) if more else jitted
+
+
+def repeat_step(step: Callable, length: int) -> Callable:
+  """``steps(state, batches, count, *more) -> (state, metrics)``: ``step(state, batch, *more)`` applied to
+  ``batches[0]``, ..., ``batches[count - 1]`` in turn, in one program (one call from the host for ``count``
+  steps). ``batches``: ``length`` batches stacked on a new leading axis, ``count`` at most ``length`` (the
+  rest are not used). ``metrics``: each metric of ``step`` with a leading axis of ``length``, the first
+  ``count`` entries those of the steps, the rest zero."""
+
+  def steps(state: TrainState, batches: dict, count: jax.Array, *more):
+    def one(i, carry):
+      state, out = carry
+      batch = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), batches)
+      state, metrics = step(state, batch, *more)
+      return state, jax.tree.map(lambda o, m: o.at[i].set(m), out, metrics)
+
+    first = jax.tree.map(lambda x: x[0], batches)
+    shapes = jax.eval_shape(lambda s, b: step(s, b, *more)[1], state, first)
+    out = jax.tree.map(lambda s: jnp.zeros((length, *s.shape), s.dtype), shapes)
+    return jax.lax.fori_loop(0, count, one, (state, out))
+
+  return steps
 
 
 def augment_on(setting: str, ds: data_lib.Dataset, platform: str) -> str:
@@ -193,6 +225,12 @@ class Setup:
       ds = self.data
       on_device = (images, device_augment.make_batch(ds.crop_padding_used, ds.mean, ds.std, ds.cutout))
     self.train_step = build_train_step(config, self.data.num_classes, self.dp, on_device)
+    self.steps_per_call = int(config.get("steps_per_call", 1))
+    self.train_steps = (
+      build_train_step(config, self.data.num_classes, self.dp, on_device, self.steps_per_call)
+      if self.steps_per_call > 1
+      else None
+    )
     translate = int(config.get("eval_translate", 0))
     if translate >= min(self.data.image_shape[:2]):
       raise ConfigError(
@@ -240,6 +278,19 @@ class Setup:
         on_device=self.augment_on == "device",
       )
     )
+
+  def train_call(self, state: TrainState, host_batches: list[dict]) -> tuple[TrainState, dict]:
+    """Train on ``host_batches`` (from :meth:`train_iterator`; one, or up to ``config.steps_per_call``)
+    in one program call: ``(state, metrics)``. With ``config.steps_per_call`` = 1, one batch and the
+    step's metrics; above, the steps' metrics stacked on a leading axis of ``config.steps_per_call``,
+    the first ``len(host_batches)`` entries filled (:func:`repeat_step`)."""
+    if self.train_steps is None:
+      if len(host_batches) != 1:
+        raise ValueError(f"train_call: {len(host_batches)} batches with config.steps_per_call = 1; expected 1")
+      return self.train_step(state, self.dp.put_batch(host_batches[0]))
+    if not 1 <= len(host_batches) <= self.steps_per_call:
+      raise ValueError(f"train_call: {len(host_batches)} batches; expected 1 to {self.steps_per_call}")
+    return self.train_steps(state, self.dp.put_batches(host_batches, self.steps_per_call), len(host_batches))
 
   def evaluate(self, state: TrainState) -> dict[str, float]:
     return evaluate_state(

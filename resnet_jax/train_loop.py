@@ -235,7 +235,7 @@ def _train(
   """
   from tqdm import tqdm
 
-  window = _Window(config.batch_size)
+  window = _Window(config.batch_size, stacked=setup.steps_per_call > 1)
   with tqdm(
     total=setup.total_steps,
     initial=run.start_step,
@@ -244,13 +244,16 @@ def _train(
     disable=not (config.progress_bar and jax.process_index() == 0),
     desc=f"{config.model.name} on {config.dataset.name}",
   ) as bar:
-    for step in range(run.start_step + 1, setup.total_steps + 1):
+    step = run.start_step
+    while step < setup.total_steps:
+      count = _call_length(config, setup, step, stop_at_step)
       t0 = time.perf_counter()
-      run.state, metrics = setup.train_step(run.state, setup.dp.put_batch(next(train_iter)))
-      stopping = agree_on_signal(signals)  # In every process at every step: it is a collective.
+      run.state, metrics = setup.train_call(run.state, [next(train_iter) for _ in range(count)])
+      step += count  # Steps before it in this call have no periodic action (_call_length).
+      stopping = agree_on_signal(signals)  # In every process at every call: it is a collective.
       halt = step == stop_at_step or stopping is not None  # This step is the last one.
-      window.add(step, metrics)
-      bar.update(1)
+      window.add(step - count + 1, count, metrics)
+      bar.update(count)
       last = step == setup.total_steps
       evaluate, save = due(step, setup.eval_every, last), due(step, setup.checkpoint_every, last or halt)
       # Log at every evaluation and checkpoint too, so that a resumed run logs the same windows.
@@ -274,18 +277,34 @@ def _train(
   return None
 
 
+def _call_length(config: ml_collections.ConfigDict, setup: Setup, step: int, stop_at_step: int | None) -> int:
+  """How many steps the call after ``step`` trains: ``config.steps_per_call``, or fewer so that the call
+  ends at the next step with a train record, an evaluation or a checkpoint, at ``stop_at_step`` or at the
+  last step. A run's records, evaluations and checkpoints are then those of one step per call."""
+  if setup.steps_per_call == 1:
+    return 1
+  ends = [setup.total_steps] + [
+    (step // every + 1) * every for every in (config.log_every_steps, setup.eval_every, setup.checkpoint_every)
+  ]
+  if stop_at_step is not None and stop_at_step > step:
+    ends.append(stop_at_step)
+  return min(setup.steps_per_call, min(ends) - step)
+
+
 class _Window:
   """The steps since the last train record: their metrics (on the devices until the record) and time."""
 
-  def __init__(self, batch_size: int):
+  def __init__(self, batch_size: int, stacked: bool = False):
     self.batch_size = batch_size
-    self.pending: list[tuple[int, dict]] = []
+    self.stacked = stacked  # Each call's metrics are its steps' stacked (config.steps_per_call > 1).
+    self.pending: list[tuple[int, int, dict]] = []  # (first step, steps, metrics) of each call
     self.started = time.perf_counter()
 
-  def add(self, step: int, metrics: dict) -> None:
-    self.pending.append((step, metrics))
-    if len(self.pending) >= 2:  # At most one step in flight, so that the progress bar tells the truth.
-      jax.block_until_ready(self.pending[-2][1]["loss"])
+  def add(self, first: int, count: int, metrics: dict) -> None:
+    """The metrics of a call that trained ``count`` steps from step ``first``."""
+    self.pending.append((first, count, metrics))
+    if len(self.pending) >= 2:  # At most one call in flight, so that the progress bar tells the truth.
+      jax.block_until_ready(self.pending[-2][2]["loss"])
 
   def restart_if_empty(self) -> None:
     if not self.pending:
@@ -294,8 +313,10 @@ class _Window:
   def record(self, step: int, run: _Run, learning_rate: float) -> tuple[dict, list[int], list[int]]:
     """The train record of the window ending at ``step`` (means over its finite steps), the steps with a
     non-finite update and those with a non-finite loss or gradient; the window starts again."""
-    fetched = jax.device_get([m for _, m in self.pending])
-    steps = [s for s, _ in self.pending]
+    steps, fetched = [], []
+    for (first, count, _), m in zip(self.pending, jax.device_get([m for *_, m in self.pending])):
+      steps += range(first, first + count)
+      fetched += [jax.tree.map(lambda x, i=i: x[i], m) for i in range(count)] if self.stacked else [m]
     bad = [s for s, m in zip(steps, fetched) if not m["finite"]]
     bad_grads = [s for s, m in zip(steps, fetched) if not m.get("grads_finite", True)]
     n, now = len(fetched), time.perf_counter()

@@ -1798,3 +1798,29 @@ def test_the_epoch_order_makes_the_draws_cheap():
   assert new_loop < min(loops)
   _assert_in(f"runs at {new_loop:g} instead of {loops[0]:g}/{loops[1]:g} ms per\nstep", "docs/cifar.md")
   _assert_in(f"the small model's loop runs at\n{new_loop:g} ms per step with `default`", "benchmarks/README.md")
+
+
+def test_several_steps_per_call_on_the_xeon():
+  """docs/training.md and benchmarks/README.md quote train.py's loop with one and ten steps per call."""
+  runs = {
+    (c, k): _bench_result(f"cpu_intel_amx_f6m167_train_loop_{c}_calls_of_{k}.json")
+    for c in ("residual_mlp", "digits")
+    for k in (1, 10)
+  }
+  for (config, k), r in runs.items():
+    assert (r["config"], r["steps_per_call"], r["steps_timed"]) == (f"configs/{config}.py", k, 500)
+    assert (r["machine"]["cpu_id"], r["machine"]["cpus"]) == ("family 6 model 167 stepping 1", 2)
+  ms = {key: r["ms_per_step"]["train_py"] for key, r in runs.items()}
+  assert ms["residual_mlp", 10] < 0.8 * ms["residual_mlp", 1]  # the host-limited step gains
+  assert 0.9 * ms["digits", 1] < ms["digits", 10] < ms["digits", 1]  # the arithmetic-limited one hardly
+  _assert_in(
+    f"trains at {ms['residual_mlp', 10]:g} ms per step with 10 steps per call against {ms['residual_mlp', 1]:g} "
+    f"with one; the default digits config's ResNet-20, whose step's arithmetic dominates, at "
+    f"{ms['digits', 10]:g} against {ms['digits', 1]:g} ms",
+    "docs/training.md",
+  )
+  _assert_in(
+    f"trains the small model at {ms['residual_mlp', 10]:g} instead of {ms['residual_mlp', 1]:g} ms per step, and "
+    f"the default digits config's ResNet-20 at {ms['digits', 10]:g} instead of {ms['digits', 1]:g}",
+    "benchmarks/README.md",
+  )

@@ -3,7 +3,8 @@
 The same config trained on 1 device and on 4 devices, same global batch, must give the same loss
 trajectory, final parameters and weight average to float tolerance: BatchNorm statistics and gradients
 are over the global batch, not per device. The same holds when the step makes its batch on the devices
-(``dataset.augment_on='device'``: the training images replicated, the draws sharded).
+(``dataset.augment_on='device'``: the training images replicated, the draws sharded), and with three steps
+per compiled call (``steps_per_call=3``: the stacked batches sharded along their batch axis).
 """
 
 from __future__ import annotations
@@ -32,15 +33,16 @@ CHILD = textwrap.dedent("""
     config = tiny_config("resnet20", num_train_steps=6, log_every_steps=1, eval_every_steps=3,
                          checkpoint_every_steps=6, ema_decay=0.5)
     out = {{}}
-    for n, where in ((1, "host"), (4, "host"), (4, "device")):
-      config.dataset.augment_on = where
-      workdir = os.path.join({tmp!r}, f"dev{{n}}_{{where}}")
+    for n, where, k in ((1, "host", 1), (4, "host", 1), (4, "device", 1), (4, "device", 3)):
+      config.dataset.augment_on, config.steps_per_call = where, k
+      config.log_every_steps = k  # Steps 1-3 and 4-6 in one call each.
+      workdir = os.path.join({tmp!r}, f"dev{{n}}_{{where}}_{{k}}")
       setup = run_setup.Setup(config, devices=jax.devices()[:n])
       batch = setup.dp.put_batch(next(setup.train_iterator()))
       shards = len(batch["label"].addressable_shards)
       summary = train_loop.train_and_evaluate(config, workdir, log=lambda *_: None, setup=setup)
       state, _, _ = Checkpointer(os.path.join(workdir, "checkpoints")).restore(setup.abstract_state())
-      out[f"{{n}}_{{where}}"] = {{
+      out[f"{{n}}_{{where}}" + (f"_{{k}}" if k > 1 else "")] = {{
           "shards": shards,
           "devices": summary["devices"],
           "train_loss": [r["loss"] for r in metrics.read_metrics(workdir) if r["split"] == "train"],
@@ -70,9 +72,12 @@ def test_four_devices_match_one_device(tmp_path):
   one = out["1_host"]
   assert one["shards"] == 1 and one["devices"] == 1
   assert len(one["train_loss"]) == 6
-  for four in (out["4_host"], out["4_device"]):  # The device-made batches are sharded the same way.
+  three = out["4_device_3"]  # Three steps per call: a record per call, the mean of its steps' losses.
+  np.testing.assert_allclose(three["train_loss"], np.reshape(one["train_loss"], (2, 3)).mean(1), rtol=2e-5, atol=1e-6)
+  for four in (out["4_host"], out["4_device"], three):  # The device-made batches are sharded the same way.
     assert four["shards"] == 4 and four["devices"] == 4
-    np.testing.assert_allclose(four["train_loss"], one["train_loss"], rtol=2e-5, atol=1e-6)
+    if four is not three:
+      np.testing.assert_allclose(four["train_loss"], one["train_loss"], rtol=2e-5, atol=1e-6)
     assert four["test"] == one["test"]
     assert len(four["ema"]) == len(one["ema"]) > 1  # The weight average, kept on every device alike.
     keys = ("params", "batch_stats", "ema")

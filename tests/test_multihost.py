@@ -166,6 +166,24 @@ def test_resume_on_two_processes_is_bitwise_equal_to_an_uninterrupted_run(runs):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
+def test_two_processes_with_four_steps_per_call_train_as_one_step_per_call(runs):
+  tmp = runs["tmp"]
+  config = _config()
+  config.steps_per_call = config.log_every_steps = 4  # Steps 1-4 and 5-8, one call each, one record each.
+  spec = {"config": config.to_dict(), "workdir": str(tmp / "calls")}
+  out = child_outputs(multihost.run(child_argvs(spec, 2, str(tmp / "calls.json")), 2, str(tmp), timeout=240))
+  alone = runs["one"]["1"]  # One step per call, one record per step.
+  assert [o["step"] for o in out] == [8, 8] and out[0]["state"] == out[1]["state"]
+  np.testing.assert_allclose(
+    out[0]["train_loss"], np.reshape(alone["train_loss"], (2, 4)).mean(1), rtol=LOSS_RTOL, atol=LOSS_ATOL
+  )
+  assert [t[2] for t in out[0]["test"]] == [t[2] for t in alone["test"]]
+  for a, b in zip(out[0]["params"], alone["params"], strict=True):
+    np.testing.assert_allclose(a, b, rtol=PARAM_RTOL, atol=PARAM_ATOL)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 @pytest.mark.parametrize("processes,devices", [(1, 4), (4, 1)])
 def test_resume_on_another_number_of_processes_reads_the_same_batches(runs, processes, devices):
   """The global batch of each step is a function of the seed and the step only; the number of
