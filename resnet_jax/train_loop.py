@@ -74,8 +74,9 @@ def train_and_evaluate(
   """Train ``config`` writing into ``workdir`` (resuming from its newest checkpoint) and evaluate.
 
   The workdir is locked for the run (:class:`resnet_jax.workdir.RunDir`: a second run on it is
-  refused), and SIGTERM or SIGINT stop the run after the current step with a checkpoint
-  (:class:`resnet_jax.interrupt.StopOnSignal`, then :class:`~resnet_jax.errors.Interrupted`).
+  refused), and SIGTERM or SIGINT stop the run after the current step (call, with ``config.steps_per_call``
+  > 1) with a checkpoint (:class:`resnet_jax.interrupt.StopOnSignal`, then
+  :class:`~resnet_jax.errors.Interrupted`).
   A resume checks the changed settings (:func:`resnet_jax.workdir.check_resume`).
 
   Args:
