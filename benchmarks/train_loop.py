@@ -21,7 +21,7 @@ per step):
   records' time per step after the first window: the loop above plus what the run adds (its metrics
   records, the signal check, the bookkeeping), without the evaluation and checkpoint at its end. With
   ``--steps_per_call K`` that run calls up to K steps at a time (``config.steps_per_call``); the loop above
-  always calls one.
+  always calls one. ``train_py_first_window_s``: that run's first log window, its compilation included.
 
 Where ``loop_in_flight_1`` is about ``draws + transfer + dispatch``, the host limits the run and the device
 waits; where it is about ``same_batch`` and well above ``dispatch``, the device limits it. Where
@@ -62,17 +62,17 @@ def train_py_window(steps: int) -> int:
   return max(1, min(100, steps // 10))
 
 
-def train_py_ms_per_step(config, setup) -> float:
-  """``train.py``'s loop on ``setup`` (built for ``config``): its time per step from the train records
-  after the first window (that one holds the first call), in a temporary workdir."""
+def train_py_timings(config, setup) -> tuple[float, float]:
+  """``train.py``'s loop on ``setup`` (built for ``config``), in a temporary workdir: its time per step (ms)
+  from the train records after the first window, and the first window's seconds (compilation included)."""
   from resnet_jax.metrics import read_metrics
   from resnet_jax.train_loop import train_and_evaluate
 
   with tempfile.TemporaryDirectory() as workdir, contextlib.redirect_stdout(io.StringIO()):  # its evaluation line
     train_and_evaluate(config, workdir, log=lambda _: None, setup=setup)
-    train = [r for r in read_metrics(workdir) if r.get("split") == "train"][1:]
-  seconds = sum(config.log_every_steps * config.batch_size / r["images_per_sec"] for r in train)
-  return ms_per_step(seconds, config.log_every_steps * len(train))
+    first, *train = [r for r in read_metrics(workdir) if r.get("split") == "train"]
+  window_s = [config.log_every_steps * config.batch_size / r["images_per_sec"] for r in (first, *train)]
+  return ms_per_step(sum(window_s[1:]), config.log_every_steps * len(train)), round(window_s[0], 2)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--host-memory", default=None, choices=host_memory.HOST_MEMORY, help="config.host_memory")
   p.add_argument("--batch_size", type=int, default=None, help="config.batch_size")
   p.add_argument("--steps_per_call", type=int, default=None, help="config.steps_per_call (of the train_py run)")
+  p.add_argument("--conv_backend", default=None, choices=("auto", "onednn", "xla"), help="config.model.conv_backend")
   p.add_argument("--steps", type=int, default=1000, help="steps timed per measurement")
   p.add_argument("--json", dest="json_out", default=None)
   args = p.parse_args(argv)
@@ -101,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     config.host_memory = args.host_memory
   if args.steps_per_call is not None:
     config.steps_per_call = args.steps_per_call
+  if args.conv_backend is not None:
+    config.model.conv_backend = args.conv_backend
   if config.dataset.name != "digits" and not config.dataset.get("holdout", 0):
     config.dataset.holdout = -1  # A folder with no test/ split: hold out part of train/ as train.py's users do.
   window = train_py_window(args.steps)  # The train_py run: its first window, then about --steps steps.
@@ -162,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
   finally:
     if hasattr(it, "close"):
       it.close()
-  ms["train_py"] = train_py_ms_per_step(config, setup)
+  ms["train_py"], first_window_s = train_py_timings(config, setup)
 
   result = {
     "machine": machine.describe(),
@@ -174,9 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     "augment_on": setup.augment_on,
     "host_memory": "keep" if kept else "default",
     "steps_per_call": int(config.steps_per_call),
+    "conv_backend": config.model.get("conv_backend"),
     "steps_timed": n,
     "setup_s": round(setup_s, 2),
     "compile_and_first_step_s": round(compile_s, 2),
+    "train_py_first_window_s": first_window_s,
     "ms_per_step": ms,
   }
   print(json.dumps(result, indent=2))

@@ -120,7 +120,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.time_budget_margin = 0.03  # the fraction of the budget left unplanned (0 to 0.5), for the machine's speed to vary
   c.steps_per_call = 1  # k > 1: up to k training steps in one compiled call (a loop on the device),
   # for steps so short that the host's work per call limits them; calls end at every record, evaluation
-  # and checkpoint, so the run's results and outputs are those of one step per call (resnet_jax.run_setup.repeat_step)
+  # and checkpoint: the same batches, records and checkpoints as one step per call, the same numbers to
+  # float rounding (resnet_jax.run_setup.repeat_step)
   c.log_every_steps = 20  # a train record (metrics.jsonl, TensorBoard) every N steps
   c.log_grad_norms = False  # train records: "grad_norm/<module>", the window's mean L2 norm of
   # the gradient of each top-level module (stem, each block, head)

@@ -35,6 +35,21 @@ def conv_backend(config: ml_collections.ConfigDict, device_count: int = 1) -> st
   return "xla" if backend == "auto" and device_count > 1 else backend
 
 
+def steps_per_call_warning(config: ml_collections.ConfigDict, platform: str, device_count: int = 1) -> str | None:
+  """A one-line warning where ``config.steps_per_call`` > 1 costs more than it saves, else None: on the CPU
+  with XLA's convolutions (``conv_backend="xla"``, or ``auto`` on several devices), which XLA compiles
+  inside the loop of steps to code several times slower than the same convolutions in a single step."""
+  k = int(config.get("steps_per_call", 1))
+  if k == 1 or platform != "cpu" or conv_backend(config, device_count) != "xla":
+    return None
+  return (
+    f"warning: config.steps_per_call = {k} with XLA's convolutions on the CPU: inside the loop of steps they "
+    f"run several times slower than in single steps, and the loop compiles longer (docs/training.md, "
+    f"'Several steps per call'); steps_per_call = 1 avoids it, and so do oneDNN's convolutions (conv_backend "
+    f"'auto' on one device)"
+  )
+
+
 def compute_dtype(config: ml_collections.ConfigDict, device_count: int = 1, device: jax.Device | None = None) -> str:
   """The compute dtype of a run, ``"float32"`` or ``"bfloat16"``: ``config.model.dtype`` unless it is ``auto``.
 

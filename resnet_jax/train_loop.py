@@ -37,7 +37,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from resnet_jax import host_memory, machine, optim
+from resnet_jax import host_memory, machine, optim, run_setup
 from resnet_jax import workdir as workdir_lib
 from resnet_jax.checkpoint import Checkpointer
 from resnet_jax.config_check import validate_config
@@ -161,6 +161,9 @@ def _run(
       f"{setup.dp.devices[0].platform} device(s), augmentation {augment} on the {setup.augment_on}), "
       f"writing to {workdir}"
     )
+  warning = run_setup.steps_per_call_warning(config, setup.dp.devices[0].platform, len(setup.dp.devices))
+  if is_main and warning:
+    log(warning)
   with contextlib.ExitStack() as stack:
     writer = stack.enter_context(MetricsWriter(workdir, run.start_step, enabled=is_main))
     if writer.rejected:

@@ -134,3 +134,29 @@ def test_train_call_takes_one_batch_or_up_to_steps_per_call():
 def test_steps_per_call_must_be_a_positive_integer(value):
   with pytest.raises(ConfigError, match="steps_per_call"):
     validate_config(tiny_config(steps_per_call=value))
+
+
+def test_steps_per_call_may_change_on_resume(tmp_path):
+  one, three = _config(1), _config(3)
+  workdir = str(tmp_path / "run")
+  assert train_loop.train_and_evaluate(one, workdir, log=_quiet, stop_at_step=5) is None
+  messages = []
+  summary = train_loop.train_and_evaluate(three, workdir, log=messages.append)
+  assert summary["steps"] == 11 and summary["config"]["steps_per_call"] == 3
+  assert any("settings changed at step 5" in m and "steps_per_call" in m for m in messages), messages
+  train_loop.train_and_evaluate(one, str(tmp_path / "plain"), log=_quiet)
+  a, b = _records(tmp_path / "plain"), _records(workdir)
+  assert [(r["step"], r["split"]) for r in a] == [(r["step"], r["split"]) for r in b]
+  np.testing.assert_allclose([r["loss"] for r in b], [r["loss"] for r in a], rtol=1e-5, atol=1e-6)
+
+
+def test_a_warning_where_xla_compiles_the_cpu_convolutions_inside_the_loop():
+  warn = run_setup.steps_per_call_warning
+  assert "steps_per_call = 4 with XLA's convolutions on the CPU" in warn(
+    _config(4, "resnet20", **{"model.conv_backend": "xla"}), "cpu"
+  )
+  assert warn(_config(4, "resnet20"), "cpu", device_count=2)  # auto means XLA on several devices
+  assert warn(_config(4, "resnet20"), "cpu") is None  # oneDNN's convolutions on one device
+  assert warn(_config(1, "resnet20", **{"model.conv_backend": "xla"}), "cpu") is None
+  assert warn(_config(4, "resnet20", **{"model.conv_backend": "xla"}), "gpu") is None
+  assert warn(_config(4, "residual_mlp"), "cpu", device_count=2) is None  # no convolutions

@@ -41,7 +41,8 @@ def test_times_each_host_part_of_the_step_on_a_folder_augmented_on_the_device(tm
   assert res == json.loads(p.stdout)
   assert (res["model"], res["dataset"], res["batch"], res["steps_timed"]) == ("resnet20", "cifar10", 4, 3)
   assert res["augment_on"] == "device" and res["machine"]["backend"] == "cpu"
-  assert res["steps_per_call"] == 2  # of the train_py run
+  assert res["steps_per_call"] == 2 and res["train_py_first_window_s"] > 0  # of the train_py run
+  assert res["conv_backend"] == "auto"
   assert res["host_memory"] in ("keep", "default") and res["compute_dtype"] in ("float32", "bfloat16")
   loops = ["loop_in_flight_1", "loop_in_flight_2", "loop_in_flight_4", "train_py"]
   parts = ["draws", "transfer", "dispatch", "same_batch", *loops]
