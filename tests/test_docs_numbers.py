@@ -1839,6 +1839,17 @@ def test_several_steps_per_call_on_the_xeon():
   times = {k: [float(t) for t in re.findall(rf"k={k} wall ([\d.]+) s", wall)] for k in (1, 10)}
   assert len(times[1]) == len(times[10]) == 2
   _assert_in(f"{np.mean(times[10]):.1f} s against {np.mean(times[1]):.1f} s (`/usr/bin/time python", doc)
+  # The default job's own result on this CPU (the README), from the two runs with one step per call.
+  lines = wall.splitlines()
+  ends = {
+    re.search(r"test accuracy ([\d.]+) \(best ([\d.]+)\) after 440 steps", lines[i - 1]).groups()
+    for i, line in enumerate(lines)
+    if line.startswith("k=1 wall")
+  }
+  ((final, best),) = ends  # both runs ended alike
+  _assert_in(
+    f"2026-12-04): {float(final):.2%} (best {float(best):.2%}), {np.mean(times[1]):.1f} s wall (two runs,", "README.md"
+  )
   _assert_in(
     f"trains the small model at {ms['residual_mlp_calls_of_10']:g} instead of "
     f"{ms['residual_mlp_calls_of_1']:g} ms per step, and the default digits config's ResNet-20 at "
