@@ -1,7 +1,7 @@
 """He et al. (2015), Table 6: ResNet-20/32/44/56/110 on CIFAR-10 with the paper's recipe, and the paper's errors.
 
 usage: python experiments/he_table.py --data_dir DIR [--depths 20,32,44,56,110] [--steps 64000]
-           [--workdir runs/he_table] [--out docs/figures/cifar] [--table_only]
+           [--steps_per_call 1] [--workdir runs/he_table] [--out docs/figures/cifar] [--table_only]
 
 Every depth trains with ``configs/cifar10_resnet20.py``, the recipe of section 4.2 (batch 128, SGD
 momentum 0.9, lr 0.1 divided by 10 at 32k and 48k iterations, weight decay 1e-4, 64k iterations, pad-4
@@ -11,7 +11,9 @@ two learning-rate drops to the same fractions of it (1/2 and 3/4). On a GPU or T
 are augmented on the device (``dataset.augment_on='auto'``), so the input pipeline only draws indices.
 
 Each run is a ``train.py`` workdir, ``WORKDIR/resnetN``, checkpointed every 2,000 steps: the same
-command resumes what is unfinished, so the table can be filled over several sessions. Writes
+command resumes what is unfinished, so the table can be filled over several sessions (on machines that
+start bare, ``benchmarks/runs_archive.py`` carries the workdirs from one to the next). ``--steps_per_call``
+is ``config.steps_per_call``, which leaves the runs' records, evaluations and checkpoints where they are. Writes
 ``OUT/he_table.json`` (per depth: parameters, steps, error, wall time, images/s (the run's mean, and the
 median of its log windows, which hours of a shared CPU move less), the machine, the
 paper's figure, and the run's curves), ``OUT/he_table.md`` (the table) and ``OUT/he_table.png`` (the
@@ -39,8 +41,9 @@ PAPER_STEPS = 64000
 WARMUP_STEPS = {110: 400}
 
 
-def run_config(depth: int, data_dir: str, steps: int):
-  """``configs/cifar10_resnet20.py`` for ResNet-``depth``, ``steps`` iterations, drops at 1/2 and 3/4."""
+def run_config(depth: int, data_dir: str, steps: int, steps_per_call: int = 1):
+  """``configs/cifar10_resnet20.py`` for ResNet-``depth``, ``steps`` iterations, drops at 1/2 and 3/4,
+  ``steps_per_call`` training steps per compiled call."""
   from resnet_jax.config_check import load_config_file
 
   c = load_config_file(os.path.join(ROOT, "configs", "cifar10_resnet20.py"))
@@ -53,7 +56,21 @@ def run_config(depth: int, data_dir: str, steps: int):
   c.eval_every_steps = min(c.eval_every_steps, steps)
   c.checkpoint_every_steps = min(c.checkpoint_every_steps, steps)
   c.progress_bar = False
+  c.steps_per_call = steps_per_call
   return c
+
+
+def finished(workdir: str, steps: int) -> dict | None:
+  """The summary of a run of ``steps`` iterations that has finished in ``workdir``, else ``None``.
+
+  Such a run is not trained again: its records are all the table reads, and a workdir carried from
+  another machine may hold them without a checkpoint (``benchmarks/runs_archive.py``)."""
+  path = os.path.join(workdir, "summary.json")
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    summary = json.load(f)
+  return summary if summary.get("steps") == steps else None
 
 
 def curve(workdir: str) -> dict:
@@ -161,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--data_dir", required=True, help="CIFAR-10: pickle release or train/<class>/ images")
   parser.add_argument("--depths", default="20,32,44,56,110", help="comma-separated, of 20,32,44,56,110")
   parser.add_argument("--steps", type=int, default=PAPER_STEPS, help="iterations per run (default 64000)")
+  parser.add_argument("--steps_per_call", type=int, default=1, help="training steps per compiled call (default 1)")
   parser.add_argument("--workdir", default=os.path.join("runs", "he_table"), help="one train.py workdir per depth")
   parser.add_argument("--out", default=os.path.join("docs", "figures", "cifar"))
   parser.add_argument("--table_only", action="store_true", help="write the table from the finished runs")
@@ -168,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     parser,
     argv,
     "usage: python experiments/he_table.py --data_dir DIR [--depths 20,32,44,56,110] [--steps 64000] "
-    "[--workdir W] [--out O] [--table_only]",
+    "[--steps_per_call K] [--workdir W] [--out O] [--table_only]",
   )
   try:
     depths = [int(d) for d in args.depths.split(",") if d]
@@ -178,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     raise ConfigError(f"--depths={args.depths!r}: expected a comma-separated subset of 20,32,44,56,110")
   if args.steps < 8:
     raise ConfigError(f"--steps={args.steps}: expected at least 8 iterations")
+  if args.steps_per_call < 1:
+    raise ConfigError(f"--steps_per_call={args.steps_per_call}: expected a positive number of steps")
   if not args.table_only:
     from resnet_jax import host_memory
 
@@ -186,9 +206,13 @@ def main(argv: list[str] | None = None) -> int:
     from resnet_jax import train_loop
 
     for depth in depths:
+      done = finished(os.path.join(args.workdir, f"resnet{depth}"), args.steps)
+      if done is not None:
+        print(f"== ResNet-{depth}: finished already, error {100 * (1 - done['test_accuracy']):.2f}%", flush=True)
+        continue
       print(f"== ResNet-{depth}: {args.steps} iterations", flush=True)
       summary = train_loop.train_and_evaluate(
-        run_config(depth, args.data_dir, args.steps), os.path.join(args.workdir, f"resnet{depth}")
+        run_config(depth, args.data_dir, args.steps, args.steps_per_call), os.path.join(args.workdir, f"resnet{depth}")
       )
       print(f"ResNet-{depth}: error {100 * (1 - summary['test_accuracy']):.2f}%", flush=True)
   missing = [d for d in depths if not os.path.isfile(os.path.join(args.workdir, f"resnet{d}", "summary.json"))]

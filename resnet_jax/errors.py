@@ -63,12 +63,19 @@ EXIT_USER_ERROR = 2
 def parse_args(parser, argv, usage: str):
   """``parser.parse_args(argv)`` where a bad command line is a :class:`ConfigError` saying what argparse
   found wrong and ``usage`` (one line through :func:`run_cli`) instead of argparse's several lines and
-  exit; ``--help`` still prints and exits 0."""
+  exit, also for a sub-command's parser; ``--help`` still prints and exits 0."""
+  import argparse
 
   def error(message: str) -> NoReturn:
     raise ConfigError(f"{message}; {usage}")
 
-  parser.error = error
+  parsers = [parser]
+  while parsers:
+    p = parsers.pop()
+    p.error = error
+    for action in p._actions:  # argparse keeps a sub-command's parser only there
+      if isinstance(action, argparse._SubParsersAction):
+        parsers.extend(action.choices.values())
   return parser.parse_args(argv)
 
 

@@ -335,8 +335,9 @@ def test_he_table_runs_the_paper_recipe_with_its_drops_at_the_same_fractions():
   assert (full.optimizer.name, full.optimizer.learning_rate, full.optimizer.weight_decay) == ("sgd", 0.1, 1e-4)
   short = he_table.run_config(20, "DIR", 1000)
   assert tuple(short.schedule.boundaries) == (500.0, 750.0) and short.schedule.warmup == 0
-  assert short.eval_every_steps == 1000 and short.dataset.augment_on == "auto"
+  assert short.eval_every_steps == 1000 and short.dataset.augment_on == "auto" and short.steps_per_call == 1
   validate_config(short)
+  assert he_table.run_config(56, "DIR", 1000, steps_per_call=10).steps_per_call == 10
 
 
 @pytest.mark.parametrize(
@@ -344,6 +345,7 @@ def test_he_table_runs_the_paper_recipe_with_its_drops_at_the_same_fractions():
   [
     ("he_table.py", ["--data_dir", "x", "--depths", "20,21"], "--depths='20,21'"),
     ("he_table.py", ["--data_dir", "x", "--steps", "2"], "--steps=2"),
+    ("he_table.py", ["--data_dir", "x", "--steps_per_call", "0"], "--steps_per_call=0"),
     ("torch_reference.py", ["--config", "nope.py", "--data_dir", "x"], "config file nope.py: no such file"),
     ("torch_reference.py", ["--config", "configs/cifar10_resnet18.py", "--data_dir", "x"], "model.name = 'resnet18'"),
     ("torch_reference.py", ["--config", "configs/cifar10_fast.py", "--data_dir", "x", "--pipeline", "tf"], "'tf'"),
@@ -436,6 +438,14 @@ def test_he_table_trains_each_depth_writes_the_table_and_resumes(tmp_path):
   assert (out / "he_table.png").stat().st_size > 0
   again = _experiment("he_table.py", [*args, "--table_only"], tmp_path)
   assert again.returncode == 0 and "ResNet-20" in again.stdout
+  # A finished run is not trained again, also where it came without its checkpoints (runs_archive.py).
+  shutil.rmtree(os.path.join(runs, "resnet20", "checkpoints"))
+  table = (out / "he_table.md").read_text()
+  again = _experiment("he_table.py", args, tmp_path)
+  assert again.returncode == 0 and f"ResNet-20: finished already, error {r['error']:.2f}%" in again.stdout
+  assert (
+    not os.path.exists(os.path.join(runs, "resnet20", "checkpoints")) and (out / "he_table.md").read_text() == table
+  )
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,6 +30,7 @@ def write_folder(root, per_class: int = 3) -> None:
       Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / "train" / c / f"{i}.png")
 
 
+@pytest.mark.slow  # about 40 s: ResNet-20's step compiled alone and inside the loop of steps_per_call
 def test_times_each_host_part_of_the_step_on_a_folder_augmented_on_the_device(tmp_path):
   write_folder(tmp_path)
   out = tmp_path / "loop.json"
