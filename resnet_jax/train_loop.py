@@ -379,6 +379,7 @@ def _restore(
   meta = {"best_test_accuracy": None, "train_time_s": 0.0, "train_images": 0, "step_time_s": 0.0, "wall_time_s": 0.0}
   restore_step = config.restore_step if config.restore_step >= 0 else None
   if ckpt.latest_step() is None and restore_step is None:
+    _refuse_finished_without_checkpoint(workdir, ckpt)
     return setup.init_state(log), None, meta, [], None
   # The settings first, before any array is read: a change that also changes the state's structure
   # (config.ema_decay) is then refused with its reason, not as a checkpoint that does not fit.
@@ -405,6 +406,19 @@ def _restore(
       f"{os.path.join(workdir, workdir_lib.HISTORY_NAME)})"
     )
   return state, data_state, meta, changes, saved_config
+
+
+def _refuse_finished_without_checkpoint(workdir: str, ckpt: Checkpointer) -> None:
+  """A workdir whose run has finished (``summary.json``) but whose checkpoints are gone is a ConfigError:
+  starting at step 0 would replace that run's records with those of a new one."""
+  path = os.path.join(workdir, "summary.json")
+  if not os.path.isfile(path):
+    return
+  raise ConfigError(
+    f"{workdir} holds a finished run ({path}) but no checkpoint in {ckpt.directory}: training here "
+    f"would start again at step 0 and replace that run's records; give another --workdir, or move {path} "
+    "away to train from scratch here"
+  )
 
 
 def _set_aside_later(workdir: str, ckpt: Checkpointer, step: int, log: Callable[[str], None]) -> None:

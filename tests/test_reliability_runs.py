@@ -194,6 +194,23 @@ def test_a_second_train_py_on_a_training_workdir_is_refused(tmp_path):
   assert steps == list(range(1, 31))  # One run's records, none twice.
 
 
+def test_a_finished_run_without_its_checkpoints_is_not_trained_over(finished_run, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(finished_run, workdir)
+  shutil.rmtree(workdir / "checkpoints")  # Removed to save space, or carried without them.
+  before = snapshot(workdir)
+  proc = train_cli(workdir, *tiny_args(8))
+  assert_one_line_error(
+    proc, f"{workdir} holds a finished run ({workdir / 'summary.json'}) but no checkpoint", "give another --workdir"
+  )
+  assert snapshot(workdir) == before  # Nothing written, nothing replaced.
+  # With the summary moved away, as the message says, the run trains from scratch.
+  os.rename(workdir / "summary.json", tmp_path / "summary.json")
+  again = train_cli(workdir, *tiny_args(8))
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["4", "6", "8"]
+
+
 # ----------------------------------------------------------------------------------------------
 # 3. restore_step keeps the superseded run's files.
 
