@@ -1858,3 +1858,48 @@ def test_several_steps_per_call_on_the_xeon():
     f"take {ms['digits_xla_calls_of_10']:g} instead of {ms['digits_xla_calls_of_1']:g} ms",
     "benchmarks/README.md",
   )
+
+
+def test_seed_spreads_on_the_xeon():
+  """docs/training.md's "Measured" table and the README quote ``experiments/seed_spread.py``'s results."""
+
+  def load(name):
+    r = _load(os.path.join("seeds", f"{name}_intel_amx_f6m167.json"))
+    assert (r["machine_details"]["cpu_id"], r["machine_details"]["cpus"]) == ("family 6 model 167 stepping 1", 2)
+    return r
+
+  def row(r):
+    runs, final = r["runs"], r["final_accuracy"]
+    walls = [x["command_wall_time_s"] for x in runs]
+    assert final["mean"] == pytest.approx(statistics.fmean(x["final_accuracy"] for x in runs))
+    accuracies = ", ".join(f"{100 * x['final_accuracy']:.2f}%" for x in runs)
+    return (
+      f"final test accuracy {accuracies} (mean "
+      f"{100 * final['mean']:.2f}%, standard deviation {100 * final['std']:.2f} points), {runs[0]['steps']} steps, "
+      f"{min(walls):.1f}-{max(walls):.1f} s wall per run"
+    )
+
+  digits, no_shifts, mlp = load("digits"), load("digits_no_shifts"), load("residual_mlp")
+  assert (digits["seeds"], digits["train_args"]) == (list(range(8)), [])
+  assert (no_shifts["seeds"], no_shifts["train_args"]) == ([0, 1, 2, 3], ["--config.dataset.augment=none"])
+  assert mlp["seeds"] == [0, 1, 2, 3] and mlp["train_args"][0].endswith("configs/residual_mlp.py")
+  doc = "docs/training.md"
+  for r in (digits, no_shifts, mlp):
+    _assert_in(row(r), doc)
+  shifted = statistics.fmean(x["final_accuracy"] for x in digits["runs"] if x["seed"] in no_shifts["seeds"])
+  _assert_in(f"with the shifts the same seeds average {100 * shifted:.2f}%", doc)
+  assert shifted > no_shifts["final_accuracy"]["mean"]
+  f = digits["final_accuracy"]
+  assert round((f["max"] - f["min"]) * 360) == 6  # The digits' 360 test images.
+  _assert_in(f"by up to {100 * (f['max'] - f['min']):.1f} points (6 of the 360 test images)", doc)
+  walls = [x["command_wall_time_s"] for x in digits["runs"]]
+  _assert_in(
+    f"test accuracy {100 * f['min']:.2f}% to {100 * f['max']:.2f}% (mean {100 * f['mean']:.2f}%, standard deviation "
+    f"{100 * f['std']:.2f} points), {min(walls):.1f}-{max(walls):.1f} s wall per run",
+    "README.md",
+  )
+  # Seed 0 is the default job's own result, quoted beside the other CPUs' in the README.
+  _assert_in(
+    f"{100 * digits['runs'][0]['final_accuracy']:.2f}% (best {100 * digits['runs'][0]['best_accuracy']:.2f}%)",
+    "README.md",
+  )
