@@ -119,6 +119,11 @@ def pack(runs_dir: str, prefix: str, part_bytes: int, drop_finished_checkpoints:
 
   if not os.path.isdir(runs_dir):
     raise ConfigError(f"pack: {runs_dir} is not a folder; expected a folder of train.py workdirs")
+  if os.path.isfile(os.path.join(runs_dir, "config.json")):
+    parent = os.path.dirname(os.path.abspath(runs_dir))
+    raise ConfigError(f"pack: {runs_dir} is a workdir itself; give the folder that holds it ({parent})")
+  if part_bytes < 1024:
+    raise ConfigError(f"pack: parts of {part_bytes} bytes; expected at least 1 KiB")
   files = packed_files(runs_dir, drop_finished_checkpoints)
   if not files:
     raise ConfigError(f"pack: no train.py workdir (a folder with config.json) under {runs_dir}")
@@ -202,7 +207,10 @@ def unpack(runs_dir: str, paths: list[str], log=print) -> list[str]:
         for member in tar:
           if not (member.isfile() or member.isdir()):
             raise ConfigError(f"unpack: {member.name} in {ordered[0]} is not a file or folder; pack writes only those")
-          tar.extract(member, scratch, filter="data")
+          if os.path.isabs(member.name) or ".." in member.name.split("/"):
+            raise ConfigError(f"unpack: {member.name} in {ordered[0]} lies outside the folder; pack writes none such")
+          # Python's own check as well, where it has one (3.11.4 and newer).
+          tar.extract(member, scratch, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
       if isinstance(e, OSError) and e.errno is not None:
         raise  # The disk, not the archive: the system's reason, with its path.

@@ -145,7 +145,14 @@ def test_unpack_refuses_a_missing_part_a_stray_name_and_a_foreign_member(tmp_pat
   (tmp_path / "evil.00").write_bytes(evil.getvalue())
   with pytest.raises(ConfigError, match=r"a/config.json in .*evil.00 is not a file or folder"):
     runs_archive.unpack(str(tmp_path / "x"), [str(tmp_path / "evil.00")])
-  assert os.listdir(tmp_path / "x") == []
+  # So is a file placed outside the folder.
+  evil = io.BytesIO()
+  with tarfile.open(fileobj=evil, mode="w:gz") as tar:
+    tar.addfile(tarfile.TarInfo("../escaped"), io.BytesIO(b""))
+  (tmp_path / "climb.00").write_bytes(evil.getvalue())
+  with pytest.raises(ConfigError, match=r"\.\./escaped in .*climb.00 lies outside the folder"):
+    runs_archive.unpack(str(tmp_path / "x"), [str(tmp_path / "climb.00")])
+  assert os.listdir(tmp_path / "x") == [] and not (tmp_path / "escaped").exists()
 
 
 @pytest.mark.parametrize(
@@ -163,6 +170,14 @@ def test_bad_input_is_one_line(args, needle, tmp_path):
   assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], proc.stderr
 
 
-def test_pack_refuses_a_folder_without_runs(tmp_path):
+def test_pack_refuses_a_folder_without_runs_a_workdir_itself_and_tiny_parts(tmp_path):
   with pytest.raises(ConfigError, match="no train.py workdir"):
     runs_archive.pack(str(tmp_path), str(tmp_path / "p"), 1024)
+  os.makedirs(tmp_path / "runs" / "a")
+  (tmp_path / "runs" / "a" / "config.json").write_text("{}")
+  with pytest.raises(
+    ConfigError, match=rf"runs/a is a workdir itself; give the folder that holds it \({tmp_path}/runs\)"
+  ):
+    runs_archive.pack(str(tmp_path / "runs" / "a"), str(tmp_path / "p"), 1024)
+  with pytest.raises(ConfigError, match="parts of 1000 bytes; expected at least 1 KiB"):
+    runs_archive.pack(str(tmp_path / "runs"), str(tmp_path / "p"), 1000)
