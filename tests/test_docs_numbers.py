@@ -1903,3 +1903,26 @@ def test_seed_spreads_on_the_xeon():
     f"{100 * digits['runs'][0]['final_accuracy']:.2f}% (best {100 * digits['runs'][0]['best_accuracy']:.2f}%)",
     "README.md",
   )
+
+
+def test_the_noise_of_one_seed_against_the_jpeg_quality_costs():
+  """docs/cifar.md weighs the JPEG-quality table's costs against three seeds of its ``source`` row."""
+  seeds = _load(os.path.join("cifar", "cifar10_fast_8epochs_float32_seeds.json"))
+  jpeg = {r["quality"]: r["accuracy"] for r in _load(os.path.join("cifar", "jpeg_quality.json"))["rows"]}
+  assert seeds["machine_details"]["cpu_id"] == "family 6 model 167 stepping 1" and seeds["seeds"] == [0, 1, 2]
+  args = seeds["train_args"]
+  assert args[0] == "--config=configs/cifar10_fast.py" and "--config.num_epochs=8" in args
+  assert "--config.model.dtype=float32" in args and all(r["steps"] == 2808 for r in seeds["runs"])
+  f = seeds["final_accuracy"]
+  sd = 100 * f["std"]
+  runs = ", ".join(f"{100 * r['final_accuracy']:.2f}%" for r in seeds["runs"])
+  doc = "docs/cifar.md"
+  _assert_in(f"end at {runs} (mean {100 * f['mean']:.2f}%, standard deviation {sd:.2f} points;", doc)
+  _assert_in(f"ends at {100 * seeds['runs'][0]['final_accuracy']:.2f}% here and at {100 * jpeg['source']:.2f}%", doc)
+  diff = sd * math.sqrt(2)
+  _assert_in(f"standard deviation of about {diff:.2f} points ({sd:.2f} times the square root of 2)", doc)
+  c50, c25 = 100 * (jpeg["source"] - jpeg["50"]), 100 * (jpeg["source"] - jpeg["25"])
+  _assert_in(f"Quality 50's {c50:.2f} points are {c50 / diff:.1f} times that", doc)
+  _assert_in(f"quality 25's {c25:.2f} points {c25 / diff:.1f} times", doc)
+  assert c50 / diff > 3 and c25 / diff > 6  # "well beyond the noise of one seed"
+  _assert_in(f"three seeds of the `source` run spread by a standard deviation of {sd:.2f} points", "README.md")
