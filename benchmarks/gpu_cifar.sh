@@ -84,8 +84,9 @@ timed() {  # timed NAME COMMAND...: run it (within TIME_LIMIT), record its wall 
 
 if [[ ",${RUNS:-fast,paper}," == *",calls,"* ]]; then
   for k in ${CALLS:-1 10}; do
-    limited "calls_of_$k" $PY benchmarks/train_loop.py --config configs/cifar10_resnet20.py --data_dir "$DATA" --steps "${CALL_STEPS:-500}" \
-      --steps_per_call "$k" --json "$OUT_DIR/train_loop_cifar10_resnet20_calls_of_$k.json" || status=1
+    limited "calls_of_$k" $PY benchmarks/train_loop.py --config configs/cifar10_resnet20.py --data_dir "$DATA" \
+      --steps "${CALL_STEPS:-500}" --steps_per_call "$k" --json "$OUT_DIR/train_loop_cifar10_resnet20_calls_of_$k.json" \
+      || status=1
   done
 fi
 if [[ ",${RUNS:-fast,paper}," == *",fast,"* ]]; then
@@ -117,6 +118,8 @@ if [ -n "${PACK_RUNS:-}" ]; then
   $PY benchmarks/runs_archive.py pack "$RUNS_DIR" "$OUT_DIR/runs.tar.gz" --part_mib "${PART_MIB:-15}" \
     --drop_finished_checkpoints || status=1
 fi
-[ -n "$stopped" ] && echo "== stopped at TIME_LIMIT (checkpointed; resume with the same command):$stopped"
+if [ -n "$stopped" ]; then
+  echo "== not finished within TIME_LIMIT (stopped with a checkpoint, or not started; the same command goes on):$stopped"
+fi
 echo "== gpu_cifar: $([ $status = 0 ] && echo PASS || echo FAIL)"
 exit $status
