@@ -25,6 +25,7 @@ move: a resumed run reads its checkpoints relative to the workdir, and its data 
 from __future__ import annotations
 
 import argparse
+import gzip
 import os
 import re
 import shutil
@@ -104,6 +105,10 @@ class _Parts:
     self._file = open(self.paths[-1], "wb")
     self._left = self.part_bytes
 
+  def flush(self) -> None:
+    if self._file is not None:
+      self._file.flush()
+
   def close(self) -> None:
     if self._file is None:
       self._next()  # An empty archive still has its part 00.
@@ -131,7 +136,9 @@ def pack(runs_dir: str, prefix: str, part_bytes: int, drop_finished_checkpoints:
   for old in _numbered_parts(prefix):
     os.remove(old)
   parts = _Parts(prefix, part_bytes)
-  with tarfile.open(fileobj=parts, mode="w|gz", compresslevel=1) as tar:
+  # gzip level 1: checkpoints are float arrays, which compress little at any level. (tarfile's own "w|gz"
+  # takes no level before Python 3.12.)
+  with gzip.GzipFile(fileobj=parts, mode="wb", compresslevel=1) as gz, tarfile.open(fileobj=gz, mode="w|") as tar:
     for rel in files:
       tar.add(os.path.join(runs_dir, rel), arcname=rel, recursive=False)
   parts.close()
