@@ -42,6 +42,7 @@ USAGE = (
   "[--drop_finished_checkpoints] | unpack RUNS_DIR PART..."
 )
 LEFT_OUT = ("train.lock",)  # A run's lock: held only while the run is in progress.
+PART_NAME = re.compile(r"(.*)\.(\d{2,})")  # PREFIX.NN: a part's prefix and number
 
 
 def workdirs(runs_dir: str) -> list[str]:
@@ -149,8 +150,8 @@ def _numbered_parts(prefix: str) -> list[str]:
   folder, base = os.path.split(os.path.abspath(prefix))
   if not os.path.isdir(folder):
     return []
-  pattern = re.compile(re.escape(base) + r"\.\d{2,}$")
-  return sorted(os.path.join(folder, n) for n in os.listdir(folder) if pattern.match(n))
+  matches = [(n, PART_NAME.fullmatch(n)) for n in os.listdir(folder)]
+  return sorted(os.path.join(folder, n) for n, m in matches if m and m.group(1) == base)
 
 
 class _Joined:
@@ -179,7 +180,7 @@ def ordered_parts(paths: list[str]) -> list[str]:
 
   numbered = {}
   for p in paths:
-    m = re.fullmatch(r"(.*)\.(\d{2,})", p)
+    m = PART_NAME.fullmatch(p)
     if not m:
       raise ConfigError(f"unpack: {p} is not a part written by pack (expected a name ending in .00, .01, ...)")
     numbered.setdefault(int(m.group(2)), []).append(p)

@@ -13,8 +13,8 @@ What is shared with ``train.py``, so that only the network and optimizer impleme
   normalisation, and only the choice of the held-out images shared (``resnet_jax.datasets.holdout_mask``),
   so that both evaluate on the same images;
 - the learning rate of every step: ``resnet_jax.optim.make_schedule``;
-- the evaluation: the config's evaluation cadence and, with ``eval_flip``, the mean of each image's and
-  its mirror image's logits.
+- the evaluation: the config's evaluation cadence and test-time augmentation (``eval_flip``,
+  ``eval_translate``), the views weighted as ``resnet_jax.train_step.eval_logits`` weights them.
 
 PyTorch side: the model of ``benchmarks/torch_models.py`` (the same architecture, written independently),
 initialised as ``resnet_jax.models`` does (He normal, fan_out, for convolutions; the torch default for the
@@ -70,13 +70,8 @@ def check_supported(cfg) -> None:
     )
   if cfg.num_train_steps > 0:
     raise ConfigError("config.num_train_steps is set: the PyTorch reference counts training in num_epochs")
-  unsupported = {
-    "ema_decay": "keeps no weight average",
-    "eval_translate": "evaluates with the flip alone (eval_flip)",
-  }
-  for key, what in unsupported.items():
-    if float(cfg.get(key, 0)):
-      raise ConfigError(f"config.{key} = {cfg[key]}: the PyTorch reference {what}; set it to 0")
+  if float(cfg.get("ema_decay", 0)):
+    raise ConfigError(f"config.ema_decay = {cfg.ema_decay}: the PyTorch reference keeps no weight average; set it to 0")
   if cfg.get("finetune") and cfg.finetune.get("weights"):
     raise ConfigError(f"config.finetune.weights = {cfg.finetune.weights!r}: the PyTorch reference trains from scratch")
 
@@ -112,18 +107,47 @@ def to_torch(images):
   return torch.from_numpy(images).permute(0, 3, 1, 2)
 
 
-def evaluate(model, batches, num_examples: int, eval_flip: bool, autocast) -> float:
-  """Accuracy over ``batches`` of ``(images, labels, weights)`` (weight 0: padding), with flip test-time
-  augmentation when ``eval_flip``: the mean of each image's and its mirror image's logits."""
+def eval_logits(model, x, flip: bool, translate: int):
+  """The logits of the NCHW images ``x`` under the test-time augmentation of
+  ``resnet_jax.train_step.eval_logits``, in PyTorch:
+
+    logits = 1/2 v(x) + 1/4 v(shift(x, n)) + 1/4 v(shift(x, -n)),   v(x) = (f(x) + f(mirror x)) / 2
+
+  (``v = f`` without ``flip``; no shifted views for ``translate = 0``), the shifted images cut from ``x``
+  padded by reflection."""
+  import torch
+  import torch.nn.functional as F
+
+  def f(images):  # bfloat16 logits (autocast) summed in float32; float64 kept
+    logits = model(images)
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+  def view(images):
+    logits = f(images)
+    if flip:  # NCHW: the width is the last axis.
+      logits = (logits + f(torch.flip(images, dims=[3]))) / 2
+    return logits
+
+  logits = view(x)
+  if translate:
+    n = int(translate)
+    h, w = x.shape[2:]
+    padded = F.pad(x, (n, n, n, n), mode="reflect")
+    shifted = (view(padded[:, :, :h, :w]) + view(padded[:, :, 2 * n :, 2 * n :])) / 2
+    logits = (logits + shifted) / 2
+  return logits
+
+
+def evaluate(model, batches, num_examples: int, flip: bool, translate: int, autocast) -> float:
+  """Accuracy over ``batches`` of ``(images, labels, weights)`` (weight 0: padding), each batch scored by
+  :func:`eval_logits`."""
   import torch
 
   model.eval()
   correct = 0.0
   with torch.no_grad(), autocast():
     for x, labels, weights in batches:
-      logits = model(x).float()
-      if eval_flip:
-        logits = (logits + model(torch.flip(x, dims=[3])).float()) / 2
+      logits = eval_logits(model, x, flip, translate)
       correct += float(((logits.argmax(1).numpy() == labels) * weights).sum())
   model.train()
   return correct / num_examples
@@ -360,7 +384,9 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"the PyTorch reference diverged at step {done} (loss {float(loss)})")
       pause = time.perf_counter()
       train_seconds += pause - train_started
-      accuracy = evaluate(model, ds.eval_batches(), ds.num_eval, bool(cfg.eval_flip), autocast)
+      accuracy = evaluate(
+        model, ds.eval_batches(), ds.num_eval, bool(cfg.eval_flip), int(cfg.get("eval_translate", 0)), autocast
+      )
       wall = time.perf_counter() - started
       records.append(
         {"split": "test", "step": done, "epoch": done / steps_per_epoch, "accuracy": accuracy, "wall_time_s": wall}
@@ -390,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
       k: cfg[k].to_dict() if hasattr(cfg[k], "to_dict") else cfg[k]
       for k in ("batch_size", "num_epochs", "optimizer", "schedule", "label_smoothing", "eval_flip")
     },
+    "eval_translate": int(cfg.get("eval_translate", 0)),
     "eval_split": ds.eval_split,
     **ds.details,
     **curve,

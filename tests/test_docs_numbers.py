@@ -1423,6 +1423,76 @@ def test_the_fast_recipe_under_its_time_budget_on_the_amx_xeon():
   )
 
 
+def test_the_fast_recipe_with_test_time_translation():
+  """docs/cifar.md, the README, docs/training.md and the config's docstring quote five ResNet-20 runs' final
+  weights scored with the flip alone and with the one-pixel translation (``python -m resnet_jax.evaluate
+  --eval-translate=0|1``, one JSON line each), and the run of the config that now scores that way, on the
+  Intel Xeon with AMX, from its time_to_accuracy.py JSON."""
+  from resnet_jax.config_check import load_config_file
+
+  with open(os.path.join(FIG, "cifar", "cifar10_fast_rescored.jsonl")) as f:
+    lines = [json.loads(line) for line in f]
+  budget = _load("cifar/cifar10_fast_amx_budget.json")
+  seeds = _load("cifar/cifar10_fast_8epochs_float32_seeds.json")["runs"]
+  run = _load("cifar/cifar10_fast_amx_translate.json")
+  # Each run's own evaluation (the flip alone before the setting, the translation after) is reproduced.
+  trained = [(budget["steps"], budget["final_accuracy"], 0)]
+  trained += [(r["steps"], r["final_accuracy"], 0) for r in seeds]
+  trained += [(run["steps"], run["final_accuracy"], 1)]
+  assert [os.path.basename(x["workdir"]) for x in lines[::2]] == [
+    "fast_amx",
+    "seed0",
+    "seed1",
+    "seed2",
+    "fast_translate",
+  ]
+  assert [x["workdir"] for x in lines[2:8:2]] == [r["workdir"] for r in seeds]
+  rows, gains = [], []
+  for (flip, both), (steps, accuracy, translate) in zip(zip(lines[::2], lines[1::2]), trained, strict=True):
+    assert flip["workdir"] == both["workdir"] and flip["step"] == both["step"] == steps
+    assert (flip["eval_flip"], both["eval_flip"], flip["eval_translate"], both["eval_translate"]) == (True, True, 0, 1)
+    assert (flip, both)[translate]["test_accuracy"] == accuracy and flip["examples"] == both["examples"] == 5000
+    rows.append((100 * flip["test_accuracy"], 100 * both["test_accuracy"]))
+    gains.append(rows[-1][1] - rows[-1][0])
+  assert min(gains) > 0
+  doc = "docs/cifar.md"
+  for (a, b), g in zip(rows, gains, strict=True):
+    _assert_in(f"| {a:.2f}% | {b:.2f}% | +{g:.2f} |", doc)
+  lo, hi = min(gains), max(gains)
+  _assert_in(f"**Test-time translation adds {lo:.2f} to {hi:.2f} points;", doc)
+  _assert_in(f"{statistics.mean(gains):.2f} points on average", doc)
+  _assert_in(f"+{lo:.2f} to +{hi:.2f} points on five runs' final weights)", "README.md")
+  _assert_in(f"+{lo:.2f} to +{hi:.2f} points on five runs' final weights)", "configs/cifar10_fast.py")
+  # The run of the config as committed.
+  _assert_ran_on_amx_xeon_f6m167(run)
+  _assert_chose_steps_within_45_minutes(run, "cifar10_fast", 17550)
+  config = load_config_file(os.path.join(ROOT, "configs", "cifar10_fast.py"))
+  assert run["recipe"]["eval_translate"] == config.eval_translate == 1 and run["recipe"]["eval_flip"]
+  assert (run["model"], run["dtype"]) == ("resnet20", "bfloat16")
+  b, acc, minutes = run["time_budget"], 100 * run["final_accuracy"], run["total_wall_time_s"] / 60
+  epochs = b["steps"] / b["steps_per_epoch"]
+  _assert_in(f"scores with it: {acc:.2f}% in {minutes:.1f} min on the\nXeon.**", doc)
+  _assert_in(f"measured {b['eval_s']:.1f} s per evaluation instead of {budget['time_budget']['eval_s']:.1f} s", doc)
+  _assert_in(
+    f"chose {b['steps']:,} of the 17,550 steps ({epochs:.1f} epochs) for a predicted "
+    f"{b['predicted_wall_time_s'] / 60:.1f} min",
+    doc,
+  )
+  _assert_in(f"ended at **{acc:.2f}%** after {minutes:.1f} min, everything included (`/usr/bin/time`:", doc)
+  gain = acc - 100 * budget["final_accuracy"]
+  _assert_in(
+    f"at {run['train_images_per_sec']:.0f} images/s: {gain:.2f}\npoints above the run with the flip alone", doc
+  )
+  _assert_in(
+    f"of which {gains[-1]:.2f} come from the translation (its own weights with\nthe flip alone: {rows[-1][0]:.2f}%)",
+    doc,
+  )
+  _assert_in(f"still {91 - acc:.1f} points short of 91%", doc)
+  _assert_in(f"chose {epochs:.1f} epochs and ended at {acc:.2f}% after {minutes:.1f} min.", "README.md")
+  _assert_in(f"chose {epochs:.1f} epochs and reached {acc:.2f}%\nin {minutes:.1f} minutes", "configs/cifar10_fast.py")
+  _assert_in(f"{acc:.2f}% in {minutes:.1f} min of a 2-core Intel Xeon with AMX", "docs/training.md")
+
+
 def test_resnet9_on_the_amx_xeon():
   """docs/cifar.md, the README, benchmarks/README.md, docs/training.md and the config's docstring quote the
   run of configs/cifar10_resnet9.py as committed on the Intel Xeon with AMX (family 6, model 167) from its

@@ -204,10 +204,17 @@ def test_a_finished_run_without_its_checkpoints_is_not_trained_over(finished_run
     proc, f"{workdir} holds a finished run ({workdir / 'summary.json'}) but no checkpoint", "give another --workdir"
   )
   assert snapshot(workdir) == before  # Nothing written, nothing replaced.
-  # With the summary moved away, as the message says, the run trains from scratch.
+  # With the summary moved away, as the message says, the run trains from scratch, and says that the
+  # old records go.
   os.rename(workdir / "summary.json", tmp_path / "summary.json")
+  old = strict_json_lines(workdir / "metrics.jsonl")
   again = train_cli(workdir, *tiny_args(8))
   assert again.returncode == 0, again.stderr[-3000:]
+  said = (
+    f"no checkpoint in {workdir / 'checkpoints'}: training starts at step 0 and replaces the {len(old)} "
+    f"records of {workdir / 'metrics.jsonl'} (steps 1 to 8)"
+  )
+  assert said in again.stdout + again.stderr, again.stdout
   assert sorted(os.listdir(workdir / "checkpoints")) == ["4", "6", "8"]
 
 
