@@ -4,10 +4,11 @@
 
 Reads ``WORKDIR/config.json`` (written by ``train.py``), rebuilds the model and the data (normalised
 with the mean and std recorded in ``WORKDIR/data.json``, the ones the run trained with), restores the
-newest (or the given) checkpoint from ``WORKDIR/checkpoints`` and prints the test loss and accuracy as
-one JSON line. ``--eval-flip`` and ``--eval-translate`` score with another test-time augmentation than
-the run's (``config.eval_flip``, ``config.eval_translate``). Errors (no such workdir, no checkpoint,
-unreadable checkpoint, a bad value) are one ``error:`` line and exit status 2.
+newest (or the given) checkpoint from ``WORKDIR/checkpoints`` and prints the test loss and accuracy,
+with the compute dtype and the machine, as one JSON line. ``--eval-flip`` and ``--eval-translate``
+score with another test-time augmentation than the run's (``config.eval_flip``,
+``config.eval_translate``). Errors (no such workdir, no checkpoint, unreadable checkpoint, a bad
+value) are one ``error:`` line and exit status 2.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def evaluate_workdir(
   """
   import jax
 
-  from resnet_jax import run_setup
+  from resnet_jax import machine, run_setup
   from resnet_jax.checkpoint import Checkpointer
   from resnet_jax.config_check import validate_config
 
@@ -124,6 +125,8 @@ def evaluate_workdir(
     "examples": result["count"],
     "eval_flip": bool(config.eval_flip),
     "eval_translate": int(config.eval_translate),
+    "compute_dtype": setup.compute_dtype,
+    "machine": machine.describe(),  # a score may differ in its last digits between CPU kinds
   }
 
 

@@ -265,6 +265,7 @@ def test_cli_trains_prints_outputs_and_evaluates(tmp_path):
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert result["step"] == 3 and result["test_accuracy"] == summary["test_accuracy"]
   assert (result["eval_flip"], result["eval_translate"]) == (False, 0)  # the run's own test-time augmentation
+  assert result["compute_dtype"] == summary["compute_dtype"] and result["machine"] == summary["machine"]
   from resnet_jax.evaluate import evaluate_workdir
 
   augmented = evaluate_workdir(str(workdir), eval_flip=True, eval_translate=1)
