@@ -60,15 +60,16 @@ def read_metrics(workdir: str) -> list[dict]:
   return [r for _, r in _metrics_lines(workdir) if r is not None]
 
 
-def rewrite_metrics(workdir: str, upto_step: int) -> tuple[list[dict], int]:
+def rewrite_metrics(workdir: str, upto_step: int) -> tuple[list[dict], int, list[int]]:
   """Keep only the records up to ``upto_step`` (a resumed run recomputes the later ones).
 
   Lines that are not records are moved, as they were, to ``WORKDIR/metrics_rejected_lines.txt``
-  (appended), except a last line cut short by a kill. Returns the records kept and the number of
-  lines moved.
+  (appended), except a last line cut short by a kill. Returns the records kept, the number of lines
+  moved and the steps of the records left out.
   """
   lines = _metrics_lines(workdir)
   records = [r for _, r in lines if r is not None and r["step"] <= upto_step]
+  replaced = [r["step"] for _, r in lines if r is not None and r["step"] > upto_step]
   rejected = [line for i, (line, r) in enumerate(lines) if r is None and (line.endswith(b"\n") or i < len(lines) - 1)]
   path = os.path.join(workdir, "metrics.jsonl")
   if rejected:
@@ -83,7 +84,7 @@ def rewrite_metrics(workdir: str, upto_step: int) -> tuple[list[dict], int]:
   finally:
     if os.path.exists(tmp):
       os.unlink(tmp)
-  return records, len(rejected)
+  return records, len(rejected), replaced
 
 
 def _number(v: Any) -> float:
@@ -140,7 +141,8 @@ class MetricsWriter:
   """The records of a run into ``WORKDIR/metrics.jsonl`` and TensorBoard event files, from ``start_step`` on.
 
   Opening keeps the records up to ``start_step`` (:func:`rewrite_metrics`: a resumed run recomputes the
-  later ones; ``rejected`` counts the lines moved aside) and cuts the event files back to it. ``records``
+  later ones, whose steps ``replaced`` lists; ``rejected`` counts the lines moved aside) and cuts the event
+  files back to it. ``records``
   holds every record of the run, the kept ones and those written since. With ``enabled=False`` (every
   process of a multi-host run but process 0) nothing is read or written; ``records`` still collects.
   """
@@ -149,7 +151,7 @@ class MetricsWriter:
     from resnet_jax.tensorboard_events import EventWriter
 
     self.path = os.path.join(workdir, "metrics.jsonl")
-    self.records, self.rejected = rewrite_metrics(workdir, start_step) if enabled else ([], 0)
+    self.records, self.rejected, self.replaced = rewrite_metrics(workdir, start_step) if enabled else ([], 0, [])
     # Unbuffered: each record is written at once, and a failed write leaves nothing for close() to retry.
     self._file = open(self.path, "ab", buffering=0) if enabled else None
     self._events = EventWriter(workdir, start_step) if enabled else None  # TensorBoard, the same records.

@@ -48,7 +48,7 @@ from resnet_jax.distributed import (
   maybe_initialize_distributed,
 )
 from resnet_jax.errors import CheckpointError, ConfigError, Interrupted, ResNetJaxError
-from resnet_jax.metrics import REJECTED_METRICS, MetricsWriter, plot_curves, read_metrics, write_json
+from resnet_jax.metrics import REJECTED_METRICS, MetricsWriter, plot_curves, write_json
 from resnet_jax.run_setup import Setup
 from resnet_jax.train_step import TrainState, count_parameters
 
@@ -170,6 +170,11 @@ def _run(
       log(
         f"warning: {writer.rejected} line(s) of {writer.path} are not metrics records (not UTF-8, not a "
         f"JSON object, or no numeric step): moved to {os.path.join(workdir, REJECTED_METRICS)}"
+      )
+    if writer.replaced and run.start_step == 0:  # A run stopped before its first checkpoint starts again.
+      log(
+        f"no checkpoint in {ckpt.directory}: training starts at step 0 and replaces the {len(writer.replaced)} "
+        f"records of {writer.path} (steps {min(writer.replaced)} to {max(writer.replaced)})"
       )
     train_iter = setup.train_iterator()
     if hasattr(train_iter, "close"):  # Stops grain's threads and worker processes.
@@ -380,7 +385,6 @@ def _restore(
   restore_step = config.restore_step if config.restore_step >= 0 else None
   if ckpt.latest_step() is None and restore_step is None:
     _refuse_finished_without_checkpoint(workdir, ckpt)
-    _say_records_are_replaced(workdir, ckpt, log)
     return setup.init_state(log), None, meta, [], None
   # The settings first, before any array is read: a change that also changes the state's structure
   # (config.ema_decay) is then refused with its reason, not as a checkpoint that does not fit.
@@ -420,17 +424,6 @@ def _refuse_finished_without_checkpoint(workdir: str, ckpt: Checkpointer) -> Non
     f"would start again at step 0 and replace that run's records; give another --workdir, or move {path} "
     "away to train from scratch here"
   )
-
-
-def _say_records_are_replaced(workdir: str, ckpt: Checkpointer, log: Callable[[str], None]) -> None:
-  """A run stopped before its first checkpoint left records but nothing to resume from: it starts again
-  at step 0, and says so, since its records are then replaced (:class:`MetricsWriter`)."""
-  later = [r["step"] for r in read_metrics(workdir) if r["step"] > 0]
-  if later:
-    log(
-      f"no checkpoint in {ckpt.directory}: training starts at step 0 and replaces the {len(later)} records of "
-      f"{os.path.join(workdir, 'metrics.jsonl')} (steps {min(later)} to {max(later)})"
-    )
 
 
 def _set_aside_later(workdir: str, ckpt: Checkpointer, step: int, log: Callable[[str], None]) -> None:

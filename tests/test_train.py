@@ -405,6 +405,7 @@ def test_strict_json_writes_nan_and_infinity_as_null_and_numpy_scalars_as_number
 def test_metrics_writer_writes_each_record_to_jsonl_and_tensorboard_and_resumes(tmp_path):
   workdir = str(tmp_path)
   with metrics.MetricsWriter(workdir, 0) as writer:
+    assert writer.replaced == []  # nothing there yet
     for step in (2, 4, 6):
       writer.write(step, {"split": "train", "loss": float("nan") if step == 4 else 1.0 / step})
   assert [r["step"] for r in metrics.read_metrics(workdir)] == [2, 4, 6]
@@ -412,7 +413,7 @@ def test_metrics_writer_writes_each_record_to_jsonl_and_tensorboard_and_resumes(
   with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
     f.write("not a record\n")
   with metrics.MetricsWriter(workdir, 4) as writer:  # A resume from step 4: the later records go.
-    assert writer.rejected == 1 and [r["step"] for r in writer.records] == [2, 4]
+    assert writer.rejected == 1 and [r["step"] for r in writer.records] == [2, 4] and writer.replaced == [6]
     writer.write(6, {"split": "test", "accuracy": 0.5})
   assert [(r["step"], r["split"]) for r in metrics.read_metrics(workdir)] == [(2, "train"), (4, "train"), (6, "test")]
   steps = sorted(
