@@ -56,7 +56,14 @@ def _state(workdir, setup, step=None):
   return Checkpointer(os.path.join(workdir, "checkpoints")).restore(setup.abstract_state(), step)
 
 
-@pytest.mark.parametrize("model, augment_on, ema_decay", [("residual_mlp", "host", 0.5), ("resnet20", "device", 0.0)])
+@pytest.mark.parametrize(
+  "model, augment_on, ema_decay",
+  [
+    ("residual_mlp", "host", 0.5),
+    ("resnet9", "device", 0.0),  # a convolutional network with BatchNorm, its batches made on the device
+    pytest.param("resnet20", "device", 0.0, marks=pytest.mark.slow),  # the paper's net: 2.3 times as long (22 s)
+  ],
+)
 def test_several_steps_per_call_train_as_one_step_per_call(model, augment_on, ema_decay, tmp_path):
   overrides = {"dataset.augment_on": augment_on, "ema_decay": ema_decay}
   one_setup, one_calls = _counting(run_setup.Setup(_config(1, model, **overrides)))
