@@ -27,8 +27,8 @@ shortened in proportion (docs/training.md, "Training to a time budget"; 0 turns 
 with AMX (family 6, model 167) it measured 179 ms per step in bfloat16 and chose 40.3 of the 50 epochs,
 which reached 85.24% in 39.8 minutes. Those runs scored with the flip alone; with the translation
 (+0.08 to +0.54 points on five runs' final weights) the same Xeon chose 38.4 epochs and reached 85.74%
-in 42.4 minutes. Results and the accuracy-against-wall-time curves (29 float32 epochs: 84.94%):
-docs/cifar.md.
+in 42.4 minutes (seeds 1 and 2: 41.7 and 42.5 epochs, 85.62% in 43.2 and 86.00% in 44.7 minutes).
+Results and the accuracy-against-wall-time curves (29 float32 epochs: 84.94%): docs/cifar.md.
 """
 
 from resnet_jax.config_check import base_config

@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     "machine_details": summary.get("machine"),
     "dtype": summary.get("compute_dtype", summary["config"]["model"]["dtype"]),  # what "auto" resolved to
     "model": summary["model"],
+    "seed": summary["config"].get("seed"),  # the initialisation, batch order and augmentation of the run
     "model_options": summary["config"]["model"].get("options", {}),  # e.g. ResNet-9's num_filters
     "parameters": summary["parameters"],
     "steps": summary["steps"],

@@ -374,7 +374,7 @@ def test_time_to_accuracy_writes_the_runs_curve_and_names_its_evaluation_split(t
   c = load_config("cifar10_fast")
   c.dataset.data_dir = write_cifar_folder(str(tmp_path / "data"), per_class=15)  # 15 of 150 held out
   c.num_epochs, c.batch_size, c.eval_batch_size, c.eval_every_steps, c.progress_bar = 2.0, 32, 8, 3, False
-  c.ema_decay, c.dataset.cutout, c.eval_translate = 0.5, 4, 1
+  c.ema_decay, c.dataset.cutout, c.eval_translate, c.seed = 0.5, 4, 1, 3
   workdir = tmp_path / "cifar10_tiny"
   summary = train_loop.train_and_evaluate(c, str(workdir), log=lambda *_: None)
   out = tmp_path / "out"
@@ -385,6 +385,7 @@ def test_time_to_accuracy_writes_the_runs_curve_and_names_its_evaluation_split(t
   with open(out / "cifar10_tiny.json") as f:
     result = json.load(f)
   assert result["eval_split"] == "15 held-out images" and result["steps"] == summary["steps"]
+  assert result["seed"] == 3
   assert (
     result["step"] == [3, 6, summary["steps"]] == [3, 6, 8] and result["final_accuracy"] == summary["test_accuracy"]
   )
