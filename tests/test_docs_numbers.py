@@ -2003,7 +2003,7 @@ def test_the_noise_of_one_seed_against_the_jpeg_quality_costs():
   _assert_in(f"three seeds of the `source` run spread by a standard deviation of {sd:.2f} points", "README.md")
 
 
-# Every run of configs/cifar10_fast.py with no flag but the seed, newest first: (figure JSON, the CPU as the
+# Every run of configs/cifar10_fast.py with no flag but the seed, by machine: (figure JSON, the machine as the
 # table names it, the config's version, the seed).
 FAST_RUNS = [
   ("cifar10_fast_amx_translate", "Intel Xeon with AMX, family 6, model 167", "as committed", 0),
