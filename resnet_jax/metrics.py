@@ -142,9 +142,9 @@ class MetricsWriter:
 
   Opening keeps the records up to ``start_step`` (:func:`rewrite_metrics`: a resumed run recomputes the
   later ones, whose steps ``replaced`` lists; ``rejected`` counts the lines moved aside) and cuts the event
-  files back to it. ``records``
-  holds every record of the run, the kept ones and those written since. With ``enabled=False`` (every
-  process of a multi-host run but process 0) nothing is read or written; ``records`` still collects.
+  files back to it. ``records`` holds every record of the run, the kept ones and those written since. With
+  ``enabled=False`` (every process of a multi-host run but process 0) nothing is read or written;
+  ``records`` still collects.
   """
 
   def __init__(self, workdir: str, start_step: int, enabled: bool = True):
